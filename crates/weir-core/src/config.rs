@@ -1,0 +1,416 @@
+//! `weir.toml`: plain serde structs, `DEFAULT_*` constants, and a `validate()` that names the
+//! failing field.
+//!
+//! Precedence, lowest first: built-in defaults, `weir.toml`, `WEIR_<SECTION>_<FIELD>` environment
+//! variables (`WEIR_SOURCE_SLOT=orders`). The database URL comes from `WEIR_DATABASE_URL`, then
+//! `[database] url`, then `DATABASE_URL`; when none is set, libpq's `PG*` variables
+//! (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`) decide.
+//!
+//! The full reference, with every default, is `docs/configuration.md`.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::serde_duration;
+
+/// Name of the replication slot. Defaults to `weir`.
+pub const DEFAULT_SLOT: &str = "weir";
+/// Name of the publication. Defaults to `weir`.
+pub const DEFAULT_PUBLICATION: &str = "weir";
+/// Prefix of the logical messages that become `message` events. Defaults to `weir`.
+pub const DEFAULT_MESSAGE_PREFIX: &str = "weir";
+/// Most events appended in one log transaction.
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 10_000;
+/// Positions per log partition.
+pub const DEFAULT_PARTITION_SIZE: i64 = 1_000_000;
+/// How long the log keeps events: 7 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+
+/// A value that must not be printed (a URL with a password). `Debug` shows `Secret(***)`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself; do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[database]`: where the watched tables, the log and weir's state live.
+    pub database: DatabaseConfig,
+    /// `[source]`: what is captured and how.
+    pub source: SourceConfig,
+    /// `[log]`: the event log.
+    pub log: LogConfig,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://` URL. Defaults to `WEIR_DATABASE_URL`, then `DATABASE_URL`, then libpq's
+    /// `PG*` variables.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+    /// Connections in weir's pool. Defaults to 10.
+    pub pool_size: u32,
+}
+
+/// Where a new consumer starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// From the oldest retained event.
+    #[default]
+    Beginning,
+    /// From the next event logged.
+    Now,
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Replication slot name. Defaults to `weir`.
+    pub slot: String,
+    /// Publication name. Defaults to `weir`.
+    pub publication: String,
+    /// Tables to watch (`posts`, `sales.orders`). When empty, every table of `schemas`.
+    /// Defaults to empty.
+    pub tables: Vec<String>,
+    /// Schemas whose tables are all watched when `tables` is empty. Defaults to `["public"]`.
+    pub schemas: Vec<String>,
+    /// Prefix of `pg_logical_emit_message` messages that become `message` events.
+    /// Defaults to `weir`.
+    pub message_prefix: String,
+    /// Most events appended to the log in one transaction. Defaults to 10000.
+    pub batch_max_events: usize,
+    /// How often the slot's position is confirmed while nothing arrives, so an idle slot never
+    /// pins WAL. Defaults to `10s`.
+    #[serde(with = "serde_duration")]
+    pub status_interval: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: None, pool_size: 10 }
+    }
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            slot: DEFAULT_SLOT.into(),
+            publication: DEFAULT_PUBLICATION.into(),
+            tables: Vec::new(),
+            schemas: vec!["public".into()],
+            message_prefix: DEFAULT_MESSAGE_PREFIX.into(),
+            batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
+            status_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// How long events are kept, by commit time; whole partitions older than this are dropped.
+    /// Defaults to `7d`.
+    #[serde(with = "serde_duration")]
+    pub retention: Duration,
+    /// Positions per partition of `weir.events`. Defaults to 1000000.
+    pub partition_size: i64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { retention: DEFAULT_RETENTION, partition_size: DEFAULT_PARTITION_SIZE }
+    }
+}
+
+/// A configuration we cannot use. The message names the file or variable, the key and the fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// File name or environment variable.
+        origin: String,
+        /// What toml/serde said, with the key and the line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: `{field}` {problem}")]
+    Invalid {
+        /// `section.field`.
+        field: &'static str,
+        /// What is wrong and what would be right.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Loads `path` (or only defaults when `None` or when the default `weir.toml` is absent),
+    /// then applies `WEIR_*` variables from `env`, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) if p.exists() || required => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                (text, p.display().to_string())
+            }
+            _ => (String::new(), "defaults".to_string()),
+        };
+        Self::from_toml(&text, &origin, env)
+    }
+
+    /// Parses TOML text, applies `WEIR_*` variables from `env`, and validates.
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |origin: &str, e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        };
+        // Parse the file alone first, so its errors carry its own line numbers.
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut database_url = None;
+        let mut overrides = Vec::new();
+        for (name, value) in &env {
+            match name.as_str() {
+                "DATABASE_URL" => database_url = database_url.or(Some(value.clone())),
+                "WEIR_DATABASE_URL" => {}
+                _ => {
+                    if let Some(rest) = name.strip_prefix("WEIR_") {
+                        overrides.push((name.clone(), rest.to_lowercase(), value.clone()));
+                    }
+                }
+            }
+        }
+        if !overrides.is_empty() {
+            let mut table: toml::Table =
+                toml::Table::try_from(&config).expect("the configuration serializes to TOML");
+            let sections: Vec<String> = table.keys().cloned().collect();
+            let mut applied = false;
+            for (var, rest, value) in overrides {
+                // WEIR_<SECTION>_<FIELD>; variables of other tools (WEIR_PG_BIN, WEIR_LOG) that
+                // name no section are left alone.
+                let Some(section) = sections.iter().find(|s| rest.starts_with(&format!("{s}_")))
+                else {
+                    continue;
+                };
+                let field = rest[section.len() + 1..].to_string();
+                let parsed = format!("v = {value}")
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .unwrap_or(toml::Value::String(value.clone()));
+                let entry = table
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                if let toml::Value::Table(t) = entry {
+                    t.insert(field, parsed);
+                }
+                let text = toml::to_string(&table).expect("a TOML table prints");
+                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
+                    origin: format!("environment variable {var}"),
+                    message: e.message().to_string(),
+                })?;
+                applied = true;
+            }
+            if applied {
+                let text = toml::to_string(&table).expect("a TOML table prints");
+                config = toml::from_str(&text).map_err(|e| parse_err("environment", e))?;
+            }
+        }
+        let weir_url = env.iter().find(|(k, _)| k == "WEIR_DATABASE_URL").map(|(_, v)| v.clone());
+        if let Some(url) = weir_url {
+            config.database.url = Some(Secret::new(url));
+        } else if config.database.url.is_none() {
+            config.database.url = database_url.map(Secret::new);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and names; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: &str| {
+            Err(ConfigError::Invalid { field, problem: problem.to_string() })
+        };
+        if let Some(url) = &self.database.url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return invalid(
+                    "database.url",
+                    "must be a URL starting with postgres:// (e.g. postgres://user@host:5432/db)",
+                );
+            }
+        }
+        if self.database.pool_size == 0 {
+            return invalid("database.pool_size", "must be at least 1 (e.g. 10)");
+        }
+        if !is_identifier(&self.source.slot) {
+            return invalid(
+                "source.slot",
+                "must be lowercase letters, digits and underscores, at most 63 characters \
+                 (PostgreSQL's rule for slot names)",
+            );
+        }
+        if self.source.publication.is_empty() || self.source.publication.len() > 63 {
+            return invalid("source.publication", "must be 1 to 63 characters");
+        }
+        if self.source.tables.is_empty() && self.source.schemas.is_empty() {
+            return invalid(
+                "source.tables",
+                "and `source.schemas` are both empty; list tables or schemas to watch",
+            );
+        }
+        if self.source.message_prefix.is_empty() {
+            return invalid("source.message_prefix", "must not be empty (default: weir)");
+        }
+        if self.source.batch_max_events == 0 {
+            return invalid("source.batch_max_events", "must be at least 1 (default: 10000)");
+        }
+        if self.source.status_interval < Duration::from_millis(100) {
+            return invalid("source.status_interval", "must be at least 100ms (default: 10s)");
+        }
+        if self.log.partition_size < 1000 {
+            return invalid("log.partition_size", "must be at least 1000 (default: 1000000)");
+        }
+        if self.log.retention < Duration::from_secs(60) {
+            return invalid("log.retention", "must be at least 1m (default: 7d)");
+        }
+        Ok(())
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_toml("", "weir.toml", env(&[])).unwrap();
+        assert_eq!(c.source.slot, "weir");
+        assert_eq!(c.log.retention, DEFAULT_RETENTION);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::from_toml("[source]\nslot = \"a\"\nslott = \"b\"\n", "weir.toml", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("weir.toml"), "{err}");
+        assert!(err.contains("slott"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err = Config::from_toml("[source]\nbatch_max_events = \"many\"\n", "weir.toml", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("batch_max_events") || err.contains("integer"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = Config::from_toml(
+            "[source]\nslot = \"a\"\n",
+            "weir.toml",
+            env(&[("WEIR_SOURCE_SLOT", "b"), ("WEIR_LOG_RETENTION", "2d"), ("WEIR_PG_BIN", "/x")]),
+        )
+        .unwrap();
+        assert_eq!(c.source.slot, "b");
+        assert_eq!(c.log.retention, Duration::from_secs(2 * 86_400));
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_variable() {
+        let err = Config::from_toml("", "weir.toml", env(&[("WEIR_SOURCE_BATCH_MAX_EVENTS", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WEIR_SOURCE_BATCH_MAX_EVENTS"), "{err}");
+        let err = Config::from_toml("", "weir.toml", env(&[("WEIR_SOURCE_SLOTT", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WEIR_SOURCE_SLOTT") && err.contains("slott"), "{err}");
+    }
+
+    #[test]
+    fn database_url_precedence() {
+        let file = "[database]\nurl = \"postgres://file/db\"\n";
+        let c = Config::from_toml(file, "f", env(&[("DATABASE_URL", "postgres://env/db")])).unwrap();
+        assert_eq!(c.database.url.unwrap().expose(), "postgres://file/db");
+        let c = Config::from_toml("", "f", env(&[("DATABASE_URL", "postgres://env/db")])).unwrap();
+        assert_eq!(c.database.url.unwrap().expose(), "postgres://env/db");
+        let c = Config::from_toml(file, "f", env(&[("WEIR_DATABASE_URL", "postgres://w/db")])).unwrap();
+        assert_eq!(c.database.url.unwrap().expose(), "postgres://w/db");
+        let err = Config::from_toml("", "f", env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("postgres://u:hunter2@h/db");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let err = Config::from_toml("[source]\nslot = \"Bad-Slot\"\n", "f", env(&[])).unwrap_err();
+        assert!(err.to_string().contains("source.slot"), "{err}");
+    }
+}

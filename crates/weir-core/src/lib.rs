@@ -1,0 +1,20 @@
+//! weir's vocabulary: the [`Event`], [`Lsn`], log positions, durations and the configuration.
+//!
+//! Where it sits: under everything. The source produces [`Event`]s, the log stores them, the
+//! consumers read them; all of them agree on the types defined here. This crate does no I/O.
+
+mod config;
+mod duration;
+mod event;
+mod lsn;
+
+pub use config::{
+    Config, ConfigError, DatabaseConfig, LogConfig, Secret, SourceConfig, StartFrom, DEFAULT_BATCH_MAX_EVENTS,
+    DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION, DEFAULT_SLOT,
+};
+pub use duration::{parse_duration, DurationError};
+pub use event::{Event, Kind, Source};
+pub use lsn::{Lsn, LsnParseError};
+
+/// A position in the event log: gap-free, assigned in WAL commit order, starting at 1.
+pub type Position = i64;
