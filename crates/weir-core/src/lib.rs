@@ -3,6 +3,7 @@
 //! Where it sits: under everything. The source produces [`Event`]s, the log stores them, the
 //! consumers read them; all of them agree on the types defined here. This crate does no I/O.
 
+mod change;
 mod config;
 mod duration;
 mod event;
@@ -12,6 +13,7 @@ pub use config::{
     Config, ConfigError, DatabaseConfig, LogConfig, Secret, SourceConfig, StartFrom, DEFAULT_BATCH_MAX_EVENTS,
     DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION, DEFAULT_SLOT,
 };
+pub use change::{Change, Transaction};
 pub use duration::{parse_duration, DurationError};
 pub use event::{Event, Kind, Source};
 pub use lsn::{Lsn, LsnParseError};

@@ -1,1 +1,63 @@
-//! placeholder
+//! The event log: `weir.events`, one row per change, in WAL commit order.
+//!
+//! Where it sits: between the source and every consumer.
+//!
+//! ```text
+//! source ─► Appender::append(batch of committed transactions)
+//!              │ one transaction: COPY events + source_state(lsn, position) + NOTIFY
+//!              ▼
+//!           weir.events (range partitions over position) ─► read / tail / consumers
+//!              │                                            ▲
+//!              └─ Wake: watch channel in-process, NOTIFY weir_events across processes
+//! ```
+//!
+//! Invariants:
+//! - Positions are gap-free and assigned here, by the one appender, in the order transactions
+//!   are handed over — which is WAL commit order — so no reader can ever see position `n + 1`
+//!   committed before `n`.
+//! - A batch and the source's last commit LSN commit together; the caller acknowledges the slot
+//!   only after [`Appender::append`] returns.
+//! - Transactions at or below the stored LSN are skipped, so a change enters the log once.
+//!
+//! Other crates keep their own tables in the `weir` schema with [`schema::migrate`].
+
+mod append;
+mod read;
+mod retention;
+pub mod schema;
+mod wake;
+
+pub use append::{Appender, SourceState};
+pub use weir_core::{Change, Transaction};
+pub use read::{EventFilter, LogReader};
+pub use retention::{enforce_retention, RetentionReport};
+pub use wake::{listen_for_appends, Wake, NOTIFY_CHANNEL};
+
+/// What can go wrong talking to the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database refused or the connection broke.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored row could not be read back into an event.
+    #[error("corrupt log row at position {position}: {problem}")]
+    Corrupt {
+        /// The row's position.
+        position: i64,
+        /// What was wrong.
+        problem: String,
+    },
+}
+
+/// `Result` with the log [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Creates or upgrades the log's tables (idempotent).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
+    schema::migrate(pool, "log", MIGRATIONS).await
+}
+
+/// The log's own numbered migrations.
+pub const MIGRATIONS: &[schema::Migration] =
+    &[schema::Migration { version: 1, name: "log", sql: include_str!("../migrations/0001_log.sql") }];

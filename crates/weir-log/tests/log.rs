@@ -1,0 +1,164 @@
+//! The log against a real PostgreSQL: appends, idempotence by LSN, staged (streamed)
+//! transactions, partitions and retention.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use weir_core::{Change, Kind, Lsn, Source, Transaction};
+use weir_log::{Appender, EventFilter, LogReader};
+
+async fn setup(prefix: &str) -> (weir_testkit::TestDatabase<'static>, PgPool) {
+    let db = weir_testkit::shared().database(prefix).unwrap();
+    let pool = PgPool::connect(&db.url()).await.unwrap();
+    weir_log::migrate(&pool).await.unwrap();
+    weir_log::migrate(&pool).await.unwrap(); // idempotent
+    (db, pool)
+}
+
+fn source() -> Arc<Source> {
+    let mut columns = serde_json::Map::new();
+    columns.insert("id".into(), json!("int4"));
+    columns.insert("title".into(), json!("text"));
+    Arc::new(Source { db: String::new(), schema: "public".into(), table: "posts".into(), columns })
+}
+
+fn insert(rel: &Arc<Source>, id: i64, title: &str) -> Change {
+    Change {
+        kind: Kind::Insert,
+        entity: "posts".into(),
+        relation: Some(rel.clone()),
+        key: json!({"id": id}),
+        new_record: Some(json!({"id": id, "title": title})),
+        old_record: None,
+        changes: None,
+        unchanged_toast: vec![],
+    }
+}
+
+fn txn(lsn: u64, changes: Vec<Change>) -> Transaction {
+    Transaction { xid: lsn as u32, commit_lsn: Lsn(lsn), commit_ts: chrono::Utc::now(), changes, staged: false }
+}
+
+#[tokio::test]
+async fn appends_in_order_and_skips_what_is_already_stored() {
+    let (db, pool) = setup("log_append").await;
+    let rel = source();
+    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    let mut head = app.subscribe();
+    let state = app
+        .append(&[
+            txn(100, vec![insert(&rel, 1, "a\tb\\c\n"), insert(&rel, 2, "β")]),
+            txn(200, vec![insert(&rel, 3, "c")]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(state.position, 3);
+    assert_eq!(state.lsn, Lsn(200));
+    assert_eq!(*head.borrow_and_update(), 3);
+
+    // A replay after a crash: the first transaction is already stored and is skipped.
+    drop(app);
+    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    assert_eq!(app.state().position, 3);
+    let state = app
+        .append(&[txn(200, vec![insert(&rel, 3, "c")]), txn(300, vec![insert(&rel, 4, "d")])])
+        .await
+        .unwrap();
+    assert_eq!(state.position, 4);
+
+    let reader = LogReader::new(pool.clone()).await.unwrap();
+    let events = reader.read(0, 100, &EventFilter::default()).await.unwrap();
+    let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
+    assert_eq!(positions, vec![1, 2, 3, 4]);
+    assert_eq!(events[0].new_record.as_ref().unwrap()["title"], "a\tb\\c\n");
+    assert_eq!(events[1].new_record.as_ref().unwrap()["title"], "β");
+    assert_eq!(events[0].source.table, "posts");
+    assert_eq!(events[0].source.columns["id"], "int4");
+    assert_eq!(events[3].lsn, Lsn(300));
+    let only: Vec<i64> = reader
+        .read(1, 2, &EventFilter { entities: vec!["posts".into()], kinds: vec![Kind::Insert] })
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(only, vec![2, 3]);
+    assert!(reader
+        .read(0, 10, &EventFilter { entities: vec!["comments".into()], kinds: vec![] })
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn streamed_transactions_move_from_staging_in_wal_order() {
+    let (db, pool) = setup("log_staged").await;
+    let rel = source();
+    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    app.append(&[txn(10, vec![insert(&rel, 1, "before")])]).await.unwrap();
+    // Chunks of xid 77, one of them from subtransaction 78 which aborts.
+    app.stage(77, &[(77, insert(&rel, 10, "x")), (77, insert(&rel, 11, "y"))], 0).await.unwrap();
+    app.stage(77, &[(78, insert(&rel, 12, "aborted"))], 2).await.unwrap();
+    app.stage(77, &[(77, insert(&rel, 13, "z"))], 3).await.unwrap();
+    assert_eq!(app.discard_staged(77, Some(78)).await.unwrap(), 1);
+    // Another streamed transaction that aborts entirely.
+    app.stage(90, &[(90, insert(&rel, 99, "gone"))], 0).await.unwrap();
+    assert_eq!(app.discard_staged(90, None).await.unwrap(), 1);
+    let streamed = Transaction {
+        xid: 77,
+        commit_lsn: Lsn(20),
+        commit_ts: chrono::Utc::now(),
+        changes: vec![],
+        staged: true,
+    };
+    let state = app.append(&[streamed, txn(30, vec![insert(&rel, 2, "after")])]).await.unwrap();
+    assert_eq!(state.position, 5);
+    let reader = LogReader::new(pool.clone()).await.unwrap();
+    let ids: Vec<i64> = reader
+        .read(0, 100, &EventFilter::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.key["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 10, 11, 13, 2]);
+    let left: i64 = sqlx::query_scalar("select count(*) from weir.staged_changes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn partitions_are_created_as_needed_and_old_ones_dropped_by_retention() {
+    let (db, pool) = setup("log_retention").await;
+    let rel = source();
+    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    let mut lsn = 1;
+    for chunk in 0..5 {
+        let changes = (0..600).map(|i| insert(&rel, chunk * 600 + i, "r")).collect();
+        let mut t = txn(lsn, changes);
+        t.commit_ts = chrono::Utc::now() - chrono::Duration::days(30);
+        app.append(&[t]).await.unwrap();
+        lsn += 1;
+    }
+    let parts: i64 = sqlx::query_scalar(
+        "select count(*) from pg_inherits where inhparent = 'weir.events'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(parts, 4, "3000 positions in partitions of 1000 starting at 1");
+    let report = weir_log::enforce_retention(&pool, Duration::from_secs(7 * 86_400)).await.unwrap();
+    assert_eq!(report.dropped.len(), 3, "{report:?}");
+    // Every partition wholly below the head's partition went; the head is kept.
+    assert_eq!(report.oldest_position, Some(3000));
+    let reader = LogReader::new(pool.clone()).await.unwrap();
+    assert_eq!(reader.head().await.unwrap(), 3000);
+    // Recent events are kept.
+    app.append(&[txn(lsn, vec![insert(&rel, 1, "new")])]).await.unwrap();
+    let report = weir_log::enforce_retention(&pool, Duration::from_secs(7 * 86_400)).await.unwrap();
+    assert!(report.dropped.is_empty());
+}
