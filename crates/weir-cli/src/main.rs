@@ -1,1 +1,279 @@
-fn main() {}
+//! The `weir` command. The only place with anyhow, signal handling and the tracing subscriber.
+//!
+//! Where it sits: on top of everything. `init`, `run`, `status`, `tail` and `doctor` drive the
+//! `weir` library against the configured database; `dev` and `demo` first start a private
+//! PostgreSQL from the installed server binaries (weir-testkit).
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use weir::{Config, EventFilter, Kind};
+
+/// weir: ordered, reliable reactions to changes in PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+struct Cli {
+    /// The configuration file. Defaults to ./weir.toml when it exists.
+    #[arg(long, short, global = true, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL (overrides the file and DATABASE_URL).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update the weir schema, the publication and the replication slot.
+    Init,
+    /// Stream changes into the log until stopped (Ctrl-C); a second process waits as standby.
+    Run,
+    /// Show the source's slot lag, last position, rate and delay.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print events as JSON lines as they arrive.
+    Tail {
+        /// Only these entities (repeat or comma-separate).
+        #[arg(long, short, value_delimiter = ',')]
+        entity: Vec<String>,
+        /// Only these kinds: insert, update, delete, truncate, message.
+        #[arg(long, short, value_delimiter = ',')]
+        kind: Vec<String>,
+        /// Start after this position (default: only new events).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Check the server and database for what weir needs; print the fix for each problem.
+    Doctor,
+    /// Start a private PostgreSQL in ./.weir that survives restarts and print its URL.
+    Dev {
+        /// Directory for the cluster.
+        #[arg(long, default_value = ".weir")]
+        dir: PathBuf,
+    },
+    /// A demo on a private PostgreSQL: posts and comments change, events arrive in the log live.
+    Demo {
+        /// How long to write changes, in seconds.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.command);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weir: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weir: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(command: &Command) {
+    let default = match command {
+        Command::Run | Command::Dev { .. } => "info,pg_walstream=warn,sqlx=warn",
+        _ => "warn,pg_walstream=error,sqlx=error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+pub(crate) fn load_config(cli_config: Option<&PathBuf>, url: Option<&str>) -> anyhow::Result<Config> {
+    let (path, required) = match cli_config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("weir.toml"), false),
+    };
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    if let Some(url) = url {
+        env.push(("WEIR_DATABASE_URL".into(), url.into()));
+    }
+    Ok(Config::load(Some(&path), required, env)?)
+}
+
+/// Cancels on Ctrl-C or SIGTERM.
+pub(crate) fn shutdown_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+        c.cancel();
+    });
+    cancel
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo { seconds } => return demo::run(seconds).await.map(|_| ExitCode::SUCCESS),
+        Command::Dev { dir } => return demo::dev(&dir).await.map(|_| ExitCode::SUCCESS),
+        _ => {}
+    }
+    let config = load_config(cli.config.as_ref(), cli.database_url.as_deref())?;
+    match cli.command {
+        Command::Doctor => {
+            let checks = weir::doctor::diagnose(&config).await;
+            let mut failed = false;
+            for c in &checks {
+                println!("{c}");
+                failed |= c.verdict == weir::doctor::Verdict::Fail;
+            }
+            return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+        }
+        Command::Init => {
+            let pool = weir::db::connect(&config).await?;
+            let report = weir::setup::init(&pool, &config).await?;
+            println!(
+                "publication `{}` {} ({} tables: {})",
+                config.source.publication,
+                if report.created_publication { "created" } else { "up to date" },
+                report.tables.len(),
+                report.tables.join(", ")
+            );
+            println!(
+                "slot `{}` {}",
+                config.source.slot,
+                if report.created_slot { "created" } else { "exists" }
+            );
+        }
+        Command::Run => {
+            let pool = weir::db::connect(&config).await?;
+            let cancel = shutdown_signal();
+            let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
+            let result = weir::ingest::run(&config, &pool, cancel.clone()).await;
+            cancel.cancel();
+            let _ = retention.await;
+            result.context("ingestion stopped")?;
+        }
+        Command::Status { json } => {
+            let pool = weir::db::connect(&config).await?;
+            let s = weir::status::source_status(&pool, &config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("slot            {} ({})", s.slot, if s.slot_active { "active" } else { "inactive" });
+                println!(
+                    "slot lag        {}",
+                    s.slot_lag_bytes.map_or("-".into(), weir::doctor::human_bytes)
+                );
+                println!("log position    {} (commit LSN {})", s.position, s.lsn);
+                println!("events/s        {:.1} (last 10 s)", s.events_per_second);
+                println!("seconds behind  {:.3}", s.seconds_behind);
+                match (&s.holder, s.heartbeat_age_seconds) {
+                    (Some(h), Some(age)) => println!("held by         {h} (heartbeat {age:.1} s ago)"),
+                    _ => println!("held by         nobody has run this slot yet"),
+                }
+            }
+        }
+        Command::Tail { entity, kind, from, limit } => {
+            let mut kinds = Vec::new();
+            for k in &kind {
+                kinds.push(Kind::parse(k).with_context(|| {
+                    format!("unknown kind `{k}`; use insert, update, delete, truncate or message")
+                })?);
+            }
+            let pool = weir::db::connect(&config).await?;
+            tail(pool, EventFilter { entities: entity, kinds }, from, limit).await?;
+        }
+        Command::Demo { .. } | Command::Dev { .. } => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retention_loop(pool: sqlx::PgPool, config: Config, cancel: CancellationToken) {
+    loop {
+        // One process enforces retention at a time.
+        let lock: Result<bool, _> =
+            sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.retention'))")
+                .fetch_one(&pool)
+                .await;
+        if let Ok(true) = lock {
+            match weir_log::enforce_retention(&pool, config.log.retention).await {
+                Ok(r) if !r.dropped.is_empty() => {
+                    tracing::info!(dropped = ?r.dropped, oldest = ?r.oldest_position, "retention")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+            }
+            let _ = sqlx::query("select pg_advisory_unlock(hashtext('weir.retention'))")
+                .execute(&pool)
+                .await;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
+        }
+    }
+}
+
+/// Prints events as JSON lines, waking on the log's notifications (with a polling fallback).
+pub(crate) async fn tail(
+    pool: sqlx::PgPool,
+    filter: EventFilter,
+    from: Option<i64>,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let reader = weir::LogReader::new(pool.clone()).await?;
+    let mut after = match from {
+        Some(p) => p,
+        None => reader.head().await?,
+    };
+    let cancel = shutdown_signal();
+    let (mut wake, _listener) = weir_log::listen_for_appends(pool, cancel.clone());
+    let mut printed = 0u64;
+    const PAGE: usize = 1000;
+    while !cancel.is_cancelled() {
+        // The head is read first: a short page then proves nothing matching lies at or below
+        // it, so a filtered tail can skip ahead without missing an event appended meanwhile.
+        let head = reader.head().await?;
+        let events = reader.read(after, PAGE as i64, &filter).await?;
+        {
+            let mut out = std::io::stdout().lock();
+            for e in &events {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+                printed += 1;
+                if limit.is_some_and(|l| printed >= l) {
+                    return Ok(());
+                }
+            }
+            out.flush()?;
+        }
+        let last = events.last().map_or(after, |e| e.position);
+        if events.len() == PAGE {
+            after = last;
+            continue;
+        }
+        after = last.max(head);
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = wake.wait_past(after, std::time::Duration::from_secs(1)) => {}
+        }
+    }
+    Ok(())
+}

@@ -19,7 +19,12 @@ create table weir.source_state (
     slot       text primary key,
     lsn        pg_lsn not null default '0/0',
     position   bigint not null default 0,
-    updated_at timestamptz not null default now()
+    updated_at timestamptz not null default now(),
+    -- Written about once a second by the ingesting process, for `weir status`.
+    holder       text,                     -- host:pid of the leader
+    heartbeat_at timestamptz,
+    received_lsn pg_lsn,                   -- highest WAL position received
+    behind_ms    bigint                    -- commit-to-log delay of the last append; 0 when idle
 );
 
 -- The log itself. Position is gap-free and assigned by the single ingesting writer in WAL

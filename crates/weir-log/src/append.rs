@@ -53,8 +53,12 @@ pub struct Appender {
 
 impl Appender {
     /// Opens the appender for `slot` on a dedicated connection and loads its state.
-    pub async fn open(url: &str, slot: &str, partition_size: i64) -> Result<Self> {
-        let mut conn = PgConnection::connect(url).await?;
+    pub async fn open(
+        options: &sqlx::postgres::PgConnectOptions,
+        slot: &str,
+        partition_size: i64,
+    ) -> Result<Self> {
+        let mut conn = PgConnection::connect_with(options).await?;
         sqlx::query("insert into weir.source_state (slot) values ($1) on conflict do nothing")
             .bind(slot)
             .execute(&mut conn)
@@ -174,6 +178,22 @@ impl Appender {
         self.state = SourceState { lsn: last_lsn, position };
         self.head.send_replace(position);
         Ok(self.state)
+    }
+
+    /// Records liveness and lag for `weir status` (about once a second).
+    pub async fn heartbeat(&mut self, holder: &str, received: Lsn, behind_ms: i64) -> Result<()> {
+        sqlx::query(
+            "update weir.source_state
+             set holder = $2, heartbeat_at = now(), received_lsn = $3::pg_lsn, behind_ms = $4
+             where slot = $1",
+        )
+        .bind(&self.slot)
+        .bind(holder)
+        .bind(received.to_string())
+        .bind(behind_ms)
+        .execute(&mut self.conn)
+        .await?;
+        Ok(())
     }
 
     /// Writes changes of a transaction that is still in progress (streamed) to

@@ -45,7 +45,7 @@ fn txn(lsn: u64, changes: Vec<Change>) -> Transaction {
 async fn appends_in_order_and_skips_what_is_already_stored() {
     let (db, pool) = setup("log_append").await;
     let rel = source();
-    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 1000).await.unwrap();
     let mut head = app.subscribe();
     let state = app
         .append(&[
@@ -60,7 +60,7 @@ async fn appends_in_order_and_skips_what_is_already_stored() {
 
     // A replay after a crash: the first transaction is already stored and is skipped.
     drop(app);
-    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 1000).await.unwrap();
     assert_eq!(app.state().position, 3);
     let state = app
         .append(&[txn(200, vec![insert(&rel, 3, "c")]), txn(300, vec![insert(&rel, 4, "d")])])
@@ -96,7 +96,7 @@ async fn appends_in_order_and_skips_what_is_already_stored() {
 async fn streamed_transactions_move_from_staging_in_wal_order() {
     let (db, pool) = setup("log_staged").await;
     let rel = source();
-    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 1000).await.unwrap();
     app.append(&[txn(10, vec![insert(&rel, 1, "before")])]).await.unwrap();
     // Chunks of xid 77, one of them from subtransaction 78 which aborts.
     app.stage(77, &[(77, insert(&rel, 10, "x")), (77, insert(&rel, 11, "y"))], 0).await.unwrap();
@@ -135,7 +135,7 @@ async fn streamed_transactions_move_from_staging_in_wal_order() {
 async fn partitions_are_created_as_needed_and_old_ones_dropped_by_retention() {
     let (db, pool) = setup("log_retention").await;
     let rel = source();
-    let mut app = Appender::open(&db.url(), "weir", 1000).await.unwrap();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 1000).await.unwrap();
     let mut lsn = 1;
     for chunk in 0..5 {
         let changes = (0..600).map(|i| insert(&rel, chunk * 600 + i, "r")).collect();

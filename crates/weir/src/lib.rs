@@ -1,1 +1,41 @@
-//! placeholder
+//! weir: ordered, reliable reactions to changes in PostgreSQL.
+//!
+//! This crate is the facade and the engine that wires the parts together:
+//!
+//! ```text
+//! app writes ─► tables ─WAL─► source (weir-source: slot, pgoutput, casts, transactions)
+//!                               │  ingest: one leader per slot (advisory-lock lease)
+//!                               ▼
+//!                             log (weir-log: weir.events, position = WAL commit order)
+//!                               │  the slot is acknowledged only after the append commits
+//!                               ▼
+//!                             readers: `weir tail`, consumers (operators, subscriptions)
+//! ```
+//!
+//! - [`setup::init`] creates the schema, the publication and the slot (idempotent).
+//! - [`doctor::diagnose`] checks the server and prints the exact fix for each problem.
+//! - [`ingest::run`] streams changes into the log until cancelled, reconnecting with backoff,
+//!   waiting as a standby while another process holds the slot.
+//! - [`status::source_status`] reports slot lag, position, rate and delay.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weir::Error> {
+//! let config = weir::Config::load(Some("weir.toml".as_ref()), false, std::env::vars())?;
+//! let pool = weir::db::connect(&config).await?;
+//! weir::setup::init(&pool, &config).await?;
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! weir::ingest::run(&config, &pool, cancel).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod db;
+pub mod doctor;
+mod error;
+mod fault;
+pub mod ingest;
+pub mod setup;
+pub mod status;
+
+pub use error::{Error, Result};
+pub use weir_core::{Config, Event, Kind, Lsn, Position};
+pub use weir_log::{EventFilter, LogReader, Wake};

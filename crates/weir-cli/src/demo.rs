@@ -1,0 +1,194 @@
+//! `weir demo` and `weir dev`: a private PostgreSQL from the installed server binaries, so weir
+//! can be tried with no setup.
+//!
+//! The demo creates `posts` (integer key) and `comments` (uuid key, `REPLICA IDENTITY FULL`),
+//! runs the ingestion, writes a stream of changes for a few seconds and prints each event as it
+//! lands in the log, with its delay from the commit.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::Rng;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use weir::{Config, EventFilter};
+use weir_core::Secret;
+use weir_testkit::{Cluster, Options};
+
+const SCHEMA: &str = "
+    create table posts (
+        id         serial primary key,
+        title      text not null,
+        body       text,
+        updated_at timestamptz not null default now()
+    );
+    create table comments (
+        id         uuid primary key default gen_random_uuid(),
+        post_id    int not null references posts (id),
+        body       text not null,
+        updated_at timestamptz not null default now()
+    );
+    -- Complete old rows (and `changes`) for comments; posts keep the default identity.
+    alter table comments replica identity full;";
+
+/// `weir dev`: a persistent private cluster in `dir`, until Ctrl-C.
+pub(crate) async fn dev(dir: &Path) -> anyhow::Result<()> {
+    let cluster = tokio::task::spawn_blocking({
+        let dir = dir.to_path_buf();
+        move || Cluster::start_in(&dir, Options::default())
+    })
+    .await??;
+    let exists = cluster.psql("postgres", "select 1 from pg_database where datname = 'weir'")?;
+    if exists.is_empty() {
+        cluster.psql("postgres", "create database weir")?;
+    }
+    let url = cluster.url("weir");
+    println!("PostgreSQL (wal_level=logical) is running with its data in {}", dir.display());
+    println!();
+    println!("  export DATABASE_URL={url}");
+    println!();
+    println!("then `weir init` and `weir run`. Ctrl-C stops the server; the data stays.");
+    crate::shutdown_signal().cancelled().await;
+    drop(cluster);
+    Ok(())
+}
+
+/// `weir demo`.
+pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
+    println!("weir demo: starting a private PostgreSQL (wal_level=logical) from the installed server binaries…");
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start_temp(Options::default())).await??;
+    cluster.psql("postgres", "create database weir_demo")?;
+    let url = cluster.url("weir_demo");
+    let pool = PgPool::connect(&url).await.context("connecting to the demo database")?;
+    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+
+    let mut config = Config::default();
+    config.database.url = Some(Secret::new(url.clone()));
+    config.validate()?;
+    let report = weir::setup::init(&pool, &config).await?;
+    println!("  database   {url}");
+    println!("  watching   {} (publication `weir`, slot `weir`)", report.tables.join(", "));
+    println!();
+    println!("writing posts and comments for {seconds} s; each line is an event arriving in weir.events:");
+    println!();
+
+    let cancel = CancellationToken::new();
+    let mut ingest = tokio::spawn({
+        let (config, pool, cancel) = (config.clone(), pool.clone(), cancel.clone());
+        async move { weir::ingest::run(&config, &pool, cancel).await }
+    });
+    let mut writer = tokio::spawn(write_changes(pool.clone(), Duration::from_secs(seconds)));
+
+    let reader = weir::LogReader::new(pool.clone()).await?;
+    let mut after = 0;
+    let mut delays = Vec::new();
+    let mut expected: Option<i64> = None;
+    let deadline_after_writes = Duration::from_secs(15);
+    let mut writes_done_at: Option<Instant> = None;
+    loop {
+        let events = reader.read(after, 500, &EventFilter::default()).await?;
+        for e in &events {
+            let delay = (chrono::Utc::now() - e.commit_ts).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            delays.push(delay);
+            let record = e.new_record.as_ref().or(e.old_record.as_ref()).cloned().unwrap_or_default();
+            let mut shown = serde_json::to_string(&record)?;
+            if shown.len() > 70 {
+                shown.truncate(67);
+                shown.push_str("...");
+            }
+            println!("  #{:<4} {:<7} {:<9} {shown}  (+{delay:.1} ms)", e.position, e.kind.as_str(), e.entity);
+            after = e.position;
+        }
+        if expected.is_none() && writer.is_finished() {
+            expected = Some((&mut writer).await??);
+            writes_done_at = Some(Instant::now());
+        }
+        if let Some(n) = expected {
+            if after >= n {
+                break;
+            }
+            if writes_done_at.is_some_and(|t| t.elapsed() > deadline_after_writes) {
+                anyhow::bail!("only {after} of {n} changes reached the log within 15 s of the last write");
+            }
+        }
+        if ingest.is_finished() {
+            (&mut ingest).await??;
+            anyhow::bail!("ingestion stopped unexpectedly");
+        }
+        if events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    cancel.cancel();
+    ingest.await??;
+
+    delays.sort_by(f64::total_cmp);
+    let pct = |p: f64| delays[((delays.len() - 1) as f64 * p) as usize];
+    let gapless: bool = sqlx::query_scalar(
+        "select count(*) = max(position) and min(position) = 1 from weir.events",
+    )
+    .fetch_one(&pool)
+    .await?;
+    println!();
+    println!(
+        "{after} changes logged, positions 1..{after} {}; commit → shown in this terminal: p50 {:.1} ms, p99 {:.1} ms",
+        if gapless { "without a gap" } else { "WITH GAPS (a bug)" },
+        pct(0.5),
+        pct(0.99)
+    );
+    println!("The slot was acknowledged only after each batch committed to the log; stopping the demo removes its database.");
+    pool.close().await;
+    drop(cluster);
+    Ok(())
+}
+
+/// Writes posts and comments for `duration`; returns how many row changes it made.
+async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<i64> {
+    let start = Instant::now();
+    let mut changes = 0i64;
+    let mut posts: Vec<i32> = Vec::new();
+    let mut comments: Vec<uuid::Uuid> = Vec::new();
+    while start.elapsed() < duration {
+        let (pick, n_comments, roll) = {
+            let mut rng = rand::rng();
+            (rng.random_range(0..100usize), rng.random_range(1..=3usize), rng.random_range(0..10u32))
+        };
+        let mut tx = pool.begin().await?;
+        let id: i32 = sqlx::query_scalar("insert into posts (title, body) values ($1, $2) returning id")
+            .bind(format!("Post about {}", ["weirs", "rivers", "WAL", "locks", "queues"][pick % 5]))
+            .bind("A body long enough to look like a post.")
+            .fetch_one(&mut *tx)
+            .await?;
+        changes += 1;
+        posts.push(id);
+        for i in 0..n_comments {
+            let target = posts[(pick + i) % posts.len()];
+            let cid: uuid::Uuid = sqlx::query_scalar(
+                "insert into comments (post_id, body) values ($1, $2) returning id",
+            )
+            .bind(target)
+            .bind(format!("comment {i} on post {target}"))
+            .fetch_one(&mut *tx)
+            .await?;
+            comments.push(cid);
+            changes += 1;
+        }
+        tx.commit().await?;
+        if roll < 5 {
+            let target = posts[pick % posts.len()];
+            sqlx::query("update posts set title = title || ' (edited)', updated_at = now() where id = $1")
+                .bind(target)
+                .execute(&pool)
+                .await?;
+            changes += 1;
+        }
+        if roll < 2 && !comments.is_empty() {
+            let cid = comments.swap_remove(pick % comments.len());
+            sqlx::query("delete from comments where id = $1").bind(cid).execute(&pool).await?;
+            changes += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(changes)
+}

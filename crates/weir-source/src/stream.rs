@@ -1,0 +1,274 @@
+//! The replication connection: one module between weir and the wire.
+//!
+//! ```text
+//! libpq (through pg_walstream's PgReplicationConnection: auth, TLS, PG* variables)
+//!   START_REPLICATION SLOT s LOGICAL <lsn> (proto_version '2', streaming 'on', messages 'true')
+//!   ◄── CopyData 'w' XLogData {wal_start, wal_end, send_time, pgoutput bytes}  → Frame::Data
+//!   ◄── CopyData 'k' keepalive {wal_end, send_time, reply_requested}            → Frame::Keepalive
+//!   ──► CopyData 'r' standby status {written, flushed, applied}                 ← send_status
+//! ```
+//!
+//! Only the transport comes from `pg_walstream`; decoding is ours ([`crate::pgoutput`]), and so
+//! is the decision of what to acknowledge: the flushed position we report is always a commit
+//! LSN already stored in the log (see the `weir` crate's ingest module), never a keepalive
+//! position while anything received is still unstored.
+//!
+//! `next` is cancel-safe: libpq keeps whatever arrived in its buffer, so it can sit in a
+//! `select!` beside timers and the shutdown signal.
+//!
+//! Protocol: <https://www.postgresql.org/docs/current/protocol-replication.html>
+
+use bytes::{Buf, Bytes};
+use pg_walstream::{CancellationToken, PgReplicationConnection, ReplicationError};
+use weir_core::Lsn;
+
+/// What the replication connection can fail with, classified for the caller's policy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The slot does not exist (dropped, or never created).
+    #[error(
+        "replication slot `{slot}` does not exist; run `weir init` to create it (if it was \
+         dropped while weir was running, changes made meanwhile are not in the log)"
+    )]
+    SlotMissing {
+        /// Slot name.
+        slot: String,
+    },
+    /// The slot was invalidated (it fell further behind than `max_slot_wal_keep_size`).
+    #[error(
+        "replication slot `{slot}` can no longer stream ({detail}); it fell behind \
+         max_slot_wal_keep_size and WAL it needed is gone. Drop and recreate it with \
+         `weir init` and re-sync derived data"
+    )]
+    SlotInvalidated {
+        /// Slot name.
+        slot: String,
+        /// The server's words.
+        detail: String,
+    },
+    /// The publication does not exist.
+    #[error("publication `{publication}` does not exist; run `weir init` to create it")]
+    PublicationMissing {
+        /// Publication name.
+        publication: String,
+    },
+    /// The slot is in use by another connection (another weir, or a stale session).
+    #[error("replication slot `{slot}` is in use by another process: {detail}")]
+    SlotBusy {
+        /// Slot name.
+        slot: String,
+        /// The server's words.
+        detail: String,
+    },
+    /// Authentication or permission problems: retrying will not help.
+    #[error("the replication connection was refused: {0}; the role needs the REPLICATION \
+             attribute (`alter role … replication`) and a pg_hba.conf entry for replication")]
+    Refused(String),
+    /// The connection failed or dropped; retry with backoff.
+    #[error("replication connection lost: {0}")]
+    Disconnected(String),
+    /// The server sent something we do not understand.
+    #[error("replication protocol error: {0}")]
+    Protocol(String),
+}
+
+impl StreamError {
+    /// Whether reconnecting may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StreamError::Disconnected(_) | StreamError::SlotBusy { .. })
+    }
+}
+
+/// One message from the server.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// WAL data: one pgoutput message.
+    Data {
+        /// Where the message's WAL starts.
+        wal_start: Lsn,
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+        /// The pgoutput bytes.
+        data: Bytes,
+    },
+    /// A keepalive: everything committed at or below `wal_end` has been sent before it.
+    Keepalive {
+        /// The server's send position.
+        wal_end: Lsn,
+        /// The server wants a status update now.
+        reply_requested: bool,
+    },
+}
+
+/// What to stream.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// pgoutput protocol version (2 for PostgreSQL 14 and 15, 4 from 16 on).
+    pub protocol_version: u32,
+}
+
+/// A logical replication connection in streaming mode.
+pub struct ReplicationStream {
+    conn: PgReplicationConnection,
+    options: StreamOptions,
+    received: Lsn,
+    never: CancellationToken,
+}
+
+impl std::fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationStream").field("options", &self.options).finish()
+    }
+}
+
+/// Builds the libpq connection string for replication from a `postgres://` URL (or from the
+/// `PG*` environment when `url` is `None`), with the session settings our casts rely on.
+pub fn replication_conninfo(url: Option<&str>) -> String {
+    const SETTINGS: &str = "options='-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 \
+                            -c bytea_output=hex -c extra_float_digits=3'";
+    match url {
+        Some(u) => {
+            let sep = if u.contains('?') { '&' } else { '?' };
+            let opts = "options=-c%20DateStyle%3DISO%20-c%20TimeZone%3DUTC%20-c%20IntervalStyle%3Diso_8601%20-c%20bytea_output%3Dhex%20-c%20extra_float_digits%3D3";
+            format!("{u}{sep}replication=database&{opts}")
+        }
+        None => format!("replication=database {SETTINGS}"),
+    }
+}
+
+fn sqlstate(msg: &str) -> Option<&str> {
+    let start = msg.find('[')?;
+    let code = msg.get(start + 1..start + 6)?;
+    (msg.as_bytes().get(start + 6) == Some(&b']')).then_some(code)
+}
+
+impl ReplicationStream {
+    /// Connects and starts streaming from `start` (the slot's confirmed position when `start`
+    /// is lower).
+    pub async fn start(conninfo: &str, options: StreamOptions, start: Lsn) -> Result<Self, StreamError> {
+        let mut conn = PgReplicationConnection::connect_async(conninfo)
+            .await
+            .map_err(|e| classify(e, &options))?;
+        let version = conn.server_version();
+        let protocol = if version >= 160_000 { 4 } else { 2 };
+        let options = StreamOptions { protocol_version: protocol.min(options.protocol_version.max(2)), ..options };
+        let proto = options.protocol_version.to_string();
+        let publication = format!("\"{}\"", options.publication.replace('"', "\"\""));
+        let opts: Vec<(&str, &str)> = vec![
+            ("proto_version", proto.as_str()),
+            ("publication_names", publication.as_str()),
+            ("streaming", "on"),
+            ("messages", "true"),
+        ];
+        conn.start_replication_async(&options.slot, start.0, &opts)
+            .await
+            .map_err(|e| classify(e, &options))?;
+        Ok(Self { conn, options, received: start, never: CancellationToken::new() })
+    }
+
+    /// The pgoutput protocol version in use.
+    pub fn protocol_version(&self) -> u32 {
+        self.options.protocol_version
+    }
+
+    /// The highest WAL position received so far.
+    pub fn received(&self) -> Lsn {
+        self.received
+    }
+
+    /// Waits for the next message. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Frame, StreamError> {
+        loop {
+            let mut data = self
+                .conn
+                .get_copy_data_async(&self.never)
+                .await
+                .map_err(|e| classify(e, &self.options))?;
+            if data.is_empty() {
+                continue;
+            }
+            let tag = data.get_u8();
+            match tag {
+                b'w' if data.len() >= 24 => {
+                    let wal_start = Lsn(data.get_u64());
+                    let wal_end = Lsn(data.get_u64());
+                    let _send_time = data.get_i64();
+                    self.received = self.received.max(wal_end);
+                    return Ok(Frame::Data { wal_start, wal_end, data });
+                }
+                b'k' if data.len() >= 17 => {
+                    let wal_end = Lsn(data.get_u64());
+                    let _send_time = data.get_i64();
+                    let reply_requested = data.get_u8() == 1;
+                    self.received = self.received.max(wal_end);
+                    return Ok(Frame::Keepalive { wal_end, reply_requested });
+                }
+                other => {
+                    return Err(StreamError::Protocol(format!(
+                        "unexpected replication message `{}` of {} bytes",
+                        other as char,
+                        data.len() + 1
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Reports progress: `flushed` must be a position whose changes are durably in the log.
+    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), StreamError> {
+        let flushed = flushed.min(self.received).max(Lsn(1)).0;
+        self.conn
+            .send_standby_status_update(self.received.0, flushed, flushed, false)
+            .await
+            .map_err(|e| classify(e, &self.options))
+    }
+}
+
+fn classify(e: ReplicationError, options: &StreamOptions) -> StreamError {
+    let text = e.to_string();
+    let code = sqlstate(&text).unwrap_or("");
+    let slot = options.slot.clone();
+    match code {
+        "42704" if text.contains("publication") => {
+            StreamError::PublicationMissing { publication: options.publication.clone() }
+        }
+        "42704" => StreamError::SlotMissing { slot },
+        "55000" if text.contains("does not exist") => StreamError::SlotMissing { slot },
+        "55000" => StreamError::SlotInvalidated { slot, detail: text },
+        "55006" => StreamError::SlotBusy { slot, detail: text },
+        "28000" | "28P01" | "42501" => StreamError::Refused(text),
+        "3D000" => StreamError::Refused(text),
+        _ => match e {
+            ReplicationError::Authentication(m) => StreamError::Refused(m),
+            ReplicationError::Protocol(m) if code.is_empty() && !m.contains("connection") => {
+                StreamError::Disconnected(m)
+            }
+            _ => StreamError::Disconnected(text),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_sqlstate_from_messages() {
+        assert_eq!(sqlstate("Replication slot error: [42704] replication slot \"x\" does not exist"), Some("42704"));
+        assert_eq!(sqlstate("no code"), None);
+    }
+
+    #[test]
+    fn conninfo_keeps_url_and_adds_replication() {
+        let c = replication_conninfo(Some("postgres://u@h:5/db"));
+        assert!(c.starts_with("postgres://u@h:5/db?replication=database&options="), "{c}");
+        let c = replication_conninfo(Some("postgres://u@h:5/db?sslmode=disable"));
+        assert!(c.contains("sslmode=disable&replication=database"), "{c}");
+        assert!(replication_conninfo(None).starts_with("replication=database"));
+    }
+}

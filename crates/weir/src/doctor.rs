@@ -1,0 +1,294 @@
+//! `weir doctor`: checks the server and the database for everything ingestion needs, and
+//! prints, for each problem, the exact fix.
+
+use std::fmt;
+
+use sqlx::PgPool;
+use weir_core::Config;
+
+use crate::setup::split_table;
+use crate::{Result, db};
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fine.
+    Ok,
+    /// Works, but deserves attention.
+    Warn,
+    /// Ingestion cannot work until fixed.
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// The outcome.
+    pub verdict: Verdict,
+    /// What was found.
+    pub detail: String,
+    /// The exact fix, when something is wrong.
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = match self.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        write!(f, "[{mark}] {}: {}", self.name, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n       fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+fn check(name: &str, verdict: Verdict, detail: impl Into<String>, fix: Option<String>) -> Check {
+    Check { name: name.into(), verdict, detail: detail.into(), fix }
+}
+
+/// Runs every check. Connection failures come back as a single failed check.
+pub async fn diagnose(config: &Config) -> Vec<Check> {
+    let pool = match db::connect(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![check(
+                "connection",
+                Verdict::Fail,
+                e.to_string(),
+                Some("set `database.url` in weir.toml, WEIR_DATABASE_URL or DATABASE_URL to a reachable server".into()),
+            )];
+        }
+    };
+    match checks(&pool, config).await {
+        Ok(c) => c,
+        Err(e) => vec![check("queries", Verdict::Fail, e.to_string(), None)],
+    }
+}
+
+async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
+    let mut out = Vec::new();
+    let src = &config.source;
+    let (version, version_num): (String, i32) = sqlx::query_as(
+        "select current_setting('server_version'), current_setting('server_version_num')::int",
+    )
+    .fetch_one(pool)
+    .await?;
+    out.push(if version_num >= 140_000 {
+        check("server version", Verdict::Ok, format!("PostgreSQL {version}"), None)
+    } else {
+        check(
+            "server version",
+            Verdict::Fail,
+            format!("PostgreSQL {version}; weir needs 14 or later (streaming of large transactions)"),
+            Some("upgrade PostgreSQL to 14 or later".into()),
+        )
+    });
+
+    let level: String = sqlx::query_scalar("select current_setting('wal_level')").fetch_one(pool).await?;
+    out.push(if level == "logical" {
+        check("wal_level", Verdict::Ok, "logical", None)
+    } else {
+        check(
+            "wal_level",
+            Verdict::Fail,
+            format!("`{level}`; logical replication needs `logical`"),
+            Some("run `alter system set wal_level = logical;` as a superuser, then restart PostgreSQL".into()),
+        )
+    });
+
+    let (slots, senders, used): (i32, i32, i64) = sqlx::query_as(
+        "select current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
+                (select count(*) from pg_replication_slots)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let slot_exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_replication_slots where slot_name = $1)")
+            .bind(&src.slot)
+            .fetch_one(pool)
+            .await?;
+    let needed = used + i64::from(!slot_exists);
+    out.push(if i64::from(slots) >= needed.max(1) && senders >= 1 {
+        check(
+            "replication capacity",
+            Verdict::Ok,
+            format!("max_replication_slots = {slots} ({used} used), max_wal_senders = {senders}"),
+            None,
+        )
+    } else {
+        check(
+            "replication capacity",
+            Verdict::Fail,
+            format!("max_replication_slots = {slots} ({used} used), max_wal_senders = {senders}"),
+            Some(format!(
+                "run `alter system set max_replication_slots = {}; alter system set max_wal_senders = {};` and restart PostgreSQL",
+                needed.max(10),
+                senders.max(10)
+            )),
+        )
+    });
+
+    let (role, can): (String, bool) = sqlx::query_as(
+        "select current_user::text, rolreplication or rolsuper from pg_roles where rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await?;
+    out.push(if can {
+        check("replication role", Verdict::Ok, format!("role `{role}` may replicate"), None)
+    } else {
+        check(
+            "replication role",
+            Verdict::Fail,
+            format!("role `{role}` has no REPLICATION attribute"),
+            Some(format!("as a superuser: `alter role \"{role}\" replication;`")),
+        )
+    });
+
+    let migrated: bool = sqlx::query_scalar(
+        "select exists (select 1 from weir.migrations where component = 'log')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false);
+    out.push(if migrated {
+        check("weir schema", Verdict::Ok, "installed", None)
+    } else {
+        check("weir schema", Verdict::Fail, "not installed", Some("run `weir init`".into()))
+    });
+
+    let publication: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
+            .bind(&src.publication)
+            .fetch_one(pool)
+            .await?;
+    let tables = crate::setup::publication_tables(pool, &src.publication).await?;
+    out.push(match (publication, tables.is_empty()) {
+        (false, _) => check(
+            "publication",
+            Verdict::Fail,
+            format!("`{}` does not exist", src.publication),
+            Some("run `weir init`".into()),
+        ),
+        (true, true) => check(
+            "publication",
+            Verdict::Warn,
+            format!("`{}` covers no table yet", src.publication),
+            Some("create the tables to watch (or list them in `source.tables`) and run `weir init`".into()),
+        ),
+        (true, false) => check(
+            "publication",
+            Verdict::Ok,
+            format!("`{}` covers {}", src.publication, tables.join(", ")),
+            None,
+        ),
+    });
+
+    let slot: Option<(String, bool, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+        "select plugin::text, active, wal_status,
+                (pg_current_wal_lsn() - restart_lsn)::bigint,
+                confirmed_flush_lsn::text
+         from pg_replication_slots where slot_name = $1",
+    )
+    .bind(&src.slot)
+    .fetch_optional(pool)
+    .await?;
+    out.push(match slot {
+        None => check(
+            "replication slot",
+            Verdict::Fail,
+            format!("`{}` does not exist", src.slot),
+            Some("run `weir init`".into()),
+        ),
+        Some((_, _, Some(status), _, _)) if status == "lost" => check(
+            "replication slot",
+            Verdict::Fail,
+            format!("`{}` was invalidated (wal_status = lost): WAL it needed is gone", src.slot),
+            Some(format!(
+                "`select pg_drop_replication_slot('{}')`, then `weir init`, then re-sync derived data",
+                src.slot
+            )),
+        ),
+        Some((plugin, _, _, _, _)) if plugin != "pgoutput" => check(
+            "replication slot",
+            Verdict::Fail,
+            format!("`{}` uses plugin `{plugin}`, not pgoutput", src.slot),
+            Some("choose another `source.slot`".into()),
+        ),
+        Some((_, active, status, retained, confirmed)) => {
+            let retained = retained.unwrap_or(0);
+            let verdict = if retained > 1 << 30 { Verdict::Warn } else { Verdict::Ok };
+            check(
+                "replication slot",
+                verdict,
+                format!(
+                    "`{}` {}, confirmed up to {}, retains {} of WAL (wal_status = {})",
+                    src.slot,
+                    if active { "active" } else { "inactive" },
+                    confirmed.unwrap_or_else(|| "-".into()),
+                    human_bytes(retained),
+                    status.unwrap_or_else(|| "-".into())
+                ),
+                (verdict == Verdict::Warn).then(|| {
+                    "start `weir run` so the slot advances; a stopped slot keeps WAL forever".to_string()
+                }),
+            )
+        }
+    });
+
+    // Each watched table's replica identity.
+    let watched: Vec<String> = if src.tables.is_empty() { tables.clone() } else { src.tables.clone() };
+    for t in watched {
+        let (schema, table) = split_table(&t);
+        let row: Option<(String, bool)> = sqlx::query_as(
+            "select c.relreplident::text,
+                    exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary)
+             from pg_class c join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname = $1 and c.relname = $2",
+        )
+        .bind(schema)
+        .bind(table)
+        .fetch_optional(pool)
+        .await?;
+        let name = format!("table {schema}.{table}");
+        out.push(match row {
+            None => check(&name, Verdict::Fail, "does not exist", Some("create it or remove it from `source.tables`".into())),
+            Some((ident, has_pk)) => match (ident.as_str(), has_pk) {
+                ("f", _) => check(&name, Verdict::Ok, "replica identity FULL: old rows and `changes` are complete", None),
+                ("d", true) => check(
+                    &name,
+                    Verdict::Ok,
+                    "replica identity DEFAULT (primary key): old_record holds the key only, no `changes`",
+                    Some(format!("for complete old rows: `alter table {schema}.{table} replica identity full;`")),
+                ),
+                ("d", false) | ("n", _) => check(
+                    &name,
+                    Verdict::Fail,
+                    "no primary key and no replica identity: updates and deletes will fail once published",
+                    Some(format!("add a primary key, or `alter table {schema}.{table} replica identity full;`")),
+                ),
+                _ => check(&name, Verdict::Ok, "replica identity USING INDEX", None),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// `1.5 MiB`.
+pub fn human_bytes(n: i64) -> String {
+    let n = n as f64;
+    if n >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", n / 1024.0 / 1024.0 / 1024.0)
+    } else if n >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", n / 1024.0 / 1024.0)
+    } else if n >= 1024.0 {
+        format!("{:.1} KiB", n / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}

@@ -1,0 +1,350 @@
+//! Ingestion: the replication slot into the log, exactly once, in commit order.
+//!
+//! ```text
+//!             ┌──────────── session (one leader per slot) ─────────────────────────────┐
+//!  lease ───► │ reader task                        channel (bounded)   writer task       │
+//!  advisory   │  ReplicationStream ─► Assembler ──► Commit / Stage / ──► Appender         │
+//!  lock       │   ▲ status(flushed = persisted)     Abort / Idle(lsn)     append batch ──┐ │
+//!             │   └────────────── persisted LSN (watch) ◄─────────────────────────────────┘ │
+//!             └──────────────────────────────────────────────────────────────────────────┘
+//!  error ─► transient? reconnect with backoff (500 ms × 2 up to 10 s) : stop with the error
+//! ```
+//!
+//! Invariants:
+//! - The slot is acknowledged (flush position) only with an LSN the writer has committed to
+//!   the log, or with a keepalive position that went through the channel after every
+//!   transaction before it was stored (so every commit at or below it is in the log).
+//! - The writer groups whatever transactions are queued into one append (throughput) but never
+//!   waits for more to arrive (latency).
+//! - The channel is bounded and streamed transactions leave the assembler in chunks, so a huge
+//!   transaction costs bounded memory.
+//! - One reader per slot: a second process waits on the advisory lock as a standby and takes
+//!   over within about a second of the leader's connection closing.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use weir_core::{Config, Lsn, Transaction};
+use weir_log::Appender;
+use weir_source::assemble::{Assembler, Output};
+use weir_source::stream::{Frame, ReplicationStream, StreamOptions};
+
+use crate::{Error, Result, db, fault};
+
+/// Work for the writer, in WAL order.
+#[derive(Debug)]
+enum Item {
+    Commit(Transaction),
+    Stage { xid: u32, first_seq: i64, changes: Vec<(u32, weir_core::Change)> },
+    Abort { xid: u32, subxid: Option<u32> },
+    /// Every transaction committed at or below this LSN has been queued before this item.
+    Idle(Lsn),
+}
+
+/// How many items may wait between reader and writer.
+const CHANNEL: usize = 16;
+/// First reconnect delay, multiplier and cap.
+const BACKOFF: (Duration, u32, Duration) =
+    (Duration::from_millis(500), 2, Duration::from_secs(10));
+/// How often a standby tries the lease.
+const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// Streams changes into the log until `cancel` fires. Waits as a standby while another process
+/// holds the slot. Returns an error only for problems reconnecting cannot fix (a dropped slot,
+/// a missing publication, refused permissions).
+pub async fn run(config: &Config, pool: &PgPool, cancel: CancellationToken) -> Result<()> {
+    let holder = holder();
+    let mut delay = BACKOFF.0;
+    while !cancel.is_cancelled() {
+        let started = Instant::now();
+        let result = async {
+            let Some(lease) = acquire_lease(config, &cancel).await? else {
+                return Ok(());
+            };
+            tracing::info!(slot = %config.source.slot, %holder, "holding the source lease");
+            session(config, pool, lease, &holder, &cancel).await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    delay = BACKOFF.0;
+                }
+                tracing::warn!(error = %e, retry_in = ?delay, "ingestion interrupted; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * BACKOFF.1).min(BACKOFF.2);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn holder() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Takes the slot's lease: a session advisory lock on a dedicated connection, held for the
+/// whole session. Returns `None` when cancelled while waiting.
+async fn acquire_lease(config: &Config, cancel: &CancellationToken) -> Result<Option<PgConnection>> {
+    let options = db::connect_options(config)?;
+    let target = db::describe(&options);
+    let mut conn = PgConnection::connect_with(&options)
+        .await
+        .map_err(|source| Error::Connect { target, source })?;
+    let mut announced = false;
+    loop {
+        let got: bool =
+            sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.source'), hashtext($1))")
+                .bind(&config.source.slot)
+                .fetch_one(&mut conn)
+                .await?;
+        if got {
+            return Ok(Some(conn));
+        }
+        if !announced {
+            tracing::info!(slot = %config.source.slot, "another process holds the slot; waiting as a standby");
+            announced = true;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(LEASE_POLL) => {}
+        }
+    }
+}
+
+async fn primary_key(pool: &PgPool, relation_id: u32) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "select a.attname::text
+         from pg_index i
+         join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+         where i.indrelid = $1::oid and i.indisprimary
+         order by array_position(i.indkey::int2[], a.attnum)",
+    )
+    .bind(i64::from(relation_id))
+    .fetch_all(pool)
+    .await?)
+}
+
+async fn session(
+    config: &Config,
+    pool: &PgPool,
+    mut lease: PgConnection,
+    holder: &str,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let options = db::connect_options(config)?;
+    let mut appender =
+        Appender::open(&options, &config.source.slot, config.log.partition_size).await?;
+    // In-progress transactions are sent again from their start after a reconnect.
+    appender.clear_staged().await?;
+    let start = appender.state().lsn;
+    let db_name: String = sqlx::query_scalar("select current_database()").fetch_one(pool).await?;
+    let mut stream = ReplicationStream::start(
+        &db::replication_conninfo(config),
+        StreamOptions {
+            slot: config.source.slot.clone(),
+            publication: config.source.publication.clone(),
+            protocol_version: 4,
+        },
+        start,
+    )
+    .await?;
+    tracing::info!(slot = %config.source.slot, from = %start, position = appender.state().position, "streaming");
+    let mut assembler =
+        Assembler::new(stream.protocol_version(), &config.source.message_prefix, &db_name);
+
+    let (tx, rx) = mpsc::channel::<Item>(CHANNEL);
+    let (persisted_tx, mut persisted) = watch::channel(start);
+    let (received, received_rx) = watch::channel(start);
+    let mut writer = tokio::spawn(writer(
+        appender,
+        rx,
+        persisted_tx,
+        config.source.batch_max_events,
+        holder.to_string(),
+        received_rx,
+    ));
+
+    let mut outputs = Vec::new();
+    let mut status_timer = tokio::time::interval(config.source.status_interval);
+    status_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lease_check = tokio::time::interval(Duration::from_secs(1));
+    lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = Instant::now();
+    let result: Result<()> = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Ok(()),
+            done = &mut writer => {
+                // The writer only ends early on an error.
+                break match done {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Ok(()),
+                    Err(join) => Err(Error::Setup(format!("the log writer panicked: {join}"))),
+                };
+            }
+            frame = stream.next() => {
+                let frame = match frame {
+                    Ok(f) => f,
+                    Err(e) => break Err(e.into()),
+                };
+                let _ = received.send(stream.received());
+                match frame {
+                    Frame::Data { data, .. } => {
+                        if let Err(e) = assembler.push(data, &mut outputs) {
+                            break Err(e.into());
+                        }
+                        let mut failed = None;
+                        for output in outputs.drain(..) {
+                            let item = match output {
+                                Output::RelationSeen { relation_id, full_identity, .. } => {
+                                    if full_identity {
+                                        match primary_key(pool, relation_id).await {
+                                            Ok(pk) => assembler.set_primary_key(relation_id, &pk),
+                                            Err(e) => { failed = Some(e); break; }
+                                        }
+                                    }
+                                    continue;
+                                }
+                                Output::Commit(t) if t.changes.is_empty() && !t.staged => Item::Idle(t.commit_lsn),
+                                Output::Commit(t) => Item::Commit(t),
+                                Output::Stage { xid, first_seq, changes } => Item::Stage { xid, first_seq, changes },
+                                Output::Abort { xid, subxid } => Item::Abort { xid, subxid },
+                            };
+                            if tx.send(item).await.is_err() {
+                                break;
+                            }
+                        }
+                        if let Some(e) = failed {
+                            break Err(e);
+                        }
+                    }
+                    Frame::Keepalive { wal_end, reply_requested } => {
+                        let _ = tx.send(Item::Idle(wal_end)).await;
+                        if reply_requested {
+                            if let Err(e) = stream.send_status(current(&persisted)).await {
+                                break Err(e.into());
+                            }
+                            last_status = Instant::now();
+                        }
+                    }
+                }
+            }
+            _ = persisted.changed() => {
+                // Acknowledge promptly, but at most every 100 ms.
+                if last_status.elapsed() >= Duration::from_millis(100) {
+                    if let Err(e) = stream.send_status(current(&persisted)).await {
+                        break Err(e.into());
+                    }
+                    last_status = Instant::now();
+                }
+            }
+            _ = status_timer.tick() => {
+                if let Err(e) = stream.send_status(current(&persisted)).await {
+                    break Err(e.into());
+                }
+                last_status = Instant::now();
+            }
+            _ = lease_check.tick() => {
+                // Losing the lease connection means another process may take over: stop.
+                if let Err(e) = lease.ping().await {
+                    break Err(Error::Database(e));
+                }
+            }
+        }
+    };
+    // Let the writer store what is queued (graceful), then acknowledge it.
+    drop(tx);
+    if !writer.is_finished() {
+        match tokio::time::timeout(Duration::from_secs(30), &mut writer).await {
+            Ok(Ok(Err(e))) if result.is_ok() => return Err(e),
+            Err(_) => writer.abort(),
+            _ => {}
+        }
+    }
+    if result.is_ok() {
+        let _ = stream.send_status(current(&persisted)).await;
+    }
+    result
+}
+
+/// Stores what the reader queues: stages and discards streamed changes at once, groups queued
+/// commits into one append, then publishes the LSN that may be acknowledged.
+async fn writer(
+    mut appender: Appender,
+    mut rx: mpsc::Receiver<Item>,
+    persisted: watch::Sender<Lsn>,
+    max_events: usize,
+    holder: String,
+    received: watch::Receiver<Lsn>,
+) -> Result<()> {
+    let mut batch: Vec<Transaction> = Vec::new();
+    let mut idle = Lsn::ZERO;
+    let mut behind_ms = 0i64;
+    let mut last_heartbeat: Option<Instant> = None;
+    loop {
+        let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(item)) => Some(item),
+            Ok(None) => break,
+            Err(_) => None,
+        };
+        let mut events = 0usize;
+        let mut next = first;
+        while let Some(item) = next {
+            match item {
+                Item::Commit(t) => {
+                    events += t.changes.len();
+                    batch.push(t);
+                }
+                Item::Stage { xid, first_seq, changes } => {
+                    appender.stage(xid, &changes, first_seq).await?;
+                }
+                Item::Abort { xid, subxid } => {
+                    appender.discard_staged(xid, subxid).await?;
+                }
+                Item::Idle(lsn) => idle = idle.max(lsn),
+            }
+            if events >= max_events {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Some(newest) = batch.last().map(|t| t.commit_ts) {
+            fault::point("before_append");
+            appender.append(&batch).await?;
+            fault::point("after_append");
+            behind_ms = (chrono::Utc::now() - newest).num_milliseconds().max(0);
+            batch.clear();
+        } else if rx.is_empty() {
+            behind_ms = 0;
+        }
+        let confirm = appender.state().lsn.max(idle);
+        persisted.send_if_modified(|p| {
+            let moved = confirm > *p;
+            if moved {
+                *p = confirm;
+            }
+            moved
+        });
+        if last_heartbeat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let received = *received.borrow();
+            appender.heartbeat(&holder, received, behind_ms).await?;
+            last_heartbeat = Some(Instant::now());
+        }
+    }
+    Ok(())
+}
+
+fn current(rx: &watch::Receiver<Lsn>) -> Lsn {
+    *rx.borrow()
+}

@@ -1,0 +1,189 @@
+//! `weir init`: everything weir needs in the database, created idempotently.
+//!
+//! 1. checks `wal_level = logical` (nothing else works without it);
+//! 2. the `weir` schema and its tables (numbered migrations);
+//! 3. the publication: the configured tables, or every table of the configured schemas — never
+//!    weir's own bookkeeping tables;
+//! 4. a permanent `pgoutput` replication slot.
+//!
+//! Running it again reconciles the publication with the configuration and leaves the slot be.
+
+use sqlx::PgPool;
+use weir_core::Config;
+
+use crate::{Error, Result};
+
+/// What `init` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InitReport {
+    /// The publication was created (false: it existed and was brought up to date).
+    pub created_publication: bool,
+    /// The slot was created (false: it existed).
+    pub created_slot: bool,
+    /// Tables now in the publication (`schema.table`).
+    pub tables: Vec<String>,
+}
+
+/// Creates or updates the schema, publication and slot.
+pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
+    require_logical(pool).await?;
+    weir_log::migrate(pool).await?;
+    let created_publication = ensure_publication(pool, config).await?;
+    let created_slot = ensure_slot(pool, &config.source.slot).await?;
+    let tables = publication_tables(pool, &config.source.publication).await?;
+    Ok(InitReport { created_publication, created_slot, tables })
+}
+
+pub(crate) async fn require_logical(pool: &PgPool) -> Result<()> {
+    let level: String = sqlx::query_scalar("select current_setting('wal_level')").fetch_one(pool).await?;
+    if level != "logical" {
+        return Err(Error::Setup(format!(
+            "wal_level is `{level}`, weir needs `logical`: run `alter system set wal_level = logical;` \
+             as a superuser and restart PostgreSQL"
+        )));
+    }
+    Ok(())
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Splits `schema.table` (default schema `public`).
+pub(crate) fn split_table(name: &str) -> (&str, &str) {
+    name.split_once('.').unwrap_or(("public", name))
+}
+
+async fn ensure_publication(pool: &PgPool, config: &Config) -> Result<bool> {
+    let source = &config.source;
+    // What the publication should cover.
+    let target = if !source.tables.is_empty() {
+        let mut parts = Vec::new();
+        for t in &source.tables {
+            let (schema, table) = split_table(t);
+            if schema == "weir" {
+                return Err(Error::Setup(format!(
+                    "source.tables lists `{t}`: weir's own tables cannot be watched"
+                )));
+            }
+            let exists: bool = sqlx::query_scalar(
+                "select exists (select 1 from pg_tables where schemaname = $1 and tablename = $2)",
+            )
+            .bind(schema)
+            .bind(table)
+            .fetch_one(pool)
+            .await?;
+            if !exists {
+                return Err(Error::Setup(format!(
+                    "source.tables lists `{t}`, but there is no table {schema}.{table}; create it \
+                     or fix the name"
+                )));
+            }
+            parts.push(format!("{}.{}", quote_ident(schema), quote_ident(table)));
+        }
+        format!("table {}", parts.join(", "))
+    } else {
+        let mut parts = Vec::new();
+        for s in &source.schemas {
+            if s == "weir" {
+                return Err(Error::Setup(
+                    "source.schemas lists `weir`: weir's own tables cannot be watched".into(),
+                ));
+            }
+            let exists: bool =
+                sqlx::query_scalar("select exists (select 1 from pg_namespace where nspname = $1)")
+                    .bind(s)
+                    .fetch_one(pool)
+                    .await?;
+            if !exists {
+                return Err(Error::Setup(format!(
+                    "source.schemas lists `{s}`, but there is no such schema"
+                )));
+            }
+            parts.push(quote_ident(s));
+        }
+        format!("tables in schema {}", parts.join(", "))
+    };
+    let name = quote_ident(&source.publication);
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
+            .bind(&source.publication)
+            .fetch_one(pool)
+            .await?;
+    let sql = if exists {
+        // `set` replaces both table and schema members with exactly the configured ones.
+        format!("alter publication {name} set {target}")
+    } else {
+        format!("create publication {name} for {target}")
+    };
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => Error::Setup(format!(
+            "the role may not create or change publication `{}` ({}); run `weir init` as the \
+             owner of the watched tables or a superuser",
+            source.publication,
+            db.message()
+        )),
+        _ => Error::Database(e),
+    })?;
+    Ok(!exists)
+}
+
+async fn ensure_slot(pool: &PgPool, slot: &str) -> Result<bool> {
+    let existing: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "select plugin::text, database::text, wal_status from pg_replication_slots where slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await?;
+    let db: String = sqlx::query_scalar("select current_database()").fetch_one(pool).await?;
+    if let Some((plugin, slot_db, wal_status)) = existing {
+        if plugin != "pgoutput" {
+            return Err(Error::Setup(format!(
+                "replication slot `{slot}` exists with plugin `{plugin}`; weir needs pgoutput: \
+                 choose another `source.slot` or drop it with `select pg_drop_replication_slot('{slot}')`"
+            )));
+        }
+        if slot_db.as_deref() != Some(db.as_str()) {
+            return Err(Error::Setup(format!(
+                "replication slot `{slot}` belongs to database `{}`, not `{db}`; choose another \
+                 `source.slot`",
+                slot_db.unwrap_or_default()
+            )));
+        }
+        if wal_status.as_deref() == Some("lost") {
+            return Err(Error::Setup(format!(
+                "replication slot `{slot}` was invalidated (wal_status = lost): WAL it needed was \
+                 removed. Drop it (`select pg_drop_replication_slot('{slot}')`), run `weir init` \
+                 again and re-sync derived data"
+            )));
+        }
+        return Ok(false);
+    }
+    sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(slot)
+        .execute(pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Error::Setup(format!(
+                "the role may not create replication slots ({}); grant it with `alter role \
+                 <role> replication`",
+                d.message()
+            )),
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("53400") => Error::Setup(format!(
+                "no free replication slot ({}); raise max_replication_slots in postgresql.conf \
+                 and restart PostgreSQL",
+                d.message()
+            )),
+            _ => Error::Database(e),
+        })?;
+    Ok(true)
+}
+
+pub(crate) async fn publication_tables(pool: &PgPool, publication: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1 order by 1",
+    )
+    .bind(publication)
+    .fetch_all(pool)
+    .await?)
+}
