@@ -30,9 +30,9 @@ pub(crate) mod serde_duration {
 
     pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         let ms = d.as_millis();
-        let text = if ms % 86_400_000 == 0 && ms > 0 {
+        let text = if ms.is_multiple_of(86_400_000) && ms > 0 {
             format!("{}d", ms / 86_400_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")
