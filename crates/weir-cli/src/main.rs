@@ -5,6 +5,7 @@
 //! PostgreSQL from the installed server binaries (weir-testkit).
 
 mod demo;
+mod bench_ingest;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +70,15 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         seconds: u64,
     },
+    /// Benchmarks that print figures and a ratio against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Ingestion throughput vs pg_recvlogical, live latency, peak RSS on a huge transaction.
+    Ingest(bench_ingest::IngestBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo { seconds } => return demo::run(seconds).await.map(|_| ExitCode::SUCCESS),
         Command::Dev { dir } => return demo::dev(&dir).await.map(|_| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Ingest(args)) => return bench_ingest::run(args).await.map(|_| ExitCode::SUCCESS),
         _ => {}
     }
     let config = load_config(cli.config.as_ref(), cli.database_url.as_deref())?;
@@ -200,29 +211,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pool = weir::db::connect(&config).await?;
             tail(pool, EventFilter { entities: entity, kinds }, from, limit).await?;
         }
-        Command::Demo { .. } | Command::Dev { .. } => unreachable!("handled above"),
+        Command::Demo { .. } | Command::Dev { .. } | Command::Bench(_) => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn retention_loop(pool: sqlx::PgPool, config: Config, cancel: CancellationToken) {
     loop {
-        // One process enforces retention at a time.
-        let lock: Result<bool, _> =
-            sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.retention'))")
-                .fetch_one(&pool)
-                .await;
-        if let Ok(true) = lock {
-            match weir_log::enforce_retention(&pool, config.log.retention).await {
-                Ok(r) if !r.dropped.is_empty() => {
-                    tracing::info!(dropped = ?r.dropped, oldest = ?r.oldest_position, "retention")
+        // One process enforces retention at a time; the lock lives on one pooled connection.
+        if let Ok(mut conn) = pool.acquire().await {
+            let lock: Result<bool, _> =
+                sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.retention'))")
+                    .fetch_one(&mut *conn)
+                    .await;
+            if let Ok(true) = lock {
+                match weir_log::enforce_retention(&pool, config.log.retention).await {
+                    Ok(r) if !r.dropped.is_empty() => {
+                        tracing::info!(dropped = ?r.dropped, oldest = ?r.oldest_position, "retention")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "retention pass failed"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+                let _ = sqlx::query("select pg_advisory_unlock(hashtext('weir.retention'))")
+                    .execute(&mut *conn)
+                    .await;
             }
-            let _ = sqlx::query("select pg_advisory_unlock(hashtext('weir.retention'))")
-                .execute(&pool)
-                .await;
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

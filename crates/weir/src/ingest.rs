@@ -48,6 +48,8 @@ const CHANNEL: usize = 16;
 /// First reconnect delay, multiplier and cap.
 const BACKOFF: (Duration, u32, Duration) =
     (Duration::from_millis(500), 2, Duration::from_secs(10));
+/// Least time between two status updates to the server.
+const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 /// How often a standby tries the lease.
 const LEASE_POLL: Duration = Duration::from_millis(500);
 
@@ -181,6 +183,7 @@ async fn session(
     let mut lease_check = tokio::time::interval(Duration::from_secs(1));
     lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = Instant::now();
+    let mut status_due = false;
     let result: Result<()> = loop {
         tokio::select! {
             biased;
@@ -241,13 +244,16 @@ async fn session(
                 }
             }
             _ = persisted.changed() => {
-                // Acknowledge promptly, but at most every 100 ms.
-                if last_status.elapsed() >= Duration::from_millis(100) {
-                    if let Err(e) = stream.send_status(current(&persisted)).await {
-                        break Err(e.into());
-                    }
-                    last_status = Instant::now();
+                // Acknowledge promptly, at most every 100 ms; a throttled update is deferred,
+                // never dropped (a server shutting down waits for it).
+                status_due = true;
+            }
+            _ = tokio::time::sleep_until((last_status + STATUS_MIN_GAP).into()), if status_due => {
+                status_due = false;
+                if let Err(e) = stream.send_status(current(&persisted)).await {
+                    break Err(e.into());
                 }
+                last_status = Instant::now();
             }
             _ = status_timer.tick() => {
                 if let Err(e) = stream.send_status(current(&persisted)).await {
@@ -272,9 +278,9 @@ async fn session(
             _ => {}
         }
     }
-    if result.is_ok() {
-        let _ = stream.send_status(current(&persisted)).await;
-    }
+    // Always report the final position: it only ever holds what is stored, and a server that
+    // is shutting down waits for it before it lets the walsender go.
+    let _ = stream.send_status(current(&persisted)).await;
     result
 }
 
