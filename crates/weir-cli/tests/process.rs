@@ -1,0 +1,316 @@
+//! The real `weir` binary against a real PostgreSQL: crash windows (fault injection aborts the
+//! process before and after an append), SIGKILL at random moments, standby takeover, and every
+//! bad-input case of the foundation (each a clear line and a non-zero exit).
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use weir_testkit::{Cluster, Options, TestDatabase};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+/// A running `weir` process, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn weir(db: &TestDatabase<'_>, args: &[&str]) -> Command {
+    let mut cmd = Command::new(WEIR);
+    cmd.args(args)
+        .env("DATABASE_URL", db.url())
+        .env("WEIR_SOURCE_SLOT", db.name())
+        .env_remove("WEIR_FAULT")
+        .current_dir(std::env::temp_dir());
+    cmd
+}
+
+fn spawn(mut cmd: Command) -> Proc {
+    Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+fn output(mut cmd: Command) -> (bool, String) {
+    let Output { status, stdout, stderr } = cmd.output().unwrap();
+    (status.success(), format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)))
+}
+
+fn sigkill(p: &Proc) {
+    Command::new("kill").args(["-9", &p.0.id().to_string()]).status().unwrap();
+}
+
+fn sigterm(p: &mut Proc) {
+    Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "weir did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn setup(prefix: &str) -> (TestDatabase<'static>, PgPool) {
+    let db = weir_testkit::shared().database(prefix).unwrap();
+    db.psql("create table t (id int primary key, v text)").unwrap();
+    let (ok, out) = output(weir(&db, &["init"]));
+    assert!(ok, "weir init failed: {out}");
+    let pool = PgPool::connect(&db.url()).await.unwrap();
+    (db, pool)
+}
+
+async fn head(pool: &PgPool) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>("select max(position) from weir.source_state")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .unwrap_or(0)
+}
+
+async fn wait_head(pool: &PgPool, n: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while head(pool).await < n {
+        assert!(Instant::now() < deadline, "log reached {} of {n}", head(pool).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Exactly the table's rows, once each, at positions 1..n.
+async fn assert_log_matches_table(pool: &PgPool) {
+    let (events, distinct, max, rows): (i64, i64, Option<i64>, i64) = sqlx::query_as(
+        "select count(*), count(distinct key->>'id'), max(position), (select count(*) from t)
+         from weir.events",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(events, rows, "one event per inserted row");
+    assert_eq!(distinct, rows, "no duplicates");
+    assert_eq!(max, Some(rows), "positions without gaps");
+}
+
+async fn insert(pool: &PgPool, from: i32, to: i32) {
+    for i in from..=to {
+        sqlx::query("insert into t values ($1, 'x')").bind(i).execute(pool).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn crash_before_and_after_the_append_loses_and_duplicates_nothing() {
+    for (fault, n) in [("before_append", 1), ("after_append", 2)] {
+        let (db, pool) = setup(fault).await;
+        insert(&pool, 1, 50).await;
+        let written: String = sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&pool).await.unwrap();
+        let mut cmd = weir(&db, &["run"]);
+        cmd.env("WEIR_FAULT", fault);
+        let (ok, out) = output(cmd);
+        assert!(!ok, "the fault must abort the process");
+        assert!(out.contains(&format!("aborting at {fault}")), "{out}");
+        let stored = head(&pool).await;
+        if fault == "before_append" {
+            assert_eq!(stored, 0);
+        } else {
+            assert!(stored > 0, "the append committed before the crash");
+        }
+        // The slot was not acknowledged past what is stored: before the append, not up to the
+        // transactions written; after it, not beyond the stored commit LSN.
+        let (confirmed_ok,): (bool,) = sqlx::query_as(
+            "select case when $2 then confirmed_flush_lsn < $3::pg_lsn
+                         else confirmed_flush_lsn <= (select lsn from weir.source_state where slot = $1) end
+             from pg_replication_slots where slot_name = $1",
+        )
+        .bind(db.name())
+        .bind(fault == "before_append")
+        .bind(&written)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(confirmed_ok, "{fault}: the slot was acknowledged past what the log holds");
+        insert(&pool, 51, 50 + 10 * n).await;
+        let mut run = spawn(weir(&db, &["run"]));
+        wait_head(&pool, 50 + 10 * i64::from(n), Duration::from_secs(30)).await;
+        sigterm(&mut run);
+        assert_log_matches_table(&pool).await;
+    }
+}
+
+#[tokio::test]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let (db, pool) = setup("sigkill").await;
+    let writer = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let mut tx = pool.begin().await.unwrap();
+                for j in 0..20 {
+                    sqlx::query("insert into t values ($1, 'x')").bind(i * 20 + j).execute(&mut *tx).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    for round in 0..4u64 {
+        let p = spawn(weir(&db, &["run"]));
+        // Random-ish moments, different each round.
+        let wait = 150 + (std::process::id() as u64 * 7 + round * 131) % 400;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        sigkill(&p);
+        drop(p);
+    }
+    writer.await.unwrap();
+    let mut run = spawn(weir(&db, &["run"]));
+    wait_head(&pool, 1200, Duration::from_secs(60)).await;
+    sigterm(&mut run);
+    assert_log_matches_table(&pool).await;
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_within_five_seconds() {
+    let (db, pool) = setup("standby").await;
+    let a = spawn(weir(&db, &["run"]));
+    wait_holder(&pool, db.name(), None).await;
+    let b = spawn(weir(&db, &["run"]));
+    insert(&pool, 1, 10).await;
+    wait_head(&pool, 10, Duration::from_secs(20)).await;
+    let holder = wait_holder(&pool, db.name(), None).await;
+    let (leader, standby) = if holder.ends_with(&format!(":{}", a.0.id())) { (a, b) } else { (b, a) };
+    sigkill(&leader);
+    let killed = Instant::now();
+    drop(leader);
+    insert(&pool, 11, 20).await;
+    wait_head(&pool, 20, Duration::from_secs(10)).await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+    let new_holder = wait_holder(&pool, db.name(), Some(&holder)).await;
+    assert!(new_holder.ends_with(&format!(":{}", standby.0.id())));
+    drop(standby);
+    assert_log_matches_table(&pool).await;
+}
+
+/// The current holder (one that is not `not`), waiting up to 10 s for one to appear.
+async fn wait_holder(pool: &PgPool, slot: &str, not: Option<&str>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h: Option<String> =
+            sqlx::query_scalar("select holder from weir.source_state where slot = $1")
+                .bind(slot)
+                .fetch_optional(pool)
+                .await
+                .unwrap()
+                .flatten();
+        if let Some(h) = h.filter(|h| Some(h.as_str()) != not) {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "no (new) holder");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_slot_or_publication_stops_weir_with_a_clear_error() {
+    let (db, pool) = setup("dropped").await;
+    sqlx::query("select pg_drop_replication_slot($1)").bind(db.name()).execute(&pool).await.unwrap();
+    let (ok, out) = output(weir(&db, &["run"]));
+    assert!(!ok);
+    assert!(out.contains("does not exist") && out.contains("weir init"), "{out}");
+
+    let (db, pool) = setup("nopub").await;
+    sqlx::query("drop publication weir").execute(&pool).await.unwrap();
+    insert(&pool, 1, 1).await;
+    let (ok, out) = output(weir(&db, &["run"]));
+    assert!(!ok);
+    assert!(out.contains("publication `weir` does not exist") && out.contains("weir init"), "{out}");
+    drop(db);
+}
+
+#[tokio::test]
+async fn bad_configuration_and_urls_give_one_clear_line() {
+    let db = weir_testkit::shared().database("badcfg").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.toml");
+    std::fs::write(&cfg, "[source]\nslot = \"a\"\npublicaton = \"p\"\n").unwrap();
+    let (ok, out) = output(weir(&db, &["init", "-c", cfg.to_str().unwrap()]));
+    assert!(!ok);
+    assert!(out.contains("publicaton") && out.contains("line 3"), "{out}");
+
+    std::fs::write(&cfg, "[log]\nretention = 7\n").unwrap();
+    let (ok, out) = output(weir(&db, &["init", "-c", cfg.to_str().unwrap()]));
+    assert!(!ok);
+    assert!(out.contains("retention") && out.contains("line 2"), "{out}");
+
+    let (ok, out) = output(weir(&db, &["init", "--database-url", "mysql://x"]));
+    assert!(!ok);
+    assert!(out.contains("database.url"), "{out}");
+
+    let (ok, out) = output(weir(&db, &["init", "--database-url", "postgres://127.0.0.1:1/nowhere"]));
+    assert!(!ok);
+    assert!(out.contains("cannot connect to 127.0.0.1:1/nowhere"), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
+}
+
+#[tokio::test]
+async fn a_role_without_replication_is_told_how_to_fix_it() {
+    let db = weir_testkit::shared().database("norepl").unwrap();
+    db.psql("create table t (id int primary key)").unwrap();
+    let role = format!("{}_role", db.name());
+    let _ = db.psql(&format!("drop role if exists {role}"));
+    db.psql(&format!("create role {role} login; grant all on database \"{}\" to {role}; grant all on schema public to {role}; alter table t owner to {role}", db.name())).unwrap();
+    let url = db.url().replace("postgres@", &format!("{role}@"));
+    let (ok, out) = output({
+        let mut c = weir(&db, &["init"]);
+        c.env("DATABASE_URL", &url).env("WEIR_SOURCE_TABLES", "[\"t\"]");
+        c
+    });
+    assert!(!ok);
+    assert!(out.contains("may not create replication slots") && out.contains("replication`"), "{out}");
+    let (ok, out) = output({
+        let mut c = weir(&db, &["doctor"]);
+        c.env("DATABASE_URL", &url);
+        c
+    });
+    assert!(!ok);
+    assert!(out.contains(&format!("alter role \"{role}\" replication")), "{out}");
+    drop(db);
+    let _ = weir_testkit::shared().psql("postgres", &format!("drop role if exists {role}"));
+}
+
+#[tokio::test]
+async fn a_server_without_logical_wal_is_refused_with_the_fix() {
+    let cluster = Cluster::start_temp(Options {
+        fsync: false,
+        settings: vec![("wal_level".into(), "replica".into())],
+    })
+    .unwrap();
+    let db = cluster.database("nolog").unwrap();
+    let (ok, out) = output(weir(&db, &["init"]));
+    assert!(!ok);
+    assert!(out.contains("wal_level is `replica`") && out.contains("alter system set wal_level = logical"), "{out}");
+    let (ok, out) = output(weir(&db, &["doctor"]));
+    assert!(!ok, "{out}");
+    assert!(out.contains("[FAIL] wal_level"), "{out}");
+}
+
+#[tokio::test]
+async fn doctor_passes_on_a_healthy_setup_and_status_reports() {
+    let (db, pool) = setup("doctor").await;
+    let (ok, out) = output(weir(&db, &["doctor"]));
+    assert!(ok, "{out}");
+    assert!(out.contains("[ok  ] wal_level"), "{out}");
+    assert!(out.contains("table public.t"), "{out}");
+    let mut run = spawn(weir(&db, &["run"]));
+    insert(&pool, 1, 5).await;
+    wait_head(&pool, 5, Duration::from_secs(20)).await;
+    let (ok, out) = output(weir(&db, &["status", "--json"]));
+    assert!(ok, "{out}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["position"], 5);
+    let (ok, out) = output(weir(&db, &["tail", "--from", "0", "--limit", "2", "--entity", "t"]));
+    assert!(ok, "{out}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["position"], 2);
+    sigterm(&mut run);
+}
