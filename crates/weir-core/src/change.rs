@@ -43,4 +43,3 @@ pub struct Transaction {
     /// The changes were streamed before the commit and wait in `weir.staged_changes`.
     pub staged: bool,
 }
-

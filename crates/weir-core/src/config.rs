@@ -348,9 +348,10 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = Config::from_toml("[source]\nslot = \"a\"\nslott = \"b\"\n", "weir.toml", env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::from_toml("[source]\nslot = \"a\"\nslott = \"b\"\n", "weir.toml", env(&[]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("weir.toml"), "{err}");
         assert!(err.contains("slott"), "{err}");
         assert!(err.contains("line 3"), "{err}");
@@ -358,9 +359,10 @@ mod tests {
 
     #[test]
     fn wrong_type_names_key_and_line() {
-        let err = Config::from_toml("[source]\nbatch_max_events = \"many\"\n", "weir.toml", env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::from_toml("[source]\nbatch_max_events = \"many\"\n", "weir.toml", env(&[]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("batch_max_events") || err.contains("integer"), "{err}");
     }
@@ -379,9 +381,10 @@ mod tests {
 
     #[test]
     fn bad_environment_value_names_the_variable() {
-        let err = Config::from_toml("", "weir.toml", env(&[("WEIR_SOURCE_BATCH_MAX_EVENTS", "lots")]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::from_toml("", "weir.toml", env(&[("WEIR_SOURCE_BATCH_MAX_EVENTS", "lots")]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("WEIR_SOURCE_BATCH_MAX_EVENTS"), "{err}");
         let err = Config::from_toml("", "weir.toml", env(&[("WEIR_SOURCE_SLOTT", "x")]))
             .unwrap_err()
@@ -392,11 +395,13 @@ mod tests {
     #[test]
     fn database_url_precedence() {
         let file = "[database]\nurl = \"postgres://file/db\"\n";
-        let c = Config::from_toml(file, "f", env(&[("DATABASE_URL", "postgres://env/db")])).unwrap();
+        let c =
+            Config::from_toml(file, "f", env(&[("DATABASE_URL", "postgres://env/db")])).unwrap();
         assert_eq!(c.database.url.unwrap().expose(), "postgres://file/db");
         let c = Config::from_toml("", "f", env(&[("DATABASE_URL", "postgres://env/db")])).unwrap();
         assert_eq!(c.database.url.unwrap().expose(), "postgres://env/db");
-        let c = Config::from_toml(file, "f", env(&[("WEIR_DATABASE_URL", "postgres://w/db")])).unwrap();
+        let c =
+            Config::from_toml(file, "f", env(&[("WEIR_DATABASE_URL", "postgres://w/db")])).unwrap();
         assert_eq!(c.database.url.unwrap().expose(), "postgres://w/db");
         let err = Config::from_toml("", "f", env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("database.url"), "{err}");

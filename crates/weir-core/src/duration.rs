@@ -4,7 +4,9 @@ use std::time::Duration;
 
 /// A duration string we cannot read.
 #[derive(Debug, thiserror::Error)]
-#[error("`{0}` is not a duration; write a number and a unit: ms, s, m, h or d (e.g. `500ms`, `7d`)")]
+#[error(
+    "`{0}` is not a duration; write a number and a unit: ms, s, m, h or d (e.g. `500ms`, `7d`)"
+)]
 pub struct DurationError(String);
 
 /// Parses `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
@@ -40,7 +42,9 @@ pub(crate) mod serde_duration {
         s.serialize_str(&text)
     }
 
-    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
         let s = <String as serde::Deserialize>::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
     }

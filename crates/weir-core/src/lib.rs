@@ -9,12 +9,13 @@ mod duration;
 mod event;
 mod lsn;
 
-pub use config::{
-    Config, ConfigError, DatabaseConfig, LogConfig, Secret, SourceConfig, StartFrom, DEFAULT_BATCH_MAX_EVENTS,
-    DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION, DEFAULT_SLOT,
-};
 pub use change::{Change, Transaction};
-pub use duration::{parse_duration, DurationError};
+pub use config::{
+    Config, ConfigError, DEFAULT_BATCH_MAX_EVENTS, DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE,
+    DEFAULT_PUBLICATION, DEFAULT_RETENTION, DEFAULT_SLOT, DatabaseConfig, LogConfig, Secret,
+    SourceConfig, StartFrom,
+};
+pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};
 pub use lsn::{Lsn, LsnParseError};
 

@@ -63,12 +63,11 @@ impl Appender {
             .bind(slot)
             .execute(&mut conn)
             .await?;
-        let (lsn, position): (String, i64) = sqlx::query_as(
-            "select lsn::text, position from weir.source_state where slot = $1",
-        )
-        .bind(slot)
-        .fetch_one(&mut conn)
-        .await?;
+        let (lsn, position): (String, i64) =
+            sqlx::query_as("select lsn::text, position from weir.source_state where slot = $1")
+                .bind(slot)
+                .fetch_one(&mut conn)
+                .await?;
         let lsn = lsn.parse().unwrap_or(Lsn::ZERO);
         let partition_upper = highest_partition_upper(&mut conn).await?;
         let (head, _) = watch::channel(position);
@@ -146,10 +145,8 @@ impl Appender {
             let lsn = t.commit_lsn.to_string();
             for c in &t.changes {
                 position += 1;
-                let relation_id = c
-                    .relation
-                    .as_ref()
-                    .map(|r| self.relations[&(Arc::as_ptr(r) as usize)].1);
+                let relation_id =
+                    c.relation.as_ref().map(|r| self.relations[&(Arc::as_ptr(r) as usize)].1);
                 encode_row(&mut self.buf, position, &lsn, t.xid, &ts, c, relation_id);
                 pending += 1;
             }

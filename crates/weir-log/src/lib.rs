@@ -28,10 +28,10 @@ pub mod schema;
 mod wake;
 
 pub use append::{Appender, SourceState};
-pub use weir_core::{Change, Transaction};
 pub use read::{EventFilter, LogReader};
-pub use retention::{enforce_retention, RetentionReport};
-pub use wake::{listen_for_appends, Wake, NOTIFY_CHANNEL};
+pub use retention::{RetentionReport, enforce_retention};
+pub use wake::{NOTIFY_CHANNEL, Wake, listen_for_appends};
+pub use weir_core::{Change, Transaction};
 
 /// What can go wrong talking to the log.
 #[derive(Debug, thiserror::Error)]
@@ -59,5 +59,8 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
 }
 
 /// The log's own numbered migrations.
-pub const MIGRATIONS: &[schema::Migration] =
-    &[schema::Migration { version: 1, name: "log", sql: include_str!("../migrations/0001_log.sql") }];
+pub const MIGRATIONS: &[schema::Migration] = &[schema::Migration {
+    version: 1,
+    name: "log",
+    sql: include_str!("../migrations/0001_log.sql"),
+}];

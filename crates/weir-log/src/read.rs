@@ -22,7 +22,7 @@ pub struct EventFilter {
 impl EventFilter {
     /// Matches `event`?
     pub fn matches(&self, event: &Event) -> bool {
-        (self.entities.is_empty() || self.entities.iter().any(|e| *e == event.entity))
+        (self.entities.is_empty() || self.entities.contains(&event.entity))
             && (self.kinds.is_empty() || self.kinds.contains(&event.kind))
     }
 }
@@ -42,7 +42,12 @@ impl LogReader {
     }
 
     /// Up to `limit` events with a position greater than `after`, in order.
-    pub async fn read(&self, after: Position, limit: i64, filter: &EventFilter) -> Result<Vec<Event>> {
+    pub async fn read(
+        &self,
+        after: Position,
+        limit: i64,
+        filter: &EventFilter,
+    ) -> Result<Vec<Event>> {
         let entities: Option<Vec<String>> =
             (!filter.entities.is_empty()).then(|| filter.entities.clone());
         let kinds: Option<Vec<String>> = (!filter.kinds.is_empty())
@@ -78,7 +83,9 @@ impl LogReader {
 
     /// The oldest position still retained, if any.
     pub async fn oldest(&self) -> Result<Option<Position>> {
-        Ok(sqlx::query_scalar("select min(position) from weir.events").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("select min(position) from weir.events")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     fn event_from_row(&self, row: &sqlx::postgres::PgRow) -> Result<Event> {

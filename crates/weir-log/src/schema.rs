@@ -19,7 +19,11 @@ pub struct Migration {
 
 /// Applies the migrations of `component` that are not applied yet, each in order, all in one
 /// transaction.
-pub async fn migrate(pool: &PgPool, component: &str, migrations: &[Migration]) -> crate::Result<()> {
+pub async fn migrate(
+    pool: &PgPool,
+    component: &str,
+    migrations: &[Migration],
+) -> crate::Result<()> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     // Serialise concurrent `weir init`/`weir run` so two processes never race on DDL.

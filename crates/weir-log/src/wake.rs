@@ -40,7 +40,10 @@ impl Wake {
 
 /// Listens for `NOTIFY weir_events` on `pool`'s database and feeds a [`Wake`]. Reconnects on
 /// error; reads the head from `weir.source_state` after each (re)connect so nothing is missed.
-pub fn listen_for_appends(pool: PgPool, cancel: CancellationToken) -> (Wake, tokio::task::JoinHandle<()>) {
+pub fn listen_for_appends(
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> (Wake, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(0);
     let task = tokio::spawn(async move {
         loop {

@@ -38,7 +38,13 @@ fn insert(rel: &Arc<Source>, id: i64, title: &str) -> Change {
 }
 
 fn txn(lsn: u64, changes: Vec<Change>) -> Transaction {
-    Transaction { xid: lsn as u32, commit_lsn: Lsn(lsn), commit_ts: chrono::Utc::now(), changes, staged: false }
+    Transaction {
+        xid: lsn as u32,
+        commit_lsn: Lsn(lsn),
+        commit_ts: chrono::Utc::now(),
+        changes,
+        staged: false,
+    }
 }
 
 #[tokio::test]
@@ -85,11 +91,13 @@ async fn appends_in_order_and_skips_what_is_already_stored() {
         .map(|e| e.position)
         .collect();
     assert_eq!(only, vec![2, 3]);
-    assert!(reader
-        .read(0, 10, &EventFilter { entities: vec!["comments".into()], kinds: vec![] })
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        reader
+            .read(0, 10, &EventFilter { entities: vec!["comments".into()], kinds: vec![] })
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]

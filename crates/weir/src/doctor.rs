@@ -85,12 +85,15 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         check(
             "server version",
             Verdict::Fail,
-            format!("PostgreSQL {version}; weir needs 14 or later (streaming of large transactions)"),
+            format!(
+                "PostgreSQL {version}; weir needs 14 or later (streaming of large transactions)"
+            ),
             Some("upgrade PostgreSQL to 14 or later".into()),
         )
     });
 
-    let level: String = sqlx::query_scalar("select current_setting('wal_level')").fetch_one(pool).await?;
+    let level: String =
+        sqlx::query_scalar("select current_setting('wal_level')").fetch_one(pool).await?;
     out.push(if level == "logical" {
         check("wal_level", Verdict::Ok, "logical", None)
     } else {
@@ -108,11 +111,12 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
     )
     .fetch_one(pool)
     .await?;
-    let slot_exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_replication_slots where slot_name = $1)")
-            .bind(&src.slot)
-            .fetch_one(pool)
-            .await?;
+    let slot_exists: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_replication_slots where slot_name = $1)",
+    )
+    .bind(&src.slot)
+    .fetch_one(pool)
+    .await?;
     let needed = used + i64::from(!slot_exists);
     out.push(if i64::from(slots) >= needed.max(1) && senders >= 1 {
         check(
@@ -150,12 +154,11 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         )
     });
 
-    let migrated: bool = sqlx::query_scalar(
-        "select exists (select 1 from weir.migrations where component = 'log')",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap_or(false);
+    let migrated: bool =
+        sqlx::query_scalar("select exists (select 1 from weir.migrations where component = 'log')")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(false);
     out.push(if migrated {
         check("weir schema", Verdict::Ok, "installed", None)
     } else {
@@ -179,7 +182,10 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
             "publication",
             Verdict::Warn,
             format!("`{}` covers no table yet", src.publication),
-            Some("create the tables to watch (or list them in `source.tables`) and run `weir init`".into()),
+            Some(
+                "create the tables to watch (or list them in `source.tables`) and run `weir init`"
+                    .into(),
+            ),
         ),
         (true, false) => check(
             "publication",
@@ -189,7 +195,7 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         ),
     });
 
-    let slot: Option<(String, bool, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+    let slot: Option<SlotRow> = sqlx::query_as(
         "select plugin::text, active, wal_status,
                 (pg_current_wal_lsn() - restart_lsn)::bigint,
                 confirmed_flush_lsn::text
@@ -242,7 +248,8 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
     });
 
     // Each watched table's replica identity.
-    let watched: Vec<String> = if src.tables.is_empty() { tables.clone() } else { src.tables.clone() };
+    let watched: Vec<String> =
+        if src.tables.is_empty() { tables.clone() } else { src.tables.clone() };
     for t in watched {
         let (schema, table) = split_table(&t);
         let row: Option<(String, bool)> = sqlx::query_as(
@@ -278,6 +285,9 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
     }
     Ok(out)
 }
+
+/// plugin, active, wal_status, retained bytes, confirmed LSN.
+type SlotRow = (String, bool, Option<String>, Option<i64>, Option<String>);
 
 /// `1.5 MiB`.
 pub fn human_bytes(n: i64) -> String {

@@ -11,7 +11,9 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] weir_core::ConfigError),
     /// The server could not be reached or refused the login.
-    #[error("cannot connect to {target}: {source}; is the server running and is `database.url` (or DATABASE_URL / PG* variables) right?")]
+    #[error(
+        "cannot connect to {target}: {source}; is the server running and is `database.url` (or DATABASE_URL / PG* variables) right?"
+    )]
     Connect {
         /// host:port/database, without credentials.
         target: String,
@@ -52,12 +54,18 @@ impl Error {
 /// missing objects, permissions) is not. Classified by SQLSTATE class.
 pub(crate) fn is_transient_sql(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
         sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // 08 connection exception, 57P admin shutdown / crash, 53 resources, 40 rollbacks.
-            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code.starts_with("40")
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code.starts_with("40")
         }
         _ => false,
     }

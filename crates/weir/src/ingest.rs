@@ -37,8 +37,15 @@ use crate::{Error, Result, db, fault};
 #[derive(Debug)]
 enum Item {
     Commit(Transaction),
-    Stage { xid: u32, first_seq: i64, changes: Vec<(u32, weir_core::Change)> },
-    Abort { xid: u32, subxid: Option<u32> },
+    Stage {
+        xid: u32,
+        first_seq: i64,
+        changes: Vec<(u32, weir_core::Change)>,
+    },
+    Abort {
+        xid: u32,
+        subxid: Option<u32>,
+    },
     /// Every transaction committed at or below this LSN has been queued before this item.
     Idle(Lsn),
 }
@@ -46,8 +53,7 @@ enum Item {
 /// How many items may wait between reader and writer.
 const CHANNEL: usize = 16;
 /// First reconnect delay, multiplier and cap.
-const BACKOFF: (Duration, u32, Duration) =
-    (Duration::from_millis(500), 2, Duration::from_secs(10));
+const BACKOFF: (Duration, u32, Duration) = (Duration::from_millis(500), 2, Duration::from_secs(10));
 /// Least time between two status updates to the server.
 const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 /// How often a standby tries the lease.
@@ -97,7 +103,10 @@ fn holder() -> String {
 
 /// Takes the slot's lease: a session advisory lock on a dedicated connection, held for the
 /// whole session. Returns `None` when cancelled while waiting.
-async fn acquire_lease(config: &Config, cancel: &CancellationToken) -> Result<Option<PgConnection>> {
+async fn acquire_lease(
+    config: &Config,
+    cancel: &CancellationToken,
+) -> Result<Option<PgConnection>> {
     let options = db::connect_options(config)?;
     let target = db::describe(&options);
     let mut conn = PgConnection::connect_with(&options)
@@ -105,11 +114,12 @@ async fn acquire_lease(config: &Config, cancel: &CancellationToken) -> Result<Op
         .map_err(|source| Error::Connect { target, source })?;
     let mut announced = false;
     loop {
-        let got: bool =
-            sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.source'), hashtext($1))")
-                .bind(&config.source.slot)
-                .fetch_one(&mut conn)
-                .await?;
+        let got: bool = sqlx::query_scalar(
+            "select pg_try_advisory_lock(hashtext('weir.source'), hashtext($1))",
+        )
+        .bind(&config.source.slot)
+        .fetch_one(&mut conn)
+        .await?;
         if got {
             return Ok(Some(conn));
         }

@@ -35,7 +35,8 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
 }
 
 pub(crate) async fn require_logical(pool: &PgPool) -> Result<()> {
-    let level: String = sqlx::query_scalar("select current_setting('wal_level')").fetch_one(pool).await?;
+    let level: String =
+        sqlx::query_scalar("select current_setting('wal_level')").fetch_one(pool).await?;
     if level != "logical" {
         return Err(Error::Setup(format!(
             "wal_level is `{level}`, weir needs `logical`: run `alter system set wal_level = logical;` \
@@ -117,12 +118,14 @@ async fn ensure_publication(pool: &PgPool, config: &Config) -> Result<bool> {
         format!("create publication {name} for {target}")
     };
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => Error::Setup(format!(
-            "the role may not create or change publication `{}` ({}); run `weir init` as the \
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
+            Error::Setup(format!(
+                "the role may not create or change publication `{}` ({}); run `weir init` as the \
              owner of the watched tables or a superuser",
-            source.publication,
-            db.message()
-        )),
+                source.publication,
+                db.message()
+            ))
+        }
         _ => Error::Database(e),
     })?;
     Ok(!exists)
@@ -164,16 +167,20 @@ async fn ensure_slot(pool: &PgPool, slot: &str) -> Result<bool> {
         .execute(pool)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Error::Setup(format!(
-                "the role may not create replication slots ({}); grant it with `alter role \
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => {
+                Error::Setup(format!(
+                    "the role may not create replication slots ({}); grant it with `alter role \
                  <role> replication`",
-                d.message()
-            )),
-            sqlx::Error::Database(d) if d.code().as_deref() == Some("53400") => Error::Setup(format!(
-                "no free replication slot ({}); raise max_replication_slots in postgresql.conf \
+                    d.message()
+                ))
+            }
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("53400") => {
+                Error::Setup(format!(
+                    "no free replication slot ({}); raise max_replication_slots in postgresql.conf \
                  and restart PostgreSQL",
-                d.message()
-            )),
+                    d.message()
+                ))
+            }
             _ => Error::Database(e),
         })?;
     Ok(true)

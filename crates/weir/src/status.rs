@@ -41,7 +41,7 @@ pub async fn source_status(pool: &PgPool, config: &Config) -> Result<SourceStatu
     .bind(slot)
     .fetch_one(pool)
     .await?;
-    let row: Option<(i64, String, Option<String>, Option<f64>, Option<i64>)> = sqlx::query_as(
+    let row: Option<StateRow> = sqlx::query_as(
         "select position, lsn::text, holder, extract(epoch from now() - heartbeat_at)::float8, behind_ms
          from weir.source_state where slot = $1",
     )
@@ -68,3 +68,6 @@ pub async fn source_status(pool: &PgPool, config: &Config) -> Result<SourceStatu
         heartbeat_age_seconds: age,
     })
 }
+
+/// position, lsn, holder, heartbeat age, behind_ms.
+type StateRow = (i64, String, Option<String>, Option<f64>, Option<i64>);

@@ -35,7 +35,8 @@ impl Harness {
     fn start(&mut self) {
         self.cancel = CancellationToken::new();
         let (config, pool, cancel) = (self.config.clone(), self.pool.clone(), self.cancel.clone());
-        self.ingest = Some(tokio::spawn(async move { weir::ingest::run(&config, &pool, cancel).await }));
+        self.ingest =
+            Some(tokio::spawn(async move { weir::ingest::run(&config, &pool, cancel).await }));
     }
 
     async fn stop(&mut self) {
@@ -64,7 +65,11 @@ impl Harness {
             if let Some(h) = &self.ingest {
                 assert!(!h.is_finished(), "ingestion stopped early");
             }
-            assert!(Instant::now() < deadline, "only {} of {n} events after {timeout:?}", self.head().await);
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} events after {timeout:?}",
+                self.head().await
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.events().await
@@ -74,7 +79,10 @@ impl Harness {
         let reader = LogReader::new(self.pool.clone()).await.unwrap();
         let mut all = Vec::new();
         loop {
-            let page = reader.read(all.last().map_or(0, |e: &Event| e.position), 10_000, &EventFilter::default()).await.unwrap();
+            let page = reader
+                .read(all.last().map_or(0, |e: &Event| e.position), 10_000, &EventFilter::default())
+                .await
+                .unwrap();
             if page.is_empty() {
                 return all;
             }
@@ -245,7 +253,8 @@ async fn truncate_and_logical_messages() {
 async fn streamed_transactions_commit_roll_back_and_roll_back_savepoints() {
     let db = weir_testkit::shared().database("streamed").unwrap();
     // The smallest decoding memory makes PostgreSQL stream these transactions before commit.
-    db.psql(&format!("alter database \"{}\" set logical_decoding_work_mem = '64kB'", db.name())).unwrap();
+    db.psql(&format!("alter database \"{}\" set logical_decoding_work_mem = '64kB'", db.name()))
+        .unwrap();
     let mut h = Harness::new(&db.url(), "create table s (id int primary key, pad text);").await;
     h.start();
     h.exec("insert into s values (0, 'before')").await;
@@ -270,7 +279,10 @@ async fn streamed_transactions_commit_roll_back_and_roll_back_savepoints() {
     want.extend(1..=6000);
     want.push(-1);
     assert_eq!(ids, want, "WAL order inside the streamed transaction");
-    let staged: i64 = sqlx::query_scalar("select count(*) from weir.staged_changes").fetch_one(&h.pool).await.unwrap();
+    let staged: i64 = sqlx::query_scalar("select count(*) from weir.staged_changes")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
     assert_eq!(staged, 0);
     h.stop().await;
 }
@@ -294,12 +306,11 @@ async fn a_million_row_transaction_is_streamed_and_logged_whole() {
     .await
     .unwrap();
     assert_eq!((n, lo, hi, distinct_lsn), (1_000_000, 1, 1_000_000, 1));
-    let in_order: bool = sqlx::query_scalar(
-        "select bool_and((key->>'id')::int = position) from weir.events",
-    )
-    .fetch_one(&h.pool)
-    .await
-    .unwrap();
+    let in_order: bool =
+        sqlx::query_scalar("select bool_and((key->>'id')::int = position) from weir.events")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
     assert!(in_order, "changes keep WAL order");
     h.stop().await;
 }
@@ -318,18 +329,24 @@ async fn survives_postgres_restarts_mid_stream() {
             let mut id = 0;
             let deadline = Instant::now() + Duration::from_secs(120);
             while written < 3000 && Instant::now() < deadline {
-                let Ok(mut conn) = sqlx::PgConnection::connect_with(&url.parse().unwrap()).await else {
+                let Ok(mut conn) = sqlx::PgConnection::connect_with(&url.parse().unwrap()).await
+                else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 use sqlx::Connection as _;
                 loop {
-                    let r = sqlx::query("insert into r values ($1)").bind(id + 1).execute(&mut conn).await;
+                    let r = sqlx::query("insert into r values ($1)")
+                        .bind(id + 1)
+                        .execute(&mut conn)
+                        .await;
                     match r {
                         Ok(_) => {
                             id += 1;
                             written += 1;
-                            if written >= 3000 { break; }
+                            if written >= 3000 {
+                                break;
+                            }
                         }
                         Err(_) => break,
                     }
