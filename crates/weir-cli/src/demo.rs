@@ -56,7 +56,9 @@ pub(crate) async fn dev(dir: &Path) -> anyhow::Result<()> {
 
 /// `weir demo`.
 pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
-    println!("weir demo: starting a private PostgreSQL (wal_level=logical) from the installed server binaries…");
+    println!(
+        "weir demo: starting a private PostgreSQL (wal_level=logical) from the installed server binaries…"
+    );
     let cluster = tokio::task::spawn_blocking(|| Cluster::start_temp(Options::default())).await??;
     cluster.psql("postgres", "create database weir_demo")?;
     let url = cluster.url("weir_demo");
@@ -70,7 +72,9 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
     println!("  database   {url}");
     println!("  watching   {} (publication `weir`, slot `weir`)", report.tables.join(", "));
     println!();
-    println!("writing posts and comments for {seconds} s; each line is an event arriving in weir.events:");
+    println!(
+        "writing posts and comments for {seconds} s; each line is an event arriving in weir.events:"
+    );
     println!();
 
     let cancel = CancellationToken::new();
@@ -89,15 +93,22 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
     loop {
         let events = reader.read(after, 500, &EventFilter::default()).await?;
         for e in &events {
-            let delay = (chrono::Utc::now() - e.commit_ts).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            let delay =
+                (chrono::Utc::now() - e.commit_ts).num_microseconds().unwrap_or(0) as f64 / 1000.0;
             delays.push(delay);
-            let record = e.new_record.as_ref().or(e.old_record.as_ref()).cloned().unwrap_or_default();
+            let record =
+                e.new_record.as_ref().or(e.old_record.as_ref()).cloned().unwrap_or_default();
             let mut shown = serde_json::to_string(&record)?;
             if shown.len() > 70 {
                 shown.truncate(67);
                 shown.push_str("...");
             }
-            println!("  #{:<4} {:<7} {:<9} {shown}  (+{delay:.1} ms)", e.position, e.kind.as_str(), e.entity);
+            println!(
+                "  #{:<4} {:<7} {:<9} {shown}  (+{delay:.1} ms)",
+                e.position,
+                e.kind.as_str(),
+                e.entity
+            );
             after = e.position;
         }
         if expected.is_none() && writer.is_finished() {
@@ -109,7 +120,9 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
                 break;
             }
             if writes_done_at.is_some_and(|t| t.elapsed() > deadline_after_writes) {
-                anyhow::bail!("only {after} of {n} changes reached the log within 15 s of the last write");
+                anyhow::bail!(
+                    "only {after} of {n} changes reached the log within 15 s of the last write"
+                );
             }
         }
         if ingest.is_finished() {
@@ -137,7 +150,9 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
         pct(0.5),
         pct(0.99)
     );
-    println!("The slot was acknowledged only after each batch committed to the log; stopping the demo removes its database.");
+    println!(
+        "The slot was acknowledged only after each batch committed to the log; stopping the demo removes its database."
+    );
     pool.close().await;
     drop(cluster);
     Ok(())
@@ -152,14 +167,22 @@ async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<i64> 
     while start.elapsed() < duration {
         let (pick, n_comments, roll) = {
             let mut rng = rand::rng();
-            (rng.random_range(0..100usize), rng.random_range(1..=3usize), rng.random_range(0..10u32))
+            (
+                rng.random_range(0..100usize),
+                rng.random_range(1..=3usize),
+                rng.random_range(0..10u32),
+            )
         };
         let mut tx = pool.begin().await?;
-        let id: i32 = sqlx::query_scalar("insert into posts (title, body) values ($1, $2) returning id")
-            .bind(format!("Post about {}", ["weirs", "rivers", "WAL", "locks", "queues"][pick % 5]))
-            .bind("A body long enough to look like a post.")
-            .fetch_one(&mut *tx)
-            .await?;
+        let id: i32 =
+            sqlx::query_scalar("insert into posts (title, body) values ($1, $2) returning id")
+                .bind(format!(
+                    "Post about {}",
+                    ["weirs", "rivers", "WAL", "locks", "queues"][pick % 5]
+                ))
+                .bind("A body long enough to look like a post.")
+                .fetch_one(&mut *tx)
+                .await?;
         changes += 1;
         posts.push(id);
         for i in 0..n_comments {
@@ -177,10 +200,12 @@ async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<i64> 
         tx.commit().await?;
         if roll < 5 {
             let target = posts[pick % posts.len()];
-            sqlx::query("update posts set title = title || ' (edited)', updated_at = now() where id = $1")
-                .bind(target)
-                .execute(&pool)
-                .await?;
+            sqlx::query(
+                "update posts set title = title || ' (edited)', updated_at = now() where id = $1",
+            )
+            .bind(target)
+            .execute(&pool)
+            .await?;
             changes += 1;
         }
         if roll < 2 && !comments.is_empty() {

@@ -36,7 +36,10 @@ fn spawn(mut cmd: Command) -> Proc {
 
 fn output(mut cmd: Command) -> (bool, String) {
     let Output { status, stdout, stderr } = cmd.output().unwrap();
-    (status.success(), format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)))
+    (
+        status.success(),
+        format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)),
+    )
 }
 
 fn sigkill(p: &Proc) {
@@ -102,7 +105,8 @@ async fn crash_before_and_after_the_append_loses_and_duplicates_nothing() {
     for (fault, n) in [("before_append", 1), ("after_append", 2)] {
         let (db, pool) = setup(fault).await;
         insert(&pool, 1, 50).await;
-        let written: String = sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&pool).await.unwrap();
+        let written: String =
+            sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&pool).await.unwrap();
         let mut cmd = weir(&db, &["run"]);
         cmd.env("WEIR_FAULT", fault);
         let (ok, out) = output(cmd);
@@ -145,7 +149,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
             for i in 0..60 {
                 let mut tx = pool.begin().await.unwrap();
                 for j in 0..20 {
-                    sqlx::query("insert into t values ($1, 'x')").bind(i * 20 + j).execute(&mut *tx).await.unwrap();
+                    sqlx::query("insert into t values ($1, 'x')")
+                        .bind(i * 20 + j)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
                 }
                 tx.commit().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(15)).await;
@@ -176,7 +184,8 @@ async fn a_standby_takes_over_within_five_seconds() {
     insert(&pool, 1, 10).await;
     wait_head(&pool, 10, Duration::from_secs(20)).await;
     let holder = wait_holder(&pool, db.name(), None).await;
-    let (leader, standby) = if holder.ends_with(&format!(":{}", a.0.id())) { (a, b) } else { (b, a) };
+    let (leader, standby) =
+        if holder.ends_with(&format!(":{}", a.0.id())) { (a, b) } else { (b, a) };
     sigkill(&leader);
     let killed = Instant::now();
     drop(leader);
@@ -212,7 +221,11 @@ async fn wait_holder(pool: &PgPool, slot: &str, not: Option<&str>) -> String {
 #[tokio::test]
 async fn a_dropped_slot_or_publication_stops_weir_with_a_clear_error() {
     let (db, pool) = setup("dropped").await;
-    sqlx::query("select pg_drop_replication_slot($1)").bind(db.name()).execute(&pool).await.unwrap();
+    sqlx::query("select pg_drop_replication_slot($1)")
+        .bind(db.name())
+        .execute(&pool)
+        .await
+        .unwrap();
     let (ok, out) = output(weir(&db, &["run"]));
     assert!(!ok);
     assert!(out.contains("does not exist") && out.contains("weir init"), "{out}");
@@ -222,7 +235,10 @@ async fn a_dropped_slot_or_publication_stops_weir_with_a_clear_error() {
     insert(&pool, 1, 1).await;
     let (ok, out) = output(weir(&db, &["run"]));
     assert!(!ok);
-    assert!(out.contains("publication `weir` does not exist") && out.contains("weir init"), "{out}");
+    assert!(
+        out.contains("publication `weir` does not exist") && out.contains("weir init"),
+        "{out}"
+    );
     drop(db);
 }
 
@@ -245,7 +261,8 @@ async fn bad_configuration_and_urls_give_one_clear_line() {
     assert!(!ok);
     assert!(out.contains("database.url"), "{out}");
 
-    let (ok, out) = output(weir(&db, &["init", "--database-url", "postgres://127.0.0.1:1/nowhere"]));
+    let (ok, out) =
+        output(weir(&db, &["init", "--database-url", "postgres://127.0.0.1:1/nowhere"]));
     assert!(!ok);
     assert!(out.contains("cannot connect to 127.0.0.1:1/nowhere"), "{out}");
     assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
@@ -265,7 +282,10 @@ async fn a_role_without_replication_is_told_how_to_fix_it() {
         c
     });
     assert!(!ok);
-    assert!(out.contains("may not create replication slots") && out.contains("replication`"), "{out}");
+    assert!(
+        out.contains("may not create replication slots") && out.contains("replication`"),
+        "{out}"
+    );
     let (ok, out) = output({
         let mut c = weir(&db, &["doctor"]);
         c.env("DATABASE_URL", &url);
@@ -287,7 +307,11 @@ async fn a_server_without_logical_wal_is_refused_with_the_fix() {
     let db = cluster.database("nolog").unwrap();
     let (ok, out) = output(weir(&db, &["init"]));
     assert!(!ok);
-    assert!(out.contains("wal_level is `replica`") && out.contains("alter system set wal_level = logical"), "{out}");
+    assert!(
+        out.contains("wal_level is `replica`")
+            && out.contains("alter system set wal_level = logical"),
+        "{out}"
+    );
     let (ok, out) = output(weir(&db, &["doctor"]));
     assert!(!ok, "{out}");
     assert!(out.contains("[FAIL] wal_level"), "{out}");
@@ -309,7 +333,8 @@ async fn doctor_passes_on_a_healthy_setup_and_status_reports() {
     assert_eq!(s["position"], 5);
     let (ok, out) = output(weir(&db, &["tail", "--from", "0", "--limit", "2", "--entity", "t"]));
     assert!(ok, "{out}");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["position"], 2);
     sigterm(&mut run);

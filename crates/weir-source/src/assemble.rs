@@ -139,10 +139,8 @@ impl Assembler {
     /// Relation message flags every column). Unknown names are ignored.
     pub fn set_primary_key(&mut self, relation_id: u32, columns: &[String]) {
         if let Some(rel) = self.relations.get_mut(&relation_id) {
-            let idx: Vec<usize> = columns
-                .iter()
-                .filter_map(|c| rel.names.iter().position(|n| n == c))
-                .collect();
+            let idx: Vec<usize> =
+                columns.iter().filter_map(|c| rel.names.iter().position(|n| n == c)).collect();
             if !idx.is_empty() {
                 rel.key_idx = idx;
             }
@@ -156,7 +154,9 @@ impl Assembler {
         match decoded.message {
             Message::Begin { xid, .. } => {
                 if self.open.is_some() {
-                    return Err(AssembleError::Sequence(format!("Begin of {xid} inside an open transaction")));
+                    return Err(AssembleError::Sequence(format!(
+                        "Begin of {xid} inside an open transaction"
+                    )));
                 }
                 self.open = Some(OpenTxn { xid, changes: Vec::new() });
             }
@@ -175,13 +175,20 @@ impl Assembler {
             }
             Message::Origin { .. } => {}
             Message::Relation(r) => {
-                let schema = if r.namespace.is_empty() { "pg_catalog".to_string() } else { r.namespace };
+                let schema =
+                    if r.namespace.is_empty() { "pg_catalog".to_string() } else { r.namespace };
                 let mut columns = Map::new();
                 for c in &r.columns {
                     columns.insert(c.name.clone(), Value::String(self.types.type_name(c.type_oid)));
                 }
                 let full = r.replica_identity == b'f';
-                let key_idx = r.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+                let key_idx = r
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.is_key)
+                    .map(|(i, _)| i)
+                    .collect();
                 let info = RelInfo {
                     entity: Event::entity_name(&schema, &r.name),
                     source: Arc::new(Source {
@@ -228,7 +235,9 @@ impl Assembler {
                 let (record, toast) = self.record(rel, &new, old_full.as_ref());
                 let old_record = match &old {
                     Some(OldTuple::Full(_)) => old_full.clone().map(Value::Object),
-                    Some(OldTuple::Key(values)) => Some(Value::Object(self.key_record(rel, values))),
+                    Some(OldTuple::Key(values)) => {
+                        Some(Value::Object(self.key_record(rel, values)))
+                    }
                     None => Some(key_of(rel, &record)),
                 };
                 let changes = old_full.as_ref().map(|old| {
@@ -236,7 +245,10 @@ impl Assembler {
                     for (name, new_value) in &record {
                         let old_value = old.get(name).cloned().unwrap_or(Value::Null);
                         if &old_value != new_value {
-                            diff.insert(name.clone(), json!({"old_value": old_value, "new_value": new_value}));
+                            diff.insert(
+                                name.clone(),
+                                json!({"old_value": old_value, "new_value": new_value}),
+                            );
                         }
                     }
                     Value::Object(diff)
@@ -292,13 +304,19 @@ impl Assembler {
             }
             Message::Message { transactional, lsn, prefix, content } => {
                 let ours = prefix == self.message_prefix
-                    || prefix.strip_prefix(&self.message_prefix).is_some_and(|r| r.starts_with('.'));
+                    || prefix
+                        .strip_prefix(&self.message_prefix)
+                        .is_some_and(|r| r.starts_with('.'));
                 if !ours {
                     return Ok(());
                 }
                 let content = match std::str::from_utf8(&content) {
-                    Ok(text) => json!({"prefix": prefix, "content": text, "transactional": transactional}),
-                    Err(_) => json!({"prefix": prefix, "content_hex": hex(&content), "transactional": transactional}),
+                    Ok(text) => {
+                        json!({"prefix": prefix, "content": text, "transactional": transactional})
+                    }
+                    Err(_) => {
+                        json!({"prefix": prefix, "content_hex": hex(&content), "transactional": transactional})
+                    }
                 };
                 let change = Change {
                     kind: Kind::Message,
@@ -357,7 +375,12 @@ impl Assembler {
         Ok(())
     }
 
-    fn emit(&mut self, subxid: Option<u32>, change: Change, out: &mut Vec<Output>) -> Result<(), AssembleError> {
+    fn emit(
+        &mut self,
+        subxid: Option<u32>,
+        change: Change,
+        out: &mut Vec<Output>,
+    ) -> Result<(), AssembleError> {
         if let Some(xid) = self.stream_xid {
             self.pending.push((subxid.unwrap_or(xid), change));
             if self.pending.len() >= STAGE_CHUNK {
@@ -389,14 +412,21 @@ impl Assembler {
     }
 
     fn relation(&self, id: u32) -> Result<&RelInfo, AssembleError> {
-        self.relations
-            .get(&id)
-            .ok_or_else(|| AssembleError::Sequence(format!("a change for relation {id} before its Relation message")))
+        self.relations.get(&id).ok_or_else(|| {
+            AssembleError::Sequence(format!(
+                "a change for relation {id} before its Relation message"
+            ))
+        })
     }
 
     /// The record of a tuple; unchanged TOAST columns are filled from `old` when known, else left
     /// out and returned by name.
-    fn record(&self, rel: &RelInfo, values: &[ColumnValue], old: Option<&Map<String, Value>>) -> (Map<String, Value>, Vec<String>) {
+    fn record(
+        &self,
+        rel: &RelInfo,
+        values: &[ColumnValue],
+        old: Option<&Map<String, Value>>,
+    ) -> (Map<String, Value>, Vec<String>) {
         let mut record = Map::new();
         let mut toast = Vec::new();
         for (i, value) in values.iter().enumerate() {

@@ -62,8 +62,10 @@ pub enum StreamError {
         detail: String,
     },
     /// Authentication or permission problems: retrying will not help.
-    #[error("the replication connection was refused: {0}; the role needs the REPLICATION \
-             attribute (`alter role … replication`) and a pg_hba.conf entry for replication")]
+    #[error(
+        "the replication connection was refused: {0}; the role needs the REPLICATION \
+             attribute (`alter role … replication`) and a pg_hba.conf entry for replication"
+    )]
     Refused(String),
     /// The connection failed or dropped; retry with backoff.
     #[error("replication connection lost: {0}")]
@@ -150,13 +152,20 @@ fn sqlstate(msg: &str) -> Option<&str> {
 impl ReplicationStream {
     /// Connects and starts streaming from `start` (the slot's confirmed position when `start`
     /// is lower).
-    pub async fn start(conninfo: &str, options: StreamOptions, start: Lsn) -> Result<Self, StreamError> {
+    pub async fn start(
+        conninfo: &str,
+        options: StreamOptions,
+        start: Lsn,
+    ) -> Result<Self, StreamError> {
         let mut conn = PgReplicationConnection::connect_async(conninfo)
             .await
             .map_err(|e| classify(e, &options))?;
         let version = conn.server_version();
         let protocol = if version >= 160_000 { 4 } else { 2 };
-        let options = StreamOptions { protocol_version: protocol.min(options.protocol_version.max(2)), ..options };
+        let options = StreamOptions {
+            protocol_version: protocol.min(options.protocol_version.max(2)),
+            ..options
+        };
         let proto = options.protocol_version.to_string();
         let publication = format!("\"{}\"", options.publication.replace('"', "\"\""));
         let opts: Vec<(&str, &str)> = vec![
@@ -259,7 +268,10 @@ mod tests {
 
     #[test]
     fn reads_sqlstate_from_messages() {
-        assert_eq!(sqlstate("Replication slot error: [42704] replication slot \"x\" does not exist"), Some("42704"));
+        assert_eq!(
+            sqlstate("Replication slot error: [42704] replication slot \"x\" does not exist"),
+            Some("42704")
+        );
         assert_eq!(sqlstate("no code"), None);
     }
 

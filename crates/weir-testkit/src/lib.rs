@@ -146,8 +146,7 @@ impl Cluster {
             // The postgres user must own the directory that holds the data directory.
             run(Command::new("chown").arg("postgres:postgres").arg(&parent))?;
         }
-        let mut cluster =
-            Self { bin, data, port, options, _temp: temp, watchdog: None };
+        let mut cluster = Self { bin, data, port, options, _temp: temp, watchdog: None };
         if !cluster.data.join("PG_VERSION").exists() {
             cluster.initdb()?;
         }
@@ -184,11 +183,14 @@ impl Cluster {
         let opts: Vec<String> = settings.iter().map(|(k, v)| format!("-c {k}={v}")).collect();
         let log = self.log_path();
         let mut cmd = self.server_command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "60", "-o", &opts.join(" "), "start"]);
+        cmd.arg("-D").arg(&self.data).arg("-l").arg(&log).args([
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &opts.join(" "),
+            "start",
+        ]);
         run(&mut cmd).map_err(|e| self.with_log_tail(e))
     }
 
@@ -236,10 +238,7 @@ impl Cluster {
     fn prefix_command(&self, program: &str) -> String {
         let path = self.bin.join(program);
         if as_root() {
-            format!(
-                "setpriv --reuid=postgres --regid=postgres --init-groups '{}'",
-                path.display()
-            )
+            format!("setpriv --reuid=postgres --regid=postgres --init-groups '{}'", path.display())
         } else {
             format!("'{}'", path.display())
         }
