@@ -62,6 +62,151 @@ pub struct Config {
     pub source: SourceConfig,
     /// `[log]`: the event log.
     pub log: LogConfig,
+    /// `[consumers]`: defaults for every consumer (operators).
+    pub consumers: ConsumersConfig,
+    /// `[[operators]]`: declarative SQL operators.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<OperatorConfig>,
+}
+
+/// Event ordering of a consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// One lane: an event waits until the previous one is handled (EventStreamex).
+    Global,
+    /// `lanes` lanes; events go to `hash(key) % lanes`, each lane in order.
+    #[default]
+    PerKey,
+}
+
+/// What happens when an event's retries run out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// The consumer stops at the event until `weir resume`.
+    #[default]
+    Halt,
+    /// Record the failure and go on.
+    Skip,
+    /// Set the event and later events of its key aside; other keys go on.
+    Park,
+}
+
+/// Retry policy (EventStreamex's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First wait after a failure. Defaults to `500ms`.
+    #[serde(with = "serde_duration")]
+    pub min_restart_time: Duration,
+    /// Each wait is the previous one times this. Defaults to 2.
+    pub backoff_multiplicator: f64,
+    /// Longest wait. Defaults to `10s`.
+    #[serde(with = "serde_duration")]
+    pub max_restart_time: Duration,
+    /// Retries after the first failure before `on_exhausted`. Defaults to 5.
+    pub max_retries: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            min_restart_time: Duration::from_millis(500),
+            backoff_multiplicator: 2.0,
+            max_restart_time: Duration::from_secs(10),
+            max_retries: 5,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The wait before retry number `retry` (1-based).
+    pub fn delay(&self, retry: u32) -> Duration {
+        let factor = self.backoff_multiplicator.max(1.0).powi(retry.saturating_sub(1) as i32);
+        self.min_restart_time.mul_f64(factor.min(1e6)).min(self.max_restart_time)
+    }
+}
+
+/// `[consumers]`: defaults for every consumer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumersConfig {
+    /// Ordering. Defaults to `per_key`.
+    pub ordering: Ordering,
+    /// Lanes for `per_key`. Defaults to 8.
+    pub lanes: u32,
+    /// Where a new consumer starts: `beginning` (oldest retained event) or `now`.
+    /// Defaults to `beginning`.
+    pub start_from: StartFrom,
+    /// Retry policy.
+    pub retry: RetryConfig,
+    /// After retries: `halt`, `skip` or `park`. Defaults to `halt`.
+    pub on_exhausted: OnExhausted,
+    /// Column of a row that `processed(entity, ts)` compares (µs); the commit time when the row
+    /// has no such column. Defaults to `updated_at`.
+    pub timestamp_column: String,
+    /// How often a lane polls the log when no notification arrives. Defaults to `1s`.
+    #[serde(with = "serde_duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ConsumersConfig {
+    fn default() -> Self {
+        Self {
+            ordering: Ordering::PerKey,
+            lanes: 8,
+            start_from: StartFrom::Beginning,
+            retry: RetryConfig::default(),
+            on_exhausted: OnExhausted::Halt,
+            timestamp_column: "updated_at".into(),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[[operators]]`: a declarative operator — one SQL statement run with the event's key as `$1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Unique name; also the default target table.
+    pub name: String,
+    /// Entities listened to (`posts`, `sales.orders`).
+    pub entities: Vec<String>,
+    /// Kinds listened to. Defaults to insert, update, delete.
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<crate::Kind>,
+    /// Key column per entity (`comments = "post_id"`); others use their single-column primary key.
+    #[serde(default)]
+    pub key: std::collections::BTreeMap<String, String>,
+    /// The statement, with the key as `$1`.
+    pub sql: String,
+    /// Entities whose delete removes the target row (`delete from <target> where <target_key> = $1`)
+    /// instead of running `sql`.
+    #[serde(default)]
+    pub delete_with: Vec<String>,
+    /// Target table for `delete_with`. Defaults to `name`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Target key column for `delete_with`. Defaults to `id`.
+    #[serde(default)]
+    pub target_key: Option<String>,
+    /// Overrides `[consumers] ordering`.
+    #[serde(default)]
+    pub ordering: Option<Ordering>,
+    /// Overrides `[consumers] lanes`.
+    #[serde(default)]
+    pub lanes: Option<u32>,
+    /// Overrides `[consumers] retry`.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Overrides `[consumers] on_exhausted`.
+    #[serde(default)]
+    pub on_exhausted: Option<OnExhausted>,
+}
+
+fn default_kinds() -> Vec<crate::Kind> {
+    vec![crate::Kind::Insert, crate::Kind::Update, crate::Kind::Delete]
 }
 
 /// `[database]`.
@@ -320,6 +465,32 @@ impl Config {
         }
         if self.log.retention < Duration::from_secs(60) {
             return invalid("log.retention", "must be at least 1m (default: 7d)");
+        }
+        if self.consumers.lanes == 0 || self.consumers.lanes > 1024 {
+            return invalid("consumers.lanes", "must be from 1 to 1024 (default: 8)");
+        }
+        let mut names = std::collections::HashSet::new();
+        for op in &self.operators {
+            if !names.insert(op.name.as_str()) {
+                return invalid("operators.name", &format!("`{}` is used twice", op.name));
+            }
+            if op.name.is_empty() || op.name.len() > 63 {
+                return invalid("operators.name", "must be 1 to 63 characters");
+            }
+            if op.entities.is_empty() {
+                return invalid("operators.entities", &format!("operator `{}` listens to no entity", op.name));
+            }
+            if !op.sql.contains("$1") {
+                return invalid("operators.sql", &format!("operator `{}`: the statement must use the key as $1", op.name));
+            }
+            if op.lanes.is_some_and(|l| l == 0 || l > 1024) {
+                return invalid("operators.lanes", &format!("operator `{}`: must be from 1 to 1024", op.name));
+            }
+            for e in op.key.keys().chain(&op.delete_with) {
+                if !op.entities.contains(e) {
+                    return invalid("operators.key", &format!("operator `{}` maps `{e}`, which is not in its entities", op.name));
+                }
+            }
         }
         Ok(())
     }

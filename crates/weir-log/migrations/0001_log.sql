@@ -24,6 +24,7 @@ create table weir.source_state (
     holder       text,                     -- host:pid of the leader
     heartbeat_at timestamptz,
     received_lsn pg_lsn,                   -- highest WAL position received
+    confirmed_lsn pg_lsn,                  -- position acknowledged to the slot (covers idle WAL)
     behind_ms    bigint                    -- commit-to-log delay of the last append; 0 when idle
 );
 

@@ -178,16 +178,24 @@ impl Appender {
     }
 
     /// Records liveness and lag for `weir status` (about once a second).
-    pub async fn heartbeat(&mut self, holder: &str, received: Lsn, behind_ms: i64) -> Result<()> {
+    pub async fn heartbeat(
+        &mut self,
+        holder: &str,
+        received: Lsn,
+        confirmed: Lsn,
+        behind_ms: i64,
+    ) -> Result<()> {
         sqlx::query(
             "update weir.source_state
-             set holder = $2, heartbeat_at = now(), received_lsn = $3::pg_lsn, behind_ms = $4
+             set holder = $2, heartbeat_at = now(), received_lsn = $3::pg_lsn, behind_ms = $4,
+                 confirmed_lsn = $5::pg_lsn
              where slot = $1",
         )
         .bind(&self.slot)
         .bind(holder)
         .bind(received.to_string())
         .bind(behind_ms)
+        .bind(confirmed.to_string())
         .execute(&mut self.conn)
         .await?;
         Ok(())

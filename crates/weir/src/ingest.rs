@@ -354,7 +354,8 @@ async fn writer(
         });
         if last_heartbeat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             let received = *received.borrow();
-            appender.heartbeat(&holder, received, behind_ms).await?;
+            let confirmed = *persisted.borrow();
+            appender.heartbeat(&holder, received, confirmed, behind_ms).await?;
             last_heartbeat = Some(Instant::now());
         }
     }

@@ -1,0 +1,250 @@
+//! Declarative operators from `weir.toml`: one SQL statement run with the event's key as `$1`
+//! (the EventStreamex `query(sql, id(...), delete_with(...))` helper, generalised to any key
+//! type).
+//!
+//! ```toml
+//! [[operators]]
+//! name = "post_with_comments_counts"
+//! entities = ["posts", "comments"]
+//! key = { comments = "post_id" }          # posts use their primary key
+//! delete_with = ["posts"]                 # a deleted post deletes its row
+//! sql = """
+//! insert into post_with_comments_counts (id, title, comments_count)
+//! select p.id, p.title, (select count(*) from comments c where c.post_id = p.id)
+//! from posts p where p.id = $1
+//! on conflict (id) do update set title = excluded.title, comments_count = excluded.comments_count
+//! """
+//! ```
+//!
+//! Everything that can be known at start-up is checked then: the tables and key columns exist,
+//! each unmapped entity has a one-column primary key, the statements prepare, `$1`'s type is
+//! supported. A key that turns out null for an event fails that event (retry policy), never a
+//! silent skip.
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use sqlx::{Executor, PgConnection, PgPool, TypeInfo};
+use weir_core::{Event, Kind, OperatorConfig};
+
+use crate::{Error, HandlerError, Operator, Result, Selector};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyType {
+    Int2,
+    Int4,
+    Int8,
+    Uuid,
+    Text,
+}
+
+impl KeyType {
+    fn of(name: &str) -> Option<Self> {
+        Some(match name {
+            "INT2" => KeyType::Int2,
+            "INT4" => KeyType::Int4,
+            "INT8" => KeyType::Int8,
+            "UUID" => KeyType::Uuid,
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => KeyType::Text,
+            _ => return None,
+        })
+    }
+}
+
+/// A declarative operator, prepared against the database.
+#[derive(Debug)]
+pub struct SqlOperator {
+    name: String,
+    selector: Selector,
+    /// Entity → the column holding the key.
+    key_columns: BTreeMap<String, String>,
+    sql: String,
+    key_type: KeyType,
+    delete_with: HashSet<String>,
+    delete_sql: Option<(String, KeyType)>,
+}
+
+fn split(entity: &str) -> (&str, &str) {
+    entity.split_once('.').unwrap_or(("public", entity))
+}
+
+async fn columns(pool: &PgPool, entity: &str) -> Result<Vec<String>> {
+    let (schema, table) = split(entity);
+    Ok(sqlx::query_scalar(
+        "select column_name::text from information_schema.columns
+         where table_schema = $1 and table_name = $2 order by ordinal_position",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(pool)
+    .await?)
+}
+
+async fn param_type(pool: &PgPool, op: &str, what: &str, sql: &str) -> Result<KeyType> {
+    let described = pool.describe(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.to_string()))).await.map_err(|e| {
+        Error::Config(format!("operator `{op}`: the {what} does not prepare: {e}"))
+    })?;
+    let params = match described.parameters() {
+        Some(sqlx::Either::Left(types)) => types.iter().map(|t| t.name().to_string()).collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
+    match params.as_slice() {
+        [one] => KeyType::of(one).ok_or_else(|| {
+            Error::Config(format!(
+                "operator `{op}`: $1 in the {what} has type {one}; keys bind as integer, uuid or text \
+                 — write `$1::text::{}` to convert",
+                one.to_lowercase()
+            ))
+        }),
+        other => Err(Error::Config(format!(
+            "operator `{op}`: the {what} must take exactly one parameter ($1, the key); it takes {}",
+            other.len()
+        ))),
+    }
+}
+
+impl SqlOperator {
+    /// Validates `config` against the database and prepares the statements.
+    pub async fn prepare(pool: &PgPool, config: &OperatorConfig) -> Result<Self> {
+        let op = &config.name;
+        let mut key_columns = BTreeMap::new();
+        for entity in &config.entities {
+            let cols = columns(pool, entity).await?;
+            if cols.is_empty() {
+                return Err(Error::Config(format!(
+                    "operator `{op}` listens to `{entity}`, but there is no such table"
+                )));
+            }
+            let column = match config.key.get(entity) {
+                Some(c) => {
+                    if !cols.contains(c) {
+                        return Err(Error::Config(format!(
+                            "operator `{op}`: key.{entity} = \"{c}\", but `{entity}` has no column `{c}` (it has {})",
+                            cols.join(", ")
+                        )));
+                    }
+                    c.clone()
+                }
+                None => {
+                    let (schema, table) = split(entity);
+                    let pk: Vec<String> = sqlx::query_scalar(
+                        "select a.attname::text from pg_index i
+                         join pg_class c on c.oid = i.indrelid join pg_namespace n on n.oid = c.relnamespace
+                         join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+                         where n.nspname = $1 and c.relname = $2 and i.indisprimary",
+                    )
+                    .bind(schema)
+                    .bind(table)
+                    .fetch_all(pool)
+                    .await?;
+                    match pk.as_slice() {
+                        [one] => one.clone(),
+                        _ => {
+                            return Err(Error::Config(format!(
+                                "operator `{op}`: `{entity}` has no one-column primary key; map its key \
+                                 column with `key = {{ {entity} = \"column\" }}`"
+                            )));
+                        }
+                    }
+                }
+            };
+            key_columns.insert(entity.clone(), column);
+        }
+        let key_type = param_type(pool, op, "sql", &config.sql).await?;
+        let delete_sql = if config.delete_with.is_empty() {
+            None
+        } else {
+            let target = config.target.clone().unwrap_or_else(|| op.clone());
+            let target_key = config.target_key.clone().unwrap_or_else(|| "id".into());
+            let cols = columns(pool, &target).await?;
+            if !cols.contains(&target_key) {
+                return Err(Error::Config(format!(
+                    "operator `{op}`: delete_with needs the target table `{target}` with a column \
+                     `{target_key}` (set `target` and `target_key`)"
+                )));
+            }
+            let (schema, table) = split(&target);
+            let sql = format!(
+                "delete from \"{}\".\"{}\" where \"{}\" = $1",
+                schema.replace('"', "\"\""),
+                table.replace('"', "\"\""),
+                target_key.replace('"', "\"\"")
+            );
+            let t = param_type(pool, op, "delete_with statement", &sql).await?;
+            Some((sql, t))
+        };
+        Ok(Self {
+            name: op.clone(),
+            selector: Selector { entities: config.entities.clone(), kinds: config.kinds.clone() },
+            key_columns,
+            sql: config.sql.clone(),
+            key_type,
+            delete_with: config.delete_with.iter().cloned().collect(),
+            delete_sql,
+        })
+    }
+
+    /// The operator's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, HandlerError> {
+        let column = self.key_columns.get(&event.entity).ok_or_else(|| {
+            format!("operator `{}` got an event of `{}`, which it does not listen to", self.name, event.entity)
+        })?;
+        let record = if event.kind == Kind::Delete { event.old_record.as_ref() } else { event.new_record.as_ref() };
+        match record.and_then(|r| r.get(column)) {
+            Some(Value::Null) | None => Err(format!(
+                "operator `{}`: the {} event at position {} has no value for `{}.{column}` (null or not \
+                 in the event; a delete needs REPLICA IDENTITY FULL for a non-key column)",
+                self.name, event.kind, event.position, event.entity
+            )
+            .into()),
+            Some(v) => Ok(v),
+        }
+    }
+}
+
+async fn run(conn: &mut PgConnection, sql: &str, ty: KeyType, key: &Value) -> std::result::Result<(), HandlerError> {
+    let q = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()));
+    let text = match key {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let q = match ty {
+        KeyType::Int2 => q.bind(text.parse::<i16>().map_err(|e| format!("key `{text}` is not an int2: {e}"))?),
+        KeyType::Int4 => q.bind(text.parse::<i32>().map_err(|e| format!("key `{text}` is not an int4: {e}"))?),
+        KeyType::Int8 => q.bind(text.parse::<i64>().map_err(|e| format!("key `{text}` is not an int8: {e}"))?),
+        KeyType::Uuid => q.bind(text.parse::<uuid::Uuid>().map_err(|e| format!("key `{text}` is not a uuid: {e}"))?),
+        KeyType::Text => q.bind(text),
+    };
+    q.execute(conn).await?;
+    Ok(())
+}
+
+impl Operator for SqlOperator {
+    fn selector(&self) -> Selector {
+        self.selector.clone()
+    }
+
+    fn partition_key(&self, event: &Event) -> std::result::Result<String, HandlerError> {
+        Ok(match self.key_value(event)? {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }
+
+    fn handle<'a>(&'a self, tx: &'a mut PgConnection, event: &'a Event) -> BoxFuture<'a, std::result::Result<(), HandlerError>> {
+        Box::pin(async move {
+            let key = self.key_value(event)?.clone();
+            match &self.delete_sql {
+                Some((sql, ty)) if event.kind == Kind::Delete && self.delete_with.contains(&event.entity) => {
+                    run(tx, sql, *ty, &key).await
+                }
+                _ => run(tx, &self.sql, self.key_type, &key).await,
+            }
+        })
+    }
+}
