@@ -30,7 +30,32 @@ const SCHEMA: &str = "
         updated_at timestamptz not null default now()
     );
     -- Complete old rows (and `changes`) for comments; posts keep the default identity.
-    alter table comments replica identity full;";
+    alter table comments replica identity full;
+    -- Kept by the operator below.
+    create table post_with_comments_counts (
+        id             int primary key,
+        title          text not null,
+        comments_count int not null
+    );";
+
+/// The demo's configuration: the README's example operator.
+pub(crate) const DEMO_TOML: &str = r#"
+[source]
+tables = ["posts", "comments"]
+
+[[operators]]
+name = "post_with_comments_counts"
+entities = ["posts", "comments"]
+key = { comments = "post_id" }      # a comment counts toward its post
+delete_with = ["posts"]             # a deleted post deletes its row
+sql = """
+insert into post_with_comments_counts (id, title, comments_count)
+select p.id, p.title, (select count(*) from comments c where c.post_id = p.id)
+from posts p where p.id = $1
+on conflict (id) do update
+  set title = excluded.title, comments_count = excluded.comments_count
+"""
+"#;
 
 /// `weir dev`: a persistent private cluster in `dir`, until Ctrl-C.
 pub(crate) async fn dev(dir: &Path) -> anyhow::Result<()> {
@@ -65,23 +90,22 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
     let pool = PgPool::connect(&url).await.context("connecting to the demo database")?;
     sqlx::raw_sql(SCHEMA).execute(&pool).await?;
 
-    let mut config = Config::default();
+    let mut config = Config::from_toml(DEMO_TOML, "demo", [])?;
     config.database.url = Some(Secret::new(url.clone()));
     config.validate()?;
     let report = weir::setup::init(&pool, &config).await?;
     println!("  database   {url}");
     println!("  watching   {} (publication `weir`, slot `weir`)", report.tables.join(", "));
+    println!("  operator   post_with_comments_counts (SQL from weir.toml, 8 lanes keyed by post)");
     println!();
     println!(
         "writing posts and comments for {seconds} s; each line is an event arriving in weir.events:"
     );
     println!();
 
-    let cancel = CancellationToken::new();
-    let mut ingest = tokio::spawn({
-        let (config, pool, cancel) = (config.clone(), pool.clone(), cancel.clone());
-        async move { weir::ingest::run(&config, &pool, cancel).await }
-    });
+    let running = weir::Weir::builder(config.clone()).pool(pool.clone()).start().await?;
+    let cancel: CancellationToken = running.cancel_token();
+    let mut ingest = tokio::spawn(running.wait());
     let mut writer = tokio::spawn(write_changes(pool.clone(), Duration::from_secs(seconds)));
 
     let reader = weir::LogReader::new(pool.clone()).await?;
@@ -127,12 +151,46 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
         }
         if ingest.is_finished() {
             (&mut ingest).await??;
-            anyhow::bail!("ingestion stopped unexpectedly");
+            anyhow::bail!("weir stopped unexpectedly");
         }
         if events.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Read-your-writes for derived data: wait until every change so far is processed.
+    let written: String =
+        sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&pool).await?;
+    let lsn: weir::Lsn = written.parse()?;
+    let waited = Instant::now();
+    let done = weir::process::wait_for(&pool, lsn, Duration::from_secs(30)).await?;
+    anyhow::ensure!(done, "the operator did not catch up within 30 s");
+    println!();
+    println!(
+        "every change up to {lsn} is processed by every operator ({:.1} ms after the last log line)",
+        waited.elapsed().as_secs_f64() * 1000.0
+    );
+    let rows: Vec<(i32, String, i32)> = sqlx::query_as(
+        "select id, title, comments_count from post_with_comments_counts
+         order by comments_count desc, id limit 5",
+    )
+    .fetch_all(&pool)
+    .await?;
+    println!("post_with_comments_counts (top 5 of the derived table):");
+    for (id, title, n) in rows {
+        println!("  post {id:<4} {n:>2} comments  {title}");
+    }
+    let wrong: i64 = sqlx::query_scalar(
+        "select count(*) from post_with_comments_counts d
+         full join (select p.id, p.title, count(c.id)::int as n from posts p
+                    left join comments c on c.post_id = p.id group by p.id) r on r.id = d.id
+         where d.comments_count is distinct from r.n or d.title is distinct from r.title",
+    )
+    .fetch_one(&pool)
+    .await?;
+    println!(
+        "derived table vs. recomputed from scratch: {}",
+        if wrong == 0 { "identical".to_string() } else { format!("{wrong} rows differ (a bug)") }
+    );
     cancel.cancel();
     ingest.await??;
 

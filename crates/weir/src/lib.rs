@@ -17,6 +17,8 @@
 //! - [`ingest::run`] streams changes into the log until cancelled, reconnecting with backoff,
 //!   waiting as a standby while another process holds the slot.
 //! - [`status::source_status`] reports slot lag, position, rate and delay.
+//! - [`Weir::builder`] runs all of it in one process: ingestion, the consumer engine with the
+//!   operators of `weir.toml` and those added in Rust, until stopped.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weir::Error> {
@@ -28,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+mod app;
 pub mod db;
 pub mod doctor;
 mod error;
@@ -36,6 +39,11 @@ pub mod ingest;
 pub mod setup;
 pub mod status;
 
+pub use app::{Running, Weir, WeirBuilder};
 pub use error::{Error, Result};
+pub use weir_consumer::{
+    ConsumerSpec, ErrorReporter, HandlerError, Operator, Selector, SqlOperator, TracingReporter,
+    process, resume, status as consumer_status,
+};
 pub use weir_core::{Config, Event, Kind, Lsn, Position};
 pub use weir_log::{EventFilter, LogReader, Wake};

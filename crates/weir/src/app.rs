@@ -1,0 +1,212 @@
+//! The library facade: `Weir::builder(config).operator(...).start()` runs ingestion and the
+//! consumer engine (with the declarative operators of the configuration and the Rust operators
+//! added here) in this process, until `stop()`.
+//!
+//! ```text
+//! start: connect ─► init (schema, publication, slot) ─► prepare SQL operators (fail fast)
+//!        ─► ingest task (leader or standby) + consumer engine (lanes shared with other
+//!           processes) + retention (one process at a time)
+//! stop:  cancel ─► engine lanes finish their current event ─► ingestion stores what it
+//!        received and acknowledges it ─► both joined, errors returned
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
+use weir_core::Config;
+
+use crate::{Error, Result, db};
+
+/// Builds a running weir.
+pub struct WeirBuilder {
+    config: Config,
+    pool: Option<PgPool>,
+    consumers: Vec<ConsumerSpec>,
+    reporter: Arc<dyn ErrorReporter>,
+    ingest: bool,
+}
+
+impl std::fmt::Debug for WeirBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeirBuilder").field("consumers", &self.consumers).finish()
+    }
+}
+
+/// Entry point of the library.
+#[derive(Debug)]
+pub struct Weir;
+
+impl Weir {
+    /// Starts building from a configuration.
+    pub fn builder(config: Config) -> WeirBuilder {
+        WeirBuilder {
+            config,
+            pool: None,
+            consumers: Vec::new(),
+            reporter: Arc::new(TracingReporter),
+            ingest: true,
+        }
+    }
+}
+
+impl WeirBuilder {
+    /// Uses this pool instead of connecting from the configuration.
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Adds a Rust operator with the `[consumers]` defaults.
+    pub fn operator(mut self, name: impl Into<String>, operator: impl Operator) -> Self {
+        let spec = ConsumerSpec::new(name, Arc::new(operator), &self.config.consumers);
+        self.consumers.push(spec);
+        self
+    }
+
+    /// Adds a consumer with its own ordering, lanes, retry and failure policy.
+    pub fn consumer(mut self, spec: ConsumerSpec) -> Self {
+        self.consumers.push(spec);
+        self
+    }
+
+    /// Receives every retry and final failure (default: logs through tracing).
+    pub fn error_reporter(mut self, reporter: impl ErrorReporter) -> Self {
+        self.reporter = Arc::new(reporter);
+        self
+    }
+
+    /// Runs only the consumers, not the ingestion (another process ingests).
+    pub fn without_ingestion(mut self) -> Self {
+        self.ingest = false;
+        self
+    }
+
+    /// Sets up the database, validates every operator, and starts.
+    pub async fn start(self) -> Result<Running> {
+        let config = self.config;
+        let pool = match self.pool {
+            Some(p) => p,
+            None => db::connect(&config).await?,
+        };
+        crate::setup::init(&pool, &config).await?;
+        let mut consumers = self.consumers;
+        for op in &config.operators {
+            let prepared = SqlOperator::prepare(&pool, op).await.map_err(consumer_error)?;
+            let mut spec =
+                ConsumerSpec::new(op.name.clone(), Arc::new(prepared), &config.consumers);
+            spec.ordering = op.ordering.unwrap_or(spec.ordering);
+            spec.lanes = op.lanes.unwrap_or(spec.lanes);
+            spec.retry = op.retry.unwrap_or(spec.retry);
+            spec.on_exhausted = op.on_exhausted.unwrap_or(spec.on_exhausted);
+            consumers.push(spec);
+        }
+        let cancel = CancellationToken::new();
+        let (wake, _listener) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
+        let engine = if consumers.is_empty() {
+            None
+        } else {
+            Some(
+                Engine::start(pool.clone(), consumers, wake, self.reporter, cancel.clone())
+                    .await
+                    .map_err(consumer_error)?,
+            )
+        };
+        let ingest = self.ingest.then(|| {
+            let (config, pool, cancel) = (config.clone(), pool.clone(), cancel.clone());
+            tokio::spawn(async move { crate::ingest::run(&config, &pool, cancel).await })
+        });
+        let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
+        Ok(Running { cancel, pool, ingest, engine, retention })
+    }
+}
+
+fn consumer_error(e: weir_consumer::Error) -> Error {
+    match e {
+        weir_consumer::Error::Database(e) => Error::Database(e),
+        other => Error::Setup(other.to_string()),
+    }
+}
+
+/// A running weir.
+#[derive(Debug)]
+pub struct Running {
+    cancel: CancellationToken,
+    pool: PgPool,
+    ingest: Option<JoinHandle<Result<()>>>,
+    engine: Option<Engine>,
+    retention: JoinHandle<()>,
+}
+
+impl Running {
+    /// The pool weir uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A token that stops everything when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops gracefully and waits; returns the first error any part ended with.
+    pub async fn stop(self) -> Result<()> {
+        self.cancel.cancel();
+        self.wait().await
+    }
+
+    /// Waits until every part ends: ingestion ends by itself only on an error it cannot
+    /// recover from (a dropped slot, a missing publication), which then stops the rest.
+    pub async fn wait(mut self) -> Result<()> {
+        let mut first = Ok(());
+        if let Some(ingest) = self.ingest.take() {
+            let r = match ingest.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Setup(format!("ingestion panicked: {e}"))),
+            };
+            self.cancel.cancel();
+            first = r;
+        } else {
+            self.cancel.cancelled().await;
+        }
+        if let Some(engine) = self.engine.take() {
+            let r = engine.wait().await.map_err(consumer_error);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        let _ = self.retention.await;
+        first
+    }
+}
+
+async fn retention_loop(pool: PgPool, config: Config, cancel: CancellationToken) {
+    loop {
+        // One process enforces retention at a time; the lock lives on one pooled connection.
+        if let Ok(mut conn) = pool.acquire().await {
+            let lock: std::result::Result<bool, _> =
+                sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.retention'))")
+                    .fetch_one(&mut *conn)
+                    .await;
+            if let Ok(true) = lock {
+                match weir_log::enforce_retention(&pool, config.log.retention).await {
+                    Ok(r) if !r.dropped.is_empty() => {
+                        tracing::info!(dropped = ?r.dropped, oldest = ?r.oldest_position, "retention")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+                }
+                let _ = sqlx::query("select pg_advisory_unlock(hashtext('weir.retention'))")
+                    .execute(&mut *conn)
+                    .await;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+    }
+}
