@@ -4,8 +4,8 @@
 //! `weir` library against the configured database; `dev` and `demo` first start a private
 //! PostgreSQL from the installed server binaries (weir-testkit).
 
-mod demo;
 mod bench_ingest;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +58,14 @@ enum Command {
     },
     /// Check the server and database for what weir needs; print the fix for each problem.
     Doctor,
+    /// Restart a halted consumer (operator) at the event it halted on.
+    Resume {
+        /// The consumer's name.
+        name: String,
+    },
+    /// Events set aside by consumers with `on_exhausted = "park"`.
+    #[command(subcommand)]
+    Parked(ParkedCommand),
     /// Start a private PostgreSQL in ./.weir that survives restarts and print its URL.
     Dev {
         /// Directory for the cluster.
@@ -79,6 +87,29 @@ enum Command {
 enum BenchCommand {
     /// Ingestion throughput vs pg_recvlogical, live latency, peak RSS on a huge transaction.
     Ingest(bench_ingest::IngestBenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ParkedCommand {
+    /// List parked events.
+    List {
+        /// Only this consumer's.
+        consumer: Option<String>,
+    },
+    /// Retry parked events of a consumer (all, or one position), in order per key.
+    Retry {
+        /// The consumer.
+        consumer: String,
+        /// Only this position.
+        position: Option<i64>,
+    },
+    /// Discard parked events of a consumer (all, or one position).
+    Discard {
+        /// The consumer.
+        consumer: String,
+        /// Only this position.
+        position: Option<i64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,7 +141,10 @@ fn init_tracing(command: &Command) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-pub(crate) fn load_config(cli_config: Option<&PathBuf>, url: Option<&str>) -> anyhow::Result<Config> {
+pub(crate) fn load_config(
+    cli_config: Option<&PathBuf>,
+    url: Option<&str>,
+) -> anyhow::Result<Config> {
     let (path, required) = match cli_config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("weir.toml"), false),
@@ -127,7 +161,8 @@ pub(crate) fn shutdown_signal() -> CancellationToken {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -142,7 +177,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo { seconds } => return demo::run(seconds).await.map(|_| ExitCode::SUCCESS),
         Command::Dev { dir } => return demo::dev(&dir).await.map(|_| ExitCode::SUCCESS),
-        Command::Bench(BenchCommand::Ingest(args)) => return bench_ingest::run(args).await.map(|_| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Ingest(args)) => {
+            return bench_ingest::run(args).await.map(|_| ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let config = load_config(cli.config.as_ref(), cli.database_url.as_deref())?;
@@ -173,21 +210,66 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Run => {
-            let pool = weir::db::connect(&config).await?;
+            let running = weir::Weir::builder(config).start().await?;
             let cancel = shutdown_signal();
-            let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
-            let result = weir::ingest::run(&config, &pool, cancel.clone()).await;
-            cancel.cancel();
-            let _ = retention.await;
-            result.context("ingestion stopped")?;
+            let stop = running.cancel_token();
+            tokio::spawn(async move {
+                cancel.cancelled().await;
+                stop.cancel();
+            });
+            running.wait().await.context("weir stopped")?;
+        }
+        Command::Resume { name } => {
+            let pool = weir::db::connect(&config).await?;
+            weir::consumer_status::consumers(&pool).await.ok();
+            weir_consumer_resume(&pool, &name).await?;
+            println!("consumer `{name}` resumed at the event it halted on");
+        }
+        Command::Parked(cmd) => {
+            let pool = weir::db::connect(&config).await?;
+            match cmd {
+                ParkedCommand::List { consumer } => {
+                    let parked = weir::consumer_status::parked(&pool, consumer.as_deref()).await?;
+                    if parked.is_empty() {
+                        println!("no parked events");
+                    }
+                    for p in parked {
+                        println!(
+                            "{} #{} {} key={} attempts={}{}: {}",
+                            p.consumer,
+                            p.position,
+                            p.entity,
+                            p.partition_key,
+                            p.attempts,
+                            if p.retry_requested { " (retry pending)" } else { "" },
+                            p.error
+                        );
+                    }
+                }
+                ParkedCommand::Retry { consumer, position } => {
+                    let n = weir::consumer_status::retry_parked(&pool, &consumer, position).await?;
+                    println!("{n} parked events of `{consumer}` will be retried");
+                }
+                ParkedCommand::Discard { consumer, position } => {
+                    let n =
+                        weir::consumer_status::discard_parked(&pool, &consumer, position).await?;
+                    println!("{n} parked events of `{consumer}` discarded");
+                }
+            }
         }
         Command::Status { json } => {
             let pool = weir::db::connect(&config).await?;
             let s = weir::status::source_status(&pool, &config).await?;
+            let consumers = weir::consumer_status::consumers(&pool).await.unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                let all = serde_json::json!({"source": s, "consumers": consumers});
+                println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("slot            {} ({})", s.slot, if s.slot_active { "active" } else { "inactive" });
+                println!(
+                    "slot            {} ({})",
+                    s.slot,
+                    if s.slot_active { "active" } else { "inactive" }
+                );
                 println!(
                     "slot lag        {}",
                     s.slot_lag_bytes.map_or("-".into(), weir::doctor::human_bytes)
@@ -196,8 +278,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("events/s        {:.1} (last 10 s)", s.events_per_second);
                 println!("seconds behind  {:.3}", s.seconds_behind);
                 match (&s.holder, s.heartbeat_age_seconds) {
-                    (Some(h), Some(age)) => println!("held by         {h} (heartbeat {age:.1} s ago)"),
+                    (Some(h), Some(age)) => {
+                        println!("held by         {h} (heartbeat {age:.1} s ago)")
+                    }
                     _ => println!("held by         nobody has run this slot yet"),
+                }
+                for c in &consumers {
+                    println!();
+                    print!("consumer {} — {}", c.name, c.state);
+                    if let Some(h) = &c.halted {
+                        print!(
+                            " at position {} (lane {}, attempt {}): {}",
+                            h["position"],
+                            h["lane"],
+                            h["attempt"],
+                            h["error"].as_str().unwrap_or("")
+                        );
+                    }
+                    if c.parked > 0 {
+                        print!(", {} parked", c.parked);
+                    }
+                    println!();
+                    for l in &c.lanes {
+                        println!(
+                            "  lane {:<3} {:<8} position {:<10} lag {} events / {:.1} s{}{}",
+                            l.lane,
+                            l.state,
+                            l.position,
+                            l.lag_events,
+                            l.lag_seconds,
+                            l.current_position
+                                .map(|p| format!(", at #{p} attempt {}", l.attempt))
+                                .unwrap_or_default(),
+                            l.last_error
+                                .as_deref()
+                                .map(|e| format!(", last error: {e}"))
+                                .unwrap_or_default(),
+                        );
+                    }
                 }
             }
         }
@@ -211,37 +329,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pool = weir::db::connect(&config).await?;
             tail(pool, EventFilter { entities: entity, kinds }, from, limit).await?;
         }
-        Command::Demo { .. } | Command::Dev { .. } | Command::Bench(_) => unreachable!("handled above"),
+        Command::Demo { .. } | Command::Dev { .. } | Command::Bench(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn retention_loop(pool: sqlx::PgPool, config: Config, cancel: CancellationToken) {
-    loop {
-        // One process enforces retention at a time; the lock lives on one pooled connection.
-        if let Ok(mut conn) = pool.acquire().await {
-            let lock: Result<bool, _> =
-                sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.retention'))")
-                    .fetch_one(&mut *conn)
-                    .await;
-            if let Ok(true) = lock {
-                match weir_log::enforce_retention(&pool, config.log.retention).await {
-                    Ok(r) if !r.dropped.is_empty() => {
-                        tracing::info!(dropped = ?r.dropped, oldest = ?r.oldest_position, "retention")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "retention pass failed"),
-                }
-                let _ = sqlx::query("select pg_advisory_unlock(hashtext('weir.retention'))")
-                    .execute(&mut *conn)
-                    .await;
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
-        }
+async fn weir_consumer_resume(pool: &sqlx::PgPool, name: &str) -> anyhow::Result<()> {
+    let halted = weir::consumer_status::consumers(pool)
+        .await?
+        .into_iter()
+        .find(|c| c.name == name)
+        .with_context(|| format!("no consumer named `{name}`; `weir status` lists them"))?;
+    if halted.state != "halted" {
+        anyhow::bail!("consumer `{name}` is not halted (it is {})", halted.state);
     }
+    weir::resume(pool, name).await?;
+    Ok(())
 }
 
 /// Prints events as JSON lines, waking on the log's notifications (with a polling fallback).

@@ -3,7 +3,8 @@
 //! added here) in this process, until `stop()`.
 //!
 //! ```text
-//! start: connect ─► init (schema, publication, slot) ─► prepare SQL operators (fail fast)
+//! start: connect ─► check (schema migrated; publication and slot must exist) ─► prepare SQL
+//!        operators (fail fast)
 //!        ─► ingest task (leader or standby) + consumer engine (lanes shared with other
 //!           processes) + retention (one process at a time)
 //! stop:  cancel ─► engine lanes finish their current event ─► ingestion stores what it
@@ -85,14 +86,19 @@ impl WeirBuilder {
         self
     }
 
-    /// Sets up the database, validates every operator, and starts.
+    /// Checks the database (never creating the slot or publication: that is `weir init`),
+    /// validates every operator, and starts.
     pub async fn start(self) -> Result<Running> {
         let config = self.config;
         let pool = match self.pool {
             Some(p) => p,
             None => db::connect(&config).await?,
         };
-        crate::setup::init(&pool, &config).await?;
+        if self.ingest {
+            crate::setup::check(&pool, &config).await?;
+        } else {
+            weir_log::migrate(&pool).await?;
+        }
         let mut consumers = self.consumers;
         for op in &config.operators {
             let prepared = SqlOperator::prepare(&pool, op).await.map_err(consumer_error)?;

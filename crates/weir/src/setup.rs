@@ -194,3 +194,38 @@ pub(crate) async fn publication_tables(pool: &PgPool, publication: &str) -> Resu
     .fetch_all(pool)
     .await?)
 }
+
+/// What `weir run` needs to find, without creating it: `wal_level = logical`, the schema (it
+/// migrates that), the publication and a healthy slot. A missing slot is never re-created
+/// here: changes made while it was gone are not in the log, and someone must decide.
+pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
+    require_logical(pool).await?;
+    weir_log::migrate(pool).await?;
+    let publication: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
+            .bind(&config.source.publication)
+            .fetch_one(pool)
+            .await?;
+    if !publication {
+        return Err(Error::Stream(weir_source::stream::StreamError::PublicationMissing {
+            publication: config.source.publication.clone(),
+        }));
+    }
+    let slot: Option<Option<String>> =
+        sqlx::query_scalar("select wal_status from pg_replication_slots where slot_name = $1")
+            .bind(&config.source.slot)
+            .fetch_optional(pool)
+            .await?;
+    match slot {
+        None => Err(Error::Stream(weir_source::stream::StreamError::SlotMissing {
+            slot: config.source.slot.clone(),
+        })),
+        Some(Some(status)) if status == "lost" => {
+            Err(Error::Stream(weir_source::stream::StreamError::SlotInvalidated {
+                slot: config.source.slot.clone(),
+                detail: "wal_status = lost".into(),
+            }))
+        }
+        Some(_) => Ok(()),
+    }
+}

@@ -1,0 +1,1424 @@
+//! `weir bench ingest`: how fast weir turns a replication slot into the durable log, measured
+//! against `pg_recvlogical` draining the same WAL in the same run.
+//!
+//! What it measures (each phase in a fresh database; a private cluster with `fsync=on` unless
+//! `--url` names a server):
+//!
+//! 1. **Throughput**, for 1-row and 100-row transactions: a table `bench(id bigint primary key,
+//!    payload text)` (~100-byte rows) is published, the slot `weir` is created by
+//!    `weir::setup::init` and a slot `recv_0` right after it (one more pair per `--repeat`), so
+//!    every slot starts before the first generated change. `--changes` changes (60 % insert,
+//!    30 % update, 10 % delete) are then generated server-side (PL/pgSQL with `commit`,
+//!    `synchronous_commit=off`; generation is not what is measured). Then, one after the other,
+//!    never concurrently:
+//!    - the reference: `pg_recvlogical --start --no-loop -o proto_version=2
+//!      -o publication_names=weir -f /dev/null --endpos <pg_current_wal_lsn() after
+//!      generation>` — a client that receives pgoutput and throws it away;
+//!    - weir: `weir::ingest::run` in this process, timed from its start until
+//!      `weir.source_state.position` reaches the number of changes (polled every 5 ms), i.e.
+//!      until every change is decoded, turned into an event and committed durably to
+//!      `weir.events` (and the slot may be acknowledged).
+//!
+//!    It prints changes/s for both, the ratio weir / pg_recvlogical (median of the per-pair
+//!    ratios), and where the CPU went during each drain (walsender, the appender's backend,
+//!    this process, pg_recvlogical), read from `/proc` when the server runs on this machine.
+//! 2. **Live latency** at `--rate` (5,000) single-row insert transactions per second for
+//!    `--latency-seconds`: writers on their own connections record the instant each commit
+//!    returns; a `LISTEN weir_events` connection records the instant each NOTIFY sent by the
+//!    append transaction arrives (the append commits the events and the NOTIFY together).
+//!    Latency of a row = notification of the append holding it − its commit returned, all in
+//!    this process; the first second is left out as warm-up.
+//! 3. **Huge transaction**: one `insert … select … from generate_series(1, N)` (N =
+//!    `--changes`) while ingestion runs; this process's RSS is sampled every 50 ms
+//!    (`VmRSS`, and `VmHWM` after resetting it through `/proc/self/clear_refs`). Prints the
+//!    peak, its delta over the baseline taken just before, the drain times, and checks that
+//!    positions 1..N are all in the log.
+//!
+//! Run: `cargo build --release -p weir-cli && target/release/weir bench ingest`
+//! (`--changes 100000` for a quick run, `--only throughput|latency|huge`, `--repeat 3`).
+//! The machine is shared and noisy: compare the ratio, which is taken in one run, and prefer
+//! medians over several runs. Targets (printed beside the figures; a miss does not fail the
+//! command): weir ≥ 0.8× pg_recvlogical, latency p50 ≤ 5 ms and p99 ≤ 50 ms, peak RSS ≤ 256 MB.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use weir::Config;
+use weir_core::Secret;
+use weir_testkit::{Cluster, Options};
+
+const TARGET_RATIO: f64 = 0.8;
+const TARGET_P50_MS: f64 = 5.0;
+const TARGET_P99_MS: f64 = 50.0;
+const TARGET_RSS_MB: f64 = 256.0;
+
+/// Arguments of `weir bench ingest`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct IngestBenchArgs {
+    /// Changes generated per throughput run, and rows of the huge transaction.
+    #[arg(long, default_value_t = 1_000_000)]
+    changes: u64,
+    /// Run only this phase.
+    #[arg(long, value_enum)]
+    only: Option<Phase>,
+    /// A server to use instead of a private cluster (superuser, wal_level=logical); the
+    /// benchmark creates and drops its own databases there. (The global --database-url is not
+    /// used by benchmarks.)
+    #[arg(long, env = "WEIR_BENCH_URL")]
+    url: Option<String>,
+    /// Drains per transaction size (each a pg_recvlogical drain then a weir drain of the same
+    /// WAL, from their own slots); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Transaction sizes of the throughput phase.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 100])]
+    txn_sizes: Vec<u64>,
+    /// Single-row transactions per second in the latency phase.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Length of the latency phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
+    /// Stop a weir drain after this many seconds and report the rate of what it drained so
+    /// far (marked as partial): keeps a very slow configuration from running for hours.
+    #[arg(long, default_value_t = 120)]
+    max_drain_seconds: u64,
+    /// Connect to the private cluster through its Unix socket instead of TCP on 127.0.0.1
+    /// (shows what TCP costs, e.g. Nagle/delayed-ACK stalls of clients without TCP_NODELAY).
+    #[arg(long)]
+    unix_socket: bool,
+    /// Writer connections in the latency phase.
+    #[arg(long, default_value_t = 16)]
+    writers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Throughput,
+    Latency,
+    Huge,
+}
+
+/// `weir bench ingest`.
+pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url=")) {
+        bail!(
+            "`weir bench ingest` takes the server as `--url` (the global --database-url is not passed to benchmarks)"
+        );
+    }
+    if args.changes < 10 || args.repeat == 0 {
+        bail!("--changes must be at least 10 and --repeat at least 1");
+    }
+    if args.unix_socket && args.url.is_some() {
+        bail!(
+            "--unix-socket applies to the private cluster; put the socket directory in --url instead"
+        );
+    }
+    let server = Server::start(args.url.clone(), args.unix_socket).await?;
+    let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
+    let fsync: String =
+        sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("weir bench ingest");
+    println!("  server   {}", version.split(',').next().unwrap_or(&version));
+    println!(
+        "  where    {} (fsync={fsync}), {cpus} CPUs on this machine{}",
+        if server.cluster.is_some() { "private cluster started for this run" } else { "--url" },
+        if server.postmaster.is_some() { "" } else { "; server not local: no CPU breakdown" }
+    );
+    println!(
+        "  via      {}",
+        if args.unix_socket {
+            "the cluster's Unix socket (--unix-socket)"
+        } else if server.cluster.is_some() {
+            "TCP to 127.0.0.1 (as weir is usually deployed)"
+        } else {
+            "the given URL"
+        }
+    );
+    println!(
+        "  changes  {} per run (60% insert, 30% update, 10% delete, ~100-byte rows)",
+        thousands(args.changes as f64)
+    );
+    println!();
+
+    let wants = |p: Phase| args.only.is_none_or(|o| o == p);
+    let mut summary = Summary::default();
+    if wants(Phase::Throughput) {
+        for &size in &args.txn_sizes {
+            let r = throughput(&server, &args, size)
+                .await
+                .with_context(|| format!("throughput with {size}-row transactions"))?;
+            summary.throughput.push(r);
+        }
+    }
+    if wants(Phase::Latency) {
+        summary.latency = Some(latency(&server, &args).await.context("latency phase")?);
+    }
+    if wants(Phase::Huge) {
+        summary.huge = Some(huge(&server, &args).await.context("huge-transaction phase")?);
+    }
+    summary.print(&args);
+    server.admin.close().await;
+    drop(server);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server and its databases
+
+struct Server {
+    cluster: Option<Cluster>,
+    /// URL of the maintenance database (databases are created from here).
+    admin_url: String,
+    admin: PgPool,
+    bin_dir: Option<PathBuf>,
+    /// The postmaster's pid when the server runs on this machine (for the CPU breakdown).
+    postmaster: Option<u32>,
+}
+
+impl Server {
+    async fn start(url: Option<String>, unix_socket: bool) -> anyhow::Result<Self> {
+        let (cluster, admin_url) = match url {
+            Some(u) => (None, u),
+            None => {
+                let c = tokio::task::spawn_blocking(|| Cluster::start_temp(Options::default()))
+                    .await??;
+                let u = if unix_socket {
+                    // The testkit puts the socket in the data directory.
+                    format!(
+                        "postgres://postgres@{}:{}/postgres",
+                        percent_encode(&c.data_dir().display().to_string()),
+                        c.port()
+                    )
+                } else {
+                    c.url("postgres")
+                };
+                (Some(c), u)
+            }
+        };
+        let admin = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&admin_url)
+            .await
+            .context("connecting to the server")?;
+        let bin_dir = cluster.as_ref().map(|c| c.bin_dir().to_path_buf());
+        let backend: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&admin).await?;
+        let postmaster = proc_stat(backend as u32)
+            .filter(|s| s.comm == "postgres")
+            .map(|s| s.ppid)
+            .filter(|pm| proc_stat(*pm).is_some_and(|s| s.comm == "postgres"));
+        Ok(Self { cluster, admin_url, admin, bin_dir, postmaster })
+    }
+
+    /// Creates a fresh database and returns its URL.
+    async fn create_db(&self, name: &str) -> anyhow::Result<String> {
+        self.drop_db(name).await?;
+        sqlx::query(AssertSqlSafe(format!("create database \"{name}\"")))
+            .execute(&self.admin)
+            .await?;
+        Ok(url_with_db(&self.admin_url, name))
+    }
+
+    /// Drops the database and its replication slots.
+    async fn drop_db(&self, name: &str) -> anyhow::Result<()> {
+        sqlx::query(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots
+             where database = $1 and active_pid is not null",
+        )
+        .bind(name)
+        .execute(&self.admin)
+        .await?;
+        for _ in 0..50 {
+            let left: i64 = sqlx::query_scalar(
+                "select count(pg_drop_replication_slot(slot_name)) from pg_replication_slots
+                 where database = $1 and not active",
+            )
+            .bind(name)
+            .fetch_one(&self.admin)
+            .await?;
+            let _ = left;
+            let remaining: i64 =
+                sqlx::query_scalar("select count(*) from pg_replication_slots where database = $1")
+                    .bind(name)
+                    .fetch_one(&self.admin)
+                    .await?;
+            if remaining == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sqlx::query(AssertSqlSafe(format!("drop database if exists \"{name}\" with (force)")))
+            .execute(&self.admin)
+            .await?;
+        Ok(())
+    }
+
+    fn pg_recvlogical(&self) -> PathBuf {
+        self.bin_dir
+            .as_ref()
+            .map(|d| d.join("pg_recvlogical"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("pg_recvlogical"))
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (a socket directory as URL host).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `url` with its database replaced by `db`.
+fn url_with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+fn weir_config(url: &str, slot: &str) -> anyhow::Result<Config> {
+    let mut config = Config::default();
+    config.database.url = Some(Secret::new(url.to_string()));
+    config.source.slot = slot.to_string();
+    config.validate()?;
+    Ok(config)
+}
+
+const TABLE: &str = "create table bench (id bigint primary key, payload text not null);
+     -- Generated churn must not start autovacuum in the middle of a measured drain.
+     alter table bench set (autovacuum_enabled = false);";
+
+/// A database with the bench table, the weir schema, publication and slot `weir`.
+async fn prepare(server: &Server, name: &str) -> anyhow::Result<(String, PgPool, Config)> {
+    let url = server.create_db(name).await?;
+    let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
+    sqlx::raw_sql(TABLE).execute(&pool).await?;
+    let config = weir_config(&url, "weir")?;
+    weir::setup::init(&pool, &config).await?;
+    Ok((url, pool, config))
+}
+
+/// Runs `weir::ingest::run` in this process until the returned token is cancelled.
+fn spawn_ingest(
+    config: Config,
+    pool: PgPool,
+) -> (CancellationToken, tokio::task::JoinHandle<weir::Result<()>>) {
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { weir::ingest::run(&config, &pool, cancel).await }
+    });
+    (cancel, handle)
+}
+
+async fn stop_ingest(
+    cancel: CancellationToken,
+    handle: tokio::task::JoinHandle<weir::Result<()>>,
+) -> anyhow::Result<()> {
+    cancel.cancel();
+    handle.await?.context("ingestion failed")?;
+    Ok(())
+}
+
+async fn log_position(pool: &PgPool, slot: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "select coalesce(max(position), 0) from weir.source_state where slot = $1",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Waits until the log holds `n` events from `slot`, polling every `every`. Fails when the
+/// ingestion stops or the position does not move for 20 s.
+async fn wait_for_position(
+    pool: &PgPool,
+    slot: &str,
+    n: i64,
+    every: Duration,
+    ingest: &tokio::task::JoinHandle<weir::Result<()>>,
+) -> anyhow::Result<Instant> {
+    wait_for_position_until(pool, slot, n, every, ingest, None).await.map(|(at, _)| at)
+}
+
+/// [`wait_for_position`], but returns early with the position reached when `limit` passes.
+async fn wait_for_position_until(
+    pool: &PgPool,
+    slot: &str,
+    n: i64,
+    every: Duration,
+    ingest: &tokio::task::JoinHandle<weir::Result<()>>,
+    limit: Option<Duration>,
+) -> anyhow::Result<(Instant, i64)> {
+    let started = Instant::now();
+    let mut last = (-1i64, Instant::now());
+    loop {
+        let p = log_position(pool, slot).await?;
+        if p >= n || limit.is_some_and(|l| started.elapsed() >= l) {
+            return Ok((Instant::now(), p));
+        }
+        if p != last.0 {
+            last = (p, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(20) {
+            bail!("the log stopped at position {p} of {n} for 20 s");
+        }
+        if ingest.is_finished() {
+            bail!("ingestion stopped at position {p} of {n}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: throughput against pg_recvlogical
+
+#[derive(Debug)]
+struct Drain {
+    seconds: f64,
+    /// Changes drained: all of them, unless the drain was stopped at `--max-drain-seconds`.
+    changes: u64,
+    cpu: CpuReport,
+}
+
+impl Drain {
+    fn rate(&self) -> f64 {
+        self.changes as f64 / self.seconds
+    }
+}
+
+#[derive(Debug)]
+struct ThroughputResult {
+    txn_size: u64,
+    changes: u64,
+    generate_seconds: f64,
+    wal_bytes: i64,
+    recv: Vec<Drain>,
+    weir: Vec<Drain>,
+}
+
+impl ThroughputResult {
+    fn recv_rate(&self) -> f64 {
+        median(self.recv.iter().map(Drain::rate).collect())
+    }
+    fn weir_rate(&self) -> f64 {
+        median(self.weir.iter().map(Drain::rate).collect())
+    }
+    /// Median of the per-pair ratios (each pair drained the same WAL one after the other).
+    fn ratio(&self) -> f64 {
+        median(self.recv.iter().zip(&self.weir).map(|(r, w)| w.rate() / r.rate()).collect())
+    }
+    fn partial(&self) -> bool {
+        self.weir.iter().any(|d| d.changes < self.changes)
+    }
+}
+
+async fn throughput(
+    server: &Server,
+    args: &IngestBenchArgs,
+    txn_size: u64,
+) -> anyhow::Result<ThroughputResult> {
+    let n = args.changes;
+    println!("== throughput, {txn_size}-row transactions ==");
+    let name = format!("weir_bench_tp{txn_size}_{}", std::process::id());
+    let (url, pool, config) = prepare(server, &name).await?;
+    // Slot pairs at the same starting point: `weir` (made by init) + `recv_0`, then `weir_r`
+    // + `recv_r` for each further repeat. Nothing is written between them and the data.
+    let mut pairs = Vec::new();
+    for r in 0..args.repeat {
+        let weir_slot = if r == 0 { config.source.slot.clone() } else { format!("weir_{r}") };
+        if r > 0 {
+            sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+                .bind(&weir_slot)
+                .execute(&pool)
+                .await?;
+        }
+        let recv_slot = format!("recv_{r}");
+        sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(&recv_slot)
+            .execute(&pool)
+            .await?;
+        pairs.push((recv_slot, weir_slot));
+    }
+    let start_lsn: String =
+        sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&pool).await?;
+
+    let t = Instant::now();
+    generate(&url, n, txn_size, 2).await?;
+    let generate_seconds = t.elapsed().as_secs_f64();
+    // The insert position: with synchronous_commit=off the write position can still be
+    // behind the last commit.
+    let end_lsn: String =
+        sqlx::query_scalar("select pg_current_wal_insert_lsn()::text").fetch_one(&pool).await?;
+    let wal_bytes: i64 =
+        sqlx::query_scalar("select (pg_current_wal_insert_lsn() - $1::pg_lsn)::bigint")
+            .bind(&start_lsn)
+            .fetch_one(&pool)
+            .await?;
+    let counted: i64 = sqlx::query_scalar("select count(*) from bench").fetch_one(&pool).await?;
+    println!(
+        "  generated {} changes in {:.1} s ({} changes/s, {} of WAL, {} rows left in bench)",
+        thousands(n as f64),
+        generate_seconds,
+        thousands(n as f64 / generate_seconds),
+        human_bytes(wal_bytes),
+        thousands(counted as f64)
+    );
+
+    let mut result = ThroughputResult {
+        txn_size,
+        changes: n,
+        generate_seconds,
+        wal_bytes,
+        recv: Vec::new(),
+        weir: Vec::new(),
+    };
+    for (r, (recv_slot, weir_slot)) in pairs.iter().enumerate() {
+        // Start each drain from the same state: no checkpoint left over from the previous one.
+        sqlx::query("checkpoint").execute(&pool).await?;
+        let recv = drain_recvlogical(server, &url, recv_slot, &end_lsn, n).await?;
+        sqlx::raw_sql(
+            "truncate weir.events, weir.staged_changes; delete from weir.source_state; checkpoint",
+        )
+        .execute(&pool)
+        .await?;
+        let limit = Duration::from_secs(args.max_drain_seconds);
+        let weir = drain_weir(server, &url, &pool, weir_slot, n as i64, limit).await?;
+        let (count, lo, hi): (i64, Option<i64>, Option<i64>) =
+            sqlx::query_as("select count(*), min(position), max(position) from weir.events")
+                .fetch_one(&pool)
+                .await?;
+        // A stopped drain may have appended a little more while shutting down gracefully.
+        let full = weir.changes >= n;
+        let gap_free = count > 0 && lo == Some(1) && hi == Some(count);
+        if !gap_free || (full && count != n as i64) {
+            println!(
+                "  warning: the log holds {count} events, positions {lo:?}..{hi:?}, expected 1..{n}"
+            );
+        }
+        println!(
+            "  run {}: pg_recvlogical {:>9} changes/s ({:.2} s)   weir {:>9} changes/s ({:.2} s{})   ratio {:.2}x",
+            r + 1,
+            thousands(recv.rate()),
+            recv.seconds,
+            thousands(weir.rate()),
+            weir.seconds,
+            if full {
+                String::new()
+            } else {
+                format!(
+                    ", stopped at {} of {} changes",
+                    thousands(weir.changes as f64),
+                    thousands(n as f64)
+                )
+            },
+            weir.rate() / recv.rate()
+        );
+        println!("         cpu during pg_recvlogical: {}", recv.cpu.describe(recv.seconds));
+        println!("         cpu during weir:           {}", weir.cpu.describe(weir.seconds));
+        result.recv.push(recv);
+        result.weir.push(weir);
+    }
+    println!(
+        "  median: pg_recvlogical {} changes/s, weir {} changes/s, ratio {:.2}x",
+        thousands(result.recv_rate()),
+        thousands(result.weir_rate()),
+        result.ratio()
+    );
+    println!();
+    pool.close().await;
+    server.drop_db(&name).await?;
+    Ok(result)
+}
+
+/// Generates `n` changes (60 % insert, 30 % update, 10 % delete) in transactions of
+/// `txn_size` rows, server-side, split over `workers` connections on disjoint key ranges.
+/// Updates and deletes always hit exactly one live row, so the change count is exact.
+async fn generate(url: &str, n: u64, txn_size: u64, workers: u64) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let count = n / workers + if w < n % workers { 1 } else { 0 };
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await?;
+            sqlx::raw_sql("set synchronous_commit = off").execute(&mut conn).await?;
+            let base = w * 1_000_000_000_000 + 1;
+            // The live rows are always ids [del_id, next_id): inserts append, deletes take the
+            // oldest, updates pick one at random in between.
+            let sql = format!(
+                "do $$
+                 declare
+                   next_id bigint := {base};
+                   del_id  bigint := {base};
+                   i       bigint;
+                   target  bigint;
+                 begin
+                   for i in 0..{last} loop
+                     if i % 10 < 6 then
+                       insert into bench values (next_id, rpad(next_id::text || ':', 90, 'abcdefghijklmnopqrstuvwxyz'));
+                       next_id := next_id + 1;
+                     elsif i % 10 < 9 then
+                       -- In a variable: random() in the WHERE clause would be evaluated per row.
+                       target := del_id + floor(random() * (next_id - del_id))::bigint;
+                       update bench set payload = rpad(i::text || ':u', 90, 'zyxwvutsrqponmlkjihgfedcba')
+                       where id = target;
+                     else
+                       delete from bench where id = del_id;
+                       del_id := del_id + 1;
+                     end if;
+                     if (i + 1) % {txn_size} = 0 then
+                       commit;
+                     end if;
+                   end loop;
+                 end $$",
+                last = count as i64 - 1,
+            );
+            sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await?;
+            conn.close().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn drain_recvlogical(
+    server: &Server,
+    url: &str,
+    slot: &str,
+    end_lsn: &str,
+    n: u64,
+) -> anyhow::Result<Drain> {
+    let sampler = CpuSampler::start(server.postmaster);
+    let started = Instant::now();
+    let out = tokio::process::Command::new(server.pg_recvlogical())
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
+        .args(["-o", "proto_version=2", "-o", "publication_names=weir", "-f", "/dev/null"])
+        .args(["--endpos", end_lsn])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running pg_recvlogical")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = sampler.stop();
+    if !out.status.success() {
+        bail!("pg_recvlogical failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(Drain { seconds, changes: n, cpu })
+}
+
+async fn drain_weir(
+    server: &Server,
+    url: &str,
+    pool: &PgPool,
+    slot: &str,
+    n: i64,
+    limit: Duration,
+) -> anyhow::Result<Drain> {
+    let config = weir_config(url, slot)?;
+    let weir_pool = weir::db::connect(&config).await?;
+    let sampler = CpuSampler::start(server.postmaster);
+    let started = Instant::now();
+    let (cancel, handle) = spawn_ingest(config, weir_pool.clone());
+    let waited =
+        wait_for_position_until(pool, slot, n, Duration::from_millis(5), &handle, Some(limit))
+            .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = sampler.stop();
+    let reached = match &waited {
+        Ok((_, p)) => *p as u64,
+        Err(_) => 0,
+    };
+    if let Err(e) = waited {
+        println!("  diagnostics: {}", diagnostics(pool, slot).await);
+        cancel.cancel();
+        let stopped = handle.await;
+        return Err(e.context(format!("ingestion ended with {stopped:?}")));
+    }
+    stop_ingest(cancel, handle).await?;
+    weir_pool.close().await;
+    Ok(Drain { seconds, changes: reached, cpu })
+}
+
+/// What the server says about the slot and the log, for a stalled drain.
+async fn diagnostics(pool: &PgPool, slot: &str) -> String {
+    let slot_row: Result<(Option<String>, Option<String>, bool), _> = sqlx::query_as(
+        "select confirmed_flush_lsn::text, restart_lsn::text, active from pg_replication_slots where slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await;
+    let state: Result<(String, i64, Option<String>), _> = sqlx::query_as(
+        "select lsn::text, position, received_lsn::text from weir.source_state where slot = $1",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await;
+    let wal: Result<(String, String), _> =
+        sqlx::query_as("select pg_current_wal_lsn()::text, pg_current_wal_flush_lsn()::text")
+            .fetch_one(pool)
+            .await;
+    let repl: Result<Vec<(Option<String>, Option<String>, Option<String>, Option<String>)>, _> = sqlx::query_as(
+        "select application_name, sent_lsn::text, flush_lsn::text, state from pg_stat_replication",
+    )
+    .fetch_all(pool)
+    .await;
+    format!(
+        "slot (confirmed, restart, active) {slot_row:?}; source_state (lsn, position, received) {state:?}; \
+         wal (current, flush) {wal:?}; walsenders (app, sent, flush, state) {repl:?}"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: live latency
+
+#[derive(Debug)]
+struct LatencyResult {
+    target_rate: u64,
+    achieved_rate: f64,
+    rows: usize,
+    measured: usize,
+    late_writes: usize,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+    min: f64,
+}
+
+async fn latency(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<LatencyResult> {
+    println!(
+        "== live latency, {} single-row insert transactions/s for {} s ==",
+        args.rate, args.latency_seconds
+    );
+    let name = format!("weir_bench_lat_{}", std::process::id());
+    let (url, pool, config) = prepare(server, &name).await?;
+    let weir_pool = weir::db::connect(&config).await?;
+    let (cancel, ingest) = spawn_ingest(config, weir_pool.clone());
+
+    // Every notification with its arrival instant (the payload is the appended head position).
+    let mut listener = PgListener::connect(&url).await?;
+    listener.listen(weir_log::NOTIFY_CHANNEL).await?;
+    let stop_listen = CancellationToken::new();
+    let listen_task = tokio::spawn({
+        let stop = stop_listen.clone();
+        async move {
+            let mut seen: Vec<(i64, Instant)> = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    n = listener.recv() => {
+                        let at = Instant::now();
+                        let n = n?;
+                        if let Ok(p) = n.payload().parse::<i64>() {
+                            seen.push((p, at));
+                        }
+                    }
+                }
+            }
+            anyhow::Ok(seen)
+        }
+    });
+    // Let the ingestion reach streaming before the clock starts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let writers = args.writers.max(1);
+    let rate = args.rate.max(1) as f64;
+    let total = (rate * args.latency_seconds as f64) as i64;
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await?;
+            let payload = "p".repeat(90);
+            let mut done: Vec<(i64, Instant)> = Vec::new();
+            let mut late = 0usize;
+            let mut id = w as i64 + 1;
+            while id <= total {
+                let due = start + Duration::from_secs_f64((id - 1) as f64 / rate);
+                let now = tokio::time::Instant::now();
+                if now < due {
+                    tokio::time::sleep_until(due).await;
+                } else if now - due > Duration::from_millis(10) {
+                    late += 1;
+                }
+                sqlx::query("insert into bench values ($1, $2)")
+                    .bind(id)
+                    .bind(&payload)
+                    .execute(&mut conn)
+                    .await?;
+                done.push((id, Instant::now()));
+                id += writers as i64;
+            }
+            conn.close().await?;
+            anyhow::Ok((done, late))
+        }));
+    }
+    let mut committed: Vec<(i64, Instant)> = Vec::with_capacity(total as usize);
+    let mut late_writes = 0;
+    for t in tasks {
+        let (done, late) = t.await??;
+        committed.extend(done);
+        late_writes += late;
+    }
+    committed.sort_by_key(|(id, _)| *id);
+    let first = committed.iter().map(|c| c.1).min().context("no row was written")?;
+    let last = committed.iter().map(|c| c.1).max().context("no row was written")?;
+    let achieved_rate = committed.len() as f64 / (last - first).as_secs_f64().max(1e-9);
+
+    wait_for_position(&pool, "weir", committed.len() as i64, Duration::from_millis(20), &ingest)
+        .await?;
+    // The last notification is on its way; give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_listen.cancel();
+    let mut seen = listen_task.await??;
+    stop_ingest(cancel, ingest).await?;
+    seen.sort_by_key(|(p, at)| (*p, *at));
+
+    // Position → row id, then each row's time = first notification whose head covers it.
+    let ids: Vec<(i64, i64)> =
+        sqlx::query_as("select position, (key->>'id')::bigint from weir.events order by position")
+            .fetch_all(&pool)
+            .await?;
+    let seen_at = |position: i64| -> Option<Instant> {
+        let i = seen.partition_point(|(p, _)| *p < position);
+        seen[i..].iter().map(|(_, at)| *at).min()
+    };
+    let commit_of: HashMap<i64, Instant> = committed.iter().copied().collect();
+    let warmup = first + Duration::from_secs(1);
+    let mut delays = Vec::new();
+    for (position, id) in &ids {
+        let (Some(done), Some(at)) = (commit_of.get(id), seen_at(*position)) else { continue };
+        if *done < warmup {
+            continue;
+        }
+        let ms = if at >= *done {
+            (at - *done).as_secs_f64() * 1e3
+        } else {
+            -((*done - at).as_secs_f64() * 1e3)
+        };
+        delays.push(ms);
+    }
+    delays.sort_by(f64::total_cmp);
+    if delays.is_empty() {
+        bail!("no latency samples (notifications lost?)");
+    }
+    let result = LatencyResult {
+        target_rate: args.rate,
+        achieved_rate,
+        rows: committed.len(),
+        measured: delays.len(),
+        late_writes,
+        p50: percentile(&delays, 0.50),
+        p99: percentile(&delays, 0.99),
+        p999: percentile(&delays, 0.999),
+        max: *delays.last().unwrap_or(&0.0),
+        min: delays[0],
+    };
+    println!(
+        "  {} rows at {} rows/s achieved ({} writers, {} writes started >10 ms late); {} measured after a 1 s warm-up",
+        thousands(result.rows as f64),
+        thousands(result.achieved_rate),
+        writers,
+        result.late_writes,
+        thousands(result.measured as f64)
+    );
+    println!(
+        "  commit returned → append committed (NOTIFY received): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms (min {:.2} ms)",
+        result.p50, result.p99, result.p999, result.max, result.min
+    );
+    println!();
+    pool.close().await;
+    weir_pool.close().await;
+    server.drop_db(&name).await?;
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 3: a huge transaction
+
+#[derive(Debug)]
+struct HugeResult {
+    rows: u64,
+    baseline_mb: f64,
+    peak_mb: f64,
+    peak_source: &'static str,
+    insert_seconds: f64,
+    after_commit_seconds: f64,
+    gap_free: bool,
+    count: i64,
+}
+
+async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeResult> {
+    let n = args.changes;
+    println!("== one transaction of {} rows ==", thousands(n as f64));
+    let name = format!("weir_bench_huge_{}", std::process::id());
+    let (_url, pool, config) = prepare(server, &name).await?;
+    let weir_pool = weir::db::connect(&config).await?;
+    let (cancel, ingest) = spawn_ingest(config, weir_pool.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let baseline_kb = status_kb("VmRSS").unwrap_or(0);
+    // Writing 5 resets VmHWM (the peak) to the current RSS.
+    let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut peak = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(status_kb("VmRSS").unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        }
+    });
+
+    let started = Instant::now();
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into bench select g, repeat('x', 90) from generate_series(1, {n}) g"
+    )))
+    .execute(&pool)
+    .await?;
+    let committed = Instant::now();
+    let waited =
+        wait_for_position(&pool, "weir", n as i64, Duration::from_millis(20), &ingest).await;
+    let done = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let sampled_kb = sampler.join().unwrap_or(0);
+    let hwm_kb = if hwm_reset { status_kb("VmHWM") } else { None };
+    waited?;
+    stop_ingest(cancel, ingest).await?;
+
+    let (count, lo, hi): (i64, Option<i64>, Option<i64>) =
+        sqlx::query_as("select count(*), min(position), max(position) from weir.events")
+            .fetch_one(&pool)
+            .await?;
+    let gap_free = count == n as i64 && lo == Some(1) && hi == Some(n as i64);
+    let (peak_kb, peak_source) = match hwm_kb {
+        Some(h) if h >= sampled_kb => (h, "VmHWM"),
+        _ => (sampled_kb, "VmRSS sampled every 50 ms"),
+    };
+    let result = HugeResult {
+        rows: n,
+        baseline_mb: baseline_kb as f64 / 1024.0,
+        peak_mb: peak_kb as f64 / 1024.0,
+        peak_source,
+        insert_seconds: (committed - started).as_secs_f64(),
+        after_commit_seconds: (done - committed).as_secs_f64(),
+        gap_free,
+        count,
+    };
+    println!(
+        "  insert committed after {:.1} s; every row in the log {:.1} s after the commit ({:.1} s from the start)",
+        result.insert_seconds,
+        result.after_commit_seconds,
+        (done - started).as_secs_f64()
+    );
+    println!(
+        "  peak RSS of this process {:.0} MB ({}), baseline before the insert {:.0} MB, delta {:.0} MB",
+        result.peak_mb,
+        result.peak_source,
+        result.baseline_mb,
+        result.peak_mb - result.baseline_mb
+    );
+    println!(
+        "  log: {} events, positions {}..{} {}",
+        thousands(count as f64),
+        lo.unwrap_or(0),
+        hi.unwrap_or(0),
+        if gap_free { "without a gap" } else { "WRONG (expected 1..N, gap-free)" }
+    );
+    println!();
+    pool.close().await;
+    weir_pool.close().await;
+    server.drop_db(&name).await?;
+    Ok(result)
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Summary
+
+#[derive(Debug, Default)]
+struct Summary {
+    throughput: Vec<ThroughputResult>,
+    latency: Option<LatencyResult>,
+    huge: Option<HugeResult>,
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+impl Summary {
+    fn print(&self, args: &IngestBenchArgs) {
+        println!(
+            "== summary (medians of {} drain pairs per size; noisy shared machine) ==",
+            args.repeat
+        );
+        println!("{:<44} {:>14} {:>16} {:>8}", "figure", "value", "target", "");
+        for t in &self.throughput {
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                format!("pg_recvlogical, {}-row txns (changes/s)", t.txn_size),
+                thousands(t.recv_rate()),
+                "reference",
+                ""
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                format!(
+                    "weir into the log, {}-row txns (changes/s){}",
+                    t.txn_size,
+                    if t.partial() { "*" } else { "" }
+                ),
+                thousands(t.weir_rate()),
+                format!("≥ {}", thousands(t.recv_rate() * TARGET_RATIO)),
+                ""
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                format!("ratio, {}-row txns", t.txn_size),
+                format!("{:.2}x", t.ratio()),
+                format!("≥ {TARGET_RATIO:.2}x"),
+                verdict(t.ratio() >= TARGET_RATIO)
+            );
+        }
+        if let Some(l) = &self.latency {
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "latency rate achieved (rows/s)",
+                thousands(l.achieved_rate),
+                thousands(l.target_rate as f64),
+                verdict(l.achieved_rate >= l.target_rate as f64 * 0.95)
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "latency p50 (ms)",
+                format!("{:.2}", l.p50),
+                format!("≤ {TARGET_P50_MS}"),
+                verdict(l.p50 <= TARGET_P50_MS)
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "latency p99 (ms)",
+                format!("{:.2}", l.p99),
+                format!("≤ {TARGET_P99_MS}"),
+                verdict(l.p99 <= TARGET_P99_MS)
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "latency max (ms)",
+                format!("{:.2}", l.max),
+                "",
+                ""
+            );
+        }
+        if let Some(h) = &self.huge {
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                format!("peak RSS, {}-row txn (MB)", thousands(h.rows as f64)),
+                format!("{:.0}", h.peak_mb),
+                format!("≤ {TARGET_RSS_MB:.0}"),
+                verdict(h.peak_mb <= TARGET_RSS_MB)
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "  of which over the baseline (MB)",
+                format!("{:.0}", h.peak_mb - h.baseline_mb),
+                "",
+                ""
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "huge txn: commit → all in the log (s)",
+                format!("{:.1}", h.after_commit_seconds),
+                "",
+                ""
+            );
+            println!(
+                "{:<44} {:>14} {:>16} {:>8}",
+                "huge txn: log complete and gap-free",
+                if h.gap_free { "yes".to_string() } else { format!("NO ({})", h.count) },
+                "yes",
+                verdict(h.gap_free)
+            );
+        }
+        for t in &self.throughput {
+            println!("ratio {}-row txns: weir / pg_recvlogical: {:.2}x", t.txn_size, t.ratio());
+        }
+        if !self.throughput.is_empty() {
+            self.print_throughput_notes(args);
+        }
+    }
+
+    fn print_throughput_notes(&self, args: &IngestBenchArgs) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!();
+        println!("Notes on throughput:");
+        println!(
+            "- pg_recvlogical only receives pgoutput and discards it. weir decodes every change into"
+        );
+        println!(
+            "  JSON, COPYs it into weir.events and commits (fsync) before the slot may be acknowledged;"
+        );
+        println!("  its own backend and this process share the cores with the walsender.");
+        if self.throughput.iter().any(ThroughputResult::partial) {
+            println!(
+                "- * a weir drain was stopped after --max-drain-seconds ({} s); its rate is what it drained",
+                args.max_drain_seconds
+            );
+            println!(
+                "  in that time, which is the steady-state rate of a drain that would take much longer."
+            );
+        }
+        for t in &self.throughput {
+            let busy = median(t.weir.iter().map(|d| d.cpu.total() / d.seconds).collect());
+            let local = t.weir.iter().all(|d| d.cpu.local);
+            println!(
+                "- {}-row txns: {} of WAL for {} changes (generated in {:.1} s){}",
+                t.txn_size,
+                human_bytes(t.wal_bytes),
+                thousands(t.changes as f64),
+                t.generate_seconds,
+                if local {
+                    format!(
+                        "; during weir's drains the machine was {:.0}% busy ({} cores){}",
+                        100.0 * busy / cores,
+                        cores,
+                        if busy / cores < 0.6 {
+                            ": weir mostly waits rather than computes"
+                        } else {
+                            ""
+                        }
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if !args.unix_socket && args.url.is_none() {
+            println!(
+                "- Over TCP, sqlx 0.9.0 leaves Nagle's algorithm on (no TCP_NODELAY; sqlx issue #4335):"
+            );
+            println!(
+                "  each COPY sends its data and its CopyDone in two writes, and the CopyDone waits for the"
+            );
+            println!(
+                "  server's delayed ACK (~40 ms on Linux). Compare with --unix-socket, which has no Nagle."
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU accounting from /proc
+
+#[derive(Debug)]
+struct ProcStat {
+    comm: String,
+    ppid: u32,
+    /// utime + stime, in clock ticks.
+    ticks: u64,
+    /// cutime + cstime (waited-for children), in clock ticks.
+    child_ticks: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_string();
+    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    // f[0] is field 3 (state): field k is f[k - 3].
+    let num = |k: usize| -> Option<u64> { f.get(k - 3)?.parse().ok() };
+    Some(ProcStat {
+        comm,
+        ppid: num(4)? as u32,
+        ticks: num(14)? + num(15)?,
+        child_ticks: num(16)? + num(17)?,
+    })
+}
+
+fn clock_ticks() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// What a server process is, from its process title.
+fn server_label(pid: u32) -> (String, bool) {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let title = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    let title = title.trim();
+    let rest = title.strip_prefix("postgres: ").unwrap_or(title);
+    let copying = rest.contains("COPY") || rest.contains("INSERT");
+    let label = if rest.starts_with("walsender") {
+        "walsender".to_string()
+    } else if [
+        "checkpointer",
+        "background writer",
+        "walwriter",
+        "autovacuum",
+        "logical replication",
+        "archiver",
+    ]
+    .iter()
+    .any(|p| rest.starts_with(p))
+    {
+        rest.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    } else {
+        "backend".to_string()
+    };
+    (label, copying)
+}
+
+#[derive(Debug, Default)]
+struct CpuReport {
+    /// label → cpu seconds.
+    server: Vec<(String, f64)>,
+    this_process: f64,
+    children: f64,
+    local: bool,
+}
+
+impl CpuReport {
+    /// CPU seconds of everything measured.
+    fn total(&self) -> f64 {
+        self.server.iter().map(|(_, s)| s).sum::<f64>() + self.this_process + self.children
+    }
+
+    fn describe(&self, wall: f64) -> String {
+        if !self.local {
+            return format!(
+                "this process {:.0}%, pg_recvlogical {:.0}%",
+                100.0 * self.this_process / wall,
+                100.0 * self.children / wall
+            );
+        }
+        let mut parts: Vec<String> = self
+            .server
+            .iter()
+            .filter(|(_, s)| *s / wall >= 0.02)
+            .map(|(l, s)| format!("{l} {:.0}%", 100.0 * s / wall))
+            .collect();
+        if self.this_process / wall >= 0.02 {
+            parts.push(format!("weir+bench process {:.0}%", 100.0 * self.this_process / wall));
+        }
+        if self.children / wall >= 0.02 {
+            parts.push(format!("pg_recvlogical {:.0}%", 100.0 * self.children / wall));
+        }
+        let total = self.total();
+        format!("{} (total {:.0}% of one core)", parts.join(", "), 100.0 * total / wall)
+    }
+}
+
+/// Samples the CPU of the server's processes (children of the postmaster) every 100 ms on a
+/// thread of its own, plus this process and its waited-for children.
+struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<HashMap<u32, (String, bool, u64, u64)>>>,
+    self_start: Option<ProcStat>,
+    local: bool,
+}
+
+impl CpuSampler {
+    fn start(postmaster: Option<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let self_start = proc_stat(std::process::id());
+        let thread = postmaster.map(|pm| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // pid → (label, seen copying, ticks at first sight, ticks at last sight)
+                let mut seen: HashMap<u32, (String, bool, u64, u64)> = HashMap::new();
+                let mut first_round = true;
+                loop {
+                    for pid in children_of(pm) {
+                        let Some(st) = proc_stat(pid) else { continue };
+                        let (label, copying) = server_label(pid);
+                        let entry = seen.entry(pid).or_insert_with(|| {
+                            // A process born during the window counts from zero.
+                            let base = if first_round { st.ticks } else { 0 };
+                            (label.clone(), false, base, st.ticks)
+                        });
+                        entry.3 = st.ticks;
+                        entry.1 |= copying;
+                        if entry.0 == "backend" && label != "backend" {
+                            entry.0 = label;
+                        }
+                    }
+                    first_round = false;
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                seen
+            })
+        });
+        Self { stop, thread, self_start, local: postmaster.is_some() }
+    }
+
+    fn stop(mut self) -> CpuReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let tck = clock_ticks();
+        let end = proc_stat(std::process::id());
+        let (this_process, children) = match (&self.self_start, &end) {
+            (Some(a), Some(b)) => (
+                (b.ticks.saturating_sub(a.ticks)) as f64 / tck,
+                (b.child_ticks.saturating_sub(a.child_ticks)) as f64 / tck,
+            ),
+            _ => (0.0, 0.0),
+        };
+        let mut by_label: HashMap<String, f64> = HashMap::new();
+        if let Some(t) = self.thread.take() {
+            let seen = t.join().unwrap_or_default();
+            // The busiest backend that was seen running COPY/INSERT is the appender's.
+            for (_, (label, copying, first, last)) in seen {
+                let label = if label == "backend" && copying {
+                    "backend doing COPY (appender)".to_string()
+                } else {
+                    label
+                };
+                *by_label.entry(label).or_default() += last.saturating_sub(first) as f64 / tck;
+            }
+        }
+        let mut server: Vec<(String, f64)> = by_label.into_iter().collect();
+        server.sort_by(|a, b| b.1.total_cmp(&a.1));
+        CpuReport { server, this_process, children, local: self.local }
+    }
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        return text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+    }
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| proc_stat(*p).is_some_and(|s| s.ppid == pid))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn thousands(x: f64) -> String {
+    let n = x.round() as i64;
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn human_bytes(b: i64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GB", b / (1024.0 * 1024.0 * 1024.0))
+    } else {
+        format!("{:.0} MB", b / (1024.0 * 1024.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(url_with_db("postgres://u@h:5/postgres", "x"), "postgres://u@h:5/x");
+        assert_eq!(
+            url_with_db("postgres://u@h:5/db?sslmode=disable", "x"),
+            "postgres://u@h:5/x?sslmode=disable"
+        );
+        assert_eq!(url_with_db("postgres://u@h:5", "x"), "postgres://u@h:5/x");
+    }
+
+    #[test]
+    fn percentiles_and_medians() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(thousands(1234567.0), "1,234,567");
+    }
+
+    #[test]
+    fn parses_proc_stat() {
+        let s = "123 (post gres) S 7 1 1 0 -1 0 0 0 0 0 50 25 3 4 20 0 1 0 100 0 0";
+        let st = parse_stat(s).unwrap();
+        assert_eq!(st.comm, "post gres");
+        assert_eq!(st.ppid, 7);
+        assert_eq!(st.ticks, 75);
+        assert_eq!(st.child_ticks, 7);
+    }
+}
