@@ -159,7 +159,7 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
     }
     // Read-your-writes for derived data: wait until every change so far is processed.
     let written: String =
-        sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&pool).await?;
+        sqlx::query_scalar("select pg_current_wal_insert_lsn()::text").fetch_one(&pool).await?;
     let lsn: weir::Lsn = written.parse()?;
     let waited = Instant::now();
     let done = weir::process::wait_for(&pool, lsn, Duration::from_secs(30)).await?;

@@ -63,6 +63,11 @@ enum Command {
         /// The consumer's name.
         name: String,
     },
+    /// Skip the event a halted consumer stopped on (recorded as skipped) and resume after it.
+    Skip {
+        /// The consumer's name.
+        name: String,
+    },
     /// Events set aside by consumers with `on_exhausted = "park"`.
     #[command(subcommand)]
     Parked(ParkedCommand),
@@ -224,6 +229,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             weir::consumer_status::consumers(&pool).await.ok();
             weir_consumer_resume(&pool, &name).await?;
             println!("consumer `{name}` resumed at the event it halted on");
+        }
+        Command::Skip { name } => {
+            let pool = weir::db::connect(&config).await?;
+            let position = weir::skip(&pool, &name).await?;
+            println!("consumer `{name}` skipped position {position} and resumed after it");
         }
         Command::Parked(cmd) => {
             let pool = weir::db::connect(&config).await?;

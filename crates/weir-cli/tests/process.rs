@@ -330,7 +330,7 @@ async fn doctor_passes_on_a_healthy_setup_and_status_reports() {
     let (ok, out) = output(weir(&db, &["status", "--json"]));
     assert!(ok, "{out}");
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(s["position"], 5);
+    assert_eq!(s["source"]["position"], 5);
     let (ok, out) = output(weir(&db, &["tail", "--from", "0", "--limit", "2", "--entity", "t"]));
     assert!(ok, "{out}");
     let lines: Vec<serde_json::Value> =

@@ -52,13 +52,20 @@ pub struct ConsumerSpec {
 
 impl std::fmt::Debug for ConsumerSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsumerSpec").field("name", &self.name).field("lanes", &self.lanes).finish()
+        f.debug_struct("ConsumerSpec")
+            .field("name", &self.name)
+            .field("lanes", &self.lanes)
+            .finish()
     }
 }
 
 impl ConsumerSpec {
     /// A consumer with the `[consumers]` defaults.
-    pub fn new(name: impl Into<String>, operator: Arc<dyn Operator>, defaults: &ConsumersConfig) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        operator: Arc<dyn Operator>,
+        defaults: &ConsumersConfig,
+    ) -> Self {
         Self {
             name: name.into(),
             operator,
@@ -84,7 +91,14 @@ pub trait ErrorReporter: Send + Sync + 'static {
     /// A handler failed and will be retried after `delay`.
     fn retry(&self, consumer: &str, event: &Event, attempt: u32, error: &str, delay: Duration);
     /// Retries ran out; `outcome` is what happens now.
-    fn exhausted(&self, consumer: &str, event: &Event, attempt: u32, error: &str, outcome: OnExhausted);
+    fn exhausted(
+        &self,
+        consumer: &str,
+        event: &Event,
+        attempt: u32,
+        error: &str,
+        outcome: OnExhausted,
+    );
 }
 
 /// The default reporter: logs through `tracing`.
@@ -93,10 +107,31 @@ pub struct TracingReporter;
 
 impl ErrorReporter for TracingReporter {
     fn retry(&self, consumer: &str, event: &Event, attempt: u32, error: &str, delay: Duration) {
-        tracing::warn!(consumer, position = event.position, attempt, error, ?delay, "handler failed; retrying");
+        tracing::warn!(
+            consumer,
+            position = event.position,
+            attempt,
+            error,
+            ?delay,
+            "handler failed; retrying"
+        );
     }
-    fn exhausted(&self, consumer: &str, event: &Event, attempt: u32, error: &str, outcome: OnExhausted) {
-        tracing::error!(consumer, position = event.position, attempt, error, ?outcome, "handler failed for good");
+    fn exhausted(
+        &self,
+        consumer: &str,
+        event: &Event,
+        attempt: u32,
+        error: &str,
+        outcome: OnExhausted,
+    ) {
+        tracing::error!(
+            consumer,
+            position = event.position,
+            attempt,
+            error,
+            ?outcome,
+            "handler failed for good"
+        );
     }
 }
 
@@ -109,6 +144,9 @@ pub struct Engine {
 
 #[derive(Clone)]
 struct Shared {
+    /// Consumers halted as seen by this process: set by the lane that halts (so the other
+    /// lanes here stop before their next event), synced from the database every batch.
+    halted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     pool: PgPool,
     reader: LogReader,
     wake: Wake,
@@ -131,19 +169,30 @@ impl Engine {
         for spec in &specs {
             let selector = spec.operator.selector();
             let start = match spec.start_from {
-                StartFrom::Beginning => reader.oldest().await?.map_or(reader.head().await?, |p| p - 1),
+                StartFrom::Beginning => {
+                    reader.oldest().await?.map_or(reader.head().await?, |p| p - 1)
+                }
                 StartFrom::Now => reader.head().await?,
             };
-            let kinds: Vec<String> = selector.kinds.iter().map(|k| k.as_str().to_string()).collect();
+            let kinds: Vec<String> =
+                selector.kinds.iter().map(|k| k.as_str().to_string()).collect();
             let ordering = match spec.ordering {
                 Ordering::Global => "global",
                 Ordering::PerKey => "per_key",
             };
-            store::register(&pool, &spec.name, spec.lane_count(), ordering, &selector.entities, &kinds, start)
-                .await?;
+            store::register(
+                &pool,
+                &spec.name,
+                spec.lane_count(),
+                ordering,
+                &selector.entities,
+                &kinds,
+                start,
+            )
+            .await?;
         }
         let node = format!("{}:{}", hostname(), uuid::Uuid::new_v4().simple());
-        let shared = Shared { pool, reader, wake, node, reporter };
+        let shared = Shared { halted: Arc::default(), pool, reader, wake, node, reporter };
         let task = tokio::spawn(supervise(shared, specs, cancel.clone()));
         Ok(Self { task, cancel })
     }
@@ -170,7 +219,9 @@ impl Engine {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 struct Held {
@@ -178,7 +229,11 @@ struct Held {
     cancel: CancellationToken,
 }
 
-async fn supervise(shared: Shared, specs: Vec<ConsumerSpec>, cancel: CancellationToken) -> Result<()> {
+async fn supervise(
+    shared: Shared,
+    specs: Vec<ConsumerSpec>,
+    cancel: CancellationToken,
+) -> Result<()> {
     let mut lanes: JoinSet<(String, i32)> = JoinSet::new();
     let mut held: HashMap<(String, i32), Held> = HashMap::new();
     let ttl = LEASE_TTL.as_secs_f64();
@@ -292,7 +347,8 @@ impl Lane {
     async fn run(self) -> Result<()> {
         let filter = self.spec.operator.selector().filter();
         let lanes = self.spec.lane_count();
-        let mut pos = store::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
+        let mut pos =
+            store::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
         let mut stored = pos;
         let mut wake = self.shared.wake.clone();
         let mut status = "";
@@ -305,7 +361,7 @@ impl Lane {
                     return Ok(());
                 }
             }
-            if store::is_halted(&self.shared.pool, &self.spec.name).await? {
+            if self.sync_halted().await? {
                 self.set_status(&mut status, "halted", None, 0, None).await?;
                 self.sleep(Duration::from_millis(200)).await;
                 continue;
@@ -343,6 +399,9 @@ impl Lane {
                     pos = event.position;
                     continue;
                 }
+                if self.halted_here() {
+                    break;
+                }
                 let key = key.map_err(|e| e.to_string());
                 match self.handle(event, key, &mut status).await? {
                     Handled::Done => {
@@ -352,7 +411,10 @@ impl Lane {
                     Handled::LostLease => return Ok(()),
                 }
             }
-            if short && !self.cancel.is_cancelled() && !store::is_halted(&self.shared.pool, &self.spec.name).await? {
+            if short
+                && !self.cancel.is_cancelled()
+                && !store::is_halted(&self.shared.pool, &self.spec.name).await?
+            {
                 pos = pos.max(head);
             }
             if pos > stored {
@@ -364,6 +426,22 @@ impl Lane {
         }
     }
 
+    fn halted_here(&self) -> bool {
+        self.shared.halted.lock().expect("halted set").contains(&self.spec.name)
+    }
+
+    /// Reads the consumer's state from the database into the shared set; returns it.
+    async fn sync_halted(&self) -> Result<bool> {
+        let halted = store::is_halted(&self.shared.pool, &self.spec.name).await?;
+        let mut set = self.shared.halted.lock().expect("halted set");
+        if halted {
+            set.insert(self.spec.name.clone());
+        } else {
+            set.remove(&self.spec.name);
+        }
+        Ok(halted)
+    }
+
     async fn sleep(&self, d: Duration) {
         tokio::select! {
             _ = self.cancel.cancelled() => {}
@@ -371,17 +449,42 @@ impl Lane {
         }
     }
 
-    async fn set_status(&self, current: &mut &'static str, status: &'static str, at: Option<i64>, attempt: i32, error: Option<&str>) -> Result<()> {
+    async fn set_status(
+        &self,
+        current: &mut &'static str,
+        status: &'static str,
+        at: Option<i64>,
+        attempt: i32,
+        error: Option<&str>,
+    ) -> Result<()> {
         if *current == status && error.is_none() && at.is_none() {
             return Ok(());
         }
         *current = status;
-        store::set_status(&self.shared.pool, &self.spec.name, self.lane, self.fence, status, at, attempt, error).await
+        store::set_status(
+            &self.shared.pool,
+            &self.spec.name,
+            self.lane,
+            self.fence,
+            status,
+            at,
+            attempt,
+            error,
+        )
+        .await
     }
 
     async fn checkpoint_alone(&self, position: i64) -> Result<bool> {
         let mut conn = self.shared.pool.acquire().await?;
-        store::checkpoint(&mut conn, &self.spec.name, self.lane, &self.shared.node, self.fence, position).await
+        store::checkpoint(
+            &mut conn,
+            &self.spec.name,
+            self.lane,
+            &self.shared.node,
+            self.fence,
+            position,
+        )
+        .await
     }
 
     /// One attempt: the handler and the checkpoint in one transaction. `Ok(None)`: committed;
@@ -389,7 +492,8 @@ impl Lane {
     async fn attempt(&self, event: &Event) -> Result<Result<Option<Handled>, String>> {
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        let outcome = AssertUnwindSafe(self.spec.operator.handle(&mut tx, event)).catch_unwind().await;
+        let outcome =
+            AssertUnwindSafe(self.spec.operator.handle(&mut tx, event)).catch_unwind().await;
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e}")),
@@ -399,7 +503,16 @@ impl Lane {
             let _ = tx.rollback().await;
             return Ok(Err(f));
         }
-        if !store::checkpoint(&mut tx, &self.spec.name, self.lane, &self.shared.node, self.fence, event.position).await? {
+        if !store::checkpoint(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            &self.shared.node,
+            self.fence,
+            event.position,
+        )
+        .await?
+        {
             let _ = tx.rollback().await;
             return Ok(Ok(Some(Handled::LostLease)));
         }
@@ -410,11 +523,18 @@ impl Lane {
         }
     }
 
-    async fn handle(&self, event: &Event, key: std::result::Result<String, String>, status: &mut &'static str) -> Result<Handled> {
+    async fn handle(
+        &self,
+        event: &Event,
+        key: std::result::Result<String, String>,
+        status: &mut &'static str,
+    ) -> Result<Handled> {
         if self.spec.on_exhausted == OnExhausted::Park {
             if let Ok(k) = &key {
                 if store::key_parked(&self.shared.pool, &self.spec.name, k).await? {
-                    return self.set_aside(event, k, "an earlier event of this key is parked", 0).await;
+                    return self
+                        .set_aside(event, k, "an earlier event of this key is parked", 0)
+                        .await;
                 }
             }
         }
@@ -435,38 +555,109 @@ impl Lane {
                 let delay = retry.delay(attempt);
                 self.shared.reporter.retry(&self.spec.name, event, attempt, &error, delay);
                 let mut conn = self.shared.pool.acquire().await?;
-                store::record_failure(&mut conn, &self.spec.name, self.lane, event.position, attempt as i32, &error, "retry").await?;
-                self.set_status(status, "retrying", Some(event.position), attempt as i32, Some(&error)).await?;
+                store::record_failure(
+                    &mut conn,
+                    &self.spec.name,
+                    self.lane,
+                    event.position,
+                    attempt as i32,
+                    &error,
+                    "retry",
+                )
+                .await?;
+                self.set_status(
+                    status,
+                    "retrying",
+                    Some(event.position),
+                    attempt as i32,
+                    Some(&error),
+                )
+                .await?;
                 self.sleep(delay).await;
                 if self.cancel.is_cancelled() {
                     return Ok(Handled::LostLease);
                 }
                 continue;
             }
-            self.shared.reporter.exhausted(&self.spec.name, event, attempt, &error, self.spec.on_exhausted);
+            self.shared.reporter.exhausted(
+                &self.spec.name,
+                event,
+                attempt,
+                &error,
+                self.spec.on_exhausted,
+            );
             match self.spec.on_exhausted {
                 OnExhausted::Halt => {
                     {
                         let mut conn = self.shared.pool.acquire().await?;
-                        store::record_failure(&mut conn, &self.spec.name, self.lane, event.position, attempt as i32, &error, "halt").await?;
+                        store::record_failure(
+                            &mut conn,
+                            &self.spec.name,
+                            self.lane,
+                            event.position,
+                            attempt as i32,
+                            &error,
+                            "halt",
+                        )
+                        .await?;
                     }
-                    store::halt(&self.shared.pool, &self.spec.name, self.lane, event.position, attempt as i32, &error).await?;
-                    self.set_status(status, "halted", Some(event.position), attempt as i32, Some(&error)).await?;
+                    store::halt(
+                        &self.shared.pool,
+                        &self.spec.name,
+                        self.lane,
+                        event.position,
+                        attempt as i32,
+                        &error,
+                    )
+                    .await?;
+                    self.set_status(
+                        status,
+                        "halted",
+                        Some(event.position),
+                        attempt as i32,
+                        Some(&error),
+                    )
+                    .await?;
                     // Wait for `weir resume`, then start over at this same event.
-                    while store::is_halted(&self.shared.pool, &self.spec.name).await? {
+                    while self.sync_halted().await? {
                         self.sleep(Duration::from_millis(200)).await;
                         if self.cancel.is_cancelled() {
                             return Ok(Handled::LostLease);
                         }
                     }
                     self.set_status(status, "running", None, 0, None).await?;
+                    // `weir skip` moved the checkpoint past this event.
+                    if store::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane)
+                        .await?
+                        >= event.position
+                    {
+                        return Ok(Handled::Done);
+                    }
                     attempt = 0;
                 }
                 OnExhausted::Skip => {
                     let mut conn = self.shared.pool.acquire().await?;
                     let mut tx = conn.begin().await?;
-                    store::record_failure(&mut tx, &self.spec.name, self.lane, event.position, attempt as i32, &error, "skip").await?;
-                    if !store::checkpoint(&mut tx, &self.spec.name, self.lane, &self.shared.node, self.fence, event.position).await? {
+                    store::record_failure(
+                        &mut tx,
+                        &self.spec.name,
+                        self.lane,
+                        event.position,
+                        attempt as i32,
+                        &error,
+                        "skip",
+                    )
+                    .await?;
+                    if !store::checkpoint(
+                        &mut tx,
+                        &self.spec.name,
+                        self.lane,
+                        &self.shared.node,
+                        self.fence,
+                        event.position,
+                    )
+                    .await?
+                    {
                         return Ok(Handled::LostLease);
                     }
                     tx.commit().await?;
@@ -480,12 +671,46 @@ impl Lane {
         }
     }
 
-    async fn set_aside(&self, event: &Event, key: &str, error: &str, attempts: i32) -> Result<Handled> {
+    async fn set_aside(
+        &self,
+        event: &Event,
+        key: &str,
+        error: &str,
+        attempts: i32,
+    ) -> Result<Handled> {
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        store::park(&mut tx, &self.spec.name, self.lane, event.position, key, &event.entity, error, attempts).await?;
-        store::record_failure(&mut tx, &self.spec.name, self.lane, event.position, attempts, error, "park").await?;
-        if !store::checkpoint(&mut tx, &self.spec.name, self.lane, &self.shared.node, self.fence, event.position).await? {
+        store::park(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            key,
+            &event.entity,
+            error,
+            attempts,
+        )
+        .await?;
+        store::record_failure(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            attempts,
+            error,
+            "park",
+        )
+        .await?;
+        if !store::checkpoint(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            &self.shared.node,
+            self.fence,
+            event.position,
+        )
+        .await?
+        {
             return Ok(Handled::LostLease);
         }
         tx.commit().await?;
@@ -501,7 +726,13 @@ impl Lane {
             if failed_keys.contains(&key) {
                 continue;
             }
-            let Some(event) = self.shared.reader.read(position - 1, 1, &Default::default()).await?.into_iter().next()
+            let Some(event) = self
+                .shared
+                .reader
+                .read(position - 1, 1, &Default::default())
+                .await?
+                .into_iter()
+                .next()
             else {
                 // Dropped by retention: nothing to retry.
                 sqlx::query("delete from weir.parked where consumer = $1 and position = $2")
@@ -513,7 +744,8 @@ impl Lane {
             };
             let mut conn = self.shared.pool.acquire().await?;
             let mut tx = conn.begin().await?;
-            let outcome = AssertUnwindSafe(self.spec.operator.handle(&mut tx, &event)).catch_unwind().await;
+            let outcome =
+                AssertUnwindSafe(self.spec.operator.handle(&mut tx, &event)).catch_unwind().await;
             let failure = match outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e.to_string()),

@@ -68,6 +68,12 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
     Ok(())
 }
 
+/// Skips the event a halted consumer stopped on (recorded as skipped) and resumes after it.
+/// Returns the skipped position.
+pub async fn skip(pool: &sqlx::PgPool, name: &str) -> Result<i64> {
+    store::skip_halted(pool, name).await
+}
+
 /// Resumes a halted consumer at the event it halted on.
 pub async fn resume(pool: &sqlx::PgPool, name: &str) -> Result<bool> {
     store::resume(pool, name).await

@@ -6,9 +6,9 @@
 //! - an event's timestamp is the row's `timestamp_column` (default `updated_at`) when the table
 //!   has such a timestamp column, else the commit time.
 //!
-//! `processed(entity, ts)` is true iff the latest handled event of `entity` has a timestamp at or
-//! after `ts`, no event of `entity` with a timestamp at or below `ts` lies beyond the watermark of
-//! a consumer listening to it, and none is parked. An entity no consumer listens to counts as
+//! `processed(entity, ts)` is true iff a change of `entity` with a timestamp at or after `ts` is
+//! in the log, no change of `entity` with a timestamp at or below `ts` lies beyond the watermark
+//! of a consumer listening to it, and none is parked. An entity no consumer listens to counts as
 //! processed once logged.
 
 use std::time::{Duration, Instant};
@@ -34,34 +34,45 @@ fn us(ts: chrono::DateTime<chrono::Utc>) -> i64 {
     ts.timestamp_micros()
 }
 
-/// The timestamp (µs since the Unix epoch) of the latest event of `entity` handled by every
-/// consumer listening to it; `None` when there is none.
+/// How many recent events of an entity the timestamp look-ups scan (newest first).
+const RECENT: i64 = 100_000;
+
+/// The newest timestamp (µs since the Unix epoch) among the recent events of `entity` handled
+/// by every consumer listening to it; `None` when there is none.
 pub async fn last_processed(pool: &PgPool, entity: &str, column: &str) -> Result<Option<i64>> {
     let sql = format!(
         "with w as ({WATERMARKS})
-         select {TS} from weir.events e left join weir.relations r on r.id = e.relation_id
-         where e.entity = $1
-           and e.position <= coalesce((select min(w) from w), (select max(position) from weir.source_state))
-         order by e.position desc limit 1"
+         select max(ts) from (
+             select {TS} as ts from weir.events e left join weir.relations r on r.id = e.relation_id
+             where e.entity = $1
+               and e.position <= coalesce((select min(w) from w), (select max(position) from weir.source_state))
+             order by e.position desc limit {RECENT}
+         ) x"
     );
     let ts: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(entity)
         .bind(column)
-        .fetch_optional(pool)
+        .fetch_one(pool)
         .await?;
     Ok(ts.map(us))
 }
 
 /// Whether every change of `entity` with a timestamp at or below `ts_us` (µs since the Unix
 /// epoch) has been handled by every consumer listening to it.
+///
+/// True iff a change of `entity` with a timestamp at or after `ts_us` is in the log (the
+/// write the caller made has been captured), no change of `entity` with a timestamp at or
+/// below `ts_us` lies beyond the watermark of a consumer listening to it, and none is parked.
+/// Timestamps need not rise with log position (an update may carry an older `updated_at`).
 pub async fn processed(pool: &PgPool, entity: &str, ts_us: i64, column: &str) -> Result<bool> {
-    match last_processed(pool, entity, column).await? {
-        Some(last) if last >= ts_us => {}
-        _ => return Ok(false),
-    }
     let sql = format!(
         "with w as ({WATERMARKS})
-         select not exists (
+         select exists (
+             select 1 from (
+                 select {TS} as ts from weir.events e left join weir.relations r on r.id = e.relation_id
+                 where e.entity = $1 order by e.position desc limit {RECENT}
+             ) x where x.ts >= timestamptz 'epoch' + $3 * interval '1 microsecond'
+         ) and not exists (
              select 1 from w join weir.events e on e.entity = $1 and e.position > w.w
              left join weir.relations r on r.id = e.relation_id
              where {TS} <= timestamptz 'epoch' + $3 * interval '1 microsecond'
@@ -81,7 +92,9 @@ pub async fn processed(pool: &PgPool, entity: &str, ts_us: i64, column: &str) ->
 }
 
 /// The WAL position up to which every logged change has been handled by every consumer: a
-/// writer that reads `pg_current_wal_lsn()` after its commit can wait for it.
+/// writer that reads `pg_current_wal_insert_lsn()` after its commit can wait for it. (Not
+/// `pg_current_wal_lsn()`: with `synchronous_commit = off` that write position can still be
+/// behind the commit that just returned.)
 pub async fn processed_lsn(pool: &PgPool) -> Result<Lsn> {
     let row: (Option<String>, Option<String>) = sqlx::query_as(
         "with m as (select min(w) as w from (select min(position) as w from weir.checkpoints group by consumer) x)

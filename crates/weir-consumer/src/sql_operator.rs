@@ -82,11 +82,14 @@ async fn columns(pool: &PgPool, entity: &str) -> Result<Vec<String>> {
 }
 
 async fn param_type(pool: &PgPool, op: &str, what: &str, sql: &str) -> Result<KeyType> {
-    let described = pool.describe(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.to_string()))).await.map_err(|e| {
-        Error::Config(format!("operator `{op}`: the {what} does not prepare: {e}"))
-    })?;
+    let described = pool
+        .describe(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.to_string())))
+        .await
+        .map_err(|e| Error::Config(format!("operator `{op}`: the {what} does not prepare: {e}")))?;
     let params = match described.parameters() {
-        Some(sqlx::Either::Left(types)) => types.iter().map(|t| t.name().to_string()).collect::<Vec<_>>(),
+        Some(sqlx::Either::Left(types)) => {
+            types.iter().map(|t| t.name().to_string()).collect::<Vec<_>>()
+        }
         _ => Vec::new(),
     };
     match params.as_slice() {
@@ -192,9 +195,16 @@ impl SqlOperator {
 
     fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, HandlerError> {
         let column = self.key_columns.get(&event.entity).ok_or_else(|| {
-            format!("operator `{}` got an event of `{}`, which it does not listen to", self.name, event.entity)
+            format!(
+                "operator `{}` got an event of `{}`, which it does not listen to",
+                self.name, event.entity
+            )
         })?;
-        let record = if event.kind == Kind::Delete { event.old_record.as_ref() } else { event.new_record.as_ref() };
+        let record = if event.kind == Kind::Delete {
+            event.old_record.as_ref()
+        } else {
+            event.new_record.as_ref()
+        };
         match record.and_then(|r| r.get(column)) {
             Some(Value::Null) | None => Err(format!(
                 "operator `{}`: the {} event at position {} has no value for `{}.{column}` (null or not \
@@ -207,17 +217,30 @@ impl SqlOperator {
     }
 }
 
-async fn run(conn: &mut PgConnection, sql: &str, ty: KeyType, key: &Value) -> std::result::Result<(), HandlerError> {
+async fn run(
+    conn: &mut PgConnection,
+    sql: &str,
+    ty: KeyType,
+    key: &Value,
+) -> std::result::Result<(), HandlerError> {
     let q = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()));
     let text = match key {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
     let q = match ty {
-        KeyType::Int2 => q.bind(text.parse::<i16>().map_err(|e| format!("key `{text}` is not an int2: {e}"))?),
-        KeyType::Int4 => q.bind(text.parse::<i32>().map_err(|e| format!("key `{text}` is not an int4: {e}"))?),
-        KeyType::Int8 => q.bind(text.parse::<i64>().map_err(|e| format!("key `{text}` is not an int8: {e}"))?),
-        KeyType::Uuid => q.bind(text.parse::<uuid::Uuid>().map_err(|e| format!("key `{text}` is not a uuid: {e}"))?),
+        KeyType::Int2 => {
+            q.bind(text.parse::<i16>().map_err(|e| format!("key `{text}` is not an int2: {e}"))?)
+        }
+        KeyType::Int4 => {
+            q.bind(text.parse::<i32>().map_err(|e| format!("key `{text}` is not an int4: {e}"))?)
+        }
+        KeyType::Int8 => {
+            q.bind(text.parse::<i64>().map_err(|e| format!("key `{text}` is not an int8: {e}"))?)
+        }
+        KeyType::Uuid => q.bind(
+            text.parse::<uuid::Uuid>().map_err(|e| format!("key `{text}` is not a uuid: {e}"))?,
+        ),
         KeyType::Text => q.bind(text),
     };
     q.execute(conn).await?;
@@ -236,11 +259,17 @@ impl Operator for SqlOperator {
         })
     }
 
-    fn handle<'a>(&'a self, tx: &'a mut PgConnection, event: &'a Event) -> BoxFuture<'a, std::result::Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        event: &'a Event,
+    ) -> BoxFuture<'a, std::result::Result<(), HandlerError>> {
         Box::pin(async move {
             let key = self.key_value(event)?.clone();
             match &self.delete_sql {
-                Some((sql, ty)) if event.kind == Kind::Delete && self.delete_with.contains(&event.entity) => {
+                Some((sql, ty))
+                    if event.kind == Kind::Delete && self.delete_with.contains(&event.entity) =>
+                {
                     run(tx, sql, *ty, &key).await
                 }
                 _ => run(tx, &self.sql, self.key_type, &key).await,

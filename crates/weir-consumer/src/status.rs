@@ -121,10 +121,12 @@ pub async fn retry_parked(pool: &PgPool, consumer: &str, position: Option<i64>) 
 
 /// Discards parked events (all of `consumer`'s, or one position). Returns how many.
 pub async fn discard_parked(pool: &PgPool, consumer: &str, position: Option<i64>) -> Result<u64> {
-    Ok(sqlx::query("delete from weir.parked where consumer = $1 and ($2::bigint is null or position = $2)")
-        .bind(consumer)
-        .bind(position)
-        .execute(pool)
-        .await?
-        .rows_affected())
+    Ok(sqlx::query(
+        "delete from weir.parked where consumer = $1 and ($2::bigint is null or position = $2)",
+    )
+    .bind(consumer)
+    .bind(position)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }

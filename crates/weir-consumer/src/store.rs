@@ -91,7 +91,13 @@ pub(crate) async fn leave(pool: &PgPool, node: &str) -> Result<()> {
 }
 
 /// Takes a free or expired lane; returns its new fence.
-pub(crate) async fn try_lease(pool: &PgPool, consumer: &str, lane: i32, node: &str, ttl_s: f64) -> Result<Option<i64>> {
+pub(crate) async fn try_lease(
+    pool: &PgPool,
+    consumer: &str,
+    lane: i32,
+    node: &str,
+    ttl_s: f64,
+) -> Result<Option<i64>> {
     Ok(sqlx::query_scalar(
         "update weir.checkpoints
          set owner = $3, lease_until = now() + make_interval(secs => $4), fence = fence + 1
@@ -108,7 +114,14 @@ pub(crate) async fn try_lease(pool: &PgPool, consumer: &str, lane: i32, node: &s
 }
 
 /// Extends a held lease; false when it was lost (taken over after expiry).
-pub(crate) async fn renew(pool: &PgPool, consumer: &str, lane: i32, node: &str, fence: i64, ttl_s: f64) -> Result<bool> {
+pub(crate) async fn renew(
+    pool: &PgPool,
+    consumer: &str,
+    lane: i32,
+    node: &str,
+    fence: i64,
+    ttl_s: f64,
+) -> Result<bool> {
     Ok(sqlx::query(
         "update weir.checkpoints set lease_until = now() + make_interval(secs => $5)
          where consumer = $1 and lane = $2 and owner = $3 and fence = $4",
@@ -124,7 +137,13 @@ pub(crate) async fn renew(pool: &PgPool, consumer: &str, lane: i32, node: &str, 
         == 1)
 }
 
-pub(crate) async fn release(pool: &PgPool, consumer: &str, lane: i32, node: &str, fence: i64) -> Result<()> {
+pub(crate) async fn release(
+    pool: &PgPool,
+    consumer: &str,
+    lane: i32,
+    node: &str,
+    fence: i64,
+) -> Result<()> {
     sqlx::query(
         "update weir.checkpoints set owner = null, lease_until = null, status = 'idle'
          where consumer = $1 and lane = $2 and owner = $3 and fence = $4",
@@ -139,11 +158,13 @@ pub(crate) async fn release(pool: &PgPool, consumer: &str, lane: i32, node: &str
 }
 
 pub(crate) async fn checkpoint_position(pool: &PgPool, consumer: &str, lane: i32) -> Result<i64> {
-    Ok(sqlx::query_scalar("select position from weir.checkpoints where consumer = $1 and lane = $2")
-        .bind(consumer)
-        .bind(lane)
-        .fetch_one(pool)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "select position from weir.checkpoints where consumer = $1 and lane = $2",
+    )
+    .bind(consumer)
+    .bind(lane)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// The fenced checkpoint: moves the lane to `position` only while this process holds the lease
@@ -227,7 +248,14 @@ pub(crate) async fn record_failure(
     Ok(())
 }
 
-pub(crate) async fn halt(pool: &PgPool, consumer: &str, lane: i32, position: i64, attempt: i32, error: &str) -> Result<()> {
+pub(crate) async fn halt(
+    pool: &PgPool,
+    consumer: &str,
+    lane: i32,
+    position: i64,
+    attempt: i32,
+    error: &str,
+) -> Result<()> {
     sqlx::query(
         "update weir.consumers
          set state = 'halted', halted_lane = $2, halted_position = $3, halted_attempt = $4,
@@ -308,7 +336,11 @@ pub(crate) async fn key_parked(pool: &PgPool, consumer: &str, key: &str) -> Resu
 }
 
 /// Parked events of this lane that someone asked to retry, oldest first.
-pub(crate) async fn retry_requests(pool: &PgPool, consumer: &str, lane: i32) -> Result<Vec<(i64, String)>> {
+pub(crate) async fn retry_requests(
+    pool: &PgPool,
+    consumer: &str,
+    lane: i32,
+) -> Result<Vec<(i64, String)>> {
     Ok(sqlx::query_as(
         "select position, partition_key from weir.parked
          where consumer = $1 and lane = $2 and retry_requested order by position",
@@ -317,4 +349,46 @@ pub(crate) async fn retry_requests(pool: &PgPool, consumer: &str, lane: i32) -> 
     .bind(lane)
     .fetch_all(pool)
     .await?)
+}
+
+/// Skips the event a halted consumer stopped on: records it as skipped, moves that lane's
+/// checkpoint past it and resumes. Returns the skipped position.
+pub(crate) async fn skip_halted(pool: &PgPool, name: &str) -> Result<i64> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, Option<i32>, Option<i64>, Option<i32>, Option<String>)> =
+        sqlx::query_as(
+            "select state, halted_lane, halted_position, halted_attempt, halted_error
+         from weir.consumers where name = $1 for update",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((state, Some(lane), Some(position), attempt, error)) = row.clone() else {
+        return Err(match row {
+            None => crate::Error::UnknownConsumer(name.to_string()),
+            Some((state, ..)) => {
+                crate::Error::Config(format!("consumer `{name}` is not halted (it is {state})"))
+            }
+        });
+    };
+    let _ = state;
+    record_failure(
+        &mut tx,
+        name,
+        lane,
+        position,
+        attempt.unwrap_or(0),
+        &error.unwrap_or_default(),
+        "skip",
+    )
+    .await?;
+    sqlx::query("update weir.checkpoints set position = greatest(position, $3) where consumer = $1 and lane = $2")
+        .bind(name)
+        .bind(lane)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    resume(pool, name).await?;
+    Ok(position)
 }

@@ -12,7 +12,10 @@ use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, HandlerError, Operator, Selector, TracingReporter};
-use weir_core::{Change, ConsumersConfig, Event, Kind, Lsn, OnExhausted, Ordering, RetryConfig, Source, Transaction};
+use weir_core::{
+    Change, ConsumersConfig, Event, Kind, Lsn, OnExhausted, Ordering, RetryConfig, Source,
+    Transaction,
+};
 use weir_log::{Appender, Wake};
 
 struct Log {
@@ -37,7 +40,12 @@ impl Log {
         let mut columns = serde_json::Map::new();
         columns.insert("k".into(), json!("int4"));
         columns.insert("updated_at".into(), json!("timestamptz"));
-        let rel = Arc::new(Source { db: String::new(), schema: "public".into(), table: "items".into(), columns });
+        let rel = Arc::new(Source {
+            db: String::new(),
+            schema: "public".into(),
+            table: "items".into(),
+            columns,
+        });
         Self { pool, appender, lsn: 0, rel }
     }
 
@@ -59,7 +67,13 @@ impl Log {
             })
             .collect();
         self.appender
-            .append(&[Transaction { xid: 1, commit_lsn: Lsn(self.lsn), commit_ts: ts, changes, staged: false }])
+            .append(&[Transaction {
+                xid: 1,
+                commit_lsn: Lsn(self.lsn),
+                commit_ts: ts,
+                changes,
+                staged: false,
+            }])
             .await
             .unwrap();
     }
@@ -78,8 +92,16 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(name: &'static str, fail: impl Fn(&Event, u32) -> Option<String> + Send + Sync + 'static) -> Arc<Self> {
-        Arc::new(Self { name, fail: Box::new(fail), attempts: Mutex::default(), calls: AtomicU32::new(0) })
+    fn new(
+        name: &'static str,
+        fail: impl Fn(&Event, u32) -> Option<String> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            fail: Box::new(fail),
+            attempts: Mutex::default(),
+            calls: AtomicU32::new(0),
+        })
     }
 }
 
@@ -87,7 +109,11 @@ impl Operator for Recorder {
     fn selector(&self) -> Selector {
         Selector { entities: vec!["items".into()], kinds: vec![] }
     }
-    fn handle<'a>(&'a self, tx: &'a mut PgConnection, e: &'a Event) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        e: &'a Event,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, AtomicOrdering::Relaxed);
             let attempt = {
@@ -115,7 +141,13 @@ impl Operator for Recorder {
     }
 }
 
-fn spec(name: &str, op: Arc<dyn Operator>, lanes: u32, on_exhausted: OnExhausted, retries: u32) -> ConsumerSpec {
+fn spec(
+    name: &str,
+    op: Arc<dyn Operator>,
+    lanes: u32,
+    on_exhausted: OnExhausted,
+    retries: u32,
+) -> ConsumerSpec {
     let mut s = ConsumerSpec::new(name, op, &ConsumersConfig::default());
     s.ordering = if lanes == 1 { Ordering::Global } else { Ordering::PerKey };
     s.lanes = lanes;
@@ -133,7 +165,8 @@ fn spec(name: &str, op: Arc<dyn Operator>, lanes: u32, on_exhausted: OnExhausted
 async fn wait(pool: &PgPool, what: &str, sql: &str, want: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let got: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(pool).await.unwrap();
+        let got: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(pool).await.unwrap();
         if got == want {
             return;
         }
@@ -144,11 +177,12 @@ async fn wait(pool: &PgPool, what: &str, sql: &str, want: i64, timeout: Duration
 
 /// Every position handled exactly once (committed), and per key in increasing position order.
 async fn assert_exactly_once_in_order(pool: &PgPool, consumer: &str, events: i64) {
-    let rows: Vec<(i32, i64)> = sqlx::query_as("select k, position from handled where consumer = $1 order by seq")
-        .bind(consumer)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("select k, position from handled where consumer = $1 order by seq")
+            .bind(consumer)
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert_eq!(rows.len() as i64, events, "each event's effect exactly once");
     let mut last: std::collections::HashMap<i32, i64> = Default::default();
     for (k, p) in rows {
@@ -195,10 +229,27 @@ async fn halt_stops_at_the_poison_event_and_resume_continues_there() {
     let cancel = CancellationToken::new();
     let poison = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let p2 = poison.clone();
-    let op = Recorder::new("halter", move |e, _| (e.position == 3 && p2.load(AtomicOrdering::SeqCst)).then(|| "poison".into()));
-    let engine = Engine::start(log.pool.clone(), vec![spec("halter", op.clone(), 1, OnExhausted::Halt, 2)], log.wake(&cancel), Arc::new(TracingReporter), cancel.clone()).await.unwrap();
+    let op = Recorder::new("halter", move |e, _| {
+        (e.position == 3 && p2.load(AtomicOrdering::SeqCst)).then(|| "poison".into())
+    });
+    let engine = Engine::start(
+        log.pool.clone(),
+        vec![spec("halter", op.clone(), 1, OnExhausted::Halt, 2)],
+        log.wake(&cancel),
+        Arc::new(TracingReporter),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
     log.append(&[1, 2, 3, 4, 5], 0).await;
-    wait(&log.pool, "halted", "select count(*) from weir.consumers where state = 'halted'", 1, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "halted",
+        "select count(*) from weir.consumers where state = 'halted'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
     let (pos, attempt, error): (i64, i32, String) =
         sqlx::query_as("select halted_position, halted_attempt, halted_error from weir.consumers where name = 'halter'")
             .fetch_one(&log.pool)
@@ -210,12 +261,16 @@ async fn halt_stops_at_the_poison_event_and_resume_continues_there() {
     assert_eq!(status[0].state, "halted");
     assert_eq!(status[0].lanes[0].position, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let handled: i64 = sqlx::query_scalar("select count(*) from handled").fetch_one(&log.pool).await.unwrap();
+    let handled: i64 =
+        sqlx::query_scalar("select count(*) from handled").fetch_one(&log.pool).await.unwrap();
     assert_eq!(handled, 2, "nothing after the poison event is handled while halted");
     poison.store(false, AtomicOrdering::SeqCst);
     assert!(weir_consumer::resume(&log.pool, "halter").await.unwrap());
     wait(&log.pool, "handled", "select count(*) from handled", 5, Duration::from_secs(20)).await;
-    let order: Vec<i64> = sqlx::query_scalar("select position from handled order by seq").fetch_all(&log.pool).await.unwrap();
+    let order: Vec<i64> = sqlx::query_scalar("select position from handled order by seq")
+        .fetch_all(&log.pool)
+        .await
+        .unwrap();
     assert_eq!(order, vec![1, 2, 3, 4, 5]);
     assert!(weir_consumer::resume(&log.pool, "nobody").await.is_err());
     engine.stop().await.unwrap();
@@ -227,17 +282,34 @@ async fn skip_records_and_moves_on_and_retry_delays_follow_the_policy() {
     let mut log = Log::new(&db).await;
     let cancel = CancellationToken::new();
     let op = Recorder::new("skipper", |e, _| (e.position == 2).then(|| "always".into()));
-    let engine = Engine::start(log.pool.clone(), vec![spec("skipper", op, 1, OnExhausted::Skip, 3)], log.wake(&cancel), Arc::new(TracingReporter), cancel.clone()).await.unwrap();
+    let engine = Engine::start(
+        log.pool.clone(),
+        vec![spec("skipper", op, 1, OnExhausted::Skip, 3)],
+        log.wake(&cancel),
+        Arc::new(TracingReporter),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
     log.append(&[1, 2, 3], 0).await;
     wait(&log.pool, "handled", "select count(*) from handled", 2, Duration::from_secs(20)).await;
-    wait(&log.pool, "checkpoint", "select max(position) from weir.checkpoints where consumer = 'skipper'", 3, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "checkpoint",
+        "select max(position) from weir.checkpoints where consumer = 'skipper'",
+        3,
+        Duration::from_secs(20),
+    )
+    .await;
     let outcomes: Vec<(String, f64)> = sqlx::query_as(
         "select outcome, extract(epoch from at - lag(at) over (order by id))::float8 * 1000
          from weir.consumer_failures where position = 2 order by id",
     )
     .fetch_all(&log.pool)
     .await
-    .map(|rows: Vec<(String, Option<f64>)>| rows.into_iter().map(|(o, d)| (o, d.unwrap_or(0.0))).collect())
+    .map(|rows: Vec<(String, Option<f64>)>| {
+        rows.into_iter().map(|(o, d)| (o, d.unwrap_or(0.0))).collect()
+    })
     .unwrap();
     let kinds: Vec<&str> = outcomes.iter().map(|(o, _)| o.as_str()).collect();
     assert_eq!(kinds, vec!["retry", "retry", "retry", "skip"]);
@@ -256,8 +328,18 @@ async fn park_sets_aside_a_key_and_keeps_other_keys_flowing() {
     let cancel = CancellationToken::new();
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let b2 = broken.clone();
-    let op = Recorder::new("parker", move |e, _| (e.key["k"] == 7 && b2.load(AtomicOrdering::SeqCst)).then(|| "bad key".into()));
-    let engine = Engine::start(log.pool.clone(), vec![spec("parker", op, 4, OnExhausted::Park, 1)], log.wake(&cancel), Arc::new(TracingReporter), cancel.clone()).await.unwrap();
+    let op = Recorder::new("parker", move |e, _| {
+        (e.key["k"] == 7 && b2.load(AtomicOrdering::SeqCst)).then(|| "bad key".into())
+    });
+    let engine = Engine::start(
+        log.pool.clone(),
+        vec![spec("parker", op, 4, OnExhausted::Park, 1)],
+        log.wake(&cancel),
+        Arc::new(TracingReporter),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
     log.append(&[1, 7, 2], 0).await; // positions 1, 2 (k=7), 3
     log.append(&[7, 3], 0).await; // position 4 (k=7, parked behind 2), 5
     wait(&log.pool, "handled", "select count(*) from handled", 3, Duration::from_secs(20)).await;
@@ -268,7 +350,11 @@ async fn park_sets_aside_a_key_and_keeps_other_keys_flowing() {
     assert_eq!(weir_consumer::status::retry_parked(&log.pool, "parker", None).await.unwrap(), 2);
     wait(&log.pool, "handled", "select count(*) from handled", 5, Duration::from_secs(20)).await;
     wait(&log.pool, "parked", "select count(*) from weir.parked", 0, Duration::from_secs(20)).await;
-    let sevens: Vec<i64> = sqlx::query_scalar("select position from handled where k = 7 order by seq").fetch_all(&log.pool).await.unwrap();
+    let sevens: Vec<i64> =
+        sqlx::query_scalar("select position from handled where k = 7 order by seq")
+            .fetch_all(&log.pool)
+            .await
+            .unwrap();
     assert_eq!(sevens, vec![2, 4], "parked events of a key are retried in order");
     // Discard.
     broken.store(true, AtomicOrdering::SeqCst);
@@ -286,7 +372,9 @@ async fn process_status_is_false_before_and_true_after_every_operator_handled() 
     let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let g2 = gate.clone();
     let fast = Recorder::new("fast", |_, _| None);
-    let slow = Recorder::new("slow", move |_, _| g2.load(AtomicOrdering::SeqCst).then(|| "not yet".into()));
+    let slow = Recorder::new("slow", move |_, _| {
+        g2.load(AtomicOrdering::SeqCst).then(|| "not yet".into())
+    });
     let mut slow_spec = spec("slow", slow, 2, OnExhausted::Halt, 1000);
     slow_spec.retry.max_restart_time = Duration::from_millis(20);
     let engine = Engine::start(
@@ -299,25 +387,58 @@ async fn process_status_is_false_before_and_true_after_every_operator_handled() 
     .await
     .unwrap();
     let t0 = 1_700_000_000_000_000i64;
-    assert!(!weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap());
+    assert!(
+        !weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap()
+    );
     log.append(&[1, 2], t0).await;
-    wait(&log.pool, "fast", "select count(*) from handled where consumer = 'fast'", 2, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "fast",
+        "select count(*) from handled where consumer = 'fast'",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(
         !weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap(),
         "one operator has not handled it yet"
     );
     gate.store(false, AtomicOrdering::SeqCst);
-    wait(&log.pool, "slow", "select count(*) from handled where consumer = 'slow'", 2, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "slow",
+        "select count(*) from handled where consumer = 'slow'",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap() {
         assert!(Instant::now() < deadline, "processed never became true");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(weir_consumer::process::last_processed(&log.pool, "items", "updated_at").await.unwrap(), Some(t0));
-    assert!(!weir_consumer::process::processed(&log.pool, "items", t0 + 1, "updated_at").await.unwrap());
+    assert_eq!(
+        weir_consumer::process::last_processed(&log.pool, "items", "updated_at").await.unwrap(),
+        Some(t0)
+    );
+    assert!(
+        !weir_consumer::process::processed(&log.pool, "items", t0 + 1, "updated_at").await.unwrap()
+    );
     // The exact form: every logged change up to the source's LSN is processed.
-    assert!(weir_consumer::process::wait_for(&log.pool, Lsn(log.lsn), Duration::from_secs(10)).await.unwrap());
-    assert!(!weir_consumer::process::wait_for(&log.pool, Lsn(log.lsn + 1_000_000), Duration::from_millis(50)).await.unwrap());
+    assert!(
+        weir_consumer::process::wait_for(&log.pool, Lsn(log.lsn), Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !weir_consumer::process::wait_for(
+            &log.pool,
+            Lsn(log.lsn + 1_000_000),
+            Duration::from_millis(50)
+        )
+        .await
+        .unwrap()
+    );
     engine.stop().await.unwrap();
 }
 
@@ -328,14 +449,41 @@ async fn two_engines_share_lanes_and_survive_one_dying() {
     let op_a = Recorder::new("shared", |_, _| None);
     let op_b = Recorder::new("shared", |_, _| None);
     let (ca, cb) = (CancellationToken::new(), CancellationToken::new());
-    let a = Engine::start(log.pool.clone(), vec![spec("shared", op_a.clone(), 8, OnExhausted::Halt, 3)], log.wake(&ca), Arc::new(TracingReporter), ca.clone()).await.unwrap();
-    let b = Engine::start(log.pool.clone(), vec![spec("shared", op_b.clone(), 8, OnExhausted::Halt, 3)], log.wake(&cb), Arc::new(TracingReporter), cb.clone()).await.unwrap();
+    let a = Engine::start(
+        log.pool.clone(),
+        vec![spec("shared", op_a.clone(), 8, OnExhausted::Halt, 3)],
+        log.wake(&ca),
+        Arc::new(TracingReporter),
+        ca.clone(),
+    )
+    .await
+    .unwrap();
+    let b = Engine::start(
+        log.pool.clone(),
+        vec![spec("shared", op_b.clone(), 8, OnExhausted::Halt, 3)],
+        log.wake(&cb),
+        Arc::new(TracingReporter),
+        cb.clone(),
+    )
+    .await
+    .unwrap();
     // Both get a share: 4 lanes each once both heartbeat.
-    wait(&log.pool, "owners", "select count(distinct owner) from weir.checkpoints where owner is not null", 2, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "owners",
+        "select count(distinct owner) from weir.checkpoints where owner is not null",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
     let keys: Vec<i32> = (0..40).collect();
     log.append(&keys, 0).await;
     wait(&log.pool, "handled", "select count(*) from handled", 40, Duration::from_secs(20)).await;
-    assert!(op_a.calls.load(AtomicOrdering::Relaxed) > 0 && op_b.calls.load(AtomicOrdering::Relaxed) > 0, "both handle");
+    assert!(
+        op_a.calls.load(AtomicOrdering::Relaxed) > 0
+            && op_b.calls.load(AtomicOrdering::Relaxed) > 0,
+        "both handle"
+    );
     // A dies without releasing anything, like a killed process.
     a.abort();
     let died = Instant::now();
@@ -343,7 +491,10 @@ async fn two_engines_share_lanes_and_survive_one_dying() {
     log.append(&keys, 0).await;
     wait(&log.pool, "handled", "select count(*) from handled", 80, Duration::from_secs(30)).await;
     assert!(died.elapsed() > Duration::from_secs(4), "A's lanes waited for their leases to expire");
-    let owners: i64 = sqlx::query_scalar("select count(distinct owner) from weir.checkpoints").fetch_one(&log.pool).await.unwrap();
+    let owners: i64 = sqlx::query_scalar("select count(distinct owner) from weir.checkpoints")
+        .fetch_one(&log.pool)
+        .await
+        .unwrap();
     assert_eq!(owners, 1, "B holds every lane now");
     b.stop().await.unwrap();
     assert_exactly_once_in_order(&log.pool, "shared", 80).await;

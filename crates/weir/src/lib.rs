@@ -43,7 +43,7 @@ pub use app::{Running, Weir, WeirBuilder};
 pub use error::{Error, Result};
 pub use weir_consumer::{
     ConsumerSpec, ErrorReporter, HandlerError, Operator, Selector, SqlOperator, TracingReporter,
-    process, resume, status as consumer_status,
+    process, resume, skip, status as consumer_status,
 };
 pub use weir_core::{Config, Event, Kind, Lsn, Position};
 pub use weir_log::{EventFilter, LogReader, Wake};
