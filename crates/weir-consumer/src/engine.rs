@@ -517,7 +517,13 @@ impl Lane {
             return Ok(Ok(Some(Handled::LostLease)));
         }
         match tx.commit().await {
-            Ok(()) => Ok(Ok(None)),
+            Ok(()) => {
+                metrics::counter!("weir_consumer_events_handled_total", "consumer" => self.spec.name.clone())
+                    .increment(1);
+                metrics::gauge!("weir_consumer_position", "consumer" => self.spec.name.clone(), "lane" => self.lane.to_string())
+                    .set(event.position as f64);
+                Ok(Ok(None))
+            }
             // A failed commit (serialization, constraint) is the handler's failure too.
             Err(e) => Ok(Err(format!("commit failed: {e}"))),
         }
@@ -550,8 +556,11 @@ impl Lane {
                 Ok(Some(lost)) => return Ok(lost),
                 Err(e) => e,
             };
+            metrics::counter!("weir_consumer_failures_total", "consumer" => self.spec.name.clone())
+                .increment(1);
             let retry = &self.spec.retry;
             if attempt <= retry.max_retries {
+                metrics::counter!("weir_consumer_retries_total", "consumer" => self.spec.name.clone()).increment(1);
                 let delay = retry.delay(attempt);
                 self.shared.reporter.retry(&self.spec.name, event, attempt, &error, delay);
                 let mut conn = self.shared.pool.acquire().await?;

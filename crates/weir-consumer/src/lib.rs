@@ -19,6 +19,12 @@
 //! - A lane's checkpoint moves past events of other lanes too, so `min(checkpoint)` over a
 //!   consumer's lanes is a watermark: every selected event at or below it is handled.
 //!
+//! Metrics (through the `metrics` facade; the HTTP server exports them for Prometheus):
+//! `weir_consumer_events_handled_total`, `weir_consumer_failures_total`,
+//! `weir_consumer_retries_total` (counters per consumer), `weir_consumer_handler_seconds`
+//! (histogram per consumer), `weir_consumer_position` (gauge per consumer and lane; lag is the
+//! log head minus it).
+//!
 //! Operators are one face of this engine ([`Operator`], [`SqlOperator`]); subscriptions will be
 //! another (a non-transactional handler with the same lanes and checkpoints).
 
