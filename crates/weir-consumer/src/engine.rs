@@ -269,7 +269,7 @@ async fn supervise(
                     }
                 } else if mine.len() < share {
                     for lane in 0..total {
-                        if held.len() >= usize::MAX || held.keys().filter(|(c, _)| c == &spec.name).count() >= share {
+                        if held.keys().filter(|(c, _)| c == &spec.name).count() >= share {
                             break;
                         }
                         if held.contains_key(&(spec.name.clone(), lane)) {
@@ -357,9 +357,7 @@ impl Lane {
                 return Ok(());
             }
             if self.spec.on_exhausted == OnExhausted::Park {
-                if let Handled::LostLease = self.retry_parked().await? {
-                    return Ok(());
-                }
+                self.retry_parked().await?;
             }
             if self.sync_halted().await? {
                 self.set_status(&mut status, "halted", None, 0, None).await?;
@@ -535,14 +533,10 @@ impl Lane {
         key: std::result::Result<String, String>,
         status: &mut &'static str,
     ) -> Result<Handled> {
-        if self.spec.on_exhausted == OnExhausted::Park {
-            if let Ok(k) = &key {
-                if store::key_parked(&self.shared.pool, &self.spec.name, k).await? {
-                    return self
-                        .set_aside(event, k, "an earlier event of this key is parked", 0)
-                        .await;
-                }
-            }
+        if let (OnExhausted::Park, Ok(k)) = (self.spec.on_exhausted, &key)
+            && store::key_parked(&self.shared.pool, &self.spec.name, k).await?
+        {
+            return self.set_aside(event, k, "an earlier event of this key is parked", 0).await;
         }
         let mut attempt: u32 = 0;
         loop {
@@ -728,7 +722,7 @@ impl Lane {
 
     /// Handles parked events someone asked to retry, oldest first; on success the parked row
     /// goes in the same transaction; a failure leaves it (and the rest of its key) parked.
-    async fn retry_parked(&self) -> Result<Handled> {
+    async fn retry_parked(&self) -> Result<()> {
         let requests = store::retry_requests(&self.shared.pool, &self.spec.name, self.lane).await?;
         let mut failed_keys: Vec<String> = Vec::new();
         for (position, key) in requests {
@@ -784,7 +778,7 @@ impl Lane {
                 }
             }
         }
-        Ok(Handled::Done)
+        Ok(())
     }
 }
 

@@ -46,7 +46,7 @@ pub struct ConsumerStatus {
 
 /// The status of every consumer.
 pub async fn consumers(pool: &PgPool) -> Result<Vec<ConsumerStatus>> {
-    let rows: Vec<(String, String, Option<i32>, Option<i64>, Option<i32>, Option<String>, i64)> = sqlx::query_as(
+    let rows: Vec<ConsumerRow> = sqlx::query_as(
         "select k.name, k.state, k.halted_lane, k.halted_position, k.halted_attempt, k.halted_error,
                 (select count(*) from weir.parked p where p.consumer = k.name)
          from weir.consumers k order by k.name",
@@ -130,3 +130,6 @@ pub async fn discard_parked(pool: &PgPool, consumer: &str, position: Option<i64>
     .await?
     .rows_affected())
 }
+
+/// name, state, halted lane, position, attempt, error, parked count.
+type ConsumerRow = (String, String, Option<i32>, Option<i64>, Option<i32>, Option<String>, i64);

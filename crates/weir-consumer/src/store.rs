@@ -355,14 +355,13 @@ pub(crate) async fn retry_requests(
 /// checkpoint past it and resumes. Returns the skipped position.
 pub(crate) async fn skip_halted(pool: &PgPool, name: &str) -> Result<i64> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, Option<i32>, Option<i64>, Option<i32>, Option<String>)> =
-        sqlx::query_as(
-            "select state, halted_lane, halted_position, halted_attempt, halted_error
+    let row: Option<HaltedRow> = sqlx::query_as(
+        "select state, halted_lane, halted_position, halted_attempt, halted_error
          from weir.consumers where name = $1 for update",
-        )
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some((state, Some(lane), Some(position), attempt, error)) = row.clone() else {
         return Err(match row {
             None => crate::Error::UnknownConsumer(name.to_string()),
@@ -392,3 +391,6 @@ pub(crate) async fn skip_halted(pool: &PgPool, name: &str) -> Result<i64> {
     resume(pool, name).await?;
     Ok(position)
 }
+
+/// state, halted lane, position, attempt, error.
+type HaltedRow = (String, Option<i32>, Option<i64>, Option<i32>, Option<String>);
