@@ -520,7 +520,7 @@ async fn throughput(
             );
         }
         println!(
-            "  run {}: pg_recvlogical {:>9} changes/s ({:.2} s)   weir {:>9} changes/s ({:.2} s{})   ratio {:.2}x",
+            "  run {}: pg_recvlogical {:>9} changes/s ({:.2} s)   weir {:>9} changes/s ({:.2} s{})   ratio {}",
             r + 1,
             thousands(recv.rate()),
             recv.seconds,
@@ -535,7 +535,7 @@ async fn throughput(
                     thousands(n as f64)
                 )
             },
-            weir.rate() / recv.rate()
+            ratio(weir.rate() / recv.rate())
         );
         println!("         cpu during pg_recvlogical: {}", recv.cpu.describe(recv.seconds));
         println!("         cpu during weir:           {}", weir.cpu.describe(weir.seconds));
@@ -543,10 +543,10 @@ async fn throughput(
         result.weir.push(weir);
     }
     println!(
-        "  median: pg_recvlogical {} changes/s, weir {} changes/s, ratio {:.2}x",
+        "  median: pg_recvlogical {} changes/s, weir {} changes/s, ratio {}",
         thousands(result.recv_rate()),
         thousands(result.weir_rate()),
-        result.ratio()
+        ratio(result.ratio())
     );
     println!();
     pool.close().await;
@@ -721,13 +721,18 @@ async fn latency(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<Late
     let weir_pool = weir::db::connect(&config).await?;
     let (cancel, ingest) = spawn_ingest(config, weir_pool.clone());
 
+    // The listener and the writers run on threads of their own (each a current-thread
+    // runtime), so the instants they record are not delayed by the ingestion's tasks on the
+    // main runtime; only the OS scheduler sits between them.
     // Every notification with its arrival instant (the payload is the appended head position).
-    let mut listener = PgListener::connect(&url).await?;
-    listener.listen(weir_log::NOTIFY_CHANNEL).await?;
     let stop_listen = CancellationToken::new();
-    let listen_task = tokio::spawn({
-        let stop = stop_listen.clone();
-        async move {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let listen_task = on_own_thread("bench-listener", {
+        let (url, stop) = (url.clone(), stop_listen.clone());
+        move || async move {
+            let mut listener = PgListener::connect(&url).await?;
+            listener.listen(weir_log::NOTIFY_CHANNEL).await?;
+            let _ = ready_tx.send(());
             let mut seen: Vec<(i64, Instant)> = Vec::new();
             loop {
                 tokio::select! {
@@ -744,49 +749,60 @@ async fn latency(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<Late
             anyhow::Ok(seen)
         }
     });
+    ready_rx.await.context("the listener did not start")?;
     // Let the ingestion reach streaming before the clock starts.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let writers = args.writers.max(1);
     let rate = args.rate.max(1) as f64;
     let total = (rate * args.latency_seconds as f64) as i64;
-    let start = tokio::time::Instant::now() + Duration::from_millis(200);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
+    let write_task = on_own_thread("bench-writers", {
         let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = PgConnection::connect(&url).await?;
-            let payload = "p".repeat(90);
-            let mut done: Vec<(i64, Instant)> = Vec::new();
-            let mut late = 0usize;
-            let mut id = w as i64 + 1;
-            while id <= total {
-                let due = start + Duration::from_secs_f64((id - 1) as f64 / rate);
-                let now = tokio::time::Instant::now();
-                if now < due {
-                    tokio::time::sleep_until(due).await;
-                } else if now - due > Duration::from_millis(10) {
-                    late += 1;
-                }
-                sqlx::query("insert into bench values ($1, $2)")
-                    .bind(id)
-                    .bind(&payload)
-                    .execute(&mut conn)
-                    .await?;
-                done.push((id, Instant::now()));
-                id += writers as i64;
+        move || async move {
+            // Connect everyone first, then start the clock.
+            let mut conns = Vec::new();
+            for _ in 0..writers {
+                conns.push(PgConnection::connect(&url).await?);
             }
-            conn.close().await?;
-            anyhow::Ok((done, late))
-        }));
-    }
-    let mut committed: Vec<(i64, Instant)> = Vec::with_capacity(total as usize);
-    let mut late_writes = 0;
-    for t in tasks {
-        let (done, late) = t.await??;
-        committed.extend(done);
-        late_writes += late;
-    }
+            let start = tokio::time::Instant::now() + Duration::from_millis(100);
+            let mut tasks = Vec::new();
+            for (w, mut conn) in conns.into_iter().enumerate() {
+                tasks.push(tokio::spawn(async move {
+                    let payload = "p".repeat(90);
+                    let mut done: Vec<(i64, Instant)> = Vec::new();
+                    let mut late = 0usize;
+                    let mut id = w as i64 + 1;
+                    while id <= total {
+                        let due = start + Duration::from_secs_f64((id - 1) as f64 / rate);
+                        let now = tokio::time::Instant::now();
+                        if now < due {
+                            tokio::time::sleep_until(due).await;
+                        } else if now - due > Duration::from_millis(10) {
+                            late += 1;
+                        }
+                        sqlx::query("insert into bench values ($1, $2)")
+                            .bind(id)
+                            .bind(&payload)
+                            .execute(&mut conn)
+                            .await?;
+                        done.push((id, Instant::now()));
+                        id += writers as i64;
+                    }
+                    conn.close().await?;
+                    anyhow::Ok((done, late))
+                }));
+            }
+            let mut committed: Vec<(i64, Instant)> = Vec::with_capacity(total as usize);
+            let mut late_writes = 0;
+            for t in tasks {
+                let (done, late) = t.await??;
+                committed.extend(done);
+                late_writes += late;
+            }
+            anyhow::Ok((committed, late_writes))
+        }
+    });
+    let (mut committed, late_writes) = write_task.await??;
     committed.sort_by_key(|(id, _)| *id);
     let first = committed.iter().map(|c| c.1).min().context("no row was written")?;
     let last = committed.iter().map(|c| c.1).max().context("no row was written")?;
@@ -962,6 +978,31 @@ async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeRes
     Ok(result)
 }
 
+/// Runs `make()` to completion on a new thread with a current-thread runtime.
+fn on_own_thread<F, Fut, T>(
+    name: &str,
+    make: F,
+) -> tokio::sync::oneshot::Receiver<anyhow::Result<T>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(make()));
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot spawn a benchmark thread");
+    }
+    rx
+}
+
 fn status_kb(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
@@ -1013,7 +1054,7 @@ impl Summary {
             println!(
                 "{:<44} {:>14} {:>16} {:>8}",
                 format!("ratio, {}-row txns", t.txn_size),
-                format!("{:.2}x", t.ratio()),
+                ratio(t.ratio()),
                 format!("≥ {TARGET_RATIO:.2}x"),
                 verdict(t.ratio() >= TARGET_RATIO)
             );
@@ -1079,7 +1120,7 @@ impl Summary {
             );
         }
         for t in &self.throughput {
-            println!("ratio {}-row txns: weir / pg_recvlogical: {:.2}x", t.txn_size, t.ratio());
+            println!("ratio {}-row txns: weir / pg_recvlogical: {}", t.txn_size, ratio(t.ratio()));
         }
         if !self.throughput.is_empty() {
             self.print_throughput_notes(args);
@@ -1378,6 +1419,11 @@ fn thousands(x: f64) -> String {
         out.push(c);
     }
     if n < 0 { format!("-{out}") } else { out }
+}
+
+/// A ratio with enough digits to tell small ones apart.
+fn ratio(x: f64) -> String {
+    if x < 0.1 { format!("{x:.3}x") } else { format!("{x:.2}x") }
 }
 
 fn human_bytes(b: i64) -> String {

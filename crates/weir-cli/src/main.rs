@@ -5,7 +5,10 @@
 //! PostgreSQL from the installed server binaries (weir-testkit).
 
 mod bench_ingest;
+mod bench_jobs;
+mod bench_operators;
 mod demo;
+mod jobs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +71,9 @@ enum Command {
         /// The consumer's name.
         name: String,
     },
+    /// The job queue: enqueue, list, show, retry, cancel, stats.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
     /// Events set aside by consumers with `on_exhausted = "park"`.
     #[command(subcommand)]
     Parked(ParkedCommand),
@@ -92,6 +98,10 @@ enum Command {
 enum BenchCommand {
     /// Ingestion throughput vs pg_recvlogical, live latency, peak RSS on a huge transaction.
     Ingest(bench_ingest::IngestBenchArgs),
+    /// Operators: events/s with global vs per-key lanes, end-to-end latency.
+    Operators(bench_operators::OperatorsBenchArgs),
+    /// The job queue against graphile-worker (npm), measured in one run.
+    Jobs(bench_jobs::JobsBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,8 +192,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo { seconds } => return demo::run(seconds).await.map(|_| ExitCode::SUCCESS),
         Command::Dev { dir } => return demo::dev(&dir).await.map(|_| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Jobs(args)) => {
+            return bench_jobs::run(args).await.map(|_| ExitCode::SUCCESS);
+        }
         Command::Bench(BenchCommand::Ingest(args)) => {
             return bench_ingest::run(args).await.map(|_| ExitCode::SUCCESS);
+        }
+        Command::Bench(BenchCommand::Operators(args)) => {
+            return bench_operators::run(args).await.map(|_| ExitCode::SUCCESS);
         }
         _ => {}
     }
@@ -229,6 +245,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             weir::consumer_status::consumers(&pool).await.ok();
             weir_consumer_resume(&pool, &name).await?;
             println!("consumer `{name}` resumed at the event it halted on");
+        }
+        Command::Jobs(cmd) => {
+            let pool = weir::db::connect(&config).await?;
+            jobs::run(cmd, pool).await?;
         }
         Command::Skip { name } => {
             let pool = weir::db::connect(&config).await?;

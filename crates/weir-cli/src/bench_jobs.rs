@@ -1,0 +1,396 @@
+//! `weir bench jobs`: weir's job queue against graphile-worker, in one run, on one database.
+//!
+//! ```text
+//! private cluster (fsync on) or --database-url
+//!   drain    for each C and mode (defaults; tuned = a local queue of --prefetch jobs):
+//!            weir: enqueue N no-op jobs (bulk), drain them with C workers             → jobs/s
+//!            then graphile-worker (bench/graphile/run.sh) the same, same mode         → ratio
+//!   latency  enqueue one job at a time at a steady rate, each in its own transaction
+//!            → enqueue call to worker start, p50 / p99
+//!   vacuum   rounds of enqueue + drain: jobs/s per round and the dead tuples left in weir.jobs
+//! ```
+//!
+//! The machine is noisy: compare the ratios printed by one run, not figures across runs.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use weir_jobs::{
+    Config, Histogram, Job, JobArgs, JobContext, JobError, JobRunner, QueueConfig, Worker,
+};
+
+/// `weir bench jobs` options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct JobsBenchArgs {
+    /// Run against this database instead of a private cluster (uses queue `weir_bench` and the
+    /// `graphile_worker` schema there).
+    #[arg(long)]
+    pub(crate) database_url: Option<String>,
+    /// Jobs to drain per measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) jobs: usize,
+    /// Worker counts to drain with.
+    #[arg(long, value_delimiter = ',', default_value = "10,50")]
+    pub(crate) concurrency: Vec<u32>,
+    /// Steady enqueue rate of the latency phase, jobs per second.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) rate: u32,
+    /// Length of the latency phase.
+    #[arg(long, default_value = "10s")]
+    pub(crate) latency_duration: String,
+    /// Rounds of the vacuum phase (each enqueues and drains `jobs / 5`); 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) vacuum_rounds: usize,
+    /// Local queue of the tuned weir runs (`Config::prefetch`); 0 skips them.
+    #[arg(long, default_value_t = 500)]
+    pub prefetch: u32,
+    /// Do not run graphile-worker.
+    #[arg(long)]
+    pub(crate) skip_reference: bool,
+    /// Where `run.sh` of the graphile-worker reference is (default: `bench/graphile` of the
+    /// source tree, then of the current directory).
+    #[arg(long)]
+    pub(crate) graphile_dir: Option<PathBuf>,
+}
+
+const QUEUE: &str = "weir_bench";
+
+#[derive(Serialize, Deserialize)]
+struct Noop {
+    /// Microseconds since the epoch when enqueue was called (latency phase).
+    #[serde(default)]
+    t: u64,
+}
+
+impl JobArgs for Noop {
+    const KIND: &'static str = "weir_bench_noop";
+}
+
+#[derive(Default)]
+struct Seen {
+    runs: AtomicU64,
+    latency: Mutex<Histogram>,
+}
+
+struct NoopWorker(Arc<Seen>);
+
+impl Worker for NoopWorker {
+    type Args = Noop;
+    async fn work(&self, _ctx: JobContext, args: Noop) -> Result<(), JobError> {
+        if args.t > 0 {
+            let lat = now_us().saturating_sub(args.t);
+            self.0.latency.lock().expect("latency lock").record(Duration::from_micros(lat));
+        }
+        self.0.runs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Runs the benchmark and prints its figures.
+pub(crate) async fn run(args: JobsBenchArgs) -> anyhow::Result<()> {
+    if args.jobs == 0 || args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--jobs and every --concurrency must be positive");
+    }
+    let latency_for =
+        weir_core::parse_duration(&args.latency_duration).context("--latency-duration")?;
+    // Keep the cluster alive for the whole run.
+    let (_cluster, url) = match &args.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let cluster = weir_testkit::Cluster::start_temp(weir_testkit::Options {
+                fsync: true,
+                settings: vec![],
+            })
+            .context("starting a private PostgreSQL cluster")?;
+            cluster.psql("postgres", "create database weir_bench")?;
+            let url = cluster.url("weir_bench");
+            (Some(cluster), url)
+        }
+    };
+    let pool = PgPoolOptions::new().max_connections(32).connect(&url).await?;
+    weir_jobs::migrate(&pool).await?;
+    let version: String = sqlx::query_scalar("show server_version").fetch_one(&pool).await?;
+    let fsync: String = sqlx::query_scalar("show fsync").fetch_one(&pool).await?;
+    println!(
+        "weir bench jobs: {} no-op jobs; PostgreSQL {version}, fsync {fsync}; {} CPUs",
+        args.jobs,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // The reference, if it can run: checked once, then run right after each weir measurement
+    // so that every ratio compares neighbours in time (the machine is noisy).
+    let script = if args.skip_reference {
+        println!("graphile-worker: skipped (--skip-reference)");
+        None
+    } else if !has("node") || !has("npm") {
+        println!("graphile-worker: skipped — node and npm are needed for the reference");
+        None
+    } else {
+        let found = graphile_script(&args);
+        if found.is_none() {
+            println!(
+                "graphile-worker: skipped — bench/graphile/run.sh not found (pass --graphile-dir)"
+            );
+        }
+        found
+    };
+    for &c in &args.concurrency {
+        for (mode, prefetch) in [("defaults", 0), ("tuned", args.prefetch)] {
+            if mode == "tuned" && prefetch == 0 {
+                continue;
+            }
+            let (enq, drain) = drain_phase(&pool, args.jobs, c, prefetch).await?;
+            println!(
+                "weir     concurrency {c:>3} ({mode:<8}): enqueue {enq:>9.0} jobs/s   drain \
+                 {drain:>9.0} jobs/s"
+            );
+            let Some(script) = &script else { continue };
+            match graphile(script, &url, args.jobs, c, mode) {
+                Ok(g) => println!(
+                    "graphile concurrency {c:>3} ({mode:<8}): enqueue {:>9.0} jobs/s   drain \
+                     {:>9.0} jobs/s   weir / graphile = {:.1}×",
+                    g.enqueue_per_sec,
+                    g.jobs_per_sec,
+                    drain / g.jobs_per_sec
+                ),
+                Err(e) => println!("graphile concurrency {c} ({mode}): failed: {e:#}"),
+            }
+        }
+    }
+
+    let c = args.concurrency[0];
+    let (p50, p99, n) = latency_phase(&pool, c, args.rate, latency_for).await?;
+    println!(
+        "weir     enqueue→start at {} jobs/s for {latency_for:?} ({n} jobs, concurrency {c}): \
+         p50 {:.2} ms, p99 {:.2} ms",
+        args.rate,
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+
+    if args.vacuum_rounds > 0 {
+        vacuum_phase(&pool, (args.jobs / 5).max(1), c, args.vacuum_rounds).await?;
+    }
+
+    Ok(())
+}
+
+async fn clear(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("delete from weir.jobs where queue = $1").bind(QUEUE).execute(pool).await?;
+    sqlx::query("delete from weir.job_history where queue = $1").bind(QUEUE).execute(pool).await?;
+    sqlx::query("vacuum analyze weir.jobs").execute(pool).await?;
+    sqlx::query("vacuum analyze weir.job_history").execute(pool).await?;
+    Ok(())
+}
+
+async fn enqueue_bulk(pool: &PgPool, jobs: usize) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut left = jobs;
+    let mut conn = pool.acquire().await?;
+    while left > 0 {
+        let n = left.min(5000);
+        let batch: Vec<Job> = (0..n)
+            .map(|_| Job::new(&Noop { t: 0 }).map(|j| j.queue(QUEUE)))
+            .collect::<Result<_, _>>()?;
+        weir_jobs::enqueue_many(&mut conn, &batch).await?;
+        left -= n;
+    }
+    Ok(jobs as f64 / start.elapsed().as_secs_f64())
+}
+
+fn runner_config(concurrency: u32, prefetch: u32) -> Config {
+    Config { queues: vec![QueueConfig::new(QUEUE, concurrency)], prefetch, ..Config::default() }
+}
+
+/// Enqueues `jobs` in bulk, then drains them; returns (enqueue jobs/s, drain jobs/s).
+async fn drain_phase(
+    pool: &PgPool,
+    jobs: usize,
+    concurrency: u32,
+    prefetch: u32,
+) -> anyhow::Result<(f64, f64)> {
+    clear(pool).await?;
+    let enqueue_rate = enqueue_bulk(pool, jobs).await?;
+    sqlx::query("analyze weir.jobs").execute(pool).await?;
+    let seen = Arc::new(Seen::default());
+    let start = Instant::now();
+    let running = JobRunner::new(pool.clone(), runner_config(concurrency, prefetch))
+        .register(NoopWorker(seen.clone()))
+        .start()
+        .await?;
+    // Completions are persisted when the runner counts them.
+    while running.metrics().queues[0].completed < jobs as u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("draining {jobs} jobs took more than 10 minutes");
+        }
+    }
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let m = &running.metrics().queues[0];
+    println!(
+        "         ({} claims of {:.1} jobs on average; wait p50 {:.1} ms)",
+        m.claims,
+        m.claimed as f64 / m.claims.max(1) as f64,
+        m.wait_p50.as_secs_f64() * 1e3,
+    );
+    running.stop(Duration::from_secs(10)).await?;
+    Ok((enqueue_rate, rate))
+}
+
+/// Enqueues at a steady `rate`, one job per transaction, for `length`; returns the p50 and p99
+/// of enqueue call → worker start, and the number of jobs.
+async fn latency_phase(
+    pool: &PgPool,
+    concurrency: u32,
+    rate: u32,
+    length: Duration,
+) -> anyhow::Result<(Duration, Duration, u64)> {
+    clear(pool).await?;
+    let seen = Arc::new(Seen::default());
+    let running = JobRunner::new(pool.clone(), runner_config(concurrency, 0))
+        .register(NoopWorker(seen.clone()))
+        .start()
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = (length.as_secs_f64() * f64::from(rate)).round() as u64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        tick.tick().await;
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let job = Job::new(&Noop { t: now_us() })?.queue(QUEUE);
+            let mut conn = pool.acquire().await?;
+            weir_jobs::enqueue(&mut conn, &job).await?;
+            anyhow::Ok(())
+        });
+        while let Some(r) = tasks.try_join_next() {
+            r??;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.runs.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let m = &running.metrics().queues[0];
+    println!(
+        "         (of which commit → claim: p50 {:.2} ms, p99 {:.2} ms, as the runner sees it)",
+        m.wait_p50.as_secs_f64() * 1e3,
+        m.wait_p99.as_secs_f64() * 1e3
+    );
+    running.stop(Duration::from_secs(10)).await?;
+    let h = seen.latency.lock().expect("latency lock");
+    Ok((h.quantile(0.5), h.quantile(0.99), h.len()))
+}
+
+/// Rounds of enqueue + drain with autovacuum as configured: throughput per round and the dead
+/// tuples of the hot table, to show that a long run does not degrade.
+async fn vacuum_phase(
+    pool: &PgPool,
+    jobs: usize,
+    concurrency: u32,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    clear(pool).await?;
+    let seen = Arc::new(Seen::default());
+    let running = JobRunner::new(pool.clone(), runner_config(concurrency, 0))
+        .register(NoopWorker(seen.clone()))
+        .start()
+        .await?;
+    let mut rates = Vec::new();
+    for round in 1..=rounds {
+        let before = running.metrics().queues[0].completed;
+        let start = Instant::now();
+        // Enqueue while the runner drains: the steady state of a busy queue.
+        let mut conn = pool.acquire().await?;
+        let mut left = jobs;
+        while left > 0 {
+            let n = left.min(1000);
+            let batch: Vec<Job> = (0..n)
+                .map(|_| Job::new(&Noop { t: 0 }).map(|j| j.queue(QUEUE)))
+                .collect::<Result<_, _>>()?;
+            weir_jobs::enqueue_many(&mut conn, &batch).await?;
+            left -= n;
+        }
+        drop(conn);
+        while running.metrics().queues[0].completed < before + jobs as u64 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let rate = jobs as f64 / start.elapsed().as_secs_f64();
+        let (live, dead): (i64, i64) = sqlx::query_as(
+            "select n_live_tup, n_dead_tup from pg_stat_user_tables
+              where schemaname = 'weir' and relname = 'jobs'",
+        )
+        .fetch_one(pool)
+        .await?;
+        let size: i64 = sqlx::query_scalar("select pg_total_relation_size('weir.jobs')")
+            .fetch_one(pool)
+            .await?;
+        println!(
+            "weir     vacuum round {round}/{rounds}: {jobs} jobs enqueued while draining, \
+             {rate:>8.0} jobs/s; weir.jobs live {live}, dead {dead}, {} kB",
+            size / 1024
+        );
+        rates.push(rate);
+    }
+    running.stop(Duration::from_secs(10)).await?;
+    if let (Some(first), Some(last)) = (rates.first(), rates.last()) {
+        println!("weir     vacuum: last round / first round = {:.2}", last / first);
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct GraphileResult {
+    enqueue_per_sec: f64,
+    jobs_per_sec: f64,
+}
+
+fn graphile_script(args: &JobsBenchArgs) -> Option<PathBuf> {
+    let candidates = [
+        args.graphile_dir.clone(),
+        std::env::var_os("WEIR_BENCH_GRAPHILE_DIR").map(PathBuf::from),
+        Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/graphile"))),
+        Some(PathBuf::from("bench/graphile")),
+    ];
+    candidates.into_iter().flatten().map(|d| d.join("run.sh")).find(|p| p.is_file())
+}
+
+fn has(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn graphile(
+    script: &PathBuf,
+    url: &str,
+    jobs: usize,
+    concurrency: u32,
+    mode: &str,
+) -> anyhow::Result<GraphileResult> {
+    let out = Command::new("bash")
+        .arg(script)
+        .args([url, &jobs.to_string(), &concurrency.to_string(), mode])
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).context("no result line")?;
+    Ok(serde_json::from_str(line)?)
+}
