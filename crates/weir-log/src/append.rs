@@ -280,17 +280,43 @@ impl Appender {
         Ok(id)
     }
 
+    /// Makes sure partitions cover `last_position`, and creates the next one ahead of need.
+    ///
+    /// Creating a partition takes a strong lock on `weir.events`; queued behind a long-running
+    /// reader it would block every other reader. So it runs with a short `lock_timeout`: a
+    /// partition wanted only ahead of time is skipped on timeout (tried again at the next
+    /// append), one that is needed now is retried until it gets the lock.
     async fn ensure_partitions(&mut self, last_position: Position) -> Result<()> {
-        while last_position >= self.partition_upper {
+        let ahead = last_position + self.partition_size / 2;
+        while ahead >= self.partition_upper {
+            let needed = last_position >= self.partition_upper;
             let lo = self.partition_upper.max(1);
-            // Align partitions to multiples of the size so names are predictable.
+            // Aligned to multiples of the size, so names are predictable.
             let hi = (lo / self.partition_size + 1) * self.partition_size;
             let sql = format!(
                 "create table if not exists weir.events_{lo:012} partition of weir.events \
                  for values from ({lo}) to ({hi})"
             );
-            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut self.conn).await?;
-            self.partition_upper = hi;
+            let mut tx = self.conn.begin().await?;
+            sqlx::query("set local lock_timeout = '200ms'").execute(&mut *tx).await?;
+            match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await {
+                Ok(_) => {
+                    tx.commit().await?;
+                    self.partition_upper = hi;
+                }
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                    drop(tx);
+                    if !needed {
+                        tracing::debug!("creating the next log partition waits for readers; later");
+                        return Ok(());
+                    }
+                    tracing::warn!(
+                        "a long-running query on weir.events delays creating the next partition"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }

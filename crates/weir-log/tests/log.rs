@@ -170,3 +170,38 @@ async fn partitions_are_created_as_needed_and_old_ones_dropped_by_retention() {
     let report = weir_log::enforce_retention(&pool, Duration::from_secs(7 * 86_400)).await.unwrap();
     assert!(report.dropped.is_empty());
 }
+
+#[tokio::test]
+async fn a_long_running_reader_blocks_neither_appends_nor_other_readers() {
+    let (db, pool) = setup("log_lockwait").await;
+    let rel = source();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 1000).await.unwrap();
+    app.append(&[txn(1, vec![insert(&rel, 0, "first")])]).await.unwrap();
+    // A reader that holds its lock on weir.events for a long time (an open transaction).
+    let mut long = pool.begin().await.unwrap();
+    sqlx::query("select count(*) from weir.events").execute(&mut *long).await.unwrap();
+    // Appends that would like to create the next partition ahead of need still go through.
+    let changes = (1..600).map(|i| insert(&rel, i, "r")).collect();
+    tokio::time::timeout(Duration::from_secs(10), app.append(&[txn(2, changes)]))
+        .await
+        .expect("the append must not wait for the reader")
+        .unwrap();
+    // And other readers are not queued behind a pending partition DDL.
+    let mut other = pool.acquire().await.unwrap();
+    sqlx::query("set statement_timeout = '2s'").execute(&mut *other).await.unwrap();
+    let n: i64 = sqlx::query_scalar("select count(*) from weir.events")
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(n, 600);
+    long.rollback().await.unwrap();
+    // Once the reader is gone the partition is created ahead of need.
+    app.append(&[txn(3, vec![insert(&rel, 1000, "x")])]).await.unwrap();
+    let parts: i64 = sqlx::query_scalar(
+        "select count(*) from pg_inherits where inhparent = 'weir.events'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(parts, 2);
+}
