@@ -42,7 +42,7 @@ create table weir.events (
     new_record      jsonb,
     old_record      jsonb,
     changes         jsonb,
-    unchanged_toast text[],
+    unchanged_toast jsonb,                     -- ["column", ...]
     primary key (position)
 ) partition by range (position);
 
@@ -62,6 +62,6 @@ create unlogged table weir.staged_changes (
     new_record      jsonb,
     old_record      jsonb,
     changes         jsonb,
-    unchanged_toast text[],
+    unchanged_toast jsonb,                     -- ["column", ...]
     primary key (xid, seq)
 );

@@ -6,7 +6,7 @@
 //!   intern relation shapes → weir.relations ids        (autocommit; immutable facts)
 //!   create partitions the batch will reach              (autocommit, short)
 //!   BEGIN
-//!     COPY weir.events … (positions state.position+1 …, WAL order inside each txn)
+//!     INSERT … SELECT FROM unnest(…) (positions state.position+1 …, WAL order in each txn)
 //!     streamed txns: move weir.staged_changes rows, numbered by their WAL sequence
 //!     UPDATE weir.source_state SET lsn = last commit LSN, position = last position
 //!     NOTIFY weir_events, '<last position>'
@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
@@ -48,7 +49,6 @@ pub struct Appender {
     /// the address cannot be reused while cached).
     relations: HashMap<usize, (Arc<Source>, i32)>,
     head: watch::Sender<Position>,
-    buf: Vec<u8>,
 }
 
 impl Appender {
@@ -79,7 +79,6 @@ impl Appender {
             partition_upper,
             relations: HashMap::new(),
             head,
-            buf: Vec::with_capacity(1 << 20),
         })
     }
 
@@ -125,11 +124,10 @@ impl Appender {
 
         let mut position = self.state.position;
         let mut tx = self.conn.begin().await?;
-        let mut pending = 0usize;
-        self.buf.clear();
+        let mut rows = Rows::default();
         for t in &fresh {
             if t.staged {
-                flush_copy(&mut tx, &mut self.buf, &mut pending).await?;
+                rows.insert_events(&mut tx).await?;
                 let moved = sqlx::query(MOVE_STAGED)
                     .bind(position)
                     .bind(t.commit_lsn.to_string())
@@ -141,20 +139,19 @@ impl Appender {
                 position += moved as i64;
                 continue;
             }
-            let ts = t.commit_ts.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
             let lsn = t.commit_lsn.to_string();
             for c in &t.changes {
                 position += 1;
                 let relation_id =
                     c.relation.as_ref().map(|r| self.relations[&(Arc::as_ptr(r) as usize)].1);
-                encode_row(&mut self.buf, position, &lsn, t.xid, &ts, c, relation_id);
-                pending += 1;
-            }
-            if self.buf.len() > (8 << 20) {
-                flush_copy(&mut tx, &mut self.buf, &mut pending).await?;
+                rows.head.push((position, lsn.clone(), i64::from(t.xid), t.commit_ts));
+                rows.push(c, relation_id);
+                if rows.len() >= ROWS_PER_STATEMENT {
+                    rows.insert_events(&mut tx).await?;
+                }
             }
         }
-        flush_copy(&mut tx, &mut self.buf, &mut pending).await?;
+        rows.insert_events(&mut tx).await?;
         sqlx::query(
             "update weir.source_state set lsn = $2::pg_lsn, position = $3, updated_at = now()
              where slot = $1",
@@ -214,22 +211,17 @@ impl Appender {
                 self.intern(rel).await?;
             }
         }
-        self.buf.clear();
+        let mut rows = Rows::default();
         for (i, (subxid, c)) in changes.iter().enumerate() {
             let relation_id =
                 c.relation.as_ref().map(|r| self.relations[&(Arc::as_ptr(r) as usize)].1);
-            encode_staged(&mut self.buf, xid, *subxid, first_seq + i as i64, c, relation_id);
+            rows.staged.push((i64::from(xid), i64::from(*subxid), first_seq + i as i64));
+            rows.push(c, relation_id);
+            if rows.len() >= ROWS_PER_STATEMENT {
+                rows.insert_staged(&mut self.conn).await?;
+            }
         }
-        let mut copy = self
-            .conn
-            .copy_in_raw(
-                "copy weir.staged_changes (xid, subxid, seq, kind, entity, relation_id, key, \
-                 new_record, old_record, changes, unchanged_toast) from stdin",
-            )
-            .await?;
-        copy.send(self.buf.as_slice()).await?;
-        copy.finish().await?;
-        self.buf.clear();
+        rows.insert_staged(&mut self.conn).await?;
         Ok(())
     }
 
@@ -351,131 +343,127 @@ async fn highest_partition_upper(conn: &mut PgConnection) -> Result<i64> {
         .unwrap_or(1))
 }
 
-async fn flush_copy(conn: &mut PgConnection, buf: &mut Vec<u8>, pending: &mut usize) -> Result<()> {
-    if *pending == 0 {
-        return Ok(());
+/// Rows per `insert … select from unnest(…)` statement.
+const ROWS_PER_STATEMENT: usize = 5_000;
+
+/// Changes gathered column by column, inserted with one `unnest` statement.
+///
+/// Not COPY: sqlx does not set `TCP_NODELAY`, and COPY's two back-to-back writes (CopyData,
+/// CopyDone) then wait for the server's delayed ACK — about 40 ms per append. One statement is
+/// one write and one reply.
+#[derive(Default)]
+struct Rows {
+    /// position, lsn, xid, commit_ts (log rows).
+    head: Vec<(i64, String, i64, DateTime<Utc>)>,
+    /// xid, subxid, seq (staged rows).
+    staged: Vec<(i64, i64, i64)>,
+    kind: Vec<&'static str>,
+    entity: Vec<String>,
+    relation_id: Vec<Option<i32>>,
+    key: Vec<String>,
+    new_record: Vec<Option<String>>,
+    old_record: Vec<Option<String>>,
+    changes: Vec<Option<String>>,
+    unchanged_toast: Vec<Option<String>>,
+}
+
+fn json(v: &Value) -> String {
+    serde_json::to_string(v).expect("JSON values always serialize")
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.kind.len()
     }
-    let mut copy = conn
-        .copy_in_raw(
-            "copy weir.events (position, lsn, xid, commit_ts, kind, entity, relation_id, key, \
-             new_record, old_record, changes, unchanged_toast) from stdin",
+
+    fn push(&mut self, c: &Change, relation_id: Option<i32>) {
+        self.kind.push(c.kind.as_str());
+        self.entity.push(c.entity.clone());
+        self.relation_id.push(relation_id);
+        self.key.push(json(&c.key));
+        self.new_record.push(c.new_record.as_ref().map(json));
+        self.old_record.push(c.old_record.as_ref().map(json));
+        self.changes.push(c.changes.as_ref().map(json));
+        self.unchanged_toast.push(
+            (!c.unchanged_toast.is_empty())
+                .then(|| serde_json::to_string(&c.unchanged_toast).expect("strings serialize")),
+        );
+    }
+
+    fn take(&mut self) -> Rows {
+        std::mem::take(self)
+    }
+
+    async fn insert_events(&mut self, conn: &mut PgConnection) -> Result<()> {
+        if self.len() == 0 {
+            return Ok(());
+        }
+        let r = self.take();
+        let (position, lsn, xid, ts): (Vec<i64>, Vec<String>, Vec<i64>, Vec<DateTime<Utc>>) =
+            r.head.into_iter().fold(Default::default(), |mut acc, (p, l, x, t)| {
+                acc.0.push(p);
+                acc.1.push(l);
+                acc.2.push(x);
+                acc.3.push(t);
+                acc
+            });
+        sqlx::query(
+            "insert into weir.events (position, lsn, xid, commit_ts, kind, entity, relation_id,
+                                      key, new_record, old_record, changes, unchanged_toast)
+             select * from unnest($1::int8[], $2::text[]::pg_lsn[], $3::int8[], $4::timestamptz[],
+                                  $5::text[], $6::text[], $7::int4[], $8::text[]::jsonb[],
+                                  $9::text[]::jsonb[], $10::text[]::jsonb[], $11::text[]::jsonb[],
+                                  $12::text[]::jsonb[])",
         )
+        .bind(position)
+        .bind(lsn)
+        .bind(xid)
+        .bind(ts)
+        .bind(r.kind)
+        .bind(r.entity)
+        .bind(r.relation_id)
+        .bind(r.key)
+        .bind(r.new_record)
+        .bind(r.old_record)
+        .bind(r.changes)
+        .bind(r.unchanged_toast)
+        .execute(conn)
         .await?;
-    copy.send(buf.as_slice()).await?;
-    copy.finish().await?;
-    buf.clear();
-    *pending = 0;
-    Ok(())
-}
-
-fn encode_row(
-    buf: &mut Vec<u8>,
-    position: Position,
-    lsn: &str,
-    xid: u32,
-    ts: &str,
-    c: &Change,
-    relation_id: Option<i32>,
-) {
-    use std::io::Write;
-    let _ = write!(buf, "{position}\t{lsn}\t{xid}\t{ts}\t");
-    encode_common(buf, c, relation_id);
-}
-
-fn encode_staged(
-    buf: &mut Vec<u8>,
-    xid: u32,
-    subxid: u32,
-    seq: i64,
-    c: &Change,
-    relation_id: Option<i32>,
-) {
-    use std::io::Write;
-    let _ = write!(buf, "{xid}\t{subxid}\t{seq}\t");
-    encode_common(buf, c, relation_id);
-}
-
-/// kind, entity, relation_id, key, new_record, old_record, changes, unchanged_toast + newline.
-fn encode_common(buf: &mut Vec<u8>, c: &Change, relation_id: Option<i32>) {
-    use std::io::Write;
-    buf.extend_from_slice(c.kind.as_str().as_bytes());
-    buf.push(b'\t');
-    escape_into(buf, c.entity.as_bytes());
-    buf.push(b'\t');
-    match relation_id {
-        Some(id) => {
-            let _ = write!(buf, "{id}");
-        }
-        None => buf.extend_from_slice(b"\\N"),
+        Ok(())
     }
-    buf.push(b'\t');
-    json_into(buf, Some(&c.key));
-    buf.push(b'\t');
-    json_into(buf, c.new_record.as_ref());
-    buf.push(b'\t');
-    json_into(buf, c.old_record.as_ref());
-    buf.push(b'\t');
-    json_into(buf, c.changes.as_ref());
-    buf.push(b'\t');
-    if c.unchanged_toast.is_empty() {
-        buf.extend_from_slice(b"\\N");
-    } else {
-        // An array literal of quoted names, then COPY-escaped.
-        let mut lit = Vec::new();
-        lit.push(b'{');
-        for (i, name) in c.unchanged_toast.iter().enumerate() {
-            if i > 0 {
-                lit.push(b',');
-            }
-            lit.push(b'"');
-            for &b in name.as_bytes() {
-                if b == b'"' || b == b'\\' {
-                    lit.push(b'\\');
-                }
-                lit.push(b);
-            }
-            lit.push(b'"');
+
+    async fn insert_staged(&mut self, conn: &mut PgConnection) -> Result<()> {
+        if self.len() == 0 {
+            return Ok(());
         }
-        lit.push(b'}');
-        escape_into(buf, &lit);
-    }
-    buf.push(b'\n');
-}
-
-fn json_into(buf: &mut Vec<u8>, value: Option<&Value>) {
-    match value {
-        None => buf.extend_from_slice(b"\\N"),
-        Some(v) => {
-            let text = serde_json::to_vec(v).expect("JSON values always serialize");
-            escape_into(buf, &text);
-        }
-    }
-}
-
-/// COPY text format: backslash, tab, newline and carriage return are escaped.
-fn escape_into(buf: &mut Vec<u8>, bytes: &[u8]) {
-    for &b in bytes {
-        match b {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            _ => buf.push(b),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_escaping_keeps_json_intact() {
-        let mut buf = Vec::new();
-        escape_into(&mut buf, br#"{"a":"x\ty\\z"}"#);
-        assert_eq!(buf, br#"{"a":"x\\ty\\\\z"}"#.to_vec());
-        let mut buf = Vec::new();
-        escape_into(&mut buf, b"a\tb\nc\rd");
-        assert_eq!(buf, b"a\\tb\\nc\\rd".to_vec());
+        let r = self.take();
+        let (xid, subxid, seq): (Vec<i64>, Vec<i64>, Vec<i64>) =
+            r.staged.into_iter().fold(Default::default(), |mut acc, (x, s, q)| {
+                acc.0.push(x);
+                acc.1.push(s);
+                acc.2.push(q);
+                acc
+            });
+        sqlx::query(
+            "insert into weir.staged_changes (xid, subxid, seq, kind, entity, relation_id, key,
+                                              new_record, old_record, changes, unchanged_toast)
+             select * from unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[],
+                                  $6::int4[], $7::text[]::jsonb[], $8::text[]::jsonb[],
+                                  $9::text[]::jsonb[], $10::text[]::jsonb[], $11::text[]::jsonb[])",
+        )
+        .bind(xid)
+        .bind(subxid)
+        .bind(seq)
+        .bind(r.kind)
+        .bind(r.entity)
+        .bind(r.relation_id)
+        .bind(r.key)
+        .bind(r.new_record)
+        .bind(r.old_record)
+        .bind(r.changes)
+        .bind(r.unchanged_toast)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 }

@@ -115,7 +115,11 @@ impl LogReader {
             },
         };
         let commit_ts: DateTime<Utc> = row.try_get("commit_ts")?;
-        let unchanged: Option<Vec<String>> = row.try_get("unchanged_toast")?;
+        let unchanged: Option<Vec<String>> = row
+            .try_get::<Option<Value>, _>("unchanged_toast")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| corrupt(format!("unchanged_toast: {e}")))?;
         Ok(Event {
             position,
             lsn,
