@@ -478,17 +478,29 @@ impl Config {
                 return invalid("operators.name", "must be 1 to 63 characters");
             }
             if op.entities.is_empty() {
-                return invalid("operators.entities", &format!("operator `{}` listens to no entity", op.name));
+                return invalid(
+                    "operators.entities",
+                    &format!("operator `{}` listens to no entity", op.name),
+                );
             }
             if !op.sql.contains("$1") {
-                return invalid("operators.sql", &format!("operator `{}`: the statement must use the key as $1", op.name));
+                return invalid(
+                    "operators.sql",
+                    &format!("operator `{}`: the statement must use the key as $1", op.name),
+                );
             }
             if op.lanes.is_some_and(|l| l == 0 || l > 1024) {
-                return invalid("operators.lanes", &format!("operator `{}`: must be from 1 to 1024", op.name));
+                return invalid(
+                    "operators.lanes",
+                    &format!("operator `{}`: must be from 1 to 1024", op.name),
+                );
             }
             for e in op.key.keys().chain(&op.delete_with) {
                 if !op.entities.contains(e) {
-                    return invalid("operators.key", &format!("operator `{}` maps `{e}`, which is not in its entities", op.name));
+                    return invalid(
+                        "operators.key",
+                        &format!("operator `{}` maps `{e}`, which is not in its entities", op.name),
+                    );
                 }
             }
         }
