@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use weir_core::{ConsumersConfig, Event, OnExhausted, Ordering, RetryConfig, StartFrom};
@@ -490,14 +490,7 @@ impl Lane {
     async fn attempt(&self, event: &Event) -> Result<Result<Option<Handled>, String>> {
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        let outcome =
-            AssertUnwindSafe(self.spec.operator.handle(&mut tx, event)).catch_unwind().await;
-        let failure = match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e}")),
-            Err(panic) => Some(format!("handler panicked: {}", panic_message(&panic))),
-        };
-        if let Some(f) = failure {
+        if let Some(f) = self.call_handler(&mut tx, event).await {
             let _ = tx.rollback().await;
             return Ok(Err(f));
         }
@@ -640,31 +633,8 @@ impl Lane {
                 }
                 OnExhausted::Skip => {
                     let mut conn = self.shared.pool.acquire().await?;
-                    let mut tx = conn.begin().await?;
-                    store::record_failure(
-                        &mut tx,
-                        &self.spec.name,
-                        self.lane,
-                        event.position,
-                        attempt as i32,
-                        &error,
-                        "skip",
-                    )
-                    .await?;
-                    if !store::checkpoint(
-                        &mut tx,
-                        &self.spec.name,
-                        self.lane,
-                        &self.shared.node,
-                        self.fence,
-                        event.position,
-                    )
-                    .await?
-                    {
-                        return Ok(Handled::LostLease);
-                    }
-                    tx.commit().await?;
-                    return Ok(Handled::Done);
+                    let tx = conn.begin().await?;
+                    return self.settle(tx, event, attempt as i32, &error, "skip").await;
                 }
                 OnExhausted::Park => {
                     let k = key.clone().unwrap_or_default();
@@ -694,6 +664,19 @@ impl Lane {
             attempts,
         )
         .await?;
+        self.settle(tx, event, attempts, error, "park").await
+    }
+
+    /// Ends an event without its handler's effect: records the failure with `outcome` and
+    /// moves the fenced checkpoint past it, in `tx` (which may already hold a parked row).
+    async fn settle(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        event: &Event,
+        attempts: i32,
+        error: &str,
+        outcome: &str,
+    ) -> Result<Handled> {
         store::record_failure(
             &mut tx,
             &self.spec.name,
@@ -701,7 +684,7 @@ impl Lane {
             event.position,
             attempts,
             error,
-            "park",
+            outcome,
         )
         .await?;
         if !store::checkpoint(
@@ -718,6 +701,19 @@ impl Lane {
         }
         tx.commit().await?;
         Ok(Handled::Done)
+    }
+
+    /// Runs the handler in `tx`; a returned error or a panic is the failure's message.
+    async fn call_handler(&self, tx: &mut PgConnection, event: &Event) -> Option<String> {
+        let started = std::time::Instant::now();
+        let outcome = AssertUnwindSafe(self.spec.operator.handle(tx, event)).catch_unwind().await;
+        metrics::histogram!("weir_consumer_handler_seconds", "consumer" => self.spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(format!("handler panicked: {}", panic_message(&panic))),
+        }
     }
 
     /// Handles parked events someone asked to retry, oldest first; on success the parked row
@@ -747,14 +743,7 @@ impl Lane {
             };
             let mut conn = self.shared.pool.acquire().await?;
             let mut tx = conn.begin().await?;
-            let outcome =
-                AssertUnwindSafe(self.spec.operator.handle(&mut tx, &event)).catch_unwind().await;
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(p) => Some(format!("handler panicked: {}", panic_message(&p))),
-            };
-            match failure {
+            match self.call_handler(&mut tx, &event).await {
                 None => {
                     sqlx::query("delete from weir.parked where consumer = $1 and position = $2")
                         .bind(&self.spec.name)

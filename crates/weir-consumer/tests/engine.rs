@@ -83,10 +83,13 @@ impl Log {
     }
 }
 
+/// Decides whether attempt `n` at an event fails, and with what message (`"panic"` panics).
+type FailFn = dyn Fn(&Event, u32) -> Option<String> + Send + Sync;
+
 /// Records (key, position) in the handler's transaction; fails per `fail`.
 struct Recorder {
     name: &'static str,
-    fail: Box<dyn Fn(&Event, u32) -> Option<String> + Send + Sync>,
+    fail: Box<FailFn>,
     attempts: Mutex<std::collections::HashMap<i64, u32>>,
     calls: AtomicU32,
 }
@@ -207,7 +210,7 @@ proptest::proptest! {
             // Fail some first attempts (the write is rolled back), some panics, never forever.
             let op = Recorder::new("prop", move |e, attempt| {
                 let p = e.position as u64;
-                (attempt == 1 && p % fail_every == 0).then(|| if p % (fail_every * 2) == 0 { "panic".into() } else { "boom".into() })
+                (attempt == 1 && p.is_multiple_of(fail_every)).then(|| if p.is_multiple_of(fail_every * 2) { "panic".into() } else { "boom".into() })
             });
             let engine = Engine::start(log.pool.clone(), vec![spec("prop", op, lanes, OnExhausted::Halt, 3)], log.wake(&cancel), Arc::new(TracingReporter), cancel.clone()).await.unwrap();
             // Events arrive while the engine runs, in small transactions.
