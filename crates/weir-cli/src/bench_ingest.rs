@@ -1,41 +1,49 @@
 //! `weir bench ingest`: how fast weir turns a replication slot into the durable log, measured
 //! against `pg_recvlogical` draining the same WAL in the same run.
 //!
-//! What it measures (each phase in a fresh database; a private cluster with `fsync=on` unless
-//! `--url` names a server):
+//! Each phase uses a fresh database, on a private cluster (`fsync=on`, reached over TCP on
+//! 127.0.0.1 as weir usually is; `--unix-socket` uses its Unix socket instead) unless `--url`
+//! names a server (superuser, `wal_level=logical`) where the benchmark creates its databases.
 //!
-//! 1. **Throughput**, for 1-row and 100-row transactions: a table `bench(id bigint primary key,
+//! 1. **Huge transaction** (runs first, so the allocator holds nothing from other phases):
+//!    while ingestion runs in this process, one `insert … select … from generate_series(1, N)`
+//!    (N = `--changes`). This process's RSS is sampled every 50 ms (`VmRSS`; also `VmHWM`
+//!    after resetting it through `/proc/self/clear_refs`, which misses memory returned with
+//!    `madvise`). Prints the peak and its delta over the baseline, the time from the commit
+//!    until every row is in the log, and checks positions 1..N are there without a gap.
+//!    PostgreSQL streams a transaction only once it outgrows `logical_decoding_work_mem`
+//!    (64 MB, ~250k rows of this shape); a smaller one arrives whole at its commit, so also try
+//!    `--only huge --changes 250000`.
+//! 2. **Throughput**, for 1-row and 100-row transactions: a table `bench(id bigint primary key,
 //!    payload text)` (~100-byte rows) is published, the slot `weir` is created by
-//!    `weir::setup::init` and a slot `recv_0` right after it (one more pair per `--repeat`), so
-//!    every slot starts before the first generated change. `--changes` changes (60 % insert,
-//!    30 % update, 10 % delete) are then generated server-side (PL/pgSQL with `commit`,
-//!    `synchronous_commit=off`; generation is not what is measured). Then, one after the other,
-//!    never concurrently:
+//!    `weir::setup::init` and `recv_0` right after it (one more pair per `--repeat`, all before
+//!    any data). `--changes` changes (60 % insert, 30 % update, 10 % delete; every update and
+//!    delete hits exactly one row) are generated server-side (PL/pgSQL with `commit`,
+//!    `synchronous_commit=off`, two connections; generation is not what is measured). Then,
+//!    one after the other, never concurrently, each after a `checkpoint`:
 //!    - the reference: `pg_recvlogical --start --no-loop -o proto_version=2
-//!      -o publication_names=weir -f /dev/null --endpos <pg_current_wal_lsn() after
-//!      generation>` — a client that receives pgoutput and throws it away;
+//!      -o publication_names=weir -f /dev/null --endpos <pg_current_wal_insert_lsn() after
+//!      generation>`: a client that receives pgoutput and throws it away;
 //!    - weir: `weir::ingest::run` in this process, timed from its start until
 //!      `weir.source_state.position` reaches the number of changes (polled every 5 ms), i.e.
 //!      until every change is decoded, turned into an event and committed durably to
-//!      `weir.events` (and the slot may be acknowledged).
+//!      `weir.events`. A drain still running after `--max-drain-seconds` is stopped and its
+//!      rate taken from what it drained (marked `*`). The log is then truncated for the next
+//!      pair.
 //!
-//!    It prints changes/s for both, the ratio weir / pg_recvlogical (median of the per-pair
-//!    ratios), and where the CPU went during each drain (walsender, the appender's backend,
-//!    this process, pg_recvlogical), read from `/proc` when the server runs on this machine.
-//! 2. **Live latency** at `--rate` (5,000) single-row insert transactions per second for
-//!    `--latency-seconds`: writers on their own connections record the instant each commit
-//!    returns; a `LISTEN weir_events` connection records the instant each NOTIFY sent by the
-//!    append transaction arrives (the append commits the events and the NOTIFY together).
-//!    Latency of a row = notification of the append holding it − its commit returned, all in
-//!    this process; the first second is left out as warm-up.
-//! 3. **Huge transaction**: one `insert … select … from generate_series(1, N)` (N =
-//!    `--changes`) while ingestion runs; this process's RSS is sampled every 50 ms
-//!    (`VmRSS`, and `VmHWM` after resetting it through `/proc/self/clear_refs`). Prints the
-//!    peak, its delta over the baseline taken just before, the drain times, and checks that
-//!    positions 1..N are all in the log.
+//!    Prints changes/s for both, the ratio weir / pg_recvlogical (median of the per-pair
+//!    ratios) and where the CPU went during each drain (walsender, the appender's backend, this
+//!    process, pg_recvlogical; from `/proc`, every 100 ms, when the server is local).
+//! 3. **Live latency** at `--rate` (5,000) single-row insert transactions per second for
+//!    `--latency-seconds`, ingestion running: `--writers` connections record the instant each
+//!    commit returns; a `LISTEN weir_events` connection records the instant each NOTIFY sent by
+//!    an append arrives (the append commits its events and the NOTIFY together). Writers and
+//!    listener run on threads of their own so the ingestion's tasks cannot delay their clocks.
+//!    Latency of a row = arrival of the first notification covering its position − its commit
+//!    returned; the first second is left out as warm-up.
 //!
 //! Run: `cargo build --release -p weir-cli && target/release/weir bench ingest`
-//! (`--changes 100000` for a quick run, `--only throughput|latency|huge`, `--repeat 3`).
+//! (`--changes 100000` for a quick run; `--only huge|throughput|latency`; `--repeat 3`).
 //! The machine is shared and noisy: compare the ratio, which is taken in one run, and prefer
 //! medians over several runs. Targets (printed beside the figures; a miss does not fail the
 //! command): weir ≥ 0.8× pg_recvlogical, latency p50 ≤ 5 ms and p99 ≤ 50 ms, peak RSS ≤ 256 MB.
@@ -151,6 +159,11 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
 
     let wants = |p: Phase| args.only.is_none_or(|o| o == p);
     let mut summary = Summary::default();
+    // The huge transaction runs first: its peak RSS is this process's, and memory the
+    // allocator kept from earlier phases would inflate it.
+    if wants(Phase::Huge) {
+        summary.huge = Some(huge(&server, &args).await.context("huge-transaction phase")?);
+    }
     if wants(Phase::Throughput) {
         for &size in &args.txn_sizes {
             let r = throughput(&server, &args, size)
@@ -161,9 +174,6 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
     }
     if wants(Phase::Latency) {
         summary.latency = Some(latency(&server, &args).await.context("latency phase")?);
-    }
-    if wants(Phase::Huge) {
-        summary.huge = Some(huge(&server, &args).await.context("huge-transaction phase")?);
     }
     summary.print(&args);
     server.admin.close().await;
@@ -237,14 +247,13 @@ impl Server {
         .execute(&self.admin)
         .await?;
         for _ in 0..50 {
-            let left: i64 = sqlx::query_scalar(
-                "select count(pg_drop_replication_slot(slot_name)) from pg_replication_slots
+            sqlx::query(
+                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
                  where database = $1 and not active",
             )
             .bind(name)
-            .fetch_one(&self.admin)
+            .execute(&self.admin)
             .await?;
-            let _ = left;
             let remaining: i64 =
                 sqlx::query_scalar("select count(*) from pg_replication_slots where database = $1")
                     .bind(name)
@@ -402,6 +411,8 @@ struct Drain {
     /// Changes drained: all of them, unless the drain was stopped at `--max-drain-seconds`.
     changes: u64,
     cpu: CpuReport,
+    /// weir only: the most the slot's acknowledged LSN trailed the log's stored LSN, in bytes.
+    max_ack_lag: i64,
 }
 
 impl Drain {
@@ -539,6 +550,10 @@ async fn throughput(
         );
         println!("         cpu during pg_recvlogical: {}", recv.cpu.describe(recv.seconds));
         println!("         cpu during weir:           {}", weir.cpu.describe(weir.seconds));
+        println!(
+            "         slot acknowledgement trailed the stored log by up to {} of WAL",
+            human_bytes(weir.max_ack_lag)
+        );
         result.recv.push(recv);
         result.weir.push(weir);
     }
@@ -629,7 +644,7 @@ async fn drain_recvlogical(
     if !out.status.success() {
         bail!("pg_recvlogical failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
-    Ok(Drain { seconds, changes: n, cpu })
+    Ok(Drain { seconds, changes: n, cpu, max_ack_lag: 0 })
 }
 
 async fn drain_weir(
@@ -645,11 +660,40 @@ async fn drain_weir(
     let sampler = CpuSampler::start(server.postmaster);
     let started = Instant::now();
     let (cancel, handle) = spawn_ingest(config, weir_pool.clone());
+    // How far the slot's acknowledged position trails what the log has stored (WAL the server
+    // must keep although weir has it): sampled every 500 ms.
+    let stop_lag = CancellationToken::new();
+    let lag_task = tokio::spawn({
+        let (pool, slot, stop) = (pool.clone(), slot.to_string(), stop_lag.clone());
+        async move {
+            let mut max = 0i64;
+            while !stop.is_cancelled() {
+                let lag: Option<i64> = sqlx::query_scalar(
+                    "select greatest((s.lsn - r.confirmed_flush_lsn)::bigint, 0)
+                     from weir.source_state s join pg_replication_slots r on r.slot_name = s.slot
+                     where s.slot = $1",
+                )
+                .bind(&slot)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten();
+                max = max.max(lag.unwrap_or(0));
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            max
+        }
+    });
     let waited =
         wait_for_position_until(pool, slot, n, Duration::from_millis(5), &handle, Some(limit))
             .await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = sampler.stop();
+    stop_lag.cancel();
+    let max_ack_lag = lag_task.await.unwrap_or(0);
     let reached = match &waited {
         Ok((_, p)) => *p as u64,
         Err(_) => 0,
@@ -662,7 +706,7 @@ async fn drain_weir(
     }
     stop_ingest(cancel, handle).await?;
     weir_pool.close().await;
-    Ok(Drain { seconds, changes: reached, cpu })
+    Ok(Drain { seconds, changes: reached, cpu, max_ack_lag })
 }
 
 /// What the server says about the slot and the log, for a stalled drain.
@@ -683,8 +727,9 @@ async fn diagnostics(pool: &PgPool, slot: &str) -> String {
         sqlx::query_as("select pg_current_wal_lsn()::text, pg_current_wal_flush_lsn()::text")
             .fetch_one(pool)
             .await;
-    let repl: Result<Vec<(Option<String>, Option<String>, Option<String>, Option<String>)>, _> = sqlx::query_as(
-        "select application_name, sent_lsn::text, flush_lsn::text, state from pg_stat_replication",
+    let repl: Result<Vec<(String,)>, _> = sqlx::query_as(
+        "select format('%s sent %s flushed %s %s', application_name, sent_lsn, flush_lsn, state)
+         from pg_stat_replication",
     )
     .fetch_all(pool)
     .await;
@@ -1135,7 +1180,7 @@ impl Summary {
             "- pg_recvlogical only receives pgoutput and discards it. weir decodes every change into"
         );
         println!(
-            "  JSON, COPYs it into weir.events and commits (fsync) before the slot may be acknowledged;"
+            "  JSON, inserts it into weir.events and commits (fsync) before the slot may be acknowledged;"
         );
         println!("  its own backend and this process share the cores with the walsender.");
         if self.throughput.iter().any(ThroughputResult::partial) {
@@ -1170,17 +1215,6 @@ impl Summary {
                 } else {
                     String::new()
                 }
-            );
-        }
-        if !args.unix_socket && args.url.is_none() {
-            println!(
-                "- Over TCP, sqlx 0.9.0 leaves Nagle's algorithm on (no TCP_NODELAY; sqlx issue #4335):"
-            );
-            println!(
-                "  each COPY sends its data and its CopyDone in two writes, and the CopyDone waits for the"
-            );
-            println!(
-                "  server's delayed ACK (~40 ms on Linux). Compare with --unix-socket, which has no Nagle."
             );
         }
     }
@@ -1298,11 +1332,15 @@ impl CpuReport {
     }
 }
 
+/// A server process as the sampler saw it: label, seen running COPY or INSERT, CPU ticks at
+/// first and at last sight.
+type Seen = (String, bool, u64, u64);
+
 /// Samples the CPU of the server's processes (children of the postmaster) every 100 ms on a
 /// thread of its own, plus this process and its waited-for children.
 struct CpuSampler {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<HashMap<u32, (String, bool, u64, u64)>>>,
+    thread: Option<std::thread::JoinHandle<HashMap<u32, Seen>>>,
     self_start: Option<ProcStat>,
     local: bool,
 }
@@ -1315,7 +1353,7 @@ impl CpuSampler {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 // pid → (label, seen copying, ticks at first sight, ticks at last sight)
-                let mut seen: HashMap<u32, (String, bool, u64, u64)> = HashMap::new();
+                let mut seen: HashMap<u32, Seen> = HashMap::new();
                 let mut first_round = true;
                 loop {
                     for pid in children_of(pm) {
@@ -1358,10 +1396,10 @@ impl CpuSampler {
         let mut by_label: HashMap<String, f64> = HashMap::new();
         if let Some(t) = self.thread.take() {
             let seen = t.join().unwrap_or_default();
-            // The busiest backend that was seen running COPY/INSERT is the appender's.
+            // A backend seen running COPY or INSERT during a drain is the log appender's.
             for (_, (label, copying, first, last)) in seen {
                 let label = if label == "backend" && copying {
-                    "backend doing COPY (appender)".to_string()
+                    "appender backend".to_string()
                 } else {
                     label
                 };
@@ -1413,7 +1451,7 @@ fn thousands(x: f64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1430,8 +1468,10 @@ fn human_bytes(b: i64) -> String {
     let b = b as f64;
     if b >= 1024.0 * 1024.0 * 1024.0 {
         format!("{:.2} GB", b / (1024.0 * 1024.0 * 1024.0))
-    } else {
+    } else if b >= 1024.0 * 1024.0 {
         format!("{:.0} MB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0} kB", b / 1024.0)
     }
 }
 
