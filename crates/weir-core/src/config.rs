@@ -254,6 +254,10 @@ pub struct SourceConfig {
     /// pins WAL. Defaults to `10s`.
     #[serde(with = "serde_duration")]
     pub status_interval: Duration,
+    /// `logical_decoding_work_mem` for the replication session: a transaction larger than this
+    /// is streamed before it commits (and staged in the database by weir), which bounds the
+    /// memory one transaction costs. Defaults to `16MB`.
+    pub decoding_work_mem: String,
 }
 
 impl Default for DatabaseConfig {
@@ -272,6 +276,7 @@ impl Default for SourceConfig {
             message_prefix: DEFAULT_MESSAGE_PREFIX.into(),
             batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
             status_interval: Duration::from_secs(10),
+            decoding_work_mem: "16MB".into(),
         }
     }
 }
@@ -456,6 +461,14 @@ impl Config {
         }
         if self.source.batch_max_events == 0 {
             return invalid("source.batch_max_events", "must be at least 1 (default: 10000)");
+        }
+        let mem = &self.source.decoding_work_mem;
+        let digits = mem.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        if digits.is_empty()
+            || !digits.chars().all(|c| c.is_ascii_digit())
+            || !["kB", "MB", "GB", ""].contains(&&mem[digits.len()..])
+        {
+            return invalid("source.decoding_work_mem", "must be a size like `16MB` or `64kB`");
         }
         if self.source.status_interval < Duration::from_millis(100) {
             return invalid("source.status_interval", "must be at least 100ms (default: 10s)");

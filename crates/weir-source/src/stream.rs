@@ -130,16 +130,28 @@ impl std::fmt::Debug for ReplicationStream {
 
 /// Builds the libpq connection string for replication from a `postgres://` URL (or from the
 /// `PG*` environment when `url` is `None`), with the session settings our casts rely on.
-pub fn replication_conninfo(url: Option<&str>) -> String {
-    const SETTINGS: &str = "options='-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 \
-                            -c bytea_output=hex -c extra_float_digits=3'";
+pub fn replication_conninfo(url: Option<&str>, decoding_work_mem: &str) -> String {
+    // `logical_decoding_work_mem` is per session: above it PostgreSQL streams a transaction
+    // before it commits, which bounds what the walsender and weir hold for one transaction.
+    let settings = [
+        "DateStyle=ISO",
+        "TimeZone=UTC",
+        "IntervalStyle=iso_8601",
+        "bytea_output=hex",
+        "extra_float_digits=3",
+        &format!("logical_decoding_work_mem={decoding_work_mem}"),
+    ];
     match url {
         Some(u) => {
             let sep = if u.contains('?') { '&' } else { '?' };
-            let opts = "options=-c%20DateStyle%3DISO%20-c%20TimeZone%3DUTC%20-c%20IntervalStyle%3Diso_8601%20-c%20bytea_output%3Dhex%20-c%20extra_float_digits%3D3";
-            format!("{u}{sep}replication=database&{opts}")
+            let opts: Vec<String> =
+                settings.iter().map(|s| format!("-c%20{}", s.replace('=', "%3D"))).collect();
+            format!("{u}{sep}replication=database&options={}", opts.join("%20"))
         }
-        None => format!("replication=database {SETTINGS}"),
+        None => {
+            let opts: Vec<String> = settings.iter().map(|s| format!("-c {s}")).collect();
+            format!("replication=database options='{}'", opts.join(" "))
+        }
     }
 }
 
@@ -277,10 +289,11 @@ mod tests {
 
     #[test]
     fn conninfo_keeps_url_and_adds_replication() {
-        let c = replication_conninfo(Some("postgres://u@h:5/db"));
+        let c = replication_conninfo(Some("postgres://u@h:5/db"), "16MB");
         assert!(c.starts_with("postgres://u@h:5/db?replication=database&options="), "{c}");
-        let c = replication_conninfo(Some("postgres://u@h:5/db?sslmode=disable"));
+        let c = replication_conninfo(Some("postgres://u@h:5/db?sslmode=disable"), "16MB");
         assert!(c.contains("sslmode=disable&replication=database"), "{c}");
-        assert!(replication_conninfo(None).starts_with("replication=database"));
+        assert!(replication_conninfo(None, "16MB").starts_with("replication=database"));
+        assert!(c.contains("logical_decoding_work_mem%3D16MB"), "{c}");
     }
 }

@@ -224,9 +224,12 @@ impl Cluster {
              {pg_ctl} -D '{data}' -m immediate stop >/dev/null 2>&1; {cleanup}",
             data = self.data.display(),
         );
+        use std::os::unix::process::CommandExt;
         Command::new("sh")
             .arg("-c")
             .arg(script)
+            // Its own process group: Ctrl-C or a kill of our group must not take it along.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

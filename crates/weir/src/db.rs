@@ -47,5 +47,8 @@ pub async fn connect(config: &Config) -> Result<PgPool> {
 
 /// The libpq connection string for the replication connection.
 pub fn replication_conninfo(config: &Config) -> String {
-    weir_source::stream::replication_conninfo(config.database.url.as_ref().map(|u| u.expose()))
+    weir_source::stream::replication_conninfo(
+        config.database.url.as_ref().map(|u| u.expose()),
+        &config.source.decoding_work_mem,
+    )
 }

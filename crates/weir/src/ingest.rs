@@ -24,11 +24,13 @@
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use weir_core::{Config, Lsn, Transaction};
 use weir_log::Appender;
-use weir_source::assemble::{Assembler, Output};
+use weir_source::assemble::{Assembler, Output, STAGE_CHUNK};
 use weir_source::stream::{Frame, ReplicationStream, StreamOptions};
 
 use crate::{Error, Result, db, fault};
@@ -50,8 +52,22 @@ enum Item {
     Idle(Lsn),
 }
 
-/// How many items may wait between reader and writer.
-const CHANNEL: usize = 16;
+impl Item {
+    /// Queue permits it takes: the changes it carries (at least one).
+    fn weight(&self) -> u32 {
+        let n = match self {
+            Item::Commit(t) => t.changes.len(),
+            Item::Stage { changes, .. } => changes.len(),
+            Item::Abort { .. } | Item::Idle(_) => 1,
+        };
+        n.max(1) as u32
+    }
+}
+
+/// Items that may wait between reader and writer; what bounds memory is the number of changes
+/// they carry (`2 × batch_max_events` permits), so many small transactions can queue up to
+/// make a large append while a few large ones cannot exhaust memory.
+const CHANNEL: usize = 65_536;
 /// First reconnect delay, multiplier and cap.
 const BACKOFF: (Duration, u32, Duration) = (Duration::from_millis(500), 2, Duration::from_secs(10));
 /// Least time between two status updates to the server.
@@ -175,7 +191,9 @@ async fn session(
     let mut assembler =
         Assembler::new(stream.protocol_version(), &config.source.message_prefix, &db_name);
 
-    let (tx, rx) = mpsc::channel::<Item>(CHANNEL);
+    let (tx, rx) = mpsc::channel::<(Item, OwnedSemaphorePermit)>(CHANNEL);
+    let budget = (2 * config.source.batch_max_events).max(STAGE_CHUNK * 2) as u32;
+    let permits = Arc::new(Semaphore::new(budget as usize));
     let (persisted_tx, mut persisted) = watch::channel(start);
     let (received, received_rx) = watch::channel(start);
     let mut writer = tokio::spawn(writer(
@@ -206,6 +224,31 @@ async fn session(
                     Err(join) => Err(Error::Setup(format!("the log writer panicked: {join}"))),
                 };
             }
+            _ = persisted.changed() => {
+                // Acknowledge promptly, at most every 100 ms; a throttled update is deferred,
+                // never dropped (a server shutting down waits for it).
+                status_due = true;
+            }
+            _ = tokio::time::sleep_until((last_status + STATUS_MIN_GAP).into()), if status_due => {
+                status_due = false;
+                if let Err(e) = stream.send_status(current(&persisted)).await {
+                    break Err(e.into());
+                }
+                last_status = Instant::now();
+            }
+            _ = status_timer.tick() => {
+                if let Err(e) = stream.send_status(current(&persisted)).await {
+                    break Err(e.into());
+                }
+                last_status = Instant::now();
+            }
+            _ = lease_check.tick() => {
+                // Losing the lease connection means another process may take over: stop.
+                if let Err(e) = lease.ping().await {
+                    break Err(Error::Database(e));
+                }
+            }
+            // Last: while frames keep coming, status updates and the lease check still run.
             frame = stream.next() => {
                 let frame = match frame {
                     Ok(f) => f,
@@ -234,7 +277,9 @@ async fn session(
                                 Output::Stage { xid, first_seq, changes } => Item::Stage { xid, first_seq, changes },
                                 Output::Abort { xid, subxid } => Item::Abort { xid, subxid },
                             };
-                            if tx.send(item).await.is_err() {
+                            let weight = item.weight().min(budget);
+                            let Ok(permit) = permits.clone().acquire_many_owned(weight).await else { break };
+                            if tx.send((item, permit)).await.is_err() {
                                 break;
                             }
                         }
@@ -243,7 +288,9 @@ async fn session(
                         }
                     }
                     Frame::Keepalive { wal_end, reply_requested } => {
-                        let _ = tx.send(Item::Idle(wal_end)).await;
+                        if let Ok(permit) = permits.clone().acquire_many_owned(1).await {
+                            let _ = tx.send((Item::Idle(wal_end), permit)).await;
+                        }
                         if reply_requested {
                             if let Err(e) = stream.send_status(current(&persisted)).await {
                                 break Err(e.into());
@@ -251,30 +298,6 @@ async fn session(
                             last_status = Instant::now();
                         }
                     }
-                }
-            }
-            _ = persisted.changed() => {
-                // Acknowledge promptly, at most every 100 ms; a throttled update is deferred,
-                // never dropped (a server shutting down waits for it).
-                status_due = true;
-            }
-            _ = tokio::time::sleep_until((last_status + STATUS_MIN_GAP).into()), if status_due => {
-                status_due = false;
-                if let Err(e) = stream.send_status(current(&persisted)).await {
-                    break Err(e.into());
-                }
-                last_status = Instant::now();
-            }
-            _ = status_timer.tick() => {
-                if let Err(e) = stream.send_status(current(&persisted)).await {
-                    break Err(e.into());
-                }
-                last_status = Instant::now();
-            }
-            _ = lease_check.tick() => {
-                // Losing the lease connection means another process may take over: stop.
-                if let Err(e) = lease.ping().await {
-                    break Err(Error::Database(e));
                 }
             }
         }
@@ -298,7 +321,7 @@ async fn session(
 /// commits into one append, then publishes the LSN that may be acknowledged.
 async fn writer(
     mut appender: Appender,
-    mut rx: mpsc::Receiver<Item>,
+    mut rx: mpsc::Receiver<(Item, OwnedSemaphorePermit)>,
     persisted: watch::Sender<Lsn>,
     max_events: usize,
     holder: String,
@@ -316,7 +339,10 @@ async fn writer(
         };
         let mut events = 0usize;
         let mut next = first;
-        while let Some(item) = next {
+        // Permits of queued commits are returned once they are appended.
+        let mut held = Vec::new();
+        while let Some((item, permit)) = next {
+            held.push(permit);
             match item {
                 Item::Commit(t) => {
                     events += t.changes.len();
@@ -341,6 +367,7 @@ async fn writer(
             fault::point("after_append");
             behind_ms = (chrono::Utc::now() - newest).num_milliseconds().max(0);
             batch.clear();
+            held.clear();
         } else if rx.is_empty() {
             behind_ms = 0;
         }

@@ -252,10 +252,9 @@ async fn truncate_and_logical_messages() {
 #[tokio::test]
 async fn streamed_transactions_commit_roll_back_and_roll_back_savepoints() {
     let db = weir_testkit::shared().database("streamed").unwrap();
-    // The smallest decoding memory makes PostgreSQL stream these transactions before commit.
-    db.psql(&format!("alter database \"{}\" set logical_decoding_work_mem = '64kB'", db.name()))
-        .unwrap();
     let mut h = Harness::new(&db.url(), "create table s (id int primary key, pad text);").await;
+    // The smallest decoding memory makes PostgreSQL stream these transactions before commit.
+    h.config.source.decoding_work_mem = "64kB".into();
     h.start();
     h.exec("insert into s values (0, 'before')").await;
     h.exec("begin; insert into s select g, repeat('p', 100) from generate_series(1, 5000) g; rollback;").await;
