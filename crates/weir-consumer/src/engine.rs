@@ -28,6 +28,8 @@ use crate::{Operator, Result, store};
 const LEASE_TTL: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_millis(500);
 const PAGE: i64 = 500;
+/// Most events of one lane handled in one transaction.
+const GROUP: usize = 50;
 
 /// One consumer to run.
 #[derive(Clone)]
@@ -384,8 +386,14 @@ impl Lane {
             }
             self.set_status(&mut status, "running", None, 0, None).await?;
             let short = (events.len() as i64) < PAGE;
+            // Consecutive events of this lane are handled in one transaction with one fenced
+            // checkpoint (a group); `pos` only moves past events that are done or not ours.
+            let mut group: Vec<&Event> = Vec::new();
+            let mut last_seen = pos;
+            let mut stopped = false;
             for event in &events {
-                if self.cancel.is_cancelled() {
+                if self.cancel.is_cancelled() || self.halted_here() {
+                    stopped = true;
                     break;
                 }
                 let key = self.spec.operator.partition_key(event);
@@ -393,20 +401,38 @@ impl Lane {
                     Ok(k) => route(k, lanes),
                     Err(_) => 0, // a key that cannot be computed fails on lane 0
                 };
+                last_seen = event.position;
                 if routed != self.lane {
-                    pos = event.position;
+                    if group.is_empty() {
+                        pos = event.position;
+                    }
                     continue;
                 }
-                if self.halted_here() {
-                    break;
-                }
-                let key = key.map_err(|e| e.to_string());
-                match self.handle(event, key, &mut status).await? {
-                    Handled::Done => {
-                        pos = event.position;
-                        stored = pos;
+                let single = key.is_err() || self.spec.on_exhausted == OnExhausted::Park;
+                if !single {
+                    group.push(event);
+                    if group.len() < GROUP {
+                        continue;
                     }
-                    Handled::LostLease => return Ok(()),
+                }
+                if let Handled::LostLease = self.flush(&mut group, &mut status).await? {
+                    return Ok(());
+                }
+                if single {
+                    let key = key.map_err(|e| e.to_string());
+                    if let Handled::LostLease = self.handle(event, key, &mut status).await? {
+                        return Ok(());
+                    }
+                }
+                pos = last_seen;
+                stored = pos;
+            }
+            if !stopped {
+                if let Handled::LostLease = self.flush(&mut group, &mut status).await? {
+                    return Ok(());
+                }
+                if last_seen > pos {
+                    pos = last_seen;
                 }
             }
             if short
@@ -422,6 +448,57 @@ impl Lane {
                 stored = pos;
             }
         }
+    }
+
+    /// Handles a group of this lane's events: all in one transaction with one checkpoint; if
+    /// any fails, the group rolls back and its events go one by one through the retry policy.
+    async fn flush(&self, group: &mut Vec<&Event>, status: &mut &'static str) -> Result<Handled> {
+        let events = std::mem::take(group);
+        // One of them failing (`None`) sends them one by one below, to isolate it.
+        if events.len() > 1
+            && let Some(handled) = self.attempt_group(&events).await?
+        {
+            return Ok(handled);
+        }
+        for event in events {
+            let key = self.spec.operator.partition_key(event).map_err(|e| e.to_string());
+            if let Handled::LostLease = self.handle(event, key, status).await? {
+                return Ok(Handled::LostLease);
+            }
+        }
+        Ok(Handled::Done)
+    }
+
+    /// One transaction for several events; `None` when a handler failed (rolled back).
+    async fn attempt_group(&self, events: &[&Event]) -> Result<Option<Handled>> {
+        let mut conn = self.shared.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        for event in events {
+            if self.call_handler(&mut tx, event).await.is_some() {
+                let _ = tx.rollback().await;
+                return Ok(None);
+            }
+        }
+        let last = events.last().expect("a group has events").position;
+        if !store::checkpoint(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            &self.shared.node,
+            self.fence,
+            last,
+        )
+        .await?
+        {
+            let _ = tx.rollback().await;
+            return Ok(Some(Handled::LostLease));
+        }
+        if tx.commit().await.is_err() {
+            return Ok(None);
+        }
+        metrics::counter!("weir_consumer_events_handled_total", "consumer" => self.spec.name.clone())
+            .increment(events.len() as u64);
+        Ok(Some(Handled::Done))
     }
 
     fn halted_here(&self) -> bool {
