@@ -15,49 +15,49 @@ pub(crate) async fn register(
     start: i64,
 ) -> Result<()> {
     let mut tx = pool.begin().await?;
-    let stored: Option<i32> =
+    // Two processes may register the same new consumer at once: the insert is idempotent, and
+    // the row lock below orders them.
+    sqlx::query(
+        "insert into weir.consumers (name, lanes, ordering, entities, kinds)
+         values ($1, $2, $3, $4, $5) on conflict (name) do nothing",
+    )
+    .bind(name)
+    .bind(lanes)
+    .bind(ordering)
+    .bind(entities)
+    .bind(kinds)
+    .execute(&mut *tx)
+    .await?;
+    let stored: i32 =
         sqlx::query_scalar("select lanes from weir.consumers where name = $1 for update")
             .bind(name)
-            .fetch_optional(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-    match stored {
-        Some(n) if n != lanes => {
-            return Err(crate::Error::Config(format!(
-                "consumer `{name}` has {n} lanes in the database and {lanes} configured; changing \
-                 the lane count would reorder keys. Keep {n}, or pick a new consumer name"
-            )));
-        }
-        Some(_) => {
-            sqlx::query("update weir.consumers set entities = $2, kinds = $3, ordering = $4 where name = $1")
-                .bind(name)
-                .bind(entities)
-                .bind(kinds)
-                .bind(ordering)
-                .execute(&mut *tx)
-                .await?;
-        }
-        None => {
-            sqlx::query(
-                "insert into weir.consumers (name, lanes, ordering, entities, kinds) values ($1, $2, $3, $4, $5)",
-            )
-            .bind(name)
-            .bind(lanes)
-            .bind(ordering)
-            .bind(entities)
-            .bind(kinds)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "insert into weir.checkpoints (consumer, lane, position)
-                 select $1, l, $3 from generate_series(0, $2 - 1) l",
-            )
-            .bind(name)
-            .bind(lanes)
-            .bind(start)
-            .execute(&mut *tx)
-            .await?;
-        }
+    if stored != lanes {
+        return Err(crate::Error::Config(format!(
+            "consumer `{name}` has {stored} lanes in the database and {lanes} configured; changing \
+             the lane count would reorder keys. Keep {stored}, or pick a new consumer name"
+        )));
     }
+    sqlx::query(
+        "update weir.consumers set entities = $2, kinds = $3, ordering = $4 where name = $1",
+    )
+    .bind(name)
+    .bind(entities)
+    .bind(kinds)
+    .bind(ordering)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "insert into weir.checkpoints (consumer, lane, position)
+         select $1, l, $3 from generate_series(0, $2 - 1) l
+         on conflict (consumer, lane) do nothing",
+    )
+    .bind(name)
+    .bind(lanes)
+    .bind(start)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -502,3 +502,31 @@ async fn two_engines_share_lanes_and_survive_one_dying() {
     b.stop().await.unwrap();
     assert_exactly_once_in_order(&log.pool, "shared", 80).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_may_register_a_new_consumer_at_the_same_moment() {
+    let db = weir_testkit::shared().database("register").unwrap();
+    let log = Log::new(&db).await;
+    for round in 0..5 {
+        let name: &'static str = Box::leak(format!("racer{round}").into_boxed_str());
+        let (ca, cb) = (CancellationToken::new(), CancellationToken::new());
+        let (a, b) = tokio::join!(
+            Engine::start(
+                log.pool.clone(),
+                vec![spec(name, Recorder::new(name, |_, _| None), 4, OnExhausted::Halt, 1)],
+                log.wake(&ca),
+                Arc::new(TracingReporter),
+                ca.clone()
+            ),
+            Engine::start(
+                log.pool.clone(),
+                vec![spec(name, Recorder::new(name, |_, _| None), 4, OnExhausted::Halt, 1)],
+                log.wake(&cb),
+                Arc::new(TracingReporter),
+                cb.clone()
+            ),
+        );
+        a.expect("first registration").stop().await.unwrap();
+        b.expect("concurrent registration").stop().await.unwrap();
+    }
+}

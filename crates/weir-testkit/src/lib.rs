@@ -172,7 +172,7 @@ impl Cluster {
             ("wal_level".to_string(), "logical".to_string()),
             ("max_replication_slots".to_string(), "32".to_string()),
             ("max_wal_senders".to_string(), "32".to_string()),
-            ("max_connections".to_string(), "200".to_string()),
+            ("max_connections".to_string(), "500".to_string()),
             ("fsync".to_string(), if self.options.fsync { "on" } else { "off" }.to_string()),
         ];
         if !self.options.fsync {
