@@ -13,7 +13,7 @@
 //!    until every row is in the log, and checks positions 1..N are there without a gap.
 //!    PostgreSQL streams a transaction only once it outgrows `logical_decoding_work_mem`
 //!    (64 MB, ~250k rows of this shape); a smaller one arrives whole at its commit, so also try
-//!    `--only huge --changes 250000`.
+//!    `--only huge --changes 250000` (and `--pg-setting logical_decoding_work_mem=16MB`).
 //! 2. **Throughput**, for 1-row and 100-row transactions: a table `bench(id bigint primary key,
 //!    payload text)` (~100-byte rows) is published, the slot `weir` is created by
 //!    `weir::setup::init` and `recv_0` right after it (one more pair per `--repeat`, all before
@@ -32,8 +32,10 @@
 //!      pair.
 //!
 //!    Prints changes/s for both, the ratio weir / pg_recvlogical (median of the per-pair
-//!    ratios) and where the CPU went during each drain (walsender, the appender's backend, this
-//!    process, pg_recvlogical; from `/proc`, every 100 ms, when the server is local).
+//!    ratios), where the CPU went during each drain (walsender, the appender's backend, this
+//!    process, pg_recvlogical; from `/proc`, every 100 ms, when the server is local) and how far
+//!    the slot's acknowledged LSN trailed the log's stored LSN (WAL the server keeps for
+//!    nothing).
 //! 3. **Live latency** at `--rate` (5,000) single-row insert transactions per second for
 //!    `--latency-seconds`, ingestion running: `--writers` connections record the instant each
 //!    commit returns; a `LISTEN weir_events` connection records the instant each NOTIFY sent by
@@ -43,7 +45,8 @@
 //!    returned; the first second is left out as warm-up.
 //!
 //! Run: `cargo build --release -p weir-cli && target/release/weir bench ingest`
-//! (`--changes 100000` for a quick run; `--only huge|throughput|latency`; `--repeat 3`).
+//! (`--changes 100000` for a quick run; `--only huge|throughput|latency`; `--repeat 3`;
+//! `--unix-socket` to take TCP out of the picture; `--pg-setting name=value` for the cluster).
 //! The machine is shared and noisy: compare the ratio, which is taken in one run, and prefer
 //! medians over several runs. Targets (printed beside the figures; a miss does not fail the
 //! command): weir ≥ 0.8× pg_recvlogical, latency p50 ≤ 5 ms and p99 ≤ 50 ms, peak RSS ≤ 256 MB.
@@ -102,6 +105,10 @@ pub(crate) struct IngestBenchArgs {
     /// (shows what TCP costs, e.g. Nagle/delayed-ACK stalls of clients without TCP_NODELAY).
     #[arg(long)]
     unix_socket: bool,
+    /// A server setting for the private cluster, `name=value` (repeatable), e.g.
+    /// `logical_decoding_work_mem=16MB`.
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
+    pg_settings: Vec<String>,
     /// Writer connections in the latency phase.
     #[arg(long, default_value_t = 16)]
     writers: usize,
@@ -129,7 +136,17 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
             "--unix-socket applies to the private cluster; put the socket directory in --url instead"
         );
     }
-    let server = Server::start(args.url.clone(), args.unix_socket).await?;
+    let mut settings = Vec::new();
+    for s in &args.pg_settings {
+        let Some((name, value)) = s.split_once('=') else {
+            bail!("--pg-setting takes name=value, not `{s}`");
+        };
+        settings.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    if !settings.is_empty() && args.url.is_some() {
+        bail!("--pg-setting applies to the private cluster; configure the --url server yourself");
+    }
+    let server = Server::start(args.url.clone(), args.unix_socket, settings).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
@@ -151,6 +168,9 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
             "the given URL"
         }
     );
+    if !args.pg_settings.is_empty() {
+        println!("  settings {}", args.pg_settings.join(", "));
+    }
     println!(
         "  changes  {} per run (60% insert, 30% update, 10% delete, ~100-byte rows)",
         thousands(args.changes as f64)
@@ -195,12 +215,18 @@ struct Server {
 }
 
 impl Server {
-    async fn start(url: Option<String>, unix_socket: bool) -> anyhow::Result<Self> {
+    async fn start(
+        url: Option<String>,
+        unix_socket: bool,
+        settings: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let (cluster, admin_url) = match url {
             Some(u) => (None, u),
             None => {
-                let c = tokio::task::spawn_blocking(|| Cluster::start_temp(Options::default()))
-                    .await??;
+                let c = tokio::task::spawn_blocking(move || {
+                    Cluster::start_temp(Options { settings, ..Options::default() })
+                })
+                .await??;
                 let u = if unix_socket {
                     // The testkit puts the socket in the data directory.
                     format!(
@@ -1016,6 +1042,14 @@ async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeRes
         hi.unwrap_or(0),
         if gap_free { "without a gap" } else { "WRONG (expected 1..N, gap-free)" }
     );
+    let work_mem: String =
+        sqlx::query_scalar("select current_setting('logical_decoding_work_mem')")
+            .fetch_one(&pool)
+            .await?;
+    println!(
+        "  (the server streams a transaction to weir only once it outgrows logical_decoding_work_mem = {work_mem} \
+         of decoded changes; a smaller one arrives whole at its commit)"
+    );
     println!();
     pool.close().await;
     weir_pool.close().await;
@@ -1190,6 +1224,19 @@ impl Summary {
             );
             println!(
                 "  in that time, which is the steady-state rate of a drain that would take much longer."
+            );
+        }
+        let lag = self.throughput.iter().flat_map(|t| &t.weir).map(|d| d.max_ack_lag).max();
+        if let Some(lag) = lag.filter(|l| *l > 64 << 20) {
+            println!(
+                "- While weir drained, the slot's acknowledged position trailed what the log had stored by"
+            );
+            println!(
+                "  up to {}: standby status updates were not sent while replication data kept arriving,",
+                human_bytes(lag)
+            );
+            println!(
+                "  so the server kept that WAL (and a walsender waits wal_sender_timeout for a reply)."
             );
         }
         for t in &self.throughput {
