@@ -493,12 +493,27 @@ impl Lane {
             let _ = tx.rollback().await;
             return Ok(Some(Handled::LostLease));
         }
-        if tx.commit().await.is_err() {
+        if let Err(e) = tx.commit().await
+            && !self.committed_anyway(last, &e).await?
+        {
             return Ok(None);
         }
         metrics::counter!("weir_consumer_events_handled_total", "consumer" => self.spec.name.clone())
             .increment(events.len() as u64);
         Ok(Some(Handled::Done))
+    }
+
+    /// After a failed COMMIT: the connection may have dropped after the commit took effect.
+    /// The fenced checkpoint tells: if it reached `position`, the effects are in and handling
+    /// again would apply them twice.
+    async fn committed_anyway(&self, position: i64, error: &sqlx::Error) -> Result<bool> {
+        let stored =
+            store::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
+        if stored >= position {
+            tracing::warn!(consumer = %self.spec.name, position, %error, "commit reported an error but took effect");
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn halted_here(&self) -> bool {
@@ -593,6 +608,7 @@ impl Lane {
                 Ok(Ok(None))
             }
             // A failed commit (serialization, constraint) is the handler's failure too.
+            Err(e) if self.committed_anyway(event.position, &e).await? => Ok(Ok(None)),
             Err(e) => Ok(Err(format!("commit failed: {e}"))),
         }
     }
