@@ -480,16 +480,7 @@ impl Lane {
             }
         }
         let last = events.last().expect("a group has events").position;
-        if !store::checkpoint(
-            &mut tx,
-            &self.spec.name,
-            self.lane,
-            &self.shared.node,
-            self.fence,
-            last,
-        )
-        .await?
-        {
+        if !self.fenced_checkpoint(&mut tx, last).await? {
             let _ = tx.rollback().await;
             return Ok(Some(Handled::LostLease));
         }
@@ -514,6 +505,12 @@ impl Lane {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// The lane's checkpoint, fenced by its lease (see [`store::checkpoint`]).
+    async fn fenced_checkpoint(&self, conn: &mut PgConnection, position: i64) -> Result<bool> {
+        store::checkpoint(conn, &self.spec.name, self.lane, &self.shared.node, self.fence, position)
+            .await
     }
 
     fn halted_here(&self) -> bool {
@@ -566,15 +563,7 @@ impl Lane {
 
     async fn checkpoint_alone(&self, position: i64) -> Result<bool> {
         let mut conn = self.shared.pool.acquire().await?;
-        store::checkpoint(
-            &mut conn,
-            &self.spec.name,
-            self.lane,
-            &self.shared.node,
-            self.fence,
-            position,
-        )
-        .await
+        self.fenced_checkpoint(&mut conn, position).await
     }
 
     /// One attempt: the handler and the checkpoint in one transaction. `Ok(None)`: committed;
@@ -586,16 +575,7 @@ impl Lane {
             let _ = tx.rollback().await;
             return Ok(Err(f));
         }
-        if !store::checkpoint(
-            &mut tx,
-            &self.spec.name,
-            self.lane,
-            &self.shared.node,
-            self.fence,
-            event.position,
-        )
-        .await?
-        {
+        if !self.fenced_checkpoint(&mut tx, event.position).await? {
             let _ = tx.rollback().await;
             return Ok(Ok(Some(Handled::LostLease)));
         }
@@ -780,16 +760,7 @@ impl Lane {
             outcome,
         )
         .await?;
-        if !store::checkpoint(
-            &mut tx,
-            &self.spec.name,
-            self.lane,
-            &self.shared.node,
-            self.fence,
-            event.position,
-        )
-        .await?
-        {
+        if !self.fenced_checkpoint(&mut tx, event.position).await? {
             return Ok(Handled::LostLease);
         }
         tx.commit().await?;
