@@ -231,14 +231,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Run => {
-            let running = weir::Weir::builder(config).start().await?;
+            let http = config.http.clone();
+            // Bind before starting anything: a taken port is a clear error, not a half start.
+            let listener = if http.enabled {
+                Some(tokio::net::TcpListener::bind(&http.bind).await.with_context(|| {
+                    format!(
+                        "cannot listen on {} (http.bind); another process may use it: \
+                         set [http] bind or WEIR_HTTP_BIND, or [http] enabled = false",
+                        http.bind
+                    )
+                })?)
+            } else {
+                None
+            };
+            let running = weir::Weir::builder(config.clone()).start().await?;
             let cancel = shutdown_signal();
             let stop = running.cancel_token();
             tokio::spawn(async move {
                 cancel.cancelled().await;
                 stop.cancel();
             });
-            running.wait().await.context("weir stopped")?;
+            let server = match listener {
+                Some(listener) => {
+                    let server = weir_server::Server::start(
+                        running.pool().clone(),
+                        config,
+                        running.wake(),
+                        true,
+                        running.cancel_token(),
+                    )
+                    .await?;
+                    tracing::info!(bind = %http.bind, "serving HTTP: /v1, /v1/channels, /metrics");
+                    let cancel = running.cancel_token();
+                    Some(tokio::spawn(async move { server.serve(listener, cancel).await }))
+                }
+                None => None,
+            };
+            let result = running.wait().await;
+            if let Some(server) = server {
+                match server.await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+                    Err(e) => tracing::warn!(error = %e, "HTTP server panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+            result.context("weir stopped")?;
         }
         Command::Resume { name } => {
             let pool = weir::db::connect(&config).await?;

@@ -75,6 +75,7 @@ impl Setup {
             .arg(self.config.path())
             .env("DATABASE_URL", self.db.url())
             .env("WEIR_SOURCE_SLOT", self.db.name())
+            .env("WEIR_HTTP_BIND", "127.0.0.1:0")
             .current_dir(std::env::temp_dir());
         c
     }

@@ -25,6 +25,7 @@ fn weir(db: &TestDatabase<'_>, args: &[&str]) -> Command {
     cmd.args(args)
         .env("DATABASE_URL", db.url())
         .env("WEIR_SOURCE_SLOT", db.name())
+        .env("WEIR_HTTP_BIND", "127.0.0.1:0")
         .env_remove("WEIR_FAULT")
         .current_dir(std::env::temp_dir());
     cmd

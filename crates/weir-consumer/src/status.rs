@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use crate::Result;
 
 /// One lane.
-#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
 pub struct LaneStatus {
     /// Lane number.
     pub lane: i32,
@@ -30,7 +30,7 @@ pub struct LaneStatus {
 }
 
 /// One consumer.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ConsumerStatus {
     /// Name.
     pub name: String,
@@ -77,7 +77,7 @@ pub async fn consumers(pool: &PgPool) -> Result<Vec<ConsumerStatus>> {
 }
 
 /// A parked event.
-#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Parked {
     /// Consumer.
     pub consumer: String,

@@ -67,6 +67,68 @@ pub struct Config {
     /// `[[operators]]`: declarative SQL operators.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<OperatorConfig>,
+    /// `[http]`: the HTTP API, realtime channels and metrics served by `weir run`.
+    pub http: HttpConfig,
+    /// `[channels.<entity>]`: scoped realtime channels of an entity.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub channels: std::collections::BTreeMap<String, ChannelConfig>,
+}
+
+/// `[http]`: the HTTP API (`/v1`), realtime channels and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve HTTP from `weir run`. Defaults to `true`.
+    pub enabled: bool,
+    /// Address to listen on. Defaults to `127.0.0.1:7070`.
+    pub bind: String,
+    /// Bearer token. Every state-changing endpoint requires it; without a token they answer
+    /// 403. Also `WEIR_HTTP_TOKEN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Require the token for reads and channels too (not for `/v1/health` and `/v1/ready`).
+    /// Defaults to `false`.
+    pub protect_reads: bool,
+    /// Largest request body in bytes; larger bodies get 413. Defaults to 1048576 (1 MiB).
+    pub max_body_bytes: usize,
+    /// Longest time to produce a response (streams excepted); then 503. Defaults to `60s`.
+    #[serde(with = "serde_duration")]
+    pub request_timeout: Duration,
+    /// Longest wait a long-poll may ask for. Defaults to `30s`.
+    #[serde(with = "serde_duration")]
+    pub max_wait: Duration,
+    /// Messages queued for one channel client before it is dropped as too slow. Defaults to
+    /// 4096.
+    pub client_buffer: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: "127.0.0.1:7070".into(),
+            token: None,
+            protect_reads: false,
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(60),
+            max_wait: Duration::from_secs(30),
+            client_buffer: 4096,
+        }
+    }
+}
+
+/// `[channels.<entity>]`: extra realtime channels of an entity.
+///
+/// ```toml
+/// [channels.comments]
+/// scopes = { post_id = "posts" }   # a comment also goes to `posts/<post_id>/comments`
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelConfig {
+    /// Column of this entity → parent entity: each change is also published on
+    /// `<parent>/<value of column>/<entity>` (for an update that moves the row, on both).
+    pub scopes: std::collections::BTreeMap<String, String>,
 }
 
 /// Event ordering of a consumer.
@@ -481,6 +543,36 @@ impl Config {
         }
         if self.consumers.lanes == 0 || self.consumers.lanes > 1024 {
             return invalid("consumers.lanes", "must be from 1 to 1024 (default: 8)");
+        }
+        if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("http.bind", "must be an address like 127.0.0.1:7070 or 0.0.0.0:7070");
+        }
+        if self.http.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return invalid(
+                "http.token",
+                "must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            );
+        }
+        if self.http.max_body_bytes == 0 {
+            return invalid("http.max_body_bytes", "must be at least 1 (default: 1048576)");
+        }
+        if self.http.max_wait >= self.http.request_timeout {
+            return invalid("http.max_wait", "must be shorter than http.request_timeout");
+        }
+        if self.http.client_buffer < 16 {
+            return invalid("http.client_buffer", "must be at least 16 (default: 4096)");
+        }
+        for (entity, channel) in &self.channels {
+            for (column, parent) in &channel.scopes {
+                if column.is_empty() || parent.is_empty() || parent.contains('/') {
+                    return invalid(
+                        "channels.scopes",
+                        &format!(
+                            "`{entity}`: `{column} = \"{parent}\"` needs a column and a parent entity without `/`"
+                        ),
+                    );
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for op in &self.operators {

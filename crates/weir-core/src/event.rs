@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use crate::{Lsn, Position};
 
 /// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A row was inserted.
@@ -56,7 +56,7 @@ impl std::fmt::Display for Kind {
 }
 
 /// Where the change came from.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Source {
     /// Database name.
     pub db: String,
@@ -65,15 +65,17 @@ pub struct Source {
     /// Table name (for a message: its prefix).
     pub table: String,
     /// Column name → type name, in table order.
+    #[schema(value_type = Object)]
     pub columns: Map<String, Value>,
 }
 
 /// One change, as stored in `weir.events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Log position: gap-free, in WAL commit order.
     pub position: Position,
-    /// Commit LSN of the source transaction.
+    /// Commit LSN of the source transaction (`0/16B3748`).
+    #[schema(value_type = String)]
     pub lsn: Lsn,
     /// Source transaction id.
     pub xid: i64,

@@ -11,9 +11,10 @@ mod lsn;
 
 pub use change::{Change, Transaction};
 pub use config::{
-    Config, ConfigError, ConsumersConfig, DEFAULT_BATCH_MAX_EVENTS, DEFAULT_MESSAGE_PREFIX,
-    DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION, DEFAULT_SLOT, DatabaseConfig,
-    LogConfig, OnExhausted, OperatorConfig, Ordering, RetryConfig, Secret, SourceConfig, StartFrom,
+    ChannelConfig, Config, ConfigError, ConsumersConfig, DEFAULT_BATCH_MAX_EVENTS,
+    DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION,
+    DEFAULT_SLOT, DatabaseConfig, HttpConfig, LogConfig, OnExhausted, OperatorConfig, Ordering,
+    RetryConfig, Secret, SourceConfig, StartFrom,
 };
 pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};

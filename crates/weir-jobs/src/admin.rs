@@ -14,7 +14,9 @@ use crate::job::JobId;
 use crate::{Error, Result};
 
 /// A job's state; see `docs/jobs.md` for the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waits for its time.
@@ -81,7 +83,7 @@ impl FromStr for JobState {
 }
 
 /// A job as stored, with a note on why it waits.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct JobInfo {
     /// Its id.
     pub id: JobId,
@@ -357,7 +359,7 @@ async fn finished_or_missing(conn: &mut PgConnection, id: JobId, action: &'stati
 }
 
 /// Database-wide figures of one queue.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct QueueStats {
     /// The queue.
     pub queue: String,

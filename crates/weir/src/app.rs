@@ -116,7 +116,7 @@ impl WeirBuilder {
             None
         } else {
             Some(
-                Engine::start(pool.clone(), consumers, wake, self.reporter, cancel.clone())
+                Engine::start(pool.clone(), consumers, wake.clone(), self.reporter, cancel.clone())
                     .await
                     .map_err(consumer_error)?,
             )
@@ -126,7 +126,7 @@ impl WeirBuilder {
             tokio::spawn(async move { crate::ingest::run(&config, &pool, cancel).await })
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
-        Ok(Running { cancel, pool, ingest, engine, retention })
+        Ok(Running { cancel, pool, wake, ingest, engine, retention })
     }
 }
 
@@ -142,6 +142,7 @@ fn consumer_error(e: weir_consumer::Error) -> Error {
 pub struct Running {
     cancel: CancellationToken,
     pool: PgPool,
+    wake: weir_log::Wake,
     ingest: Option<JoinHandle<Result<()>>>,
     engine: Option<Engine>,
     retention: JoinHandle<()>,
@@ -151,6 +152,11 @@ impl Running {
     /// The pool weir uses.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Wakes on every append to the log (from any process: `NOTIFY weir_events`).
+    pub fn wake(&self) -> weir_log::Wake {
+        self.wake.clone()
     }
 
     /// A token that stops everything when cancelled.

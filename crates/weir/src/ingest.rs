@@ -363,8 +363,11 @@ async fn writer(
         }
         if let Some(newest) = batch.last().map(|t| t.commit_ts) {
             fault::point("before_append");
+            let before = appender.state().position;
             appender.append(&batch).await?;
             fault::point("after_append");
+            metrics::counter!("weir_ingest_events_total")
+                .increment((appender.state().position - before).max(0) as u64);
             behind_ms = (chrono::Utc::now() - newest).num_milliseconds().max(0);
             batch.clear();
             held.clear();

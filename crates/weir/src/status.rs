@@ -8,7 +8,7 @@ use weir_core::Config;
 use crate::Result;
 
 /// The source's state as seen from the database (every process answers the same).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SourceStatus {
     /// Slot name.
     pub slot: String,

@@ -1,0 +1,208 @@
+//! Every error the server answers with: a status and a JSON body `{error, message}`.
+//!
+//! `error` is a stable snake_case code a client can match on; `message` says what is wrong and
+//! how to fix it. Bodies never carry SQL, stack traces or database messages: a database failure
+//! is logged here (once, with the detail) and answered as `500 internal`.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
+
+/// The JSON body of every error.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable code: `bad_request`, `malformed_json`, `unauthorized`, `forbidden`, `not_found`,
+    /// `unknown_consumer`, `too_early`, `payload_too_large`, `timeout`, `conflict`, `internal`…
+    pub error: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 404 with `code`.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 500 `internal`; `detail` goes to the log only.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the server log has the details",
+        )
+    }
+
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Logged once, here; 5xx were logged with their detail where they were made.
+        if self.status.is_client_error() {
+            tracing::info!(status = self.status.as_u16(), error = self.code, message = %self.message, "request refused");
+        }
+        let body = ErrorBody { error: self.code.to_string(), message: self.message };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<weir_consumer::Error> for ApiError {
+    fn from(e: weir_consumer::Error) -> Self {
+        match e {
+            weir_consumer::Error::UnknownConsumer(_) => {
+                Self::not_found("unknown_consumer", e.to_string())
+            }
+            weir_consumer::Error::Config(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<weir::Error> for ApiError {
+    fn from(e: weir::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<weir_log::Error> for ApiError {
+    fn from(e: weir_log::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+/// `Json<T>` whose rejections are [`ApiError`]s: 400 `malformed_json`, 415, 413.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+/// An absent body (no `Content-Type`, nothing sent) is `None`; anything else must be JSON.
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let headers = req.headers();
+        let empty = headers.get(axum::http::header::CONTENT_TYPE).is_none()
+            && headers.get(axum::http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0");
+        if empty {
+            return Ok(None);
+        }
+        <Self as FromRequest<S>>::from_request(req, state).await.map(Some)
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    let text = r.body_text();
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            status,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", text),
+    }
+}
+
+/// 413 `payload_too_large`.
+pub(crate) fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the request body is larger than http.max_body_bytes allows",
+    )
+}
+
+/// `Query<T>` whose rejections are 400 [`ApiError`]s naming the parameter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(r @ QueryRejection::FailedToDeserializeQueryString(_)) => {
+                Err(ApiError::bad_request(r.body_text()))
+            }
+            Err(r) => Err(ApiError::bad_request(r.body_text())),
+        }
+    }
+}
+
+/// `Path<T>` whose rejections are 400 [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(r @ PathRejection::FailedToDeserializePathParams(_)) => {
+                Err(ApiError::bad_request(r.body_text()))
+            }
+            Err(r) => Err(ApiError::internal(r.body_text())),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The job queue over HTTP: enqueue, list, show, cancel, retry and per-queue figures. Thin
+//! handlers over `weir_jobs::{enqueue, admin}`; the rules (states, unique keys, limits) are
+//! the queue's own and its errors keep their meaning here (400, 404, 409).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use weir_jobs::{Job, JobId, JobInfo, JobState, ListFilter, QueueStats, Unique};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(enqueue, list))
+        .routes(routes!(stats))
+        .routes(routes!(show))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+}
+
+impl From<weir_jobs::Error> for ApiError {
+    fn from(e: weir_jobs::Error) -> Self {
+        use weir_jobs::Error as E;
+        match e {
+            E::InvalidJob(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", m),
+            E::NotFound(id) => ApiError::not_found("unknown_job", format!("no job with id {id}")),
+            e @ (E::WrongState { .. } | E::Conflict(_)) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// A job to enqueue.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewJob {
+    /// The kind; the worker registered for it runs it.
+    kind: String,
+    /// Its arguments (any JSON). Defaults to `{}`.
+    #[serde(default)]
+    args: Option<serde_json::Value>,
+    /// The queue. Defaults to `default`.
+    #[serde(default)]
+    queue: Option<String>,
+    /// 0 (first) to 3. Defaults to 0.
+    #[serde(default)]
+    priority: Option<u8>,
+    /// When it may run. Defaults to now.
+    #[serde(default)]
+    scheduled_at: Option<DateTime<Utc>>,
+    /// Attempts allowed. Defaults to 25.
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    /// At most one unfinished job holds this key.
+    #[serde(default)]
+    unique_key: Option<String>,
+    /// Longest run of one attempt (`30s`, `5m`).
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+/// An enqueued job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Enqueued {
+    /// Its id (the existing job's when `duplicate`).
+    id: JobId,
+    /// Not inserted: another unfinished job holds the unique key.
+    duplicate: bool,
+}
+
+/// Enqueues a job.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body = NewJob,
+    security(("bearer" = [])),
+    responses((status = 201, description = "Enqueued", body = Enqueued),
+              (status = 200, description = "A duplicate of an unfinished job with the same unique key", body = Enqueued),
+              (status = 400, description = "Malformed body or invalid job", body = ErrorBody),
+              (status = 401, description = "Token missing or wrong", body = ErrorBody),
+              (status = 403, description = "No token configured", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+async fn enqueue(
+    State(state): State<AppState>,
+    ApiJson(new): ApiJson<NewJob>,
+) -> Result<(StatusCode, Json<Enqueued>), ApiError> {
+    let mut job = Job::raw(new.kind, new.args.unwrap_or_else(|| serde_json::json!({})));
+    if let Some(q) = new.queue {
+        job = job.queue(q);
+    }
+    if let Some(p) = new.priority {
+        job = job.priority(p);
+    }
+    if let Some(at) = new.scheduled_at {
+        job = job.scheduled_at(at);
+    }
+    if let Some(n) = new.max_attempts {
+        job = job.max_attempts(n);
+    }
+    if let Some(k) = new.unique_key {
+        job = job.unique(Unique::while_active(k));
+    }
+    if let Some(t) = new.timeout {
+        let d = weir_core::parse_duration(&t).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("timeout `{t}`: {e}"))
+        })?;
+        job = job.timeout(d);
+    }
+    let mut conn = state.pool().acquire().await?;
+    let done = weir_jobs::enqueue(&mut conn, &job).await?;
+    let status = if done.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(Enqueued { id: done.id, duplicate: done.duplicate })))
+}
+
+/// Which jobs to list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only this state.
+    state: Option<JobState>,
+    /// Only this queue.
+    queue: Option<String>,
+    /// Only this kind.
+    kind: Option<String>,
+    /// At most this many, newest first (1 to 1000, default 50).
+    limit: Option<i64>,
+}
+
+/// Lists jobs, newest first, live and finished.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(ListQuery),
+    responses((status = 200, description = "Jobs", body = Vec<JobInfo>),
+              (status = 400, description = "A bad parameter", body = ErrorBody)))]
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Vec<JobInfo>>, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit {limit} is not from 1 to 1000")));
+    }
+    let filter = ListFilter { state: q.state, queue: q.queue, kind: q.kind, limit };
+    let mut conn = state.pool().acquire().await?;
+    Ok(Json(weir_jobs::admin::list(&mut conn, &filter).await?))
+}
+
+/// Figures per queue.
+#[utoipa::path(get, path = "/v1/jobs/stats", tag = "jobs",
+    responses((status = 200, description = "Per-queue figures", body = Vec<QueueStats>)))]
+async fn stats(State(state): State<AppState>) -> Result<Json<Vec<QueueStats>>, ApiError> {
+    let mut conn = state.pool().acquire().await?;
+    Ok(Json(weir_jobs::admin::stats(&mut conn).await?))
+}
+
+/// One job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = i64, Path, description = "Job id")),
+    responses((status = 200, description = "The job", body = JobInfo),
+              (status = 400, description = "The id is not a number", body = ErrorBody),
+              (status = 404, description = "No such job", body = ErrorBody)))]
+async fn show(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<JobInfo>, ApiError> {
+    let mut conn = state.pool().acquire().await?;
+    Ok(Json(weir_jobs::admin::show(&mut conn, JobId(id)).await?))
+}
+
+/// A job's state after an action.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct JobStateAnswer {
+    /// The job.
+    id: JobId,
+    /// Its state now.
+    state: JobState,
+}
+
+/// Cancels a job that has not finished (a running one is told to stop).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = i64, Path, description = "Job id")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Cancelled", body = JobStateAnswer),
+              (status = 401, description = "Token missing or wrong", body = ErrorBody),
+              (status = 404, description = "No such job", body = ErrorBody),
+              (status = 409, description = "Already finished", body = ErrorBody)))]
+async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<JobStateAnswer>, ApiError> {
+    let mut conn = state.pool().acquire().await?;
+    let s = weir_jobs::admin::cancel(&mut conn, JobId(id)).await?;
+    Ok(Json(JobStateAnswer { id: JobId(id), state: s }))
+}
+
+/// Makes a failed, cancelled or scheduled job available now.
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = i64, Path, description = "Job id")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Available again", body = JobStateAnswer),
+              (status = 401, description = "Token missing or wrong", body = ErrorBody),
+              (status = 404, description = "No such job", body = ErrorBody),
+              (status = 409, description = "The job cannot be retried in its state", body = ErrorBody)))]
+async fn retry(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<JobStateAnswer>, ApiError> {
+    let mut conn = state.pool().acquire().await?;
+    let s = weir_jobs::admin::retry(&mut conn, JobId(id)).await?;
+    Ok(Json(JobStateAnswer { id: JobId(id), state: s }))
+}

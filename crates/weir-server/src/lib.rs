@@ -1,0 +1,125 @@
+//! weir's network face: the JSON API under `/v1`, realtime channels over SSE and WebSocket,
+//! Prometheus metrics, the OpenAPI document, and the `425 Too Early` layer for users' services.
+//!
+//! Where it sits in the data flow:
+//!
+//! ```text
+//! tables ─WAL─► ingest ─► weir.events ─► consumers (operators) ─► checkpoints
+//!                             │                                     │
+//!                             ▼                                     ▼
+//!                  channels::Hub (one log tail)          process status (425 / 200)
+//!                   ├─ SSE  /v1/channels/sse              ├─ GET /v1/process/check
+//!                   └─ WS   /v1/channels/ws               └─ TooEarlyLayer in front of
+//!                                                            the user's own routes
+//! ```
+//!
+//! Everything answers from the database, so any number of weir processes serve the same
+//! answers. Errors are JSON `{error, message}` ([`error`]); state-changing endpoints need the
+//! bearer token ([`auth`]).
+//!
+//! Embedding: [`Server::builder`] gives an axum [`Router`] to merge into an application's own;
+//! `weir run` uses [`Server::serve`].
+
+mod api;
+mod auth;
+pub mod channels;
+mod error;
+mod jobs;
+pub mod metrics;
+mod openapi;
+pub mod too_early;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use weir_core::Config;
+
+pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+pub use too_early::{TooEarlyLayer, Watermark};
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    config: Config,
+    hub: channels::Hub,
+    ingesting: bool,
+}
+
+impl AppState {
+    /// The database.
+    pub fn pool(&self) -> &PgPool {
+        &self.0.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// The realtime hub.
+    pub fn hub(&self) -> &channels::Hub {
+        &self.0.hub
+    }
+
+    /// Whether this process runs ingestion (readiness then checks the source).
+    pub fn ingesting(&self) -> bool {
+        self.0.ingesting
+    }
+}
+
+/// The HTTP server of one weir process.
+#[derive(Debug)]
+pub struct Server {
+    state: AppState,
+}
+
+impl Server {
+    /// Starts the realtime hub (one log tail, stopped by `cancel`) and prepares the routes.
+    ///
+    /// `wake` is [`weir::Running::wake`] (or [`weir_log::listen_for_appends`]); `ingesting` is
+    /// whether this process also runs ingestion.
+    pub async fn start(
+        pool: PgPool,
+        config: Config,
+        wake: weir_log::Wake,
+        ingesting: bool,
+        cancel: CancellationToken,
+    ) -> Result<Server, ApiError> {
+        metrics::describe();
+        let hub = channels::Hub::start(pool.clone(), &config, wake, cancel.clone()).await?;
+        metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel);
+        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub, ingesting })) })
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Every route: `/v1/...`, `/metrics`, `/v1/openapi.json`, with auth, limits and metrics.
+    pub fn router(&self) -> Router {
+        openapi::router(self.state.clone())
+    }
+
+    /// Serves [`Server::router`] on `listener` until `cancel`; open streams are closed then.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
+    }
+}
+
+/// The OpenAPI document the server serves at `/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi::document()
+}
