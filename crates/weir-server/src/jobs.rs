@@ -178,6 +178,8 @@ async fn show(
 pub(crate) struct JobStateAnswer {
     /// The job.
     id: JobId,
+    /// Its state before the action.
+    previous_state: JobState,
     /// Its state now.
     state: JobState,
 }
@@ -195,8 +197,8 @@ async fn cancel(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<JobStateAnswer>, ApiError> {
     let mut conn = state.pool().acquire().await?;
-    let s = weir_jobs::admin::cancel(&mut conn, JobId(id)).await?;
-    Ok(Json(JobStateAnswer { id: JobId(id), state: s }))
+    let previous_state = weir_jobs::admin::cancel(&mut conn, JobId(id)).await?;
+    Ok(Json(JobStateAnswer { id: JobId(id), previous_state, state: JobState::Cancelled }))
 }
 
 /// Makes a failed, cancelled or scheduled job available now.
@@ -212,6 +214,6 @@ async fn retry(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<JobStateAnswer>, ApiError> {
     let mut conn = state.pool().acquire().await?;
-    let s = weir_jobs::admin::retry(&mut conn, JobId(id)).await?;
-    Ok(Json(JobStateAnswer { id: JobId(id), state: s }))
+    let previous_state = weir_jobs::admin::retry(&mut conn, JobId(id)).await?;
+    Ok(Json(JobStateAnswer { id: JobId(id), previous_state, state: JobState::Available }))
 }

@@ -93,6 +93,9 @@ impl Server {
         cancel: CancellationToken,
     ) -> Result<Server, ApiError> {
         metrics::describe();
+        // The routes read the consumer and job tables: make sure they exist (idempotent).
+        weir_consumer::migrate(&pool).await?;
+        weir_jobs::migrate(&pool).await?;
         let hub = channels::Hub::start(pool.clone(), &config, wake, cancel.clone()).await?;
         metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel);
         Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub, ingesting })) })

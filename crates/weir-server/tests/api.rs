@@ -1,0 +1,629 @@
+//! The `/v1` API against a real PostgreSQL with ingestion and a consumer running: 425 then 200
+//! for a write a consumer handles (over real HTTP, through the check, the long-poll and the
+//! tower layer), consumers' resume and skip, the log, jobs, metrics, every bad input, and the
+//! OpenAPI document checked against what the router really answers.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use weir::{Config, Event, HandlerError, Operator, Selector};
+use weir_core::Secret;
+use weir_server::{Server, TooEarlyLayer};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// Handles `posts` into `post_seen` once `open`; fails events whose title is `poison`.
+struct Gate {
+    open: AtomicBool,
+}
+
+impl Operator for Gate {
+    fn selector(&self) -> Selector {
+        Selector { entities: vec!["posts".into()], kinds: vec![] }
+    }
+
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        e: &'a Event,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            while !self.open.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let record = e.new_record.as_ref().or(e.old_record.as_ref());
+            if record.and_then(|r| r["title"].as_str()) == Some("poison") {
+                return Err("poison title".into());
+            }
+            sqlx::query("insert into post_seen (position) values ($1)")
+                .bind(e.position)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Box::new(e) as HandlerError)?;
+            Ok(())
+        })
+    }
+}
+
+struct Harness {
+    _db: weir_testkit::TestDatabase<'static>,
+    pool: PgPool,
+    gate: Arc<Gate>,
+    running: Option<weir::Running>,
+    router: Router,
+    base: String,
+    cancel: CancellationToken,
+}
+
+impl Harness {
+    async fn start(prefix: &str, token: Option<&str>, open: bool) -> Harness {
+        let db = weir_testkit::shared().database(prefix).unwrap();
+        let pool = PgPool::connect(&db.url()).await.unwrap();
+        sqlx::raw_sql(
+            "create table posts (id int primary key, title text, updated_at timestamptz not null default now());
+             create table post_seen (position bigint primary key);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut config = Config::default();
+        config.database.url = Some(Secret::new(db.url()));
+        config.source.slot = db.name().to_string();
+        config.source.tables = vec!["posts".into()];
+        config.consumers.retry.max_retries = 0;
+        config.consumers.lanes = 2;
+        config.http.token = token.map(Secret::new);
+        config.http.max_body_bytes = 4096;
+        config.http.max_wait = Duration::from_secs(20);
+        weir::setup::init(&pool, &config).await.unwrap();
+        let gate = Arc::new(Gate { open: AtomicBool::new(open) });
+        let running = weir::Weir::builder(config.clone())
+            .pool(pool.clone())
+            .consumer(weir::ConsumerSpec::new("gate", gate.clone(), &config.consumers))
+            .start()
+            .await
+            .unwrap();
+        let cancel = running.cancel_token();
+        let server = Server::start(pool.clone(), config, running.wake(), true, cancel.clone())
+            .await
+            .unwrap();
+        let router = server.router();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let serve_cancel = cancel.clone();
+        tokio::spawn(async move { server.serve(listener, serve_cancel).await.unwrap() });
+        Harness { _db: db, pool, gate, running: Some(running), router, base, cancel }
+    }
+
+    /// A request through the router, without a socket.
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => {
+                req.header("content-type", "application/json").body(Body::from(b.to_string()))
+            }
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let response = self.router.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, uri, None, None).await
+    }
+
+    /// Inserts a post; returns its `updated_at` in µs and the WAL insert position after commit.
+    async fn insert(&self, id: i32, title: &str) -> (i64, String) {
+        let ts: f64 = sqlx::query_scalar(
+            "insert into posts (id, title) values ($1, $2)
+             returning (extract(epoch from updated_at) * 1000000)::float8",
+        )
+        .bind(id)
+        .bind(title)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        let lsn: String = sqlx::query_scalar("select pg_current_wal_insert_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        (ts as i64, lsn)
+    }
+
+    async fn logged(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let head: Option<i64> = sqlx::query_scalar("select max(position) from weir.events")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if head.unwrap_or(0) >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {head:?} of {n} events logged");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(r) = self.running.take() {
+            r.wait().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_too_early_until_processed_then_ok() {
+    let h = Harness::start("api_425", Some(TOKEN), false).await;
+    let (ts, lsn) = h.insert(1, "hello").await;
+    h.logged(1).await;
+    let client = reqwest::Client::new();
+    let check = |header: &'static str, value: String| {
+        client.get(format!("{}/v1/process/check", h.base)).header(header, value).send()
+    };
+
+    // The gate holds the consumer: the write is logged but not processed.
+    let r = check("X-Weir-Entity-Timestamp", format!("posts/{ts}")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 425);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_early", "{body}");
+    let r = check("X-Weir-Lsn", lsn.clone()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 425);
+
+    // A long-poll that times out answers 425 too.
+    let r = client
+        .get(format!("{}/v1/process/wait?timeout=200ms", h.base))
+        .header("X-Weir-Entity-Timestamp", format!("posts/{ts}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 425);
+
+    // The user's own service behind the layer.
+    let app = Router::new()
+        .route("/stats", axum::routing::get(|| async { "fresh" }))
+        .route_layer(TooEarlyLayer::new(h.pool.clone(), "updated_at"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_url = format!("http://{}/stats", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let r = client
+        .get(&app_url)
+        .header("X-Weir-Entity-Timestamp", format!("posts/{ts}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 425);
+    let r = client.get(&app_url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "no header: the layer lets it through");
+    let r = client.get(&app_url).header("X-Weir-Entity-Timestamp", "posts").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
+    // Open the gate; a long-poll sees the write processed.
+    let waiter = {
+        let (client, base) = (client.clone(), h.base.clone());
+        tokio::spawn(async move {
+            client
+                .get(format!("{base}/v1/process/wait?timeout=20s"))
+                .header("X-Weir-Entity-Timestamp", format!("posts/{ts}"))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.gate.open.store(true, Ordering::SeqCst);
+    let r = waiter.await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"processed": true}));
+    let seen: i64 =
+        sqlx::query_scalar("select count(*) from post_seen").fetch_one(&h.pool).await.unwrap();
+    assert_eq!(seen, 1, "200 only once the consumer's effect is committed");
+
+    let r = check("X-Weir-Entity-Timestamp", format!("posts/{ts}")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client
+        .get(format!("{}/v1/process/wait?lsn={lsn}&timeout=20s", h.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client
+        .get(&app_url)
+        .header("X-Weir-Entity-Timestamp", format!("posts/{ts}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.text().await.unwrap(), "fresh");
+
+    let (status, body) = h.get("/v1/process/posts").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["last_processed"], json!(ts), "{body}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_halt_resume_and_skip_over_http() {
+    let h = Harness::start("api_consumers", Some(TOKEN), true).await;
+    h.insert(1, "poison").await;
+    h.insert(2, "fine").await;
+    h.logged(2).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let halted = loop {
+        let (status, body) = h.get("/v1/consumers/gate").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["state"] == "halted" {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never halted: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let halted_at = halted["halted"]["position"].as_i64().unwrap();
+    let (status, list) = h.get("/v1/consumers").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(list.as_array().unwrap().iter().any(|c| c["name"] == "gate"));
+
+    // Resume: still poison, halts again. Skip: goes past it.
+    let (status, body) = h.call(Method::POST, "/v1/consumers/gate/resume", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["resumed"], true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let skipped = loop {
+        let (status, body) =
+            h.call(Method::POST, "/v1/consumers/gate/skip", Some(TOKEN), None).await;
+        if status == StatusCode::OK {
+            break body;
+        }
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"], "conflict");
+        assert!(Instant::now() < deadline, "never halted again: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(skipped["skipped"], json!(halted_at));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: i64 =
+            sqlx::query_scalar("select count(*) from post_seen").fetch_one(&h.pool).await.unwrap();
+        if seen == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the event after the skipped one was not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Skip when not halted: 409, nothing changed.
+    let (status, body) = h.call(Method::POST, "/v1/consumers/gate/skip", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, parked) = h.get("/v1/consumers/gate/parked").await;
+    assert_eq!((status, parked), (StatusCode::OK, json!([])));
+    let (status, body) =
+        h.call(Method::POST, "/v1/consumers/gate/parked/retry", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["count"], 0);
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/consumers/gate/parked/discard",
+            Some(TOKEN),
+            Some(r#"{"position": 5}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_jobs_health_and_metrics() {
+    let h = Harness::start("api_log", Some(TOKEN), true).await;
+    for id in 1..=5 {
+        h.insert(id, "x").await;
+    }
+    sqlx::query("update posts set title = 'y' where id = 1").execute(&h.pool).await.unwrap();
+    h.logged(6).await;
+
+    let (status, page) = h.get("/v1/log?after=0&limit=3&entity=posts").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let positions: Vec<i64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["position"].as_i64().unwrap())
+        .collect();
+    assert_eq!(positions, vec![1, 2, 3]);
+    assert_eq!(page["next_after"], 3);
+    let (_, page) = h.get("/v1/log?after=3&limit=100&kind=update").await;
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["kind"], "update");
+    assert_eq!(events[0]["key"], json!({"id": 1}));
+    assert_eq!(page["next_after"], page["head"], "a short page covers the log up to its head");
+    let (_, page) = h.get("/v1/log?entity=comments").await;
+    assert_eq!(page["events"], json!([]));
+
+    let (status, body) = h.get("/v1/health").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, body) = h.get("/v1/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = h.get("/v1/source").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["position"].as_i64().unwrap() >= 6, "{body}");
+
+    // Jobs.
+    let (status, job) = h
+        .call(
+            Method::POST,
+            "/v1/jobs",
+            Some(TOKEN),
+            Some(r#"{"kind": "email", "args": {"to": "a@b"}, "unique_key": "k1"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let (status, dup) = h
+        .call(
+            Method::POST,
+            "/v1/jobs",
+            Some(TOKEN),
+            Some(r#"{"kind": "email", "unique_key": "k1"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(dup, json!({"id": id, "duplicate": true}));
+    let (status, shown) = h.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown["args"], json!({"to": "a@b"}));
+    let (status, listed) = h.get("/v1/jobs?state=available&kind=email").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let (status, stats) = h.get("/v1/jobs/stats").await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    let (status, body) =
+        h.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "cancelled");
+    let (status, body) =
+        h.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) =
+        h.call(Method::POST, &format!("/v1/jobs/{id}/retry"), Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "available");
+    let (status, body) =
+        h.call(Method::POST, "/v1/jobs", Some(TOKEN), Some(r#"{"kind": ""}"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_job");
+
+    // Metrics, over real HTTP.
+    let text = reqwest::get(format!("{}/metrics", h.base)).await.unwrap().text().await.unwrap();
+    for name in [
+        "weir_ingest_events_total",
+        "weir_consumer_events_handled_total",
+        "weir_consumer_handler_seconds_bucket",
+        "weir_http_requests_total",
+        "weir_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
+    }
+    h.stop().await;
+}
+
+/// Every bad input: the right status, a JSON `{error, message}`, nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
+    let h = Harness::start("api_bad", Some(TOKEN), true).await;
+    let jobs_before: i64 =
+        sqlx::query_scalar("select count(*) from weir.jobs").fetch_one(&h.pool).await.unwrap();
+    // (method, uri, token, body, status, error code)
+    type Case =
+        (Method, &'static str, Option<&'static str>, Option<&'static str>, u16, &'static str);
+    let cases: Vec<Case> = vec![
+        (Method::POST, "/v1/jobs", Some(TOKEN), Some("{not json"), 400, "malformed_json"),
+        (Method::POST, "/v1/jobs", Some(TOKEN), Some(r#"{"kind": 5}"#), 400, "malformed_json"),
+        (
+            Method::POST,
+            "/v1/jobs",
+            Some(TOKEN),
+            Some(r#"{"kind": "a", "extra": 1}"#),
+            400,
+            "malformed_json",
+        ),
+        (
+            Method::POST,
+            "/v1/consumers/gate/parked/retry",
+            Some(TOKEN),
+            Some("[1,"),
+            400,
+            "malformed_json",
+        ),
+        (Method::POST, "/v1/consumers/nobody/resume", Some(TOKEN), None, 404, "unknown_consumer"),
+        (Method::POST, "/v1/consumers/nobody/skip", Some(TOKEN), None, 404, "unknown_consumer"),
+        (Method::GET, "/v1/consumers/nobody", None, None, 404, "unknown_consumer"),
+        (Method::POST, "/v1/consumers/gate/resume", None, None, 401, "unauthorized"),
+        (
+            Method::POST,
+            "/v1/consumers/gate/resume",
+            Some("wrong-token-0123456789"),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (Method::POST, "/v1/jobs", None, Some(r#"{"kind": "a"}"#), 401, "unauthorized"),
+        (Method::GET, "/v1/process/check", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/process/check?entity_timestamp=posts", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/process/check?lsn=zz", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/process/wait?lsn=0/1&timeout=1h", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/process/wait?lsn=0/1&timeout=soon", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/log?limit=0", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/log?kind=upsert", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/log?after=x", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/jobs/abc", None, None, 400, "bad_request"),
+        (Method::GET, "/v1/jobs/999999", None, None, 404, "unknown_job"),
+        (Method::GET, "/v1/nothing-here", None, None, 404, "not_found"),
+        (Method::DELETE, "/v1/consumers", Some(TOKEN), None, 405, "method_not_allowed"),
+    ];
+    for (method, uri, token, body, status, code) in cases {
+        let (got, value) = h.call(method.clone(), uri, token, body).await;
+        assert_eq!(got.as_u16(), status, "{method} {uri}: {value}");
+        assert_eq!(value["error"], code, "{method} {uri}: {value}");
+        assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()), "{value}");
+        let text = value.to_string().to_lowercase();
+        assert!(!text.contains("select ") && !text.contains("panicked"), "{text}");
+    }
+    // A bad header through the check.
+    let req = Request::get("/v1/process/check")
+        .header("x-weir-entity-timestamp", "posts/yesterday")
+        .body(Body::empty())
+        .unwrap();
+    let r = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // Oversized bodies: declared, and streamed without a length.
+    let big = format!(r#"{{"kind": "a", "args": "{}"}}"#, "x".repeat(10_000));
+    let (status, value) = h.call(Method::POST, "/v1/jobs", Some(TOKEN), Some(&big)).await;
+    assert_eq!((status.as_u16(), value["error"].as_str()), (413, Some("payload_too_large")));
+    let chunks = futures::stream::iter(
+        (0..20).map(|_| Ok::<_, std::io::Error>(bytes_of(&"x".repeat(1000)))),
+    );
+    let req = Request::post("/v1/jobs")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let r = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let jobs_after: i64 =
+        sqlx::query_scalar("select count(*) from weir.jobs").fetch_one(&h.pool).await.unwrap();
+    assert_eq!(jobs_before, jobs_after, "a refused request changed nothing");
+    h.stop().await;
+}
+
+fn bytes_of(s: &str) -> axum::body::Bytes {
+    axum::body::Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Without a configured token, writes are refused (403) and reads stay open; with
+/// `protect_reads`, reads need the token too, but health and readiness never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_writes_and_optionally_reads() {
+    let h = Harness::start("api_token", None, true).await;
+    let (status, body) = h.call(Method::POST, "/v1/consumers/gate/resume", None, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("WEIR_HTTP_TOKEN"), "{body}");
+    let (status, _) = h.get("/v1/consumers").await;
+    assert_eq!(status, StatusCode::OK);
+    h.stop().await;
+
+    let db = weir_testkit::shared().database("api_reads").unwrap();
+    let pool = PgPool::connect(&db.url()).await.unwrap();
+    let mut config = Config::default();
+    config.database.url = Some(Secret::new(db.url()));
+    config.http.token = Some(Secret::new(TOKEN));
+    config.http.protect_reads = true;
+    weir_log::migrate(&pool).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (wake, _) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
+    let server = Server::start(pool, config, wake, false, cancel.clone()).await.unwrap();
+    let router = server.router();
+    let status = |uri: &'static str, token: Option<&'static str>| {
+        let router = router.clone();
+        async move {
+            let mut req = Request::get(uri);
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            router.oneshot(req.body(Body::empty()).unwrap()).await.unwrap().status()
+        }
+    };
+    assert_eq!(status("/v1/consumers", None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/v1/consumers", Some(TOKEN)).await, StatusCode::OK);
+    assert_eq!(status("/metrics", None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/v1/health", None).await, StatusCode::OK);
+    assert_eq!(status("/v1/ready", None).await, StatusCode::OK);
+    assert_eq!(status("/v1/openapi.json", None).await, StatusCode::OK);
+    cancel.cancel();
+}
+
+/// The OpenAPI document lists exactly what the router serves: a request for each documented
+/// path and method gets one of the statuses documented for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_routes() {
+    let h = Harness::start("api_openapi", Some(TOKEN), true).await;
+    h.insert(1, "x").await;
+    h.logged(1).await;
+    let (status, doc) = h.get("/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 20, "only {} paths documented", paths.len());
+    let mut checked = BTreeSet::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let documented: BTreeSet<u16> =
+                op["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+            let uri =
+                path.replace("{name}", "gate").replace("{entity}", "posts").replace("{id}", "1");
+            let (uri, body) = match (method.as_str(), path.as_str()) {
+                ("post", "/v1/jobs") => (uri, Some(r#"{"kind": "openapi"}"#)),
+                (_, "/v1/process/check" | "/v1/process/wait") => {
+                    (format!("{uri}?entity_timestamp=posts/1&timeout=1s"), None)
+                }
+                (_, p) if p.starts_with("/v1/channels/") => (format!("{uri}?channel=posts"), None),
+                _ => (uri, None),
+            };
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let token = (method != Method::GET).then_some(TOKEN);
+            let req = {
+                let mut r = Request::builder().method(method.clone()).uri(&uri);
+                if let Some(t) = token {
+                    r = r.header("authorization", format!("Bearer {t}"));
+                }
+                match body {
+                    Some(b) => r.header("content-type", "application/json").body(Body::from(b)),
+                    None => r.body(Body::empty()),
+                }
+                .unwrap()
+            };
+            let status = h.router.clone().oneshot(req).await.unwrap().status().as_u16();
+            assert!(
+                documented.contains(&status),
+                "{method} {uri} answered {status}; documented: {documented:?}"
+            );
+            checked.insert(format!("{method} {path}"));
+        }
+    }
+    // Every documented schema reference resolves.
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = &r[..r.find('"').unwrap()];
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
+    }
+    assert!(checked.contains("POST /v1/consumers/{name}/resume"), "{checked:?}");
+    h.stop().await;
+}
