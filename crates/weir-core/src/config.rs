@@ -656,6 +656,28 @@ mod tests {
     }
 
     #[test]
+    fn http_and_channels() {
+        let file = "[http]\nbind = \"0.0.0.0:9000\"\n[channels.comments]\nscopes = { post_id = \"posts\" }\n";
+        let c = Config::from_toml(file, "f", env(&[("WEIR_HTTP_TOKEN", "0123456789abcdef0123")]))
+            .unwrap();
+        assert_eq!(c.http.bind, "0.0.0.0:9000");
+        assert_eq!(c.http.token.as_ref().unwrap().expose(), "0123456789abcdef0123");
+        assert!(!format!("{c:?}").contains("0123456789abcdef0123"), "the token is never printed");
+        assert_eq!(c.channels["comments"].scopes["post_id"], "posts");
+        for (file, field) in [
+            ("[http]\nbind = \"localhost\"", "http.bind"),
+            ("[http]\ntoken = \"short\"", "http.token"),
+            ("[http]\nmax_wait = \"2m\"", "http.max_wait"),
+            ("[channels.comments]\nscopes = { post_id = \"a/b\" }", "channels.scopes"),
+        ] {
+            let err = Config::from_toml(file, "f", []).unwrap_err().to_string();
+            assert!(err.contains(field), "{file}: {err}");
+        }
+        let err = Config::from_toml("[http]\nport = 1", "weir.toml", []).unwrap_err().to_string();
+        assert!(err.contains("port") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
     fn environment_overrides_file() {
         let c = Config::from_toml(
             "[source]\nslot = \"a\"\n",
