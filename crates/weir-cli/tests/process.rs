@@ -340,3 +340,55 @@ async fn doctor_passes_on_a_healthy_setup_and_status_reports() {
     assert_eq!(lines[1]["position"], 2);
     sigterm(&mut run);
 }
+
+/// A plain HTTP/1.0 GET: (status, body).
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+#[tokio::test]
+async fn weir_run_serves_http_and_a_taken_port_is_a_clear_error() {
+    let (db, pool) = setup("http").await;
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut cmd = weir(&db, &["run"]);
+    cmd.env("WEIR_HTTP_BIND", &addr);
+    let mut p = spawn(cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, body)) = http_get(&addr, "/v1/health") {
+            assert!(body.contains("ok"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "weir run never answered on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    insert(&pool, 1, 3).await;
+    wait_head(&pool, 3, Duration::from_secs(20)).await;
+    let (status, body) = http_get(&addr, "/v1/log?entity=t").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 3, "{page}");
+
+    // A second process on the same address stops before starting anything, and says why.
+    let mut cmd = weir(&db, &["run"]);
+    cmd.env("WEIR_HTTP_BIND", &addr);
+    let (ok, out) = output(cmd);
+    assert!(!ok);
+    assert!(out.contains("cannot listen on") && out.contains("http.bind"), "{out}");
+
+    // SIGTERM stops the server too (open connections do not hold it up).
+    sigterm(&mut p);
+    assert!(p.0.wait().unwrap().success());
+    assert!(http_get(&addr, "/v1/health").is_err(), "the port is released");
+}
