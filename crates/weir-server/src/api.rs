@@ -247,9 +247,22 @@ async fn retry_parked(
     ApiPath(name): ApiPath<String>,
     body: Option<ApiJson<ParkedSelection>>,
 ) -> Result<Json<ParkedCount>, ApiError> {
-    find(&state, &name).await?;
     let position = body.and_then(|b| b.0.position);
-    let count = weir_consumer::status::retry_parked(state.pool(), &name, position).await?;
+    parked_action(&state, name, position, weir_consumer::status::retry_parked).await
+}
+
+/// Retry and discard: the same checks and answer around a different statement.
+async fn parked_action<F>(
+    state: &AppState,
+    name: String,
+    position: Option<i64>,
+    action: F,
+) -> Result<Json<ParkedCount>, ApiError>
+where
+    F: AsyncFnOnce(&sqlx::PgPool, &str, Option<i64>) -> weir_consumer::Result<u64>,
+{
+    find(state, &name).await?;
+    let count = action(state.pool(), &name, position).await?;
     Ok(Json(ParkedCount { consumer: name, count }))
 }
 
@@ -268,10 +281,8 @@ async fn discard_parked(
     ApiPath(name): ApiPath<String>,
     body: Option<ApiJson<ParkedSelection>>,
 ) -> Result<Json<ParkedCount>, ApiError> {
-    find(&state, &name).await?;
     let position = body.and_then(|b| b.0.position);
-    let count = weir_consumer::status::discard_parked(state.pool(), &name, position).await?;
-    Ok(Json(ParkedCount { consumer: name, count }))
+    parked_action(&state, name, position, weir_consumer::status::discard_parked).await
 }
 
 /// Process status of an entity.
