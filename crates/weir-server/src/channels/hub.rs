@@ -124,6 +124,11 @@ impl Client {
         msgs.len()
     }
 
+    /// Whether it was dropped as too slow.
+    pub(crate) fn is_dropped(&self) -> bool {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).dropped
+    }
+
     /// Takes everything queued.
     pub(crate) fn take(&self) -> Taken {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,7 +154,12 @@ impl Hub {
         cancel: CancellationToken,
     ) -> Result<Hub, ApiError> {
         let reader = LogReader::new(pool.clone()).await?;
-        let head = reader.head().await?;
+        let head = match reader.head().await {
+            Ok(head) => head,
+            // `weir init` has not run yet: the log will start empty.
+            Err(weir_log::Error::Database(e)) if undefined_table(&e) => 0,
+            Err(e) => return Err(e.into()),
+        };
         let processed_start = match watermarks(&pool).await? {
             Some(w) => w.head.min(w.consumers.iter().map(|c| c.1).min().unwrap_or(w.head)),
             None => head,
@@ -509,6 +519,11 @@ impl Shared {
     }
 }
 
+/// `42P01`: a table of weir's schema does not exist (yet).
+fn undefined_table(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01"))
+}
+
 fn log_to_sqlx(e: weir_log::Error) -> sqlx::Error {
     match e {
         weir_log::Error::Database(e) => e,
@@ -544,7 +559,7 @@ async fn watermarks(pool: &PgPool) -> Result<Option<Watermarks>, sqlx::Error> {
     .await
     {
         Ok(rows) => rows,
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => return Ok(None),
+        Err(e) if undefined_table(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
     let head = rows.first().and_then(|r| r.0).unwrap_or(0);
@@ -569,20 +584,27 @@ pub(crate) async fn processed_rows(
     upto: Position,
     limit: i64,
 ) -> Result<Vec<ProcessedRow>, sqlx::Error> {
-    let rows: Vec<(i64, String, serde_json::Value, String, String, bool)> = sqlx::query_as(
-        "select e.position, e.entity, e.key, e.kind, e.lsn::text,
+    const WITH_PARKED: &str = "select e.position, e.entity, e.key, e.kind, e.lsn::text,
                 exists (select 1 from weir.parked p join weir.consumers k on k.name = p.consumer
                         where p.position = e.position)
          from weir.events e
          where e.position > $1 and e.position <= $2
          order by e.position
-         limit $3",
-    )
-    .bind(after)
-    .bind(upto)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+         limit $3";
+    // Before any consumer ever ran, its tables do not exist: nothing is parked.
+    const WITHOUT_CONSUMERS: &str = "select e.position, e.entity, e.key, e.kind, e.lsn::text, false
+         from weir.events e
+         where e.position > $1 and e.position <= $2
+         order by e.position
+         limit $3";
+    type Row = (i64, String, serde_json::Value, String, String, bool);
+    let query = |sql: &'static str| {
+        sqlx::query_as::<_, Row>(sql).bind(after).bind(upto).bind(limit).fetch_all(pool)
+    };
+    let rows = match query(WITH_PARKED).await {
+        Err(e) if undefined_table(&e) => query(WITHOUT_CONSUMERS).await?,
+        other => other?,
+    };
     Ok(rows
         .into_iter()
         .map(|(position, entity, key, kind, lsn, parked)| ProcessedRow {
@@ -600,7 +622,12 @@ async fn change_tail(shared: Arc<Shared>, mut wake: Wake) {
             _ = wake.wait_past(at, FALLBACK_POLL) => {}
         }
         if let Err(e) = shared.catch_up().await {
-            tracing::warn!(error = %e, "channels: reading the log failed; retrying");
+            match &e {
+                weir_log::Error::Database(e) if undefined_table(e) => {
+                    tracing::debug!("channels: no log yet (weir init has not run)");
+                }
+                _ => tracing::warn!(error = %e, "channels: reading the log failed; retrying"),
+            }
             tokio::select! {
                 _ = shared.cancel.cancelled() => return,
                 _ = tokio::time::sleep(FALLBACK_POLL) => {}
@@ -617,7 +644,11 @@ async fn processed_tail(shared: Arc<Shared>) {
             _ = tokio::time::sleep(PROCESSED_POLL) => {}
         }
         if let Err(e) = shared.processed_step(&mut memo).await {
-            tracing::warn!(error = %e, "channels: reading the checkpoints failed; retrying");
+            if undefined_table(&e) {
+                tracing::debug!("channels: no log yet (weir init has not run)");
+            } else {
+                tracing::warn!(error = %e, "channels: reading the checkpoints failed; retrying");
+            }
             tokio::select! {
                 _ = shared.cancel.cancelled() => return,
                 _ = tokio::time::sleep(FALLBACK_POLL) => {}

@@ -177,6 +177,20 @@ impl Session {
         }
     }
 
+    /// Resolves when the server shuts down or the client has been dropped as too slow (for a
+    /// transport whose write is stuck on a client that stopped reading).
+    pub(crate) async fn interrupted(&self) {
+        loop {
+            if self.hub.cancel.is_cancelled() || self.client.is_dropped() {
+                return;
+            }
+            tokio::select! {
+                _ = self.hub.cancel.cancelled() => {}
+                _ = self.client.notify.notified() => {}
+            }
+        }
+    }
+
     fn wants_changes(&self) -> bool {
         !self.names.is_empty()
     }

@@ -8,6 +8,8 @@ use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
+use std::time::Duration;
+
 use futures::SinkExt;
 use serde::Deserialize;
 
@@ -73,6 +75,12 @@ struct ClientMessage {
     channels: Vec<String>,
 }
 
+/// How long the close frame may wait for a slow client to read what was written before it;
+/// then the connection is dropped without it.
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same at shutdown.
+const SHUTDOWN_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 async fn run(mut socket: WebSocket, mut session: Session) {
     loop {
         let step = tokio::select! {
@@ -90,10 +98,12 @@ async fn run(mut socket: WebSocket, mut session: Session) {
                 Some(Ok(_)) => continue,
             },
         };
-        let sent = match step {
-            Step::Messages(msgs) => send_all(&mut socket, &msgs).await,
+        let frames: Vec<Message> = match step {
+            Step::Messages(msgs) => {
+                msgs.iter().map(|(m, cursor)| Message::Text(frame(m, cursor).into())).collect()
+            }
             Step::Gap { after, oldest } => {
-                let frame = serde_json::json!({
+                let notice = serde_json::json!({
                     "type": "gap",
                     "reason": "retention",
                     "message": format!(
@@ -102,41 +112,45 @@ async fn run(mut socket: WebSocket, mut session: Session) {
                     "after": after,
                     "oldest": oldest,
                 });
-                socket.send(Message::Text(frame.to_string().into())).await
+                vec![Message::Text(notice.to_string().into())]
             }
-            Step::KeepAlive => socket.send(Message::Ping(Default::default())).await,
+            Step::KeepAlive => vec![Message::Ping(Default::default())],
             Step::Close(reason) => {
-                let (code, text) = match reason {
+                let (code, text, wait) = match reason {
                     CloseReason::SlowClient => (
                         close_code::POLICY,
                         format!(
                             "slow_client: fell more than {} messages behind; reconnect with after=<last id>",
                             session.client_buffer
                         ),
+                        SLOW_CLOSE_TIMEOUT,
                     ),
                     CloseReason::Shutdown => (
                         close_code::AWAY,
                         "shutdown: the server is stopping; reconnect with after=<last id>".into(),
+                        SHUTDOWN_CLOSE_TIMEOUT,
                     ),
                 };
-                let frame = CloseFrame { code, reason: Utf8Bytes::from(text) };
-                let _ = socket.send(Message::Close(Some(frame))).await;
+                let close =
+                    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(text) }));
+                // A client that stopped reading for good cannot take it: drop the connection.
+                let _ = tokio::time::timeout(wait, socket.send(close)).await;
                 return;
             }
             Step::End => return,
         };
-        if sent.is_err() {
-            return;
+        // A write stuck on a client that stopped reading gives way to its drop (slow_client)
+        // or to the shutdown; the next step then says which.
+        tokio::select! {
+            sent = send_all(&mut socket, frames) => if sent.is_err() { return },
+            _ = session.interrupted() => {}
         }
     }
 }
 
-async fn send_all(
-    socket: &mut WebSocket,
-    msgs: &[(std::sync::Arc<Msg>, Cursor)],
-) -> Result<(), axum::Error> {
-    for (m, cursor) in msgs {
-        socket.feed(Message::Text(frame(m, cursor).into())).await?;
+async fn send_all(socket: &mut WebSocket, frames: Vec<Message>) -> Result<(), axum::Error> {
+    for f in frames {
+        socket.feed(f).await?;
     }
     socket.flush().await
 }
