@@ -22,7 +22,7 @@ use weir_server::Server;
 /// Generous: the machine is small and other tests run beside.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Records every `posts` event it handles (the position, and when).
+/// Records every `posts` event it handles; fails (and so parks) a post titled `poison`.
 struct Recorder {
     handled: Arc<Mutex<Vec<i64>>>,
 }
@@ -37,6 +37,10 @@ impl Operator for Recorder {
         e: &'a Event,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
+            let title = e.new_record.as_ref().and_then(|r| r.get("title"));
+            if title.is_some_and(|t| t == "poison") {
+                return Err("poisoned on purpose".into());
+            }
             self.handled.lock().unwrap().push(e.position);
             Ok(())
         })
@@ -73,6 +77,13 @@ impl Env {
         config.database.url = Some(Secret::new(url.clone()));
         config.source.slot = db.name().to_string();
         config.consumers.lanes = 2;
+        config.consumers.on_exhausted = weir_core::OnExhausted::Park;
+        config.consumers.retry = weir_core::RetryConfig {
+            min_restart_time: Duration::from_millis(10),
+            backoff_multiplicator: 1.0,
+            max_restart_time: Duration::from_millis(10),
+            max_retries: 1,
+        };
         config.http.client_buffer = client_buffer;
         config.http.max_wait = Duration::from_secs(1);
         config.channels.insert(
@@ -467,6 +478,28 @@ async fn ws_resume_with_after_gets_every_event_exactly_once() {
 }
 
 #[tokio::test]
+async fn a_cursor_older_than_the_log_replays_from_the_oldest_with_a_gap_notice() {
+    let env = Env::new(4096).await;
+    env.exec("insert into posts values (1, 'a', 'x')").await;
+    env.exec("insert into posts values (2, 'b', 'y')").await;
+    env.exec("insert into posts values (3, 'c', 'z')").await;
+    let positions = env.positions("posts", 3).await;
+    // As retention would: the first event is gone.
+    env.exec(&format!("delete from weir.events where position <= {}", positions[0])).await;
+    let mut sse = Sse::connect(&env, "channel=posts&after=0", None).await;
+    let gap = sse.next().await.unwrap();
+    assert_eq!(gap.event, "gap");
+    assert_eq!(gap.data["oldest"], positions[1]);
+    let got = [position(&sse.message().await), position(&sse.message().await)];
+    assert_eq!(got, positions[1..]);
+    // And live after the replay.
+    env.exec("insert into posts values (4, 'd', 'w')").await;
+    let last = env.positions("posts", 3).await;
+    assert_eq!(position(&sse.message().await), *last.last().unwrap());
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn processed_arrives_after_the_operator_handled_the_change() {
     let env = Env::new(4096).await;
     let mut sse = Sse::connect(&env, "channel=posts&channel=processed", None).await;
@@ -520,6 +553,32 @@ async fn processed_arrives_after_the_operator_handled_the_change() {
     }
     assert_eq!(changes, [p2], "nothing twice after resuming");
     assert_eq!(processed, [p2, c1]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_event_gets_no_processed_notification() {
+    let env = Env::new(4096).await;
+    let mut ws = ws_connect(&env, "channel=processed").await;
+    env.exec("insert into posts values (1, 'fine', '')").await;
+    env.exec("insert into posts values (2, 'poison', '')").await;
+    env.exec("insert into posts values (3, 'fine', '')").await;
+    let p = env.positions("posts", 3).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = ws_next(&mut ws).await.unwrap();
+        assert_eq!(m["type"], "processed");
+        let id = m["id"].as_str().unwrap();
+        assert!(id.ends_with(&format!(":{}", m["position"])), "{id}");
+        got.push(m["position"].as_i64().unwrap());
+    }
+    assert_eq!(got, [p[0], p[2]], "the parked event is not announced");
+    let parked: i64 = sqlx::query_scalar("select count(*) from weir.parked where position = $1")
+        .bind(p[1])
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 1);
     env.stop().await;
 }
 
@@ -662,6 +721,17 @@ async fn bad_requests_get_400_json() {
         assert_eq!(body["error"], "bad_request", "{transport}?{query}: {body}");
         assert!(!body["message"].as_str().unwrap().is_empty());
     }
+    // Both routes are in the OpenAPI document.
+    let doc: Value = http
+        .get(format!("{}/v1/openapi.json", env.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/v1/channels/sse"]["get"].is_object());
+    assert!(doc["paths"]["/v1/channels/ws"]["get"].is_object());
     // A real WebSocket handshake with a bad channel is refused the same way.
     let err =
         tokio_tungstenite::connect_async(format!("{}/v1/channels/ws?channel=a//b", env.ws_base))

@@ -31,6 +31,9 @@ use crate::ApiError;
 
 /// Events read per page by the tails and by replays.
 pub(crate) const PAGE: i64 = 1000;
+/// Most events dispatched under one hold of the registry lock (a quarter of a client's queue
+/// when that is less).
+const DISPATCH_CHUNK: usize = 256;
 /// How often the processed tail looks at the checkpoints.
 const PROCESSED_POLL: Duration = Duration::from_millis(75);
 /// The change tail's fallback poll when no wake-up arrives.
@@ -48,7 +51,7 @@ pub(crate) struct Shared {
     pub(crate) reader: LogReader,
     pub(crate) routing: Routing,
     pub(crate) client_buffer: usize,
-    /// Messages dispatched between yields: a quarter of a client's queue.
+    /// Events dispatched between yields: a quarter of a client's queue, at most 256.
     dispatch_chunk: usize,
     pub(crate) cancel: CancellationToken,
     registry: Mutex<Registry>,
@@ -169,7 +172,7 @@ impl Hub {
             reader,
             routing: Routing::new(config),
             client_buffer: config.http.client_buffer.max(1),
-            dispatch_chunk: (config.http.client_buffer / 4).clamp(1, PAGE as usize),
+            dispatch_chunk: (config.http.client_buffer / 4).clamp(1, DISPATCH_CHUNK),
             cancel: cancel.clone(),
             registry: Mutex::new(Registry {
                 change_pos: head,
@@ -345,8 +348,9 @@ impl Shared {
             let mut at = from;
             let mut queued = 0;
             let mut stale = false;
-            // In parts of a quarter of a client's queue, yielding between them, so a client that
-            // keeps up is never dropped by one burst.
+            // In parts of a quarter of a client's queue (at most 256 events), yielding between
+            // them: a client that keeps up is not dropped by one burst, and registrations do
+            // not wait long for the lock.
             for (i, part) in page.chunks(self.dispatch_chunk).enumerate() {
                 if i > 0 {
                     tokio::task::yield_now().await;

@@ -78,8 +78,13 @@ fn render(step: &Step, client_buffer: usize) -> Option<Bytes> {
             let size: usize = msgs.iter().map(|(m, _)| m.body.len() + 48).sum();
             let mut out = String::with_capacity(size);
             for (m, cursor) in msgs {
-                let _ =
-                    write!(out, "id: {cursor}\nevent: {}\ndata: {}\n\n", m.kind.as_str(), m.body);
+                out.push_str("id: ");
+                let _ = write!(out, "{cursor}");
+                out.push_str("\nevent: ");
+                out.push_str(m.kind.as_str());
+                out.push_str("\ndata: ");
+                out.push_str(&m.body);
+                out.push_str("\n\n");
             }
             out
         }
