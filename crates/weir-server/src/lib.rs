@@ -112,13 +112,23 @@ impl Server {
     }
 
     /// Serves [`Server::router`] on `listener` until `cancel`; open streams are closed then.
+    ///
+    /// After `cancel`, requests in flight get `http.max_wait` plus a second to finish (a
+    /// long-poll's longest wait); a connection still open then (a stream to a client that
+    /// stopped reading cannot write its close) is left behind and `serve` returns.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         cancel: CancellationToken,
     ) -> std::io::Result<()> {
         let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
+        let grace = self.state.config().http.max_wait + std::time::Duration::from_secs(1);
+        let serving =
+            axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
+        tokio::select! {
+            r = serving => r,
+            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => Ok(()),
+        }
     }
 }
 
