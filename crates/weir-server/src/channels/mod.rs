@@ -1,29 +1,55 @@
-//! Realtime channels over SSE and WebSocket (being built; see `docs/http.md`).
+//! Realtime channels: log events fanned out to HTTP clients over Server-Sent Events and
+//! WebSocket (`docs/channels.md` is the client's guide).
+//!
+//! ```text
+//! weir.events ─► Hub (one change tail, one processed tail) ─► client queues ─► SSE / WS
+//!                                                               ▲
+//!        replay from the log (cursor, P] on resume ─────────────┘ then live (> P)
+//! ```
+//!
+//! Channels:
+//! - `<entity>`: every change of a table (`posts`, `sales.orders`);
+//! - `<entity>/<id>`: one row, by its key (`posts/42`; composite keys joined by `,`);
+//! - `<parent>/<value>/<entity>`: scoped by `[channels.<entity>] scopes` (`posts/42/comments`);
+//! - `processed`: an event has been handled by every consumer listening to its entity.
+//!
+//! Message ids are cursors: `<position>`, or `<position>:<processed position>` when the
+//! subscription includes `processed`.
 
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
+mod hub;
+mod message;
+mod session;
+mod sse;
+mod ws;
+
+pub use hub::Hub;
+
+use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
-use weir_core::Config;
+use utoipa_axum::routes;
 
 use crate::{ApiError, AppState};
-
-/// One log tail fanning events out to channel clients.
-#[derive(Debug, Clone)]
-pub struct Hub {}
-
-impl Hub {
-    /// Starts the tail at the log's head.
-    pub async fn start(
-        _pool: PgPool,
-        _config: &Config,
-        _wake: weir_log::Wake,
-        _cancel: CancellationToken,
-    ) -> Result<Hub, ApiError> {
-        Ok(Hub {})
-    }
-}
+use message::{Channel, GivenCursor, parse_channels};
 
 /// The channel routes.
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
+    OpenApiRouter::new().routes(routes!(sse::sse)).routes(routes!(ws::ws))
+}
+
+/// The query string as pairs: `channel` may repeat.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct ChannelQuery(Vec<(String, String)>);
+
+/// The channels and the `after` cursor of a query.
+fn parse_query(query: &ChannelQuery) -> Result<(Vec<Channel>, Option<GivenCursor>), ApiError> {
+    let channels =
+        parse_channels(query.0.iter().filter(|(k, _)| k == "channel").map(|(_, v)| v.as_str()))?;
+    let mut after = None;
+    for (k, v) in &query.0 {
+        if k == "after" {
+            after = GivenCursor::parse(v)?;
+        }
+    }
+    Ok((channels, after))
 }

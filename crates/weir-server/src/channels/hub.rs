@@ -1,0 +1,627 @@
+//! The hub: one log tail and one processed tail per server, fanning messages out to the
+//! clients' bounded queues.
+//!
+//! ```text
+//! Wake / 1 s poll ─► change tail: read pages of the subscribed entities after P ─┐
+//! 75 ms poll ─────► processed tail: watermarks + events after Q ─────────────────┤
+//!                                                                                  ▼
+//!                  registry (one mutex): P, Q, channel → clients, `processed` clients
+//!                                                                                  │
+//!                       each message serialized once, Arc shared ◄─────────────────┘
+//!                       client queue (≤ http.client_buffer; full ⇒ dropped as slow_client)
+//! ```
+//!
+//! A client registers under the registry lock and learns P and Q at that instant: every change
+//! after P and every notification after Q reaches its queue, nothing at or before them does,
+//! so a resuming client replays (cursor, P] from the log and misses nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use weir_core::{Config, Event, Position};
+use weir_log::{EventFilter, LogReader, Wake};
+
+use super::message::{Channel, KeyColumns, Msg, ProcessedEvent, Routing, event_json};
+use crate::ApiError;
+
+/// Events read per page by the tails and by replays.
+pub(crate) const PAGE: i64 = 1000;
+/// How often the processed tail looks at the checkpoints.
+const PROCESSED_POLL: Duration = Duration::from_millis(75);
+/// The change tail's fallback poll when no wake-up arrives.
+const FALLBACK_POLL: Duration = Duration::from_secs(1);
+
+/// One log tail fanning events out to channel clients. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) pool: PgPool,
+    pub(crate) reader: LogReader,
+    pub(crate) routing: Routing,
+    pub(crate) client_buffer: usize,
+    /// Messages dispatched between yields: a quarter of a client's queue.
+    dispatch_chunk: usize,
+    pub(crate) cancel: CancellationToken,
+    registry: Mutex<Registry>,
+    /// Mirrors of the registry's P and Q, readable without the lock.
+    change_pos: AtomicI64,
+    processed_pos: AtomicI64,
+    key_columns: RwLock<Arc<KeyColumns>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    /// P: the last log position dispatched to change channels.
+    change_pos: Position,
+    /// Q: the last position the processed tail decided.
+    processed_pos: Position,
+    channels: HashMap<Box<str>, Vec<Arc<Client>>>,
+    /// Subscriptions per entity: the change tail reads only these entities.
+    entities: HashMap<Box<str>, usize>,
+    /// Bumped when an entity gains its first subscriber: a page read with an older entity
+    /// list must be read again.
+    generation: u64,
+    processed: Vec<Arc<Client>>,
+    /// What each client is registered on.
+    clients: HashMap<u64, Vec<Channel>>,
+}
+
+/// A client's bounded queue of shared messages.
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) id: u64,
+    cap: usize,
+    queue: Mutex<Queue>,
+    pub(crate) notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Arc<Msg>>,
+    dropped: bool,
+}
+
+/// What [`Client::take`] found.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    Items(VecDeque<Arc<Msg>>),
+    Empty,
+    Dropped,
+}
+
+impl Client {
+    /// Queues `msgs` together; a queue that would exceed its bound is emptied and marked
+    /// dropped. Returns how many were queued.
+    fn push(&self, msgs: &[Arc<Msg>]) -> usize {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.dropped {
+            return 0;
+        }
+        if q.items.len() + msgs.len() > self.cap {
+            q.dropped = true;
+            q.items = VecDeque::new();
+            drop(q);
+            metrics::counter!("weir_channel_dropped_total", "reason" => "slow_client").increment(1);
+            self.notify.notify_one();
+            return 0;
+        }
+        let was_empty = q.items.is_empty();
+        q.items.extend(msgs.iter().cloned());
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        msgs.len()
+    }
+
+    /// Takes everything queued.
+    pub(crate) fn take(&self) -> Taken {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.dropped {
+            Taken::Dropped
+        } else if q.items.is_empty() {
+            Taken::Empty
+        } else {
+            // Taking the deque leaves an unallocated one: an idle client holds no buffer.
+            Taken::Items(std::mem::take(&mut q.items))
+        }
+    }
+}
+
+impl Hub {
+    /// Starts the tails: changes at the log's head, processed notifications at the lowest
+    /// consumer watermark (or the head). Both stop when `cancel` fires, and so does every
+    /// stream.
+    pub async fn start(
+        pool: PgPool,
+        config: &Config,
+        wake: Wake,
+        cancel: CancellationToken,
+    ) -> Result<Hub, ApiError> {
+        let reader = LogReader::new(pool.clone()).await?;
+        let head = reader.head().await?;
+        let processed_start = match watermarks(&pool).await? {
+            Some(w) => w.head.min(w.consumers.iter().map(|c| c.1).min().unwrap_or(w.head)),
+            None => head,
+        };
+        let shared = Arc::new(Shared {
+            pool,
+            reader,
+            routing: Routing::new(config),
+            client_buffer: config.http.client_buffer.max(1),
+            dispatch_chunk: (config.http.client_buffer / 4).clamp(1, PAGE as usize),
+            cancel: cancel.clone(),
+            registry: Mutex::new(Registry {
+                change_pos: head,
+                processed_pos: processed_start,
+                ..Registry::default()
+            }),
+            change_pos: AtomicI64::new(head),
+            processed_pos: AtomicI64::new(processed_start),
+            key_columns: RwLock::new(Arc::new(KeyColumns::new())),
+            next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(change_tail(shared.clone(), wake));
+        tokio::spawn(processed_tail(shared.clone()));
+        Ok(Hub { shared })
+    }
+
+    /// How many clients are registered.
+    pub fn clients(&self) -> usize {
+        self.shared.lock().clients.len()
+    }
+
+    /// The last log position dispatched to the change channels.
+    pub fn position(&self) -> Position {
+        self.shared.change_pos.load(Ordering::Acquire)
+    }
+
+    /// The last position the processed channel has decided.
+    pub fn processed_position(&self) -> Position {
+        self.shared.processed_pos.load(Ordering::Acquire)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn change_pos(&self) -> Position {
+        self.change_pos.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn processed_pos(&self) -> Position {
+        self.processed_pos.load(Ordering::Acquire)
+    }
+
+    /// A new, unregistered client.
+    pub(crate) fn client(&self) -> Arc<Client> {
+        Arc::new(Client {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            cap: self.client_buffer,
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+        })
+    }
+
+    /// Registers `client` on `channels` (adding to what it has); returns (P, Q) at that instant.
+    pub(crate) fn register(
+        &self,
+        client: &Arc<Client>,
+        channels: &[Channel],
+    ) -> (Position, Position) {
+        let mut r = self.lock();
+        let r = &mut *r;
+        let mine = r.clients.entry(client.id).or_default();
+        for c in channels {
+            if mine.contains(c) {
+                continue;
+            }
+            mine.push(c.clone());
+            match c {
+                Channel::Processed => r.processed.push(client.clone()),
+                Channel::Change { name, entity } => {
+                    r.channels.entry(name.clone()).or_default().push(client.clone());
+                    let n = r.entities.entry(entity.clone()).or_insert(0);
+                    if *n == 0 {
+                        r.generation += 1;
+                    }
+                    *n += 1;
+                }
+            }
+        }
+        (r.change_pos, r.processed_pos)
+    }
+
+    /// Removes `client` everywhere.
+    pub(crate) fn unregister(&self, client: u64) {
+        let mut r = self.lock();
+        let r = &mut *r;
+        let Some(channels) = r.clients.remove(&client) else { return };
+        for c in channels {
+            match c {
+                Channel::Processed => r.processed.retain(|x| x.id != client),
+                Channel::Change { name, entity } => {
+                    if let Some(list) = r.channels.get_mut(&name) {
+                        list.retain(|x| x.id != client);
+                        if list.is_empty() {
+                            r.channels.remove(&name);
+                        }
+                    }
+                    if let Some(n) = r.entities.get_mut(&entity) {
+                        *n -= 1;
+                        if *n == 0 {
+                            r.entities.remove(&entity);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The key-column orders, loading them when `events` hold a composite key of an entity
+    /// not known yet (or whose key changed).
+    pub(crate) async fn key_columns(&self, events: &[Event]) -> Arc<KeyColumns> {
+        let current = self.key_columns.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let stale = events.iter().any(|e| match e.key.as_object() {
+            Some(k) if k.len() > 1 => match current.get(&e.entity) {
+                Some(cols) => cols.len() != k.len() || cols.iter().any(|c| !k.contains_key(c)),
+                None => true,
+            },
+            _ => false,
+        });
+        if !stale {
+            return current;
+        }
+        let rows: Result<Vec<(String, String, Vec<String>)>, sqlx::Error> = sqlx::query_as(
+            "select distinct on (schema_name, table_name) schema_name, table_name, key_columns
+             from weir.relations order by schema_name, table_name, id desc",
+        )
+        .fetch_all(&self.pool)
+        .await;
+        match rows {
+            Ok(rows) => {
+                let map: KeyColumns = rows
+                    .into_iter()
+                    .map(|(s, t, k)| (Event::entity_name(&s, &t), Arc::from(k)))
+                    .collect();
+                let map = Arc::new(map);
+                *self.key_columns.write().unwrap_or_else(|e| e.into_inner()) = map.clone();
+                map
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "channels: key columns not loaded");
+                current
+            }
+        }
+    }
+
+    /// Reads and dispatches everything after P; returns when caught up.
+    async fn catch_up(&self) -> Result<(), weir_log::Error> {
+        loop {
+            let (entities, generation, from) = {
+                let r = self.lock();
+                let entities: Vec<String> = r.entities.keys().map(|e| e.to_string()).collect();
+                (entities, r.generation, r.change_pos)
+            };
+            let head = self.reader.head().await?;
+            if entities.is_empty() {
+                // Nobody listens: move P without reading anything.
+                let mut r = self.lock();
+                if r.generation != generation {
+                    continue;
+                }
+                if head > r.change_pos {
+                    r.change_pos = head;
+                    self.change_pos.store(head, Ordering::Release);
+                }
+                return Ok(());
+            }
+            let filter = EventFilter { entities, kinds: vec![] };
+            let page = self.reader.read(from, PAGE, &filter).await?;
+            let keys = self.key_columns(&page).await;
+            let full = page.len() as i64 == PAGE;
+            let mut at = from;
+            let mut queued = 0;
+            let mut stale = false;
+            // In parts of a quarter of a client's queue, yielding between them, so a client that
+            // keeps up is never dropped by one burst.
+            for (i, part) in page.chunks(self.dispatch_chunk).enumerate() {
+                if i > 0 {
+                    tokio::task::yield_now().await;
+                }
+                let mut r = self.lock();
+                if r.generation != generation || r.change_pos != at {
+                    stale = true;
+                    break;
+                }
+                queued += self.dispatch(&mut r, part, &keys);
+                at = part.last().map_or(at, |e| e.position);
+                r.change_pos = at;
+                self.change_pos.store(at, Ordering::Release);
+            }
+            if queued > 0 {
+                metrics::counter!("weir_channel_messages_total").increment(queued as u64);
+            }
+            if stale {
+                continue;
+            }
+            if full {
+                continue;
+            }
+            // A short page is the whole visible log: positions commit in order, so every
+            // event up to the head read before it is in it.
+            let mut r = self.lock();
+            if r.generation == generation && r.change_pos == at && head > at {
+                r.change_pos = head;
+                self.change_pos.store(head, Ordering::Release);
+            }
+            return Ok(());
+        }
+    }
+
+    /// Queues each event to the clients of its channels; one serialization per event (and a
+    /// small envelope per channel). Returns how many messages were queued.
+    fn dispatch(&self, r: &mut Registry, events: &[Event], keys: &KeyColumns) -> usize {
+        let mut queued = 0;
+        for event in events {
+            if !r.entities.contains_key(event.entity.as_str()) {
+                continue;
+            }
+            let channels = self.routing.channels_of(event, keys.get(&event.entity).map(|k| &k[..]));
+            let targets: Vec<(&str, &Vec<Arc<Client>>)> = channels
+                .iter()
+                .filter_map(|c| r.channels.get(c.as_str()).map(|subs| (c.as_str(), subs)))
+                .collect();
+            if targets.is_empty() {
+                continue;
+            }
+            let json = event_json(event);
+            if let [(name, subs)] = targets[..] {
+                let msg = [Msg::change(name, event.position, &json)];
+                for client in subs {
+                    queued += client.push(&msg);
+                }
+                continue;
+            }
+            // Several channels: a client on more than one gets its messages queued together.
+            let mut per_client: Vec<(&Arc<Client>, Vec<Arc<Msg>>)> = Vec::new();
+            let mut index: HashMap<u64, usize> = HashMap::new();
+            for (name, subs) in targets {
+                let msg = Msg::change(name, event.position, &json);
+                for client in subs {
+                    let i = *index.entry(client.id).or_insert_with(|| {
+                        per_client.push((client, Vec::with_capacity(2)));
+                        per_client.len() - 1
+                    });
+                    per_client[i].1.push(msg.clone());
+                }
+            }
+            for (client, msgs) in per_client {
+                queued += client.push(&msgs);
+            }
+        }
+        queued
+    }
+
+    /// One look at the checkpoints: moves Q over every event handled by all the consumers
+    /// listening to its entity, notifying `processed` subscribers (parked events excepted).
+    async fn processed_step(&self, memo: &mut Memo) -> Result<(), sqlx::Error> {
+        let Some(w) = watermarks(&self.pool).await? else {
+            // No consumer tables yet: nothing listens, every logged event is processed.
+            let head = self.reader.head().await.map_err(log_to_sqlx)?;
+            let mut r = self.lock();
+            if r.processed.is_empty() && head > r.processed_pos {
+                r.processed_pos = head;
+                self.processed_pos.store(head, Ordering::Release);
+            }
+            return Ok(());
+        };
+        let mut q = self.processed_pos();
+        if w.head <= q {
+            return Ok(());
+        }
+        let subscribed = !self.lock().processed.is_empty();
+        if !subscribed {
+            // Nobody to notify: jump to the lowest watermark (everything up to it is handled);
+            // a subscriber arriving later gets the precise walk from there.
+            let target = w.head.min(w.consumers.iter().map(|c| c.1).min().unwrap_or(w.head));
+            let mut r = self.lock();
+            if r.processed.is_empty() {
+                if target > r.processed_pos {
+                    r.processed_pos = target;
+                    self.processed_pos.store(target, Ordering::Release);
+                }
+                return Ok(());
+            }
+        }
+        if memo.blocked && memo.consumers == w.consumers && memo.at == q {
+            return Ok(());
+        }
+        loop {
+            let rows = processed_rows(&self.pool, q, w.head, PAGE).await?;
+            let n = rows.len() as i64;
+            let mut decided = q;
+            let mut out = Vec::new();
+            let mut blocked = false;
+            for row in rows {
+                let waits = w.consumers.iter().any(|(entities, mark)| {
+                    *mark < row.event.position
+                        && (entities.is_empty() || entities.contains(&row.event.entity))
+                });
+                if waits {
+                    blocked = true;
+                    break;
+                }
+                decided = row.event.position;
+                if !row.parked {
+                    out.push(row.event);
+                }
+            }
+            let mut queued = 0;
+            let mut at = q;
+            for (i, part) in out.chunks(self.dispatch_chunk).enumerate() {
+                if i > 0 {
+                    tokio::task::yield_now().await;
+                }
+                let mut r = self.lock();
+                if r.processed_pos != at {
+                    return Ok(());
+                }
+                for n in part {
+                    let msg = [Msg::processed(n)];
+                    for client in &r.processed {
+                        queued += client.push(&msg);
+                    }
+                }
+                at = part.last().map_or(at, |n| n.position);
+                r.processed_pos = at;
+                self.processed_pos.store(at, Ordering::Release);
+            }
+            {
+                let mut r = self.lock();
+                if r.processed_pos != at {
+                    return Ok(());
+                }
+                r.processed_pos = decided;
+                self.processed_pos.store(decided, Ordering::Release);
+            }
+            if queued > 0 {
+                metrics::counter!("weir_channel_messages_total").increment(queued as u64);
+            }
+            q = decided;
+            if blocked || n < PAGE {
+                *memo = Memo { blocked, consumers: w.consumers, at: q };
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn log_to_sqlx(e: weir_log::Error) -> sqlx::Error {
+    match e {
+        weir_log::Error::Database(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+/// What the processed tail saw last time, to skip re-reading while a consumer is stuck.
+#[derive(Debug, Default)]
+struct Memo {
+    blocked: bool,
+    consumers: Vec<(Vec<String>, Position)>,
+    at: Position,
+}
+
+/// The log head and each consumer's (entities, watermark); `None` when the consumer tables do
+/// not exist.
+struct Watermarks {
+    head: Position,
+    consumers: Vec<(Vec<String>, Position)>,
+}
+
+async fn watermarks(pool: &PgPool) -> Result<Option<Watermarks>, sqlx::Error> {
+    type Row = (Option<i64>, Option<Vec<String>>, Option<i64>);
+    let rows: Vec<Row> = match sqlx::query_as(
+        "select h.head, x.entities, x.w
+         from (select coalesce(max(position), 0) as head from weir.source_state) h
+         left join (select k.entities, min(c.position) as w
+                    from weir.consumers k join weir.checkpoints c on c.consumer = k.name
+                    group by k.name, k.entities) x on true",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let head = rows.first().and_then(|r| r.0).unwrap_or(0);
+    let mut consumers: Vec<(Vec<String>, Position)> = rows
+        .into_iter()
+        .filter_map(|(_, entities, w)| Some((entities.unwrap_or_default(), w?)))
+        .collect();
+    consumers.sort();
+    Ok(Some(Watermarks { head, consumers }))
+}
+
+/// An event as the processed channel reports it, and whether a consumer parked it.
+pub(crate) struct ProcessedRow {
+    pub(crate) event: ProcessedEvent,
+    pub(crate) parked: bool,
+}
+
+/// Events in (after, upto], at most `limit`, with their parked flag.
+pub(crate) async fn processed_rows(
+    pool: &PgPool,
+    after: Position,
+    upto: Position,
+    limit: i64,
+) -> Result<Vec<ProcessedRow>, sqlx::Error> {
+    let rows: Vec<(i64, String, serde_json::Value, String, String, bool)> = sqlx::query_as(
+        "select e.position, e.entity, e.key, e.kind, e.lsn::text,
+                exists (select 1 from weir.parked p join weir.consumers k on k.name = p.consumer
+                        where p.position = e.position)
+         from weir.events e
+         where e.position > $1 and e.position <= $2
+         order by e.position
+         limit $3",
+    )
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(position, entity, key, kind, lsn, parked)| ProcessedRow {
+            event: ProcessedEvent { position, entity, key, kind, lsn },
+            parked,
+        })
+        .collect())
+}
+
+async fn change_tail(shared: Arc<Shared>, mut wake: Wake) {
+    loop {
+        let at = shared.change_pos();
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = wake.wait_past(at, FALLBACK_POLL) => {}
+        }
+        if let Err(e) = shared.catch_up().await {
+            tracing::warn!(error = %e, "channels: reading the log failed; retrying");
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                _ = tokio::time::sleep(FALLBACK_POLL) => {}
+            }
+        }
+    }
+}
+
+async fn processed_tail(shared: Arc<Shared>) {
+    let mut memo = Memo::default();
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(PROCESSED_POLL) => {}
+        }
+        if let Err(e) = shared.processed_step(&mut memo).await {
+            tracing::warn!(error = %e, "channels: reading the checkpoints failed; retrying");
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                _ = tokio::time::sleep(FALLBACK_POLL) => {}
+            }
+        }
+    }
+}
