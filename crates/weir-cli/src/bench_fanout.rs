@@ -378,7 +378,7 @@ impl WeirProcess {
         let child = self
             .command(&["run"])
             .env("WEIR_HTTP_BIND", format!("127.0.0.1:{port}"))
-            .env("WEIR_LOG", "warn,pg_walstream=error,sqlx=error")
+            .env("WEIR_LOG", "info,pg_walstream=warn,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
