@@ -1324,6 +1324,8 @@ struct Cpu {
     server: f64,
     postgres: f64,
     clients: f64,
+    /// Every process on the machine (`/proc/stat`), including the three above.
+    machine: f64,
     /// Whether PostgreSQL runs on this machine (its CPU is known).
     local_pg: bool,
 }
@@ -1337,16 +1339,29 @@ impl Cpu {
         };
         format!(
             "weir server {:.0}%, {pg}, this process (clients, writers, listener) {:.0}% — total \
-             {:.0}% of one core",
+             {:.0}% of one core; other processes on the machine {:.0}%",
             self.server,
             self.clients,
-            self.server + self.postgres + self.clients
+            self.ours(),
+            self.others()
         )
+    }
+
+    fn ours(&self) -> f64 {
+        self.server + self.postgres + self.clients
+    }
+
+    /// What processes other than the benchmark's used meanwhile (other builds on a shared
+    /// machine).
+    fn others(&self) -> f64 {
+        (self.machine - self.ours()).max(0.0)
     }
 }
 
 struct CpuSnap {
     at: Instant,
+    /// Busy ticks of all CPUs, from `/proc/stat`.
+    machine: u64,
     server: u64,
     this: u64,
     pg: Option<HashMap<u32, u64>>,
@@ -1361,7 +1376,13 @@ impl CpuSnap {
             m.insert(pm, ticks(pm));
             m
         });
-        Self { at: Instant::now(), server: ticks(server), this: ticks(std::process::id()), pg }
+        Self {
+            at: Instant::now(),
+            machine: machine_busy_ticks().unwrap_or(0),
+            server: ticks(server),
+            this: ticks(std::process::id()),
+            pg,
+        }
     }
 
     fn since(&self, before: &CpuSnap) -> Cpu {
@@ -1378,6 +1399,7 @@ impl CpuSnap {
             server: pct(self.server.saturating_sub(before.server)),
             postgres: pct(postgres),
             clients: pct(self.this.saturating_sub(before.this)),
+            machine: pct(self.machine.saturating_sub(before.machine)),
             local_pg: self.pg.is_some(),
         }
     }
@@ -1400,6 +1422,16 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     // f[0] is field 3 (state): field k is f[k - 3].
     let num = |k: usize| -> Option<u64> { f.get(k - 3)?.parse().ok() };
     Some(ProcStat { comm, ppid: num(4)? as u32, ticks: num(14)? + num(15)? })
+}
+
+/// Busy clock ticks of all CPUs together: the `cpu` line of `/proc/stat` less idle and iowait.
+fn machine_busy_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = f.iter().take(8).sum();
+    Some(total - f.get(3)? - f.get(4).copied().unwrap_or(0))
 }
 
 fn clock_ticks() -> f64 {
@@ -1560,17 +1592,48 @@ fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
         (Some(l), Some(f)) if f.p99 > 0.0 => ratio(l.p99 / f.p99),
         _ => "-".into(),
     });
+    let per_delivery = |pct: f64, r: &PhaseResult| {
+        let us = pct / 100.0 * args.seconds as f64 * 1e6 / r.received.max(1) as f64;
+        format!("{us:.2} µs")
+    };
+    row("cpu per delivery: weir server", &|r| per_delivery(r.cpu.server, r));
+    row("                  clients", &|r| per_delivery(r.cpu.clients, r));
     row("cpu % of one core: weir server", &|r| format!("{:.0}%", r.cpu.server));
     row("                   PostgreSQL", &|r| {
         if r.cpu.local_pg { format!("{:.0}%", r.cpu.postgres) } else { "-".into() }
     });
     row("                   clients (this proc.)", &|r| format!("{:.0}%", r.cpu.clients));
+    row("                   other processes", &|r| format!("{:.0}%", r.cpu.others()));
     println!(
         "  (memory: user-space RSS of `weir run`, kernel socket buffers not included; latency: \
          receipt by a client task in this process − the writer's COMMIT returning, both on this \
-         machine's monotonic clock; the reference is the LISTEN weir_events notification of the \
-         append)"
+         machine's monotonic clock, so a negative minimum means the writer's thread recorded its \
+         commit late, waiting for a CPU too; the reference is the LISTEN weir_events notification \
+         of the append; cpu per delivery: over the measured window, per delivery received)"
     );
+    let capacity = 100.0 * cpus as f64;
+    for r in results {
+        let total = r.cpu.ours();
+        if r.cpu.others() >= 0.1 * capacity {
+            println!(
+                "  note: other processes used {:.0}% CPU during `{}`: the machine was shared \
+                 (figures are pessimistic; rerun on a quiet machine)",
+                r.cpu.others(),
+                r.phase.map_or("", Phase::label)
+            );
+        }
+        if cpus > 0 && total + r.cpu.others() >= 0.9 * capacity {
+            println!(
+                "  note: `{}` saturated the machine: {:.0}% of {capacity:.0}% CPU busy \
+                 (weir server {:.0}%, clients {:.0}%); its latency is bounded by CPU, and the \
+                 clients' share would be another machine's in a real deployment",
+                r.phase.map_or("", Phase::label),
+                total + r.cpu.others(),
+                r.cpu.server,
+                r.cpu.clients
+            );
+        }
+    }
     if results.iter().any(|r| r.achieved_rate < 0.95 * args.rate as f64) {
         println!(
             "  note: the writers fell behind {} changes/s in at least one phase (see `writes` \
