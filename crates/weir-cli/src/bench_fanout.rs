@@ -1045,7 +1045,8 @@ async fn client(spec: ClientSpec) -> Outcome {
                     out.unparsed += 1;
                     return true;
                 };
-                if changes == 0 || (spec.verify_every > 0 && changes % spec.verify_every == 0) {
+                // The first, then every Nth (`is_multiple_of(0)` holds for 0 only).
+                if changes.is_multiple_of(spec.verify_every) {
                     out.verified += 1;
                     if !verify(data, n, &spec.channels) {
                         out.mismatches += 1;
