@@ -4,6 +4,7 @@
 //! `weir` library against the configured database; `dev` and `demo` first start a private
 //! PostgreSQL from the installed server binaries (weir-testkit).
 
+mod bench_fanout;
 mod bench_ingest;
 mod bench_jobs;
 mod bench_operators;
@@ -102,6 +103,8 @@ enum BenchCommand {
     Operators(bench_operators::OperatorsBenchArgs),
     /// The job queue against graphile-worker (npm), measured in one run.
     Jobs(bench_jobs::JobsBenchArgs),
+    /// Realtime channels: SSE clients' latency from commit, memory per idle client.
+    Fanout(bench_fanout::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +203,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Operators(args)) => {
             return bench_operators::run(args).await.map(|_| ExitCode::SUCCESS);
+        }
+        Command::Bench(BenchCommand::Fanout(args)) => {
+            return bench_fanout::run(args).await.map(|_| ExitCode::SUCCESS);
         }
         _ => {}
     }
