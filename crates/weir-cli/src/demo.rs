@@ -2,10 +2,14 @@
 //! can be tried with no setup.
 //!
 //! The demo creates `posts` (integer key) and `comments` (uuid key, `REPLICA IDENTITY FULL`),
-//! runs the ingestion, writes a stream of changes for a few seconds and prints each event as it
-//! lands in the log, with its delay from the commit.
+//! runs the ingestion and the HTTP server, writes a stream of changes for a few seconds and prints
+//! each event as it lands in the log, with its delay from the commit. An SSE client subscribed
+//! to the `posts` channel counts what it receives, and the process-status check answers for the
+//! last write.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -105,6 +109,24 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
 
     let running = weir::Weir::builder(config.clone()).pool(pool.clone()).start().await?;
     let cancel: CancellationToken = running.cancel_token();
+    let server = weir_server::Server::start(
+        pool.clone(),
+        config.clone(),
+        running.wake(),
+        true,
+        cancel.clone(),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let serve_cancel = cancel.clone();
+    tokio::spawn(async move { server.serve(listener, serve_cancel).await });
+    let sse_received = Arc::new(AtomicU64::new(0));
+    let sse = tokio::spawn(sse_client(
+        format!("{base}/v1/channels/sse?channel=posts"),
+        sse_received.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut ingest = tokio::spawn(running.wait());
     let mut writer = tokio::spawn(write_changes(pool.clone(), Duration::from_secs(seconds)));
 
@@ -169,6 +191,12 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
         "every change up to {lsn} is processed by every operator ({:.1} ms after the last log line)",
         waited.elapsed().as_secs_f64() * 1000.0
     );
+    let check = reqwest::Client::new()
+        .get(format!("{base}/v1/process/check"))
+        .header("X-Weir-Lsn", lsn.to_string())
+        .send()
+        .await?;
+    println!("GET {base}/v1/process/check (X-Weir-Lsn: {lsn}) → {}", check.status());
     let rows: Vec<(i32, String, i32)> = sqlx::query_as(
         "select id, title, comments_count from post_with_comments_counts
          order by comments_count desc, id limit 5",
@@ -191,8 +219,17 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
         "derived table vs. recomputed from scratch: {}",
         if wrong == 0 { "identical".to_string() } else { format!("{wrong} rows differ (a bug)") }
     );
+    let posts_logged: i64 =
+        sqlx::query_scalar("select count(*) from weir.events where entity = 'posts'")
+            .fetch_one(&pool)
+            .await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sse_received.load(Ordering::Relaxed) < posts_logged as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     cancel.cancel();
     ingest.await??;
+    let (received, ordered, mut sse_delays) = sse.await??;
 
     delays.sort_by(f64::total_cmp);
     let pct = |p: f64| delays[((delays.len() - 1) as f64 * p) as usize];
@@ -208,6 +245,16 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
         pct(0.5),
         pct(0.99)
     );
+    sse_delays.sort_by(f64::total_cmp);
+    if !sse_delays.is_empty() {
+        let pct = |p: f64| sse_delays[((sse_delays.len() - 1) as f64 * p) as usize];
+        println!(
+            "an SSE client on channel `posts` received {received} of {posts_logged} post changes{}; commit → SSE client: p50 {:.1} ms, p99 {:.1} ms",
+            if ordered { ", in log order" } else { " OUT OF ORDER (a bug)" },
+            pct(0.5),
+            pct(0.99)
+        );
+    }
     println!(
         "The slot was acknowledged only after each batch committed to the log; stopping the demo removes its database."
     );
@@ -274,4 +321,37 @@ async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<i64> 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(changes)
+}
+
+/// Subscribes to an SSE channel until the server closes the stream; returns the change messages
+/// received, whether their positions rose, and each one's delay from its commit in ms.
+async fn sse_client(url: String, count: Arc<AtomicU64>) -> anyhow::Result<(u64, bool, Vec<f64>)> {
+    let mut response = reqwest::get(&url).await?.error_for_status()?;
+    let (mut buf, mut received, mut last, mut ordered) = (Vec::new(), 0u64, 0i64, true);
+    let mut delays = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let message: Vec<u8> = buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&message);
+            if !text.lines().any(|l| l == "event: change") {
+                continue;
+            }
+            let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let value: serde_json::Value = serde_json::from_str(data)?;
+            let position = value["position"].as_i64().unwrap_or(0);
+            ordered &= position > last;
+            last = position;
+            received += 1;
+            count.store(received, Ordering::Relaxed);
+            if let Some(ts) = value["event"]["commit_ts"].as_str() {
+                let ts = chrono::DateTime::parse_from_rfc3339(ts)?;
+                let delay = chrono::Utc::now().signed_duration_since(ts);
+                delays.push(delay.num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            }
+        }
+    }
+    Ok((received, ordered, delays))
 }
