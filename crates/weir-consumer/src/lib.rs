@@ -80,7 +80,8 @@ pub async fn skip(pool: &sqlx::PgPool, name: &str) -> Result<i64> {
     store::skip_halted(pool, name).await
 }
 
-/// Resumes a halted consumer at the event it halted on.
+/// Resumes a halted consumer at the event it halted on. Returns false, changing nothing, when
+/// it was not halted.
 pub async fn resume(pool: &sqlx::PgPool, name: &str) -> Result<bool> {
     store::resume(pool, name).await
 }

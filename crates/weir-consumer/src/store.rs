@@ -281,19 +281,20 @@ pub(crate) async fn is_halted(pool: &PgPool, consumer: &str) -> Result<bool> {
 }
 
 pub(crate) async fn resume(pool: &PgPool, name: &str) -> Result<bool> {
-    let n = sqlx::query(
-        "update weir.consumers set state = 'running', halted_lane = null, halted_position = null,
-                halted_attempt = null, halted_error = null, halted_at = null
-         where name = $1",
+    // One statement: whether it exists, and whether it was halted before this update.
+    let was_halted: Option<bool> = sqlx::query_scalar(
+        "with old as (select name, state = 'halted' as halted from weir.consumers
+                      where name = $1 for update),
+              upd as (update weir.consumers c set state = 'running', halted_lane = null,
+                          halted_position = null, halted_attempt = null, halted_error = null,
+                          halted_at = null
+                      from old where c.name = old.name and old.halted returning c.name)
+         select halted from old",
     )
     .bind(name)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if n == 0 {
-        return Err(crate::Error::UnknownConsumer(name.to_string()));
-    }
-    Ok(true)
+    .fetch_optional(pool)
+    .await?;
+    was_halted.ok_or_else(|| crate::Error::UnknownConsumer(name.to_string()))
 }
 
 #[allow(clippy::too_many_arguments)]

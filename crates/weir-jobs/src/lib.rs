@@ -153,12 +153,19 @@ impl Error {
     pub(crate) fn from_db(e: sqlx::Error) -> Self {
         let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
         match code.as_deref() {
-            Some("22023") | Some("23514") => Self::InvalidJob(
+            // 22023 is raised by `weir.enqueue` with a message written for people.
+            Some("22023") => Self::InvalidJob(
                 e.as_database_error().map(|d| d.message().to_string()).unwrap_or_default(),
             ),
-            Some("23505") => Self::Conflict(
-                e.as_database_error().map(|d| d.message().to_string()).unwrap_or_default(),
-            ),
+            // The others carry the database's own wording: say it in ours, log theirs.
+            Some("23514") => {
+                tracing::debug!(error = %e, "job refused by a check constraint");
+                Self::InvalidJob("a job field is out of range (see docs/jobs.md for limits)".into())
+            }
+            Some("23505") => {
+                tracing::debug!(error = %e, "job refused by a unique key");
+                Self::Conflict("another unfinished job holds the same unique key".into())
+            }
             _ => Self::Database(e),
         }
     }

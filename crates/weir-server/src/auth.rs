@@ -24,7 +24,7 @@ use crate::AppState;
 use crate::error::ApiError;
 
 /// Paths anyone may read.
-const OPEN: &[&str] = &["/v1/health", "/v1/ready", "/v1/openapi.json"];
+pub(crate) const OPEN: &[&str] = &["/v1/health", "/v1/ready", "/v1/openapi.json"];
 
 /// The middleware.
 pub(crate) async fn require_token(
@@ -76,8 +76,6 @@ fn bearer(req: &Request) -> Option<String> {
 }
 
 fn query_token(req: &Request) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == "access_token").then(|| v.to_string())
-    })
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find_map(|(k, v)| (k == "access_token").then(|| v.into_owned()))
 }

@@ -133,18 +133,44 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// An absent body (no `Content-Type`, nothing sent) is `None`; anything else must be JSON.
+/// An empty body (whatever its headers say, chunked or not) is `None`; any other body must be
+/// JSON with `Content-Type: application/json`. Decided on the bytes received, never on headers
+/// alone: a chunked body must not be taken for "no body" (for a discard, that would mean "all").
 impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        let headers = req.headers();
-        let empty = headers.get(axum::http::header::CONTENT_TYPE).is_none()
-            && headers.get(axum::http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0");
-        if empty {
+        let json_type =
+            req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(
+                |v| {
+                    let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                    mime == "application/json" || mime.ends_with("+json")
+                },
+            );
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                payload_too_large()
+            } else {
+                ApiError::bad_request(r.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
-        <Self as FromRequest<S>>::from_request(req, state).await.map(Some)
+        if json_type != Some(true) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ));
+        }
+        serde_json::from_slice(&bytes).map(|v| Some(ApiJson(v))).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not the expected JSON: {e}"),
+            )
+        })
     }
 }
 

@@ -98,6 +98,14 @@ async fn enqueue(
         job = job.priority(p);
     }
     if let Some(at) = new.scheduled_at {
+        // PostgreSQL's timestamptz ends before chrono's range does.
+        if !(-4713..=294_276).contains(&chrono::Datelike::year(&at)) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_job",
+                format!("scheduled_at {at} is outside the range PostgreSQL can store"),
+            ));
+        }
         job = job.scheduled_at(at);
     }
     if let Some(n) = new.max_attempts {

@@ -17,8 +17,8 @@
 //! answers. Errors are JSON `{error, message}` ([`error`]); state-changing endpoints need the
 //! bearer token ([`auth`]).
 //!
-//! Embedding: [`Server::builder`] gives an axum [`Router`] to merge into an application's own;
-//! `weir run` uses [`Server::serve`].
+//! Embedding: [`Server::start`] then [`Server::router`] gives an axum [`Router`] to merge into
+//! an application's own; `weir run` uses [`Server::serve`].
 
 mod api;
 mod auth;

@@ -56,14 +56,72 @@ impl Modify for BearerScheme {
     }
 }
 
+/// The answers every route can give besides its own, added to each operation from the same
+/// rules the layers apply: 500 and 503 (timeout) anywhere; 401 wherever a token can be asked
+/// for (writes always, reads under `protect_reads`); 403 on writes (no token configured);
+/// 400, 413 and 415 where a body is read.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::Operation;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                )
+                .build()
+        };
+        let add = |op: &mut Operation, status: &str, description: &str| {
+            op.responses
+                .responses
+                .entry(status.to_string())
+                .or_insert_with(|| error(description).into());
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let open = auth::OPEN.contains(&path.as_str());
+            let ops = [
+                (false, item.get.as_mut()),
+                (false, item.head.as_mut()),
+                (true, item.post.as_mut()),
+                (true, item.put.as_mut()),
+                (true, item.patch.as_mut()),
+                (true, item.delete.as_mut()),
+            ];
+            for (writes, op) in ops {
+                let Some(op) = op else { continue };
+                add(op, "500", "Internal error (details in the server log)");
+                add(op, "503", "No answer within http.request_timeout");
+                if !open {
+                    add(op, "401", "Token missing or wrong (reads: only under http.protect_reads)");
+                }
+                if writes {
+                    add(op, "403", "No token is configured: state-changing endpoints are off");
+                }
+                if op.request_body.is_some() {
+                    add(op, "400", "Malformed body");
+                    add(op, "413", "Body larger than http.max_body_bytes");
+                    add(op, "415", "Body without Content-Type: application/json");
+                }
+            }
+        }
+    }
+}
+
 fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api::routes())
         .merge(jobs::routes())
         .merge(channels::routes())
         .routes(routes!(metrics::render))
         .routes(routes!(openapi_json))
-        .split_for_parts()
+        .split_for_parts();
+    // After the routes are in: a modifier in `#[openapi]` would run on an empty document.
+    CommonResponses.modify(&mut doc);
+    (router, doc)
 }
 
 /// The document, built once.

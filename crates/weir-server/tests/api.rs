@@ -317,6 +317,10 @@ async fn consumers_halt_resume_and_skip_over_http() {
         assert!(Instant::now() < deadline, "the event after the skipped one was not handled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Resume when not halted: nothing to do, and it says so.
+    let (status, body) = h.call(Method::POST, "/v1/consumers/gate/resume", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["resumed"], false, "{body}");
     // Skip when not halted: 409, nothing changed.
     let (status, body) = h.call(Method::POST, "/v1/consumers/gate/skip", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
@@ -518,6 +522,40 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
     let r = h.router.clone().oneshot(req).await.unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
+    // A chunked body is a body: without a JSON content type it is refused (never read as "no
+    // body", which for a discard would mean "all").
+    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(bytes_of(r#"{"position": 1}"#))]);
+    let req = Request::post("/v1/consumers/gate/parked/discard")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let r = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(bytes_of(r#"{"position": "#))]);
+    let req = Request::post("/v1/consumers/gate/parked/discard")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let r = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/jobs",
+            Some(TOKEN),
+            Some(r#"{"kind": "a", "scheduled_at": "-200000-01-01T00:00:00Z"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // An invented method is counted as `other`, not as a label of its own.
+    let req = Request::builder().method("X0").uri("/nope").body(Body::empty()).unwrap();
+    let r = h.router.clone().oneshot(req).await.unwrap();
+    assert!(r.status().is_client_error());
+    let (_, text) = h.get("/metrics").await;
+    let text = text.as_str().unwrap();
+    assert!(!text.contains("method=\"X0\"") && text.contains("method=\"other\""), "{text}");
+
     let jobs_after: i64 =
         sqlx::query_scalar("select count(*) from weir.jobs").fetch_one(&h.pool).await.unwrap();
     assert_eq!(jobs_before, jobs_after, "a refused request changed nothing");
@@ -544,7 +582,8 @@ async fn tokens_guard_writes_and_optionally_reads() {
     let pool = PgPool::connect(&db.url()).await.unwrap();
     let mut config = Config::default();
     config.database.url = Some(Secret::new(db.url()));
-    config.http.token = Some(Secret::new(TOKEN));
+    const ODD: &str = "abc+def/ghi=0123456789";
+    config.http.token = Some(Secret::new(ODD));
     config.http.protect_reads = true;
     weir_log::migrate(&pool).await.unwrap();
     let cancel = CancellationToken::new();
@@ -562,7 +601,15 @@ async fn tokens_guard_writes_and_optionally_reads() {
         }
     };
     assert_eq!(status("/v1/consumers", None).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(status("/v1/consumers", Some(TOKEN)).await, StatusCode::OK);
+    assert_eq!(status("/v1/consumers", Some(TOKEN)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/v1/consumers", Some(ODD)).await, StatusCode::OK);
+    let sse = "/v1/channels/sse?channel=posts&access_token=abc%2Bdef%2Fghi%3D0123456789";
+    assert_eq!(status(sse, None).await, StatusCode::OK, "a percent-encoded token works");
+    assert_eq!(
+        status("/v1/channels/sse?channel=posts&access_token=abc+def/ghi=0123456789", None).await,
+        StatusCode::UNAUTHORIZED,
+        "`+` in a query means a space"
+    );
     assert_eq!(status("/metrics", None).await, StatusCode::UNAUTHORIZED);
     assert_eq!(status("/v1/health", None).await, StatusCode::OK);
     assert_eq!(status("/v1/ready", None).await, StatusCode::OK);
