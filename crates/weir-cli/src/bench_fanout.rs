@@ -595,6 +595,21 @@ async fn run_phase(ctx: &Ctx<'_>, phase: Phase, seq: &mut i64) -> anyhow::Result
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .build()?;
+    // The previous phase's `weir run` must have let go of the slot, or the new one would wait
+    // as a standby.
+    let t = Instant::now();
+    loop {
+        let active: bool = sqlx::query_scalar(
+            "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&ctx.weir.slot)
+        .fetch_one(ctx.pool)
+        .await?;
+        if !active || t.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let server = ctx.weir.start(&http).await?;
 
     // Warm-up with no client: the SSE path once (an endpoint that is not there stops here),
