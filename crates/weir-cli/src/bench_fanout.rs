@@ -1625,7 +1625,9 @@ fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
          receipt by a client task in this process − the writer's COMMIT returning, both on this \
          machine's monotonic clock, so a negative minimum means the writer's thread recorded its \
          commit late, waiting for a CPU too; the reference is the LISTEN weir_events notification \
-         of the append; cpu per delivery: over the measured window, per delivery received)"
+         of the append; cpu per delivery: over the measured window, per delivery received; \
+         the weir server process also runs ingestion, WAL → log, a fixed cost per change that \
+         dominates when few clients get each change)"
     );
     let capacity = 100.0 * cpus as f64;
     for r in results {
