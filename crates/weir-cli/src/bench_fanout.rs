@@ -595,6 +595,21 @@ async fn run_phase(ctx: &Ctx<'_>, phase: Phase, seq: &mut i64) -> anyhow::Result
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .build()?;
+    // The previous phase's `weir run` must have let go of the slot, or the new one would wait
+    // as a standby.
+    let t = Instant::now();
+    loop {
+        let active: bool = sqlx::query_scalar(
+            "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&ctx.weir.slot)
+        .fetch_one(ctx.pool)
+        .await?;
+        if !active || t.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let server = ctx.weir.start(&http).await?;
 
     // Warm-up with no client: the SSE path once (an endpoint that is not there stops here),
@@ -1610,7 +1625,9 @@ fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
          receipt by a client task in this process − the writer's COMMIT returning, both on this \
          machine's monotonic clock, so a negative minimum means the writer's thread recorded its \
          commit late, waiting for a CPU too; the reference is the LISTEN weir_events notification \
-         of the append; cpu per delivery: over the measured window, per delivery received)"
+         of the append; cpu per delivery: over the measured window, per delivery received; \
+         the weir server process also runs ingestion, WAL → log, a fixed cost per change that \
+         dominates when few clients get each change)"
     );
     let capacity = 100.0 * cpus as f64;
     for r in results {
