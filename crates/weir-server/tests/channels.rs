@@ -579,6 +579,19 @@ async fn a_parked_event_gets_no_processed_notification() {
         .await
         .unwrap();
     assert_eq!(parked, 1);
+
+    // Discarded later (as `weir parked discard` does; a successful retry also deletes the row):
+    // a replay still agrees with what was sent live.
+    let n = weir_consumer::status::discard_parked(&env.pool, "recorder", Some(p[1])).await.unwrap();
+    assert_eq!(n, 1);
+    let mut again = ws_connect(&env, &format!("channel=processed&after=0:{}", p[0] - 1)).await;
+    let mut replayed = Vec::new();
+    while replayed.len() < 2 {
+        let m = ws_next(&mut again).await.unwrap();
+        assert_eq!(m["type"], "processed");
+        replayed.push(m["position"].as_i64().unwrap());
+    }
+    assert_eq!(replayed, got, "the replay announces what the live tail announced");
     env.stop().await;
 }
 

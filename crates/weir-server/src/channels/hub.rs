@@ -582,6 +582,12 @@ pub(crate) struct ProcessedRow {
 }
 
 /// Events in (after, upto], at most `limit`, with their parked flag.
+///
+/// "Parked" is read from `weir.consumer_failures` (a row with outcome `park`, written in the
+/// transaction that parks the event and moves the checkpoint past it, and never deleted), not
+/// from `weir.parked`, whose row goes away when the event is retried successfully or
+/// discarded: the live tail and a later replay must agree on whether an event is announced,
+/// whatever happened to it in between.
 pub(crate) async fn processed_rows(
     pool: &PgPool,
     after: Position,
@@ -589,8 +595,8 @@ pub(crate) async fn processed_rows(
     limit: i64,
 ) -> Result<Vec<ProcessedRow>, sqlx::Error> {
     const WITH_PARKED: &str = "select e.position, e.entity, e.key, e.kind, e.lsn::text,
-                exists (select 1 from weir.parked p join weir.consumers k on k.name = p.consumer
-                        where p.position = e.position)
+                exists (select 1 from weir.consumer_failures f
+                        where f.position = e.position and f.outcome = 'park')
          from weir.events e
          where e.position > $1 and e.position <= $2
          order by e.position
