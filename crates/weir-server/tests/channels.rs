@@ -68,7 +68,8 @@ impl Env {
             "create table posts (id int primary key, title text, body text);
              create table comments (id int primary key, post_id int, body text);
              alter table comments replica identity full;
-             create table tags (a int, b int, label text, primary key (a, b));",
+             create table tags (a int, b int, label text, primary key (a, b));
+             create table labels (id text primary key, body text);",
         )
         .execute(&pool)
         .await
@@ -592,6 +593,33 @@ async fn a_parked_event_gets_no_processed_notification() {
         replayed.push(m["position"].as_i64().unwrap());
     }
     assert_eq!(replayed, got, "the replay announces what the live tail announced");
+    env.stop().await;
+}
+
+/// `labels/5/comments` is the scope channel of `comments` under `labels`: a `labels` row whose
+/// key is `5/comments` must not be delivered there, live or replayed.
+#[tokio::test]
+async fn a_key_with_a_slash_reaches_no_channel_of_another_shape() {
+    let env = Env::new(4096).await;
+    let query = "channel=labels&channel=labels/5/comments";
+    let mut sse = Sse::connect(&env, query, None).await;
+    env.exec("insert into labels values ('5/comments', 'slash')").await;
+    env.exec("insert into labels values ('plain', 'x')").await;
+    let p = env.positions("labels", 2).await;
+    let expected = vec![(p[0], "labels".to_string()), (p[1], "labels".to_string())];
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = sse.message().await;
+        got.push((position(&m), channel(&m).to_string()));
+    }
+    assert_eq!(got, expected, "live");
+    let mut again = Sse::connect(&env, &format!("{query}&after={}", p[0] - 1), None).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = again.message().await;
+        got.push((position(&m), channel(&m).to_string()));
+    }
+    assert_eq!(got, expected, "replayed");
     env.stop().await;
 }
 

@@ -255,10 +255,21 @@ impl Routing {
     /// Every channel `event` is published on, without duplicates: `<entity>`, `<entity>/<id>`,
     /// then each scope (the new value's, then the old value's when an update moved the row).
     /// `key_columns` orders a composite key.
+    ///
+    /// A name is only produced when it parses back to a channel of the event's entity: an
+    /// entity, key or scope value containing `/` would make a name of another shape (a `posts`
+    /// key `5/comments` would give `posts/5/comments`, a scope channel of `comments`), so that
+    /// channel is left out. Live dispatch and replay both route through here.
     pub(crate) fn channels_of(&self, event: &Event, key_columns: Option<&[String]>) -> Vec<String> {
         let mut out = Vec::with_capacity(4);
+        if event.entity.contains('/') {
+            // `a/b` would be the row channel `b` of entity `a`: no channel carries it.
+            return out;
+        }
         out.push(event.entity.clone());
-        if let Some(id) = key_text(&event.key, key_columns) {
+        if let Some(id) = key_text(&event.key, key_columns)
+            && !id.contains('/')
+        {
             out.push(format!("{}/{}", event.entity, id));
         }
         if let Some(scopes) = self.scopes.get(&event.entity) {
@@ -277,8 +288,11 @@ impl Routing {
                     Kind::Update => [new.or(old), old],
                     _ => [new, None],
                 };
+                if parent.contains('/') {
+                    continue;
+                }
                 for value in values.into_iter().flatten() {
-                    if let Some(v) = value_text(value) {
+                    if let Some(v) = value_text(value).filter(|v| !v.contains('/')) {
                         let name = format!("{parent}/{v}/{}", event.entity);
                         if !out.contains(&name) {
                             out.push(name);
@@ -383,6 +397,47 @@ mod tests {
         }
         assert_eq!(Cursor { change: 5, processed: Some(2) }.to_string(), "5:2");
         assert_eq!(Cursor { change: 5, processed: None }.to_string(), "5");
+    }
+
+    fn event(entity: &str, key: Value, new_record: Value) -> Event {
+        serde_json::from_value(json!({
+            "position": 7, "lsn": "0/16B3748", "xid": 1, "commit_ts": "2024-01-01T00:00:00Z",
+            "kind": "insert", "entity": entity,
+            "source": {"db": "d", "schema": "public", "table": entity, "columns": {}},
+            "key": key, "new_record": new_record,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_slash_in_a_key_or_scope_value_makes_no_channel_of_another_shape() {
+        let mut config = Config::default();
+        config.channels.insert(
+            "comments".into(),
+            weir_core::ChannelConfig { scopes: [("post_id".into(), "posts".into())].into() },
+        );
+        let routing = Routing::new(&config);
+        let every = |e: &Event| routing.channels_of(e, None);
+        // Every name produced parses back to a channel of the event's entity.
+        let check = |e: &Event, names: &[String]| {
+            for n in names {
+                match Channel::parse(n).unwrap() {
+                    Channel::Change { entity, .. } => assert_eq!(&*entity, e.entity, "{n}"),
+                    Channel::Processed => panic!("{n}"),
+                }
+            }
+        };
+        let post = event("posts", json!({"id": "5/comments"}), json!({"id": "5/comments"}));
+        assert_eq!(every(&post), ["posts"]);
+        let post = event("posts", json!({"id": "5"}), json!({"id": "5"}));
+        assert_eq!(every(&post), ["posts", "posts/5"]);
+        let comment = event("comments", json!({"id": 1}), json!({"id": 1, "post_id": "1/x"}));
+        assert_eq!(every(&comment), ["comments", "comments/1"]);
+        check(&comment, &every(&comment));
+        let comment = event("comments", json!({"id": 1}), json!({"id": 1, "post_id": 3}));
+        assert_eq!(every(&comment), ["comments", "comments/1", "posts/3/comments"]);
+        let odd = event("a/b", json!({"id": 1}), json!({"id": 1}));
+        assert!(every(&odd).is_empty());
     }
 
     #[test]
