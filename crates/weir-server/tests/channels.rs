@@ -2,7 +2,9 @@
 //! (with a small SSE parser) and WebSocket through tokio-tungstenite. Entity, row and scoped
 //! channels, several channels on one connection, resuming with `Last-Event-ID` / `after` while
 //! writes go on, `processed` after an operator handled the change, a slow client dropped while
-//! others are served, bad requests, and shutdown closing the streams.
+//! others are served, bad requests, the per-connection channel cap, live-only `subscribe`
+//! during a replay (not replayed, never leaked in the hub), keys containing `/`, and shutdown
+//! closing the streams.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -593,6 +595,114 @@ async fn a_parked_event_gets_no_processed_notification() {
         replayed.push(m["position"].as_i64().unwrap());
     }
     assert_eq!(replayed, got, "the replay announces what the live tail announced");
+    env.stop().await;
+}
+
+/// A `subscribe` received while the session replays is live only: the added channel's history
+/// is not replayed, its messages start once the session is live, and a connection that ends
+/// before then leaves nothing registered in the hub.
+#[tokio::test]
+async fn ws_subscribe_during_replay_is_live_only_and_leaks_nothing() {
+    let env = Env::new(4096).await;
+    let backlog = 5000;
+    env.exec(&format!("insert into posts select g, 'p', 'b' from generate_series(1, {backlog}) g"))
+        .await;
+    env.exec("insert into comments values (1, 1, 'history')").await;
+    env.positions("comments", 1).await;
+    let hub = env.server.state().hub().clone();
+    let subscribe = r#"{"type":"subscribe","channels":["comments"]}"#;
+
+    // Subscribes mid-replay, then goes away at once.
+    let mut ws = ws_connect(&env, "channel=posts&after=0").await;
+    ws.send(WsMessage::Text(subscribe.into())).await.unwrap();
+    // Frames are handled in order: once this one's error is back, the subscribe was handled.
+    ws.send(WsMessage::Text(r#"{"type":"nonsense"}"#.into())).await.unwrap();
+    let mut replayed = 0;
+    loop {
+        let m = ws_next(&mut ws).await.unwrap();
+        if m["type"] == "error" {
+            break;
+        }
+        replayed += 1;
+    }
+    assert!(replayed < backlog, "the subscribe arrived after the replay ({replayed} replayed)");
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while hub.clients() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a connection that subscribed during its replay stayed registered after it ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Subscribes mid-replay and stays: the replay carries posts only.
+    let mut ws = ws_connect(&env, "channel=posts&after=0").await;
+    ws.send(WsMessage::Text(subscribe.into())).await.unwrap();
+    let mut posts = 0;
+    while posts < backlog {
+        let m = ws_next(&mut ws).await.unwrap();
+        assert_eq!(m["channel"], "posts", "the added channel's history was replayed: {m}");
+        posts += 1;
+    }
+    // Comments written from now on arrive (once the session is live, which follows the replay
+    // at once; a comment written just before that moment is not for it).
+    let mut next_comment = 100;
+    let live = loop {
+        env.exec(&format!("insert into comments values ({next_comment}, 1, 'live')")).await;
+        next_comment += 1;
+        match tokio::time::timeout(Duration::from_millis(500), ws_next(&mut ws)).await {
+            Ok(m) => break m.unwrap(),
+            Err(_) => assert!(next_comment < 120, "no live comment reached the subscriber"),
+        }
+    };
+    assert_eq!(live["channel"], "comments");
+    assert!(live["event"]["key"]["id"].as_i64().unwrap() >= 100, "{live}");
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while hub.clients() > 0 {
+        assert!(Instant::now() < deadline, "the client stayed registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn channels_per_connection_are_capped() {
+    let env = Env::new(4096).await;
+    let names = |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>().join(",");
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("{}/v1/channels/sse?channel={}", env.base, names(257)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "bad_request");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("at most 256"), "{message}");
+    // The limit itself is fine.
+    drop(Sse::connect(&env, &format!("channel={}", names(256)), None).await);
+
+    // WebSocket: 255 channels, then subscribes that would pass 256 are refused whole.
+    let mut ws = ws_connect(&env, &format!("channel=comments,{}", names(254))).await;
+    let subscribe = |channels: &str| {
+        WsMessage::Text(format!(r#"{{"type":"subscribe","channels":{channels}}}"#).into())
+    };
+    ws.send(subscribe(r#"["posts","extra1"]"#)).await.unwrap();
+    let err = ws_next(&mut ws).await.unwrap();
+    assert_eq!(err["type"], "error");
+    assert!(err["message"].as_str().unwrap().contains("at most 256"), "{err}");
+    ws.send(subscribe(r#"["extra2"]"#)).await.unwrap(); // the 256th: accepted, no reply
+    ws.send(subscribe(r#"["posts"]"#)).await.unwrap();
+    let err = ws_next(&mut ws).await.unwrap();
+    assert_eq!(err["type"], "error", "a 257th channel must be refused");
+    // `posts` was never added: the comment written after the post is the first message.
+    env.exec("insert into posts values (1, 'a', 'x')").await;
+    env.exec("insert into comments values (1, 1, 'c')").await;
+    let m = ws_next(&mut ws).await.unwrap();
+    assert_eq!(m["channel"], "comments", "{m}");
     env.stop().await;
 }
 

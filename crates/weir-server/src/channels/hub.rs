@@ -15,7 +15,7 @@
 //! after P and every notification after Q reaches its queue, nothing at or before them does,
 //! so a resuming client replays (cursor, P] from the log and misses nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -76,7 +76,7 @@ struct Registry {
     generation: u64,
     processed: Vec<Arc<Client>>,
     /// What each client is registered on.
-    clients: HashMap<u64, Vec<Channel>>,
+    clients: HashMap<u64, HashSet<Channel>>,
 }
 
 /// A client's bounded queue of shared messages.
@@ -229,19 +229,18 @@ impl Shared {
     }
 
     /// Registers `client` on `channels` (adding to what it has); returns (P, Q) at that instant.
-    pub(crate) fn register(
+    pub(crate) fn register<'a>(
         &self,
         client: &Arc<Client>,
-        channels: &[Channel],
+        channels: impl IntoIterator<Item = &'a Channel>,
     ) -> (Position, Position) {
         let mut r = self.lock();
         let r = &mut *r;
         let mine = r.clients.entry(client.id).or_default();
         for c in channels {
-            if mine.contains(c) {
+            if !mine.insert(c.clone()) {
                 continue;
             }
-            mine.push(c.clone());
             match c {
                 Channel::Processed => r.processed.push(client.clone()),
                 Channel::Change { name, entity } => {

@@ -3,7 +3,7 @@
 //! A message is serialized once ([`Msg::body`], a JSON object) and shared by every subscriber;
 //! each transport only wraps it with the subscriber's cursor (`id`) when writing it out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -14,6 +14,18 @@ use crate::ApiError;
 
 /// The reserved name of the processed-notification channel.
 pub(crate) const PROCESSED: &str = "processed";
+
+/// Most channels one connection may hold (query string and WebSocket `subscribe`s together).
+pub(crate) const MAX_CHANNELS: usize = 256;
+
+/// The 400 for a connection that would hold `total` channels, more than [`MAX_CHANNELS`].
+pub(crate) fn too_many_channels(total: usize) -> ApiError {
+    ApiError::bad_request(format!(
+        "too many channels: {total} on one connection, at most {MAX_CHANNELS} allowed; \
+         subscribe to the entity channel (`posts`) instead of many row channels, or open \
+         another connection"
+    ))
+}
 
 /// A parsed, valid channel name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -62,7 +74,8 @@ impl Channel {
 
 /// Parses the `channel` parameters: each may hold several names separated by `,`. A piece
 /// without `/` right after an `<entity>/<id>` piece continues that id (a composite key,
-/// `orders/7,2`). Duplicates are removed; at least one channel is required.
+/// `orders/7,2`). Duplicates are removed (the first occurrence keeps its place); at least one
+/// channel is required, at most [`MAX_CHANNELS`].
 pub(crate) fn parse_channels<'a>(
     values: impl IntoIterator<Item = &'a str>,
 ) -> Result<Vec<Channel>, ApiError> {
@@ -87,12 +100,16 @@ pub(crate) fn parse_channels<'a>(
              e.g. `channel=posts&channel=posts/42/comments`",
         ));
     }
-    let mut out: Vec<Channel> = Vec::with_capacity(names.len());
+    let mut seen: HashSet<Channel> = HashSet::new();
+    let mut out: Vec<Channel> = Vec::new();
     for name in names {
         let c = Channel::parse(&name)?;
-        if !out.contains(&c) {
+        if seen.insert(c.clone()) {
             out.push(c);
         }
+    }
+    if out.len() > MAX_CHANNELS {
+        return Err(too_many_channels(out.len()));
     }
     Ok(out)
 }
@@ -438,6 +455,15 @@ mod tests {
         assert_eq!(every(&comment), ["comments", "comments/1", "posts/3/comments"]);
         let odd = event("a/b", json!({"id": 1}), json!({"id": 1}));
         assert!(every(&odd).is_empty());
+    }
+
+    #[test]
+    fn channels_per_connection_are_capped() {
+        let names: Vec<String> = (0..MAX_CHANNELS).map(|i| format!("t{i}")).collect();
+        let joined = names.join(",");
+        assert_eq!(parse_channels([joined.as_str(), "t0"]).unwrap().len(), MAX_CHANNELS);
+        let err = parse_channels([joined.as_str(), "one_more"]).unwrap_err().to_string();
+        assert!(err.contains("257") && err.contains("256"), "{err}");
     }
 
     #[test]

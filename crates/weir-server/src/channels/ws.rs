@@ -196,11 +196,10 @@ fn client_message(session: &mut Session, text: &str) -> Option<String> {
             msg.kind
         ));
     }
-    match parse_channels(msg.channels.iter().map(String::as_str)) {
-        Ok(channels) => {
-            session.add_live(channels);
-            None
-        }
+    match parse_channels(msg.channels.iter().map(String::as_str))
+        .and_then(|channels| session.add_live(channels))
+    {
+        Ok(()) => None,
         Err(e) => error(e.to_string()),
     }
 }
