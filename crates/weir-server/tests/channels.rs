@@ -2,7 +2,9 @@
 //! (with a small SSE parser) and WebSocket through tokio-tungstenite. Entity, row and scoped
 //! channels, several channels on one connection, resuming with `Last-Event-ID` / `after` while
 //! writes go on, `processed` after an operator handled the change, a slow client dropped while
-//! others are served, bad requests, and shutdown closing the streams.
+//! others are served, bad requests, the per-connection channel cap, live-only `subscribe`
+//! during a replay (not replayed, never leaked in the hub), keys containing `/`, and shutdown
+//! closing the streams.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -68,7 +70,8 @@ impl Env {
             "create table posts (id int primary key, title text, body text);
              create table comments (id int primary key, post_id int, body text);
              alter table comments replica identity full;
-             create table tags (a int, b int, label text, primary key (a, b));",
+             create table tags (a int, b int, label text, primary key (a, b));
+             create table labels (id text primary key, body text);",
         )
         .execute(&pool)
         .await
@@ -579,6 +582,154 @@ async fn a_parked_event_gets_no_processed_notification() {
         .await
         .unwrap();
     assert_eq!(parked, 1);
+
+    // Discarded later (as `weir parked discard` does; a successful retry also deletes the row):
+    // a replay still agrees with what was sent live.
+    let n = weir_consumer::status::discard_parked(&env.pool, "recorder", Some(p[1])).await.unwrap();
+    assert_eq!(n, 1);
+    let mut again = ws_connect(&env, &format!("channel=processed&after=0:{}", p[0] - 1)).await;
+    let mut replayed = Vec::new();
+    while replayed.len() < 2 {
+        let m = ws_next(&mut again).await.unwrap();
+        assert_eq!(m["type"], "processed");
+        replayed.push(m["position"].as_i64().unwrap());
+    }
+    assert_eq!(replayed, got, "the replay announces what the live tail announced");
+    env.stop().await;
+}
+
+/// A `subscribe` received while the session replays is live only: the added channel's history
+/// is not replayed, its messages start once the session is live, and a connection that ends
+/// before then leaves nothing registered in the hub.
+#[tokio::test]
+async fn ws_subscribe_during_replay_is_live_only_and_leaks_nothing() {
+    let env = Env::new(4096).await;
+    let backlog = 5000;
+    env.exec(&format!("insert into posts select g, 'p', 'b' from generate_series(1, {backlog}) g"))
+        .await;
+    env.exec("insert into comments values (1, 1, 'history')").await;
+    env.positions("comments", 1).await;
+    let hub = env.server.state().hub().clone();
+    let subscribe = r#"{"type":"subscribe","channels":["comments"]}"#;
+
+    // Subscribes mid-replay, then goes away at once.
+    let mut ws = ws_connect(&env, "channel=posts&after=0").await;
+    ws.send(WsMessage::Text(subscribe.into())).await.unwrap();
+    // Frames are handled in order: once this one's error is back, the subscribe was handled.
+    ws.send(WsMessage::Text(r#"{"type":"nonsense"}"#.into())).await.unwrap();
+    let mut replayed = 0;
+    loop {
+        let m = ws_next(&mut ws).await.unwrap();
+        if m["type"] == "error" {
+            break;
+        }
+        replayed += 1;
+    }
+    assert!(replayed < backlog, "the subscribe arrived after the replay ({replayed} replayed)");
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while hub.clients() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a connection that subscribed during its replay stayed registered after it ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Subscribes mid-replay and stays: the replay carries posts only.
+    let mut ws = ws_connect(&env, "channel=posts&after=0").await;
+    ws.send(WsMessage::Text(subscribe.into())).await.unwrap();
+    let mut posts = 0;
+    while posts < backlog {
+        let m = ws_next(&mut ws).await.unwrap();
+        assert_eq!(m["channel"], "posts", "the added channel's history was replayed: {m}");
+        posts += 1;
+    }
+    // Comments written from now on arrive (once the session is live, which follows the replay
+    // at once; a comment written just before that moment is not for it).
+    let mut next_comment = 100;
+    let live = loop {
+        env.exec(&format!("insert into comments values ({next_comment}, 1, 'live')")).await;
+        next_comment += 1;
+        match tokio::time::timeout(Duration::from_millis(500), ws_next(&mut ws)).await {
+            Ok(m) => break m.unwrap(),
+            Err(_) => assert!(next_comment < 120, "no live comment reached the subscriber"),
+        }
+    };
+    assert_eq!(live["channel"], "comments");
+    assert!(live["event"]["key"]["id"].as_i64().unwrap() >= 100, "{live}");
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while hub.clients() > 0 {
+        assert!(Instant::now() < deadline, "the client stayed registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn channels_per_connection_are_capped() {
+    let env = Env::new(4096).await;
+    let names = |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>().join(",");
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("{}/v1/channels/sse?channel={}", env.base, names(257)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "bad_request");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("at most 256"), "{message}");
+    // The limit itself is fine.
+    drop(Sse::connect(&env, &format!("channel={}", names(256)), None).await);
+
+    // WebSocket: 255 channels, then subscribes that would pass 256 are refused whole.
+    let mut ws = ws_connect(&env, &format!("channel=comments,{}", names(254))).await;
+    let subscribe = |channels: &str| {
+        WsMessage::Text(format!(r#"{{"type":"subscribe","channels":{channels}}}"#).into())
+    };
+    ws.send(subscribe(r#"["posts","extra1"]"#)).await.unwrap();
+    let err = ws_next(&mut ws).await.unwrap();
+    assert_eq!(err["type"], "error");
+    assert!(err["message"].as_str().unwrap().contains("at most 256"), "{err}");
+    ws.send(subscribe(r#"["extra2"]"#)).await.unwrap(); // the 256th: accepted, no reply
+    ws.send(subscribe(r#"["posts"]"#)).await.unwrap();
+    let err = ws_next(&mut ws).await.unwrap();
+    assert_eq!(err["type"], "error", "a 257th channel must be refused");
+    // `posts` was never added: the comment written after the post is the first message.
+    env.exec("insert into posts values (1, 'a', 'x')").await;
+    env.exec("insert into comments values (1, 1, 'c')").await;
+    let m = ws_next(&mut ws).await.unwrap();
+    assert_eq!(m["channel"], "comments", "{m}");
+    env.stop().await;
+}
+
+/// `labels/5/comments` is the scope channel of `comments` under `labels`: a `labels` row whose
+/// key is `5/comments` must not be delivered there, live or replayed.
+#[tokio::test]
+async fn a_key_with_a_slash_reaches_no_channel_of_another_shape() {
+    let env = Env::new(4096).await;
+    let query = "channel=labels&channel=labels/5/comments";
+    let mut sse = Sse::connect(&env, query, None).await;
+    env.exec("insert into labels values ('5/comments', 'slash')").await;
+    env.exec("insert into labels values ('plain', 'x')").await;
+    let p = env.positions("labels", 2).await;
+    let expected = vec![(p[0], "labels".to_string()), (p[1], "labels".to_string())];
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = sse.message().await;
+        got.push((position(&m), channel(&m).to_string()));
+    }
+    assert_eq!(got, expected, "live");
+    let mut again = Sse::connect(&env, &format!("{query}&after={}", p[0] - 1), None).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = again.message().await;
+        got.push((position(&m), channel(&m).to_string()));
+    }
+    assert_eq!(got, expected, "replayed");
     env.stop().await;
 }
 

@@ -15,7 +15,7 @@
 //! after P and every notification after Q reaches its queue, nothing at or before them does,
 //! so a resuming client replays (cursor, P] from the log and misses nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -76,7 +76,7 @@ struct Registry {
     generation: u64,
     processed: Vec<Arc<Client>>,
     /// What each client is registered on.
-    clients: HashMap<u64, Vec<Channel>>,
+    clients: HashMap<u64, HashSet<Channel>>,
 }
 
 /// A client's bounded queue of shared messages.
@@ -229,19 +229,18 @@ impl Shared {
     }
 
     /// Registers `client` on `channels` (adding to what it has); returns (P, Q) at that instant.
-    pub(crate) fn register(
+    pub(crate) fn register<'a>(
         &self,
         client: &Arc<Client>,
-        channels: &[Channel],
+        channels: impl IntoIterator<Item = &'a Channel>,
     ) -> (Position, Position) {
         let mut r = self.lock();
         let r = &mut *r;
         let mine = r.clients.entry(client.id).or_default();
         for c in channels {
-            if mine.contains(c) {
+            if !mine.insert(c.clone()) {
                 continue;
             }
-            mine.push(c.clone());
             match c {
                 Channel::Processed => r.processed.push(client.clone()),
                 Channel::Change { name, entity } => {
@@ -582,6 +581,12 @@ pub(crate) struct ProcessedRow {
 }
 
 /// Events in (after, upto], at most `limit`, with their parked flag.
+///
+/// "Parked" is read from `weir.consumer_failures` (a row with outcome `park`, written in the
+/// transaction that parks the event and moves the checkpoint past it, and never deleted), not
+/// from `weir.parked`, whose row goes away when the event is retried successfully or
+/// discarded: the live tail and a later replay must agree on whether an event is announced,
+/// whatever happened to it in between.
 pub(crate) async fn processed_rows(
     pool: &PgPool,
     after: Position,
@@ -589,8 +594,8 @@ pub(crate) async fn processed_rows(
     limit: i64,
 ) -> Result<Vec<ProcessedRow>, sqlx::Error> {
     const WITH_PARKED: &str = "select e.position, e.entity, e.key, e.kind, e.lsn::text,
-                exists (select 1 from weir.parked p join weir.consumers k on k.name = p.consumer
-                        where p.position = e.position)
+                exists (select 1 from weir.consumer_failures f
+                        where f.position = e.position and f.outcome = 'park')
          from weir.events e
          where e.position > $1 and e.position <= $2
          order by e.position

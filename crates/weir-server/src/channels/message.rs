@@ -3,7 +3,7 @@
 //! A message is serialized once ([`Msg::body`], a JSON object) and shared by every subscriber;
 //! each transport only wraps it with the subscriber's cursor (`id`) when writing it out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -14,6 +14,18 @@ use crate::ApiError;
 
 /// The reserved name of the processed-notification channel.
 pub(crate) const PROCESSED: &str = "processed";
+
+/// Most channels one connection may hold (query string and WebSocket `subscribe`s together).
+pub(crate) const MAX_CHANNELS: usize = 256;
+
+/// The 400 for a connection that would hold `total` channels, more than [`MAX_CHANNELS`].
+pub(crate) fn too_many_channels(total: usize) -> ApiError {
+    ApiError::bad_request(format!(
+        "too many channels: {total} on one connection, at most {MAX_CHANNELS} allowed; \
+         subscribe to the entity channel (`posts`) instead of many row channels, or open \
+         another connection"
+    ))
+}
 
 /// A parsed, valid channel name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -62,7 +74,8 @@ impl Channel {
 
 /// Parses the `channel` parameters: each may hold several names separated by `,`. A piece
 /// without `/` right after an `<entity>/<id>` piece continues that id (a composite key,
-/// `orders/7,2`). Duplicates are removed; at least one channel is required.
+/// `orders/7,2`). Duplicates are removed (the first occurrence keeps its place); at least one
+/// channel is required, at most [`MAX_CHANNELS`].
 pub(crate) fn parse_channels<'a>(
     values: impl IntoIterator<Item = &'a str>,
 ) -> Result<Vec<Channel>, ApiError> {
@@ -87,12 +100,16 @@ pub(crate) fn parse_channels<'a>(
              e.g. `channel=posts&channel=posts/42/comments`",
         ));
     }
-    let mut out: Vec<Channel> = Vec::with_capacity(names.len());
+    let mut seen: HashSet<Channel> = HashSet::new();
+    let mut out: Vec<Channel> = Vec::new();
     for name in names {
         let c = Channel::parse(&name)?;
-        if !out.contains(&c) {
+        if seen.insert(c.clone()) {
             out.push(c);
         }
+    }
+    if out.len() > MAX_CHANNELS {
+        return Err(too_many_channels(out.len()));
     }
     Ok(out)
 }
@@ -255,10 +272,21 @@ impl Routing {
     /// Every channel `event` is published on, without duplicates: `<entity>`, `<entity>/<id>`,
     /// then each scope (the new value's, then the old value's when an update moved the row).
     /// `key_columns` orders a composite key.
+    ///
+    /// A name is only produced when it parses back to a channel of the event's entity: an
+    /// entity, key or scope value containing `/` would make a name of another shape (a `posts`
+    /// key `5/comments` would give `posts/5/comments`, a scope channel of `comments`), so that
+    /// channel is left out. Live dispatch and replay both route through here.
     pub(crate) fn channels_of(&self, event: &Event, key_columns: Option<&[String]>) -> Vec<String> {
         let mut out = Vec::with_capacity(4);
+        if event.entity.contains('/') {
+            // `a/b` would be the row channel `b` of entity `a`: no channel carries it.
+            return out;
+        }
         out.push(event.entity.clone());
-        if let Some(id) = key_text(&event.key, key_columns) {
+        if let Some(id) = key_text(&event.key, key_columns)
+            && !id.contains('/')
+        {
             out.push(format!("{}/{}", event.entity, id));
         }
         if let Some(scopes) = self.scopes.get(&event.entity) {
@@ -277,8 +305,11 @@ impl Routing {
                     Kind::Update => [new.or(old), old],
                     _ => [new, None],
                 };
+                if parent.contains('/') {
+                    continue;
+                }
                 for value in values.into_iter().flatten() {
-                    if let Some(v) = value_text(value) {
+                    if let Some(v) = value_text(value).filter(|v| !v.contains('/')) {
                         let name = format!("{parent}/{v}/{}", event.entity);
                         if !out.contains(&name) {
                             out.push(name);
@@ -383,6 +414,56 @@ mod tests {
         }
         assert_eq!(Cursor { change: 5, processed: Some(2) }.to_string(), "5:2");
         assert_eq!(Cursor { change: 5, processed: None }.to_string(), "5");
+    }
+
+    fn event(entity: &str, key: Value, new_record: Value) -> Event {
+        serde_json::from_value(json!({
+            "position": 7, "lsn": "0/16B3748", "xid": 1, "commit_ts": "2024-01-01T00:00:00Z",
+            "kind": "insert", "entity": entity,
+            "source": {"db": "d", "schema": "public", "table": entity, "columns": {}},
+            "key": key, "new_record": new_record,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_slash_in_a_key_or_scope_value_makes_no_channel_of_another_shape() {
+        let mut config = Config::default();
+        config.channels.insert(
+            "comments".into(),
+            weir_core::ChannelConfig { scopes: [("post_id".into(), "posts".into())].into() },
+        );
+        let routing = Routing::new(&config);
+        let every = |e: &Event| routing.channels_of(e, None);
+        // Every name produced parses back to a channel of the event's entity.
+        let check = |e: &Event, names: &[String]| {
+            for n in names {
+                match Channel::parse(n).unwrap() {
+                    Channel::Change { entity, .. } => assert_eq!(&*entity, e.entity, "{n}"),
+                    Channel::Processed => panic!("{n}"),
+                }
+            }
+        };
+        let post = event("posts", json!({"id": "5/comments"}), json!({"id": "5/comments"}));
+        assert_eq!(every(&post), ["posts"]);
+        let post = event("posts", json!({"id": "5"}), json!({"id": "5"}));
+        assert_eq!(every(&post), ["posts", "posts/5"]);
+        let comment = event("comments", json!({"id": 1}), json!({"id": 1, "post_id": "1/x"}));
+        assert_eq!(every(&comment), ["comments", "comments/1"]);
+        check(&comment, &every(&comment));
+        let comment = event("comments", json!({"id": 1}), json!({"id": 1, "post_id": 3}));
+        assert_eq!(every(&comment), ["comments", "comments/1", "posts/3/comments"]);
+        let odd = event("a/b", json!({"id": 1}), json!({"id": 1}));
+        assert!(every(&odd).is_empty());
+    }
+
+    #[test]
+    fn channels_per_connection_are_capped() {
+        let names: Vec<String> = (0..MAX_CHANNELS).map(|i| format!("t{i}")).collect();
+        let joined = names.join(",");
+        assert_eq!(parse_channels([joined.as_str(), "t0"]).unwrap().len(), MAX_CHANNELS);
+        let err = parse_channels([joined.as_str(), "one_more"]).unwrap_err().to_string();
+        assert!(err.contains("257") && err.contains("256"), "{err}");
     }
 
     #[test]

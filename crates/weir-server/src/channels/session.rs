@@ -10,8 +10,12 @@
 //!
 //! Every state change happens after the last `.await` of [`Session::next`], so a caller may
 //! drop that future (in a `select!`) without losing or repeating a message.
+//!
+//! Channels added live (WebSocket `subscribe`) before the session is live wait in `pending`
+//! and are registered when it gets there: they are not replayed, their messages do not pile
+//! up during a long replay, and nothing is in the hub for a session that ends before.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +23,10 @@ use weir_core::{Event, Position};
 use weir_log::EventFilter;
 
 use super::hub::{Client, Hub, PAGE, Shared, Taken, processed_rows};
-use super::message::{Channel, Cursor, GivenCursor, Msg, MsgKind, event_json};
+use super::message::{
+    Channel, Cursor, GivenCursor, MAX_CHANNELS, Msg, MsgKind, event_json, too_many_channels,
+};
+use crate::ApiError;
 
 /// Keep-alive after this much silence.
 pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -61,10 +68,14 @@ enum Phase {
 pub(crate) struct Session {
     hub: Arc<Shared>,
     client: Arc<Client>,
-    channels: Vec<Channel>,
+    /// What it replays and is (or will be, at registration) registered on.
+    channels: HashSet<Channel>,
+    /// Live-only additions received before the session is live: registered on reaching it.
+    pending: HashSet<Channel>,
     /// Change channel names, for matching replayed events.
     names: HashSet<Box<str>>,
-    entities: Vec<String>,
+    /// Their entities, for reading the log.
+    entities: BTreeSet<Box<str>>,
     wants_processed: bool,
     /// Where the client is: the last change position covered and, with `processed`, the last
     /// processed position covered.
@@ -74,6 +85,8 @@ pub(crate) struct Session {
     processed_from_q: bool,
     phase: Phase,
     gap_checked: bool,
+    /// Whether the hub may hold this client: set before anything is registered, so that
+    /// dropping the session always unregisters it.
     registered: bool,
     transport: &'static str,
     pub(crate) client_buffer: usize,
@@ -89,15 +102,14 @@ impl Session {
     ) -> Session {
         let shared = hub.shared.clone();
         let client = shared.client();
+        let channels: HashSet<Channel> = channels.into_iter().collect();
         let wants_processed = channels.contains(&Channel::Processed);
         let mut names = HashSet::new();
-        let mut entities = Vec::new();
+        let mut entities = BTreeSet::new();
         for c in &channels {
             if let Channel::Change { name, entity } = c {
                 names.insert(name.clone());
-                if !entities.iter().any(|e: &String| e == &**entity) {
-                    entities.push(entity.to_string());
-                }
+                entities.insert(entity.clone());
             }
         }
         metrics::gauge!("weir_channel_clients", "transport" => transport).increment(1.0);
@@ -106,6 +118,7 @@ impl Session {
             hub: shared,
             client,
             channels,
+            pending: HashSet::new(),
             names,
             entities,
             wants_processed,
@@ -141,31 +154,46 @@ impl Session {
         self.hub.register(&self.client, &self.channels)
     }
 
-    /// Adds live-only channels (WebSocket `subscribe`): messages after now.
-    pub(crate) fn add_live(&mut self, channels: Vec<Channel>) {
-        let mut added = Vec::new();
-        for c in channels {
-            if self.channels.contains(&c) {
-                continue;
-            }
-            match &c {
+    /// Adds live-only channels (WebSocket `subscribe`): messages after now, or, before the
+    /// session is live, after the moment it gets there. All or nothing: past
+    /// [`MAX_CHANNELS`] on the connection nothing is added.
+    pub(crate) fn add_live(&mut self, channels: Vec<Channel>) -> Result<(), ApiError> {
+        let added: Vec<Channel> = channels
+            .into_iter()
+            .filter(|c| !self.channels.contains(c) && !self.pending.contains(c))
+            .collect();
+        let total = self.channels.len() + self.pending.len() + added.len();
+        if total > MAX_CHANNELS {
+            return Err(too_many_channels(total));
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        match self.phase {
+            Phase::Live { .. } => self.register_live(added),
+            Phase::Done => {}
+            // Not replayed and not registered yet: registered on reaching Live.
+            _ => self.pending.extend(added),
+        }
+        Ok(())
+    }
+
+    /// Registers `added` on a live session.
+    fn register_live(&mut self, added: Vec<Channel>) {
+        for c in &added {
+            match c {
                 Channel::Processed => {
                     // Processed ids join the cursor from here on.
                     self.wants_processed = true;
                 }
                 Channel::Change { name, entity } => {
                     self.names.insert(name.clone());
-                    if !self.entities.iter().any(|e| e == &**entity) {
-                        self.entities.push(entity.to_string());
-                    }
+                    self.entities.insert(entity.clone());
                 }
             }
-            self.channels.push(c.clone());
-            added.push(c);
+            self.channels.insert(c.clone());
         }
-        if added.is_empty() {
-            return;
-        }
+        self.registered = true;
         let (_, q) = self.hub.register(&self.client, &added);
         if added.contains(&Channel::Processed) {
             if self.cursor.processed.is_none() {
@@ -303,6 +331,10 @@ impl Session {
                         floor_change: self.cursor.change.max(p),
                         floor_processed: self.cursor.processed.unwrap_or(q).max(q),
                     };
+                    if !self.pending.is_empty() {
+                        let added: Vec<Channel> = self.pending.drain().collect();
+                        self.register_live(added);
+                    }
                 }
                 Phase::Live { floor_change, floor_processed } => match self.client.take() {
                     Taken::Dropped => {
@@ -354,7 +386,10 @@ impl Session {
         &mut self,
         upto: Option<Position>,
     ) -> Result<(Vec<(Arc<Msg>, Cursor)>, bool), weir_log::Error> {
-        let filter = EventFilter { entities: self.entities.clone(), kinds: vec![] };
+        let filter = EventFilter {
+            entities: self.entities.iter().map(|e| e.to_string()).collect(),
+            kinds: vec![],
+        };
         let from = self.cursor.change;
         let page = self.hub.reader.read(from, PAGE, &filter).await?;
         let keys = self.hub.key_columns(&page).await;

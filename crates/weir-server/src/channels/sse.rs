@@ -1,19 +1,29 @@
 //! `GET /v1/channels/sse`: Server-Sent Events.
 //!
-//! Every poll of the body drains everything queued into one chunk (one write at high rates).
+//! Every poll of the body renders what is queued into one chunk (one write at high rates), up
+//! to [`CHUNK_BUDGET`] bytes; the rest waits, unrendered (shared), for the next poll. A client
+//! that stops reading so pins at most one chunk beyond hyper's own buffer.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
-use super::message::GivenCursor;
+use super::message::{Cursor, GivenCursor, Msg};
 use super::session::{CloseReason, Session, Step};
 use super::{ChannelQuery, parse_query};
 use crate::{ApiError, ApiQuery, AppState};
+
+/// Most bytes rendered into one chunk (one message more when a single one is larger).
+const CHUNK_BUDGET: usize = 256 * 1024;
+
+/// Messages taken from the session and not rendered yet.
+type Backlog = VecDeque<(Arc<Msg>, Cursor)>;
 
 /// Subscribes to channels over Server-Sent Events.
 ///
@@ -51,17 +61,26 @@ pub(crate) async fn sse(
         }
         .or(after);
     let session = Session::new(state.hub(), channels, given, "sse");
-    let stream = futures::stream::unfold((session, true), |(mut session, first)| async move {
+    let start = (session, Backlog::new(), true);
+    let stream = futures::stream::unfold(start, |(mut session, mut backlog, first)| async move {
         if first {
             // The head and a first line go out at once, whatever the channels carry.
             return Some((
                 Ok::<Bytes, Infallible>(Bytes::from_static(b": ok\n\n")),
-                (session, false),
+                (session, backlog, false),
             ));
         }
-        let step = session.next().await;
-        let chunk = render(&step, session.client_buffer)?;
-        Some((Ok(chunk), (session, false)))
+        if backlog.is_empty() {
+            match session.next().await {
+                Step::Messages(msgs) => backlog = msgs.into(),
+                step => {
+                    let chunk = render(&step, session.client_buffer)?;
+                    return Some((Ok(chunk), (session, backlog, false)));
+                }
+            }
+        }
+        let chunk = render_messages(&mut backlog, CHUNK_BUDGET);
+        Some((Ok(chunk), (session, backlog, false)))
     });
     let mut response = Body::from_stream(stream).into_response();
     let h = response.headers_mut();
@@ -71,22 +90,39 @@ pub(crate) async fn sse(
     Ok(response)
 }
 
+/// Takes messages from the front of `backlog` and renders them into one chunk of at most
+/// `budget` bytes (at least one message, however large).
+fn render_messages(backlog: &mut Backlog, budget: usize) -> Bytes {
+    let mut size = 0;
+    let mut n = 0;
+    for (m, _) in backlog.iter() {
+        // `id: <i64>:<i64>\nevent: processed\ndata: ` and `\n\n` take at most 69 bytes.
+        let len = m.body.len() + 72;
+        if n > 0 && size + len > budget {
+            break;
+        }
+        size += len;
+        n += 1;
+    }
+    let mut out = String::with_capacity(size);
+    for (m, cursor) in backlog.drain(..n) {
+        out.push_str("id: ");
+        let _ = write!(out, "{cursor}");
+        out.push_str("\nevent: ");
+        out.push_str(m.kind.as_str());
+        out.push_str("\ndata: ");
+        out.push_str(&m.body);
+        out.push_str("\n\n");
+    }
+    Bytes::from(out)
+}
+
 /// One chunk for a step; `None` ends the stream.
 fn render(step: &Step, client_buffer: usize) -> Option<Bytes> {
     let text = match step {
         Step::Messages(msgs) => {
-            let size: usize = msgs.iter().map(|(m, _)| m.body.len() + 48).sum();
-            let mut out = String::with_capacity(size);
-            for (m, cursor) in msgs {
-                out.push_str("id: ");
-                let _ = write!(out, "{cursor}");
-                out.push_str("\nevent: ");
-                out.push_str(m.kind.as_str());
-                out.push_str("\ndata: ");
-                out.push_str(&m.body);
-                out.push_str("\n\n");
-            }
-            out
+            let mut backlog: Backlog = msgs.iter().cloned().collect();
+            return Some(render_messages(&mut backlog, usize::MAX));
         }
         Step::Gap { after, oldest } => {
             let data = serde_json::json!({
@@ -119,4 +155,33 @@ fn render(step: &Step, client_buffer: usize) -> Option<Bytes> {
         Step::End => return None,
     };
     Some(Bytes::from(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channels::message::Msg;
+
+    #[test]
+    fn a_chunk_holds_at_most_the_budget() {
+        let json = format!("{{\"body\":\"{}\"}}", "x".repeat(10_000));
+        let mut backlog: Backlog = (1..=100)
+            .map(|p| (Msg::change("posts", p, &json), Cursor { change: p, processed: None }))
+            .collect();
+        let mut chunks = Vec::new();
+        while !backlog.is_empty() {
+            chunks.push(render_messages(&mut backlog, 64 * 1024));
+        }
+        assert!(chunks.len() > 10, "{} chunks", chunks.len());
+        assert!(chunks.iter().all(|c| c.len() <= 64 * 1024));
+        let text: String = chunks.iter().map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+        let want: Vec<String> = (1..=100).map(|p| p.to_string()).collect();
+        assert_eq!(ids, want, "every message once, in order");
+        // One message larger than the budget still goes out, alone.
+        let mut big: Backlog =
+            [(Msg::change("posts", 1, &json), Cursor { change: 1, processed: None })].into();
+        assert!(render_messages(&mut big, 100).len() > 10_000);
+        assert!(big.is_empty());
+    }
 }

@@ -22,7 +22,8 @@ use crate::{ApiError, ApiQuery, AppState};
 const READ_BUFFER: usize = 4 * 1024;
 /// Write buffer target: frames are flushed per batch anyway.
 const WRITE_BUFFER: usize = 16 * 1024;
-/// Largest message a client may send.
+/// Largest message (and frame: tungstenite would otherwise accept, and reserve memory for, a
+/// frame of up to 16 MiB before looking at the message limit) a client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
 /// Subscribes to channels over WebSocket.
@@ -64,6 +65,7 @@ pub(crate) async fn ws(
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| run(socket, session)))
 }
 
@@ -88,10 +90,15 @@ async fn run(mut socket: WebSocket, mut session: Session) {
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(Message::Text(text))) => {
-                    if let Some(reply) = client_message(&mut session, text.as_str())
-                        && socket.send(Message::Text(reply.into())).await.is_err()
-                    {
-                        return;
+                    if let Some(reply) = client_message(&mut session, text.as_str()) {
+                        // Guarded like any write: a client that sends bad frames and stops
+                        // reading must not pin this task past its drop or the shutdown.
+                        tokio::select! {
+                            sent = socket.send(Message::Text(reply.into())) => {
+                                if sent.is_err() { return }
+                            }
+                            _ = session.interrupted() => {}
+                        }
                     }
                     continue;
                 }
@@ -189,11 +196,10 @@ fn client_message(session: &mut Session, text: &str) -> Option<String> {
             msg.kind
         ));
     }
-    match parse_channels(msg.channels.iter().map(String::as_str)) {
-        Ok(channels) => {
-            session.add_live(channels);
-            None
-        }
+    match parse_channels(msg.channels.iter().map(String::as_str))
+        .and_then(|channels| session.add_live(channels))
+    {
+        Ok(()) => None,
         Err(e) => error(e.to_string()),
     }
 }
