@@ -62,11 +62,18 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The consumer tables' migrations.
-pub const MIGRATIONS: &[weir_log::schema::Migration] = &[weir_log::schema::Migration {
-    version: 1,
-    name: "consumers",
-    sql: include_str!("../migrations/0001_consumers.sql"),
-}];
+pub const MIGRATIONS: &[weir_log::schema::Migration] = &[
+    weir_log::schema::Migration {
+        version: 1,
+        name: "consumers",
+        sql: include_str!("../migrations/0001_consumers.sql"),
+    },
+    weir_log::schema::Migration {
+        version: 2,
+        name: "parked positions",
+        sql: include_str!("../migrations/0002_parked_positions.sql"),
+    },
+];
 
 /// Creates or upgrades the consumer tables (idempotent).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
