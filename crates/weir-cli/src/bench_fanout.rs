@@ -59,9 +59,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
-use weir_testkit::{Cluster, Options};
+
+use crate::bench_common::{
+    PgServer, children_of, clock_ticks, on_own_thread, percentile, proc_stat, ratio, status_kib,
+    thousands, verdict,
+};
 
 const TARGET_P99_MS: f64 = 50.0;
 const TARGET_IDLE_KIB: f64 = 64.0;
@@ -145,7 +149,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let most_clients = if args.phases.contains(&Phase::Both) { 2 } else { 1 } * args.clients;
     let files = raise_open_files((most_clients + 200) as u64)?;
 
-    let pg = PgServer::start(args.url.clone()).await?;
+    let pg = PgServer::start(args.url.clone(), false, None).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&pg.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&pg.admin).await?;
@@ -261,81 +265,6 @@ struct Ctx<'a> {
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL and the `weir` processes
-
-struct PgServer {
-    cluster: Option<Cluster>,
-    admin_url: String,
-    admin: PgPool,
-    /// The postmaster's pid when the server runs on this machine (for the CPU breakdown).
-    postmaster: Option<u32>,
-}
-
-impl PgServer {
-    async fn start(url: Option<String>) -> anyhow::Result<Self> {
-        let (cluster, admin_url) = match url {
-            Some(u) => (None, u),
-            None => {
-                let c = tokio::task::spawn_blocking(|| Cluster::start_temp(Options::default()))
-                    .await??;
-                let u = c.url("postgres");
-                (Some(c), u)
-            }
-        };
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&admin_url)
-            .await
-            .context("connecting to the server")?;
-        let backend: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&admin).await?;
-        let postmaster = proc_stat(backend as u32)
-            .filter(|s| s.comm == "postgres")
-            .map(|s| s.ppid)
-            .filter(|pm| proc_stat(*pm).is_some_and(|s| s.comm == "postgres"));
-        Ok(Self { cluster, admin_url, admin, postmaster })
-    }
-
-    /// Creates a fresh database and returns its URL.
-    async fn create_db(&self, name: &str) -> anyhow::Result<String> {
-        self.drop_db(name).await?;
-        sqlx::query(AssertSqlSafe(format!("create database \"{name}\"")))
-            .execute(&self.admin)
-            .await?;
-        Ok(url_with_db(&self.admin_url, name))
-    }
-
-    /// Drops the database and its replication slots.
-    async fn drop_db(&self, name: &str) -> anyhow::Result<()> {
-        for _ in 0..50 {
-            sqlx::query(
-                "select pg_terminate_backend(active_pid) from pg_replication_slots
-                 where database = $1 and active_pid is not null",
-            )
-            .bind(name)
-            .execute(&self.admin)
-            .await?;
-            sqlx::query(
-                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
-                 where database = $1 and not active",
-            )
-            .bind(name)
-            .execute(&self.admin)
-            .await?;
-            let remaining: i64 =
-                sqlx::query_scalar("select count(*) from pg_replication_slots where database = $1")
-                    .bind(name)
-                    .fetch_one(&self.admin)
-                    .await?;
-            if remaining == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        sqlx::query(AssertSqlSafe(format!("drop database if exists \"{name}\" with (force)")))
-            .execute(&self.admin)
-            .await?;
-        Ok(())
-    }
-}
 
 /// How to start `weir init` / `weir run` against the bench database.
 struct WeirProcess {
@@ -1306,31 +1235,6 @@ async fn log_n(pool: &PgPool) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// Runs `make()` to completion on a new thread with a current-thread runtime.
-fn on_own_thread<F, Fut, T>(
-    name: &str,
-    make: F,
-) -> tokio::sync::oneshot::Receiver<anyhow::Result<T>>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-    T: Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name(name.to_string()).spawn(move || {
-        let result = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(make()));
-        let _ = tx.send(result);
-    });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot spawn a benchmark thread");
-    }
-    rx
-}
-
 // ---------------------------------------------------------------------------------------------
 // CPU, memory and open files, from /proc
 
@@ -1421,25 +1325,6 @@ impl CpuSnap {
     }
 }
 
-#[derive(Debug)]
-struct ProcStat {
-    comm: String,
-    ppid: u32,
-    /// utime + stime, in clock ticks.
-    ticks: u64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text[open + 1..close].to_string();
-    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // f[0] is field 3 (state): field k is f[k - 3].
-    let num = |k: usize| -> Option<u64> { f.get(k - 3)?.parse().ok() };
-    Some(ProcStat { comm, ppid: num(4)? as u32, ticks: num(14)? + num(15)? })
-}
-
 /// Busy clock ticks of all CPUs together: the `cpu` line of `/proc/stat` less idle and iowait.
 fn machine_busy_ticks() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
@@ -1448,40 +1333,6 @@ fn machine_busy_ticks() -> Option<u64> {
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     let total: u64 = f.iter().take(8).sum();
     Some(total - f.get(3)? - f.get(4).copied().unwrap_or(0))
-}
-
-fn clock_ticks() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-fn children_of(pid: u32) -> Vec<u32> {
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        return text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
-    }
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| proc_stat(*p).is_some_and(|s| s.ppid == pid))
-        .collect()
-}
-
-/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 fn cpu_model() -> String {
@@ -1535,10 +1386,6 @@ fn raise_open_files(needed: u64) -> anyhow::Result<u64> {
 
 // ---------------------------------------------------------------------------------------------
 // Summary
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
-}
 
 fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
     println!(
@@ -1666,53 +1513,6 @@ fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Small helpers
-
-/// `url` with its database replaced by `db`.
-fn url_with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[i32], p: f64) -> i32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn thousands(x: f64) -> String {
-    let n = x.round() as i64;
-    let s = n.abs().to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 { format!("-{out}") } else { out }
-}
-
-/// A ratio with enough digits to tell small ones apart.
-fn ratio(x: f64) -> String {
-    if x < 0.1 { format!("{x:.3}x") } else { format!("{x:.2}x") }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1768,7 +1568,5 @@ mod tests {
         assert_eq!(subscriptions(Phase::Both, 10, 100).len(), 20);
         assert_eq!(row_of(100, 100), 1);
         assert_eq!(row_of(141, 100), 42);
-        assert_eq!(percentile(&[1, 2, 3, 4], 0.5), 2);
-        assert_eq!(url_with_db("postgres://u@h:5/db?x=1", "n"), "postgres://u@h:5/n?x=1");
     }
 }

@@ -63,7 +63,12 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use weir::Config;
 use weir_core::Secret;
-use weir_testkit::{Cluster, Options};
+use weir_testkit::Cluster;
+
+use crate::bench_common::{
+    ProcStat, children_of, clock_ticks, local_postmaster, on_own_thread, percentile, proc_stat,
+    ratio, server_or_cluster, status_kib, thousands, url_with_db, verdict,
+};
 
 const TARGET_RATIO: f64 = 0.8;
 const TARGET_P50_MS: f64 = 5.0;
@@ -220,37 +225,14 @@ impl Server {
         unix_socket: bool,
         settings: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        let (cluster, admin_url) = match url {
-            Some(u) => (None, u),
-            None => {
-                let c = tokio::task::spawn_blocking(move || {
-                    Cluster::start_temp(Options { settings, ..Options::default() })
-                })
-                .await??;
-                let u = if unix_socket {
-                    // The testkit puts the socket in the data directory.
-                    format!(
-                        "postgres://postgres@{}:{}/postgres",
-                        percent_encode(&c.data_dir().display().to_string()),
-                        c.port()
-                    )
-                } else {
-                    c.url("postgres")
-                };
-                (Some(c), u)
-            }
-        };
+        let (cluster, admin_url) = server_or_cluster(url, unix_socket, settings).await?;
         let admin = PgPoolOptions::new()
             .max_connections(2)
             .connect(&admin_url)
             .await
             .context("connecting to the server")?;
         let bin_dir = cluster.as_ref().map(|c| c.bin_dir().to_path_buf());
-        let backend: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&admin).await?;
-        let postmaster = proc_stat(backend as u32)
-            .filter(|s| s.comm == "postgres")
-            .map(|s| s.ppid)
-            .filter(|pm| proc_stat(*pm).is_some_and(|s| s.comm == "postgres"));
+        let postmaster = local_postmaster(&admin).await?;
         Ok(Self { cluster, admin_url, admin, bin_dir, postmaster })
     }
 
@@ -263,7 +245,8 @@ impl Server {
         Ok(url_with_db(&self.admin_url, name))
     }
 
-    /// Drops the database and its replication slots.
+    /// Drops the database and its replication slots. (Unlike `PgServer::drop_db` of the other
+    /// benchmarks, it terminates the slots' users once, before the rounds of dropping.)
     async fn drop_db(&self, name: &str) -> anyhow::Result<()> {
         sqlx::query(
             "select pg_terminate_backend(active_pid) from pg_replication_slots
@@ -302,36 +285,6 @@ impl Server {
             .map(|d| d.join("pg_recvlogical"))
             .filter(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from("pg_recvlogical"))
-    }
-}
-
-/// Percent-encodes everything but unreserved characters (a socket directory as URL host).
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// `url` with its database replaced by `db`.
-fn url_with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
     }
 }
 
@@ -971,7 +924,7 @@ async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeRes
     let (cancel, ingest) = spawn_ingest(config, weir_pool.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let baseline_kb = status_kb("VmRSS").unwrap_or(0);
+    let baseline_kb = status_kib(std::process::id(), "VmRSS").unwrap_or(0);
     // Writing 5 resets VmHWM (the peak) to the current RSS.
     let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let stop = Arc::new(AtomicBool::new(false));
@@ -980,7 +933,7 @@ async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeRes
         move || {
             let mut peak = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(status_kb("VmRSS").unwrap_or(0));
+                peak = peak.max(status_kib(std::process::id(), "VmRSS").unwrap_or(0));
                 std::thread::sleep(Duration::from_millis(50));
             }
             peak
@@ -999,7 +952,7 @@ async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeRes
     let done = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let sampled_kb = sampler.join().unwrap_or(0);
-    let hwm_kb = if hwm_reset { status_kb("VmHWM") } else { None };
+    let hwm_kb = if hwm_reset { status_kib(std::process::id(), "VmHWM") } else { None };
     waited?;
     stop_ingest(cancel, ingest).await?;
 
@@ -1057,39 +1010,6 @@ async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeRes
     Ok(result)
 }
 
-/// Runs `make()` to completion on a new thread with a current-thread runtime.
-fn on_own_thread<F, Fut, T>(
-    name: &str,
-    make: F,
-) -> tokio::sync::oneshot::Receiver<anyhow::Result<T>>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-    T: Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name(name.to_string()).spawn(move || {
-        let result = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(make()));
-        let _ = tx.send(result);
-    });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot spawn a benchmark thread");
-    }
-    rx
-}
-
-fn status_kb(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Summary
 
@@ -1098,10 +1018,6 @@ struct Summary {
     throughput: Vec<ThroughputResult>,
     latency: Option<LatencyResult>,
     huge: Option<HugeResult>,
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
 }
 
 impl Summary {
@@ -1270,48 +1186,6 @@ impl Summary {
 // ---------------------------------------------------------------------------------------------
 // CPU accounting from /proc
 
-#[derive(Debug)]
-struct ProcStat {
-    comm: String,
-    ppid: u32,
-    /// utime + stime, in clock ticks.
-    ticks: u64,
-    /// cutime + cstime (waited-for children), in clock ticks.
-    child_ticks: u64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
-}
-
-fn parse_stat(text: &str) -> Option<ProcStat> {
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text[open + 1..close].to_string();
-    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // f[0] is field 3 (state): field k is f[k - 3].
-    let num = |k: usize| -> Option<u64> { f.get(k - 3)?.parse().ok() };
-    Some(ProcStat {
-        comm,
-        ppid: num(4)? as u32,
-        ticks: num(14)? + num(15)?,
-        child_ticks: num(16)? + num(17)?,
-    })
-}
-
-fn clock_ticks() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
 /// What a server process is, from its process title.
 fn server_label(pid: u32) -> (String, bool) {
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -1459,19 +1333,6 @@ impl CpuSampler {
     }
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        return text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
-    }
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| proc_stat(*p).is_some_and(|s| s.ppid == pid))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
@@ -1482,33 +1343,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
     if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn thousands(x: f64) -> String {
-    let n = x.round() as i64;
-    let s = n.abs().to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 { format!("-{out}") } else { out }
-}
-
-/// A ratio with enough digits to tell small ones apart.
-fn ratio(x: f64) -> String {
-    if x < 0.1 { format!("{x:.3}x") } else { format!("{x:.2}x") }
 }
 
 fn human_bytes(b: i64) -> String {
@@ -1527,31 +1361,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(url_with_db("postgres://u@h:5/postgres", "x"), "postgres://u@h:5/x");
-        assert_eq!(
-            url_with_db("postgres://u@h:5/db?sslmode=disable", "x"),
-            "postgres://u@h:5/x?sslmode=disable"
-        );
-        assert_eq!(url_with_db("postgres://u@h:5", "x"), "postgres://u@h:5/x");
-    }
-
-    #[test]
-    fn percentiles_and_medians() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.5), 50.0);
-        assert_eq!(percentile(&v, 0.99), 99.0);
+    fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(thousands(1234567.0), "1,234,567");
-    }
-
-    #[test]
-    fn parses_proc_stat() {
-        let s = "123 (post gres) S 7 1 1 0 -1 0 0 0 0 0 50 25 3 4 20 0 1 0 100 0 0";
-        let st = parse_stat(s).unwrap();
-        assert_eq!(st.comm, "post gres");
-        assert_eq!(st.ppid, 7);
-        assert_eq!(st.ticks, 75);
-        assert_eq!(st.child_ticks, 7);
     }
 }

@@ -66,11 +66,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use weir::Config;
 use weir_core::Secret;
-use weir_testkit::{Cluster, Options};
+
+use crate::bench_common::{
+    PgServer, ProcStat, children_of, clock_ticks, percentile, proc_stat, thousands,
+};
 
 const TARGET_PER_KEY_RATE: f64 = 20_000.0;
 const TARGET_P50_MS: f64 = 10.0;
@@ -168,7 +171,7 @@ pub(crate) async fn run(args: OperatorsBenchArgs) -> anyhow::Result<()> {
             "--unix-socket applies to the private cluster; put the socket directory in --database-url instead"
         );
     }
-    let server = Server::start(url, args.unix_socket).await?;
+    let server = PgServer::start(url, args.unix_socket, Some(BENCH_APP)).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
@@ -219,120 +222,10 @@ fn server_url() -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // The server and its databases
 
-struct Server {
-    cluster: Option<Cluster>,
-    admin_url: String,
-    admin: PgPool,
-    /// The postmaster's pid when the server runs on this machine (for the CPU breakdown).
-    postmaster: Option<u32>,
-}
-
-impl Server {
-    async fn start(url: Option<String>, unix_socket: bool) -> anyhow::Result<Self> {
-        let (cluster, admin_url) = match url {
-            Some(u) => (None, u),
-            None => {
-                let c = tokio::task::spawn_blocking(|| Cluster::start_temp(Options::default()))
-                    .await??;
-                let u = if unix_socket {
-                    // The testkit puts the socket in the data directory.
-                    format!(
-                        "postgres://postgres@{}:{}/postgres",
-                        percent_encode(&c.data_dir().display().to_string()),
-                        c.port()
-                    )
-                } else {
-                    c.url("postgres")
-                };
-                (Some(c), u)
-            }
-        };
-        let admin = bench_pool(&admin_url, 2).await.context("connecting to the server")?;
-        let backend: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&admin).await?;
-        let postmaster = proc_stat(backend as u32)
-            .filter(|s| s.comm == "postgres")
-            .map(|s| s.ppid)
-            .filter(|pm| proc_stat(*pm).is_some_and(|s| s.comm == "postgres"));
-        Ok(Self { cluster, admin_url, admin, postmaster })
-    }
-
-    /// Creates a fresh database and returns its URL.
-    async fn create_db(&self, name: &str) -> anyhow::Result<String> {
-        self.drop_db(name).await?;
-        sqlx::query(AssertSqlSafe(format!("create database \"{name}\"")))
-            .execute(&self.admin)
-            .await?;
-        Ok(url_with_db(&self.admin_url, name))
-    }
-
-    /// Drops the database and its replication slots.
-    async fn drop_db(&self, name: &str) -> anyhow::Result<()> {
-        for _ in 0..50 {
-            sqlx::query(
-                "select pg_terminate_backend(active_pid) from pg_replication_slots
-                 where database = $1 and active_pid is not null",
-            )
-            .bind(name)
-            .execute(&self.admin)
-            .await?;
-            sqlx::query(
-                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
-                 where database = $1 and not active",
-            )
-            .bind(name)
-            .execute(&self.admin)
-            .await?;
-            let remaining: i64 =
-                sqlx::query_scalar("select count(*) from pg_replication_slots where database = $1")
-                    .bind(name)
-                    .fetch_one(&self.admin)
-                    .await?;
-            if remaining == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        sqlx::query(AssertSqlSafe(format!("drop database if exists \"{name}\" with (force)")))
-            .execute(&self.admin)
-            .await?;
-        Ok(())
-    }
-}
-
 /// A pool for the benchmark's own queries, marked so the activity sampler leaves it out.
 async fn bench_pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url)?.application_name(BENCH_APP);
     Ok(PgPoolOptions::new().max_connections(size).connect_with(options).await?)
-}
-
-/// Percent-encodes everything but unreserved characters (a socket directory as URL host).
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// `url` with its database replaced by `db`.
-fn url_with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
 }
 
 /// A consumer to configure: (name, ordering, lanes, sql).
@@ -443,7 +336,7 @@ impl ThroughputResult {
 }
 
 async fn throughput(
-    server: &Server,
+    server: &PgServer,
     args: &OperatorsBenchArgs,
 ) -> anyhow::Result<ThroughputResult> {
     let n = args.events as i64;
@@ -533,7 +426,7 @@ async fn throughput(
 
 #[allow(clippy::too_many_arguments)]
 async fn drain(
-    server: &Server,
+    server: &PgServer,
     url: &str,
     pool: &PgPool,
     args: &OperatorsBenchArgs,
@@ -869,7 +762,7 @@ fn wall_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-async fn latency(server: &Server, args: &OperatorsBenchArgs) -> anyhow::Result<LatencyResult> {
+async fn latency(server: &PgServer, args: &OperatorsBenchArgs) -> anyhow::Result<LatencyResult> {
     println!(
         "== latency: {} single-row insert transactions/s for {} s, per_key operator over {} lanes ==",
         thousands(args.rate as f64),
@@ -1412,37 +1305,6 @@ impl CpuSampler {
     }
 }
 
-#[derive(Debug)]
-struct ProcStat {
-    comm: String,
-    ppid: u32,
-    /// utime + stime, in clock ticks.
-    ticks: u64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text[open + 1..close].to_string();
-    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // f[0] is field 3 (state): field k is f[k - 3].
-    let num = |k: usize| -> Option<u64> { f.get(k - 3)?.parse().ok() };
-    Some(ProcStat { comm, ppid: num(4)? as u32, ticks: num(14)? + num(15)? })
-}
-
-fn clock_ticks() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
 /// What a server process is, from its process title.
 fn server_label(pid: u32) -> String {
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -1466,61 +1328,9 @@ fn server_label(pid: u32) -> String {
     }
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        return text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
-    }
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| proc_stat(*p).is_some_and(|s| s.ppid == pid))
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Small helpers
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn thousands(x: f64) -> String {
-    let n = x.round() as i64;
-    let s = n.abs().to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 { format!("-{out}") } else { out }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(url_with_db("postgres://u@h:5/db?x=1", "n"), "postgres://u@h:5/n?x=1");
-        assert_eq!(url_with_db("postgres://u@h:5", "n"), "postgres://u@h:5/n");
-    }
-
-    #[test]
-    fn percentiles_and_separators() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.5), 50.0);
-        assert_eq!(percentile(&v, 0.99), 99.0);
-        assert_eq!(thousands(1_234_567.0), "1,234,567");
-    }
 
     #[test]
     fn the_operator_config_parses() {

@@ -4,6 +4,7 @@
 //! `weir` library against the configured database; `dev` and `demo` first start a private
 //! PostgreSQL from the installed server binaries (weir-testkit).
 
+mod bench_common;
 mod bench_fanout;
 mod bench_ingest;
 mod bench_jobs;
