@@ -134,6 +134,7 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
     let mut after = 0;
     let mut delays = Vec::new();
     let mut expected: Option<i64> = None;
+    let mut last_write = weir::Lsn::ZERO;
     let deadline_after_writes = Duration::from_secs(15);
     let mut writes_done_at: Option<Instant> = None;
     loop {
@@ -158,7 +159,9 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
             after = e.position;
         }
         if expected.is_none() && writer.is_finished() {
-            expected = Some((&mut writer).await??);
+            let (n, lsn) = (&mut writer).await??;
+            expected = Some(n);
+            last_write = lsn;
             writes_done_at = Some(Instant::now());
         }
         if let Some(n) = expected {
@@ -179,10 +182,8 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // Read-your-writes for derived data: wait until every change so far is processed.
-    let written: String =
-        sqlx::query_scalar("select pg_current_wal_insert_lsn()::text").fetch_one(&pool).await?;
-    let lsn: weir::Lsn = written.parse()?;
+    // Read-your-writes for derived data: the writer's token, read right after its last commit.
+    let lsn = last_write;
     let waited = Instant::now();
     let done = weir::process::wait_for(&pool, lsn, Duration::from_secs(30)).await?;
     anyhow::ensure!(done, "the operator did not catch up within 30 s");
@@ -263,8 +264,10 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes posts and comments for `duration`; returns how many row changes it made.
-async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<i64> {
+/// Writes posts and comments for `duration`; returns how many row changes it made and the WAL
+/// position read right after its last commit (the token a writer hands to `wait_for`).
+async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<(i64, weir::Lsn)> {
+    let mut last_lsn = weir::Lsn::ZERO;
     let start = Instant::now();
     let mut changes = 0i64;
     let mut posts: Vec<i32> = Vec::new();
@@ -318,9 +321,12 @@ async fn write_changes(pool: PgPool, duration: Duration) -> anyhow::Result<i64> 
             sqlx::query("delete from comments where id = $1").bind(cid).execute(&pool).await?;
             changes += 1;
         }
+        let lsn: String =
+            sqlx::query_scalar("select pg_current_wal_insert_lsn()::text").fetch_one(&pool).await?;
+        last_lsn = lsn.parse()?;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Ok(changes)
+    Ok((changes, last_lsn))
 }
 
 /// Subscribes to an SSE channel until the server closes the stream; returns the change messages
