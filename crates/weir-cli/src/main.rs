@@ -38,7 +38,8 @@ struct Cli {
 enum Command {
     /// Create or update the weir schema, the publication and the replication slot.
     Init,
-    /// Stream changes into the log until stopped (Ctrl-C); a second process waits as standby.
+    /// Stream changes into the log, run the operators and serve HTTP ([http] bind) until
+    /// stopped (Ctrl-C); a second process waits as standby.
     Run,
     /// Show the source's slot lag, last position, rate and delay.
     Status {
