@@ -72,14 +72,15 @@ pub(crate) struct PgServer {
 }
 
 impl PgServer {
-    /// Connects to `url`, or starts a private cluster (see [`server_or_cluster`]). The admin
-    /// pool's connections carry `application_name` when given.
+    /// Connects to `url`, or starts a private cluster with `settings` (see
+    /// [`server_or_cluster`]). The admin pool's connections carry `application_name` when given.
     pub(crate) async fn start(
         url: Option<String>,
         unix_socket: bool,
+        settings: Vec<(String, String)>,
         application_name: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let (cluster, admin_url) = server_or_cluster(url, unix_socket, Vec::new()).await?;
+        let (cluster, admin_url) = server_or_cluster(url, unix_socket, settings).await?;
         let admin = async {
             let mut options = PgConnectOptions::from_str(&admin_url)?;
             if let Some(name) = application_name {

@@ -149,7 +149,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let most_clients = if args.phases.contains(&Phase::Both) { 2 } else { 1 } * args.clients;
     let files = raise_open_files((most_clients + 200) as u64)?;
 
-    let pg = PgServer::start(args.url.clone(), false, None).await?;
+    let pg = PgServer::start(args.url.clone(), false, Vec::new(), None).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&pg.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&pg.admin).await?;

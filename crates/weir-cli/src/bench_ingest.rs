@@ -63,11 +63,10 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use weir::Config;
 use weir_core::Secret;
-use weir_testkit::Cluster;
 
 use crate::bench_common::{
-    ProcStat, children_of, clock_ticks, local_postmaster, on_own_thread, percentile, proc_stat,
-    ratio, server_or_cluster, status_kib, thousands, url_with_db, verdict,
+    PgServer, ProcStat, children_of, clock_ticks, on_own_thread, percentile, proc_stat, ratio,
+    status_kib, thousands, verdict,
 };
 
 const TARGET_RATIO: f64 = 0.8;
@@ -151,7 +150,7 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
     if !settings.is_empty() && args.url.is_some() {
         bail!("--pg-setting applies to the private cluster; configure the --url server yourself");
     }
-    let server = Server::start(args.url.clone(), args.unix_socket, settings).await?;
+    let server = PgServer::start(args.url.clone(), args.unix_socket, settings, None).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
@@ -209,83 +208,14 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The server and its databases
 
-struct Server {
-    cluster: Option<Cluster>,
-    /// URL of the maintenance database (databases are created from here).
-    admin_url: String,
-    admin: PgPool,
-    bin_dir: Option<PathBuf>,
-    /// The postmaster's pid when the server runs on this machine (for the CPU breakdown).
-    postmaster: Option<u32>,
-}
-
-impl Server {
-    async fn start(
-        url: Option<String>,
-        unix_socket: bool,
-        settings: Vec<(String, String)>,
-    ) -> anyhow::Result<Self> {
-        let (cluster, admin_url) = server_or_cluster(url, unix_socket, settings).await?;
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&admin_url)
-            .await
-            .context("connecting to the server")?;
-        let bin_dir = cluster.as_ref().map(|c| c.bin_dir().to_path_buf());
-        let postmaster = local_postmaster(&admin).await?;
-        Ok(Self { cluster, admin_url, admin, bin_dir, postmaster })
-    }
-
-    /// Creates a fresh database and returns its URL.
-    async fn create_db(&self, name: &str) -> anyhow::Result<String> {
-        self.drop_db(name).await?;
-        sqlx::query(AssertSqlSafe(format!("create database \"{name}\"")))
-            .execute(&self.admin)
-            .await?;
-        Ok(url_with_db(&self.admin_url, name))
-    }
-
-    /// Drops the database and its replication slots. (Unlike `PgServer::drop_db` of the other
-    /// benchmarks, it terminates the slots' users once, before the rounds of dropping.)
-    async fn drop_db(&self, name: &str) -> anyhow::Result<()> {
-        sqlx::query(
-            "select pg_terminate_backend(active_pid) from pg_replication_slots
-             where database = $1 and active_pid is not null",
-        )
-        .bind(name)
-        .execute(&self.admin)
-        .await?;
-        for _ in 0..50 {
-            sqlx::query(
-                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
-                 where database = $1 and not active",
-            )
-            .bind(name)
-            .execute(&self.admin)
-            .await?;
-            let remaining: i64 =
-                sqlx::query_scalar("select count(*) from pg_replication_slots where database = $1")
-                    .bind(name)
-                    .fetch_one(&self.admin)
-                    .await?;
-            if remaining == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        sqlx::query(AssertSqlSafe(format!("drop database if exists \"{name}\" with (force)")))
-            .execute(&self.admin)
-            .await?;
-        Ok(())
-    }
-
-    fn pg_recvlogical(&self) -> PathBuf {
-        self.bin_dir
-            .as_ref()
-            .map(|d| d.join("pg_recvlogical"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("pg_recvlogical"))
-    }
+/// `pg_recvlogical` of the private cluster's binaries, else the one on the PATH.
+fn pg_recvlogical(server: &PgServer) -> PathBuf {
+    server
+        .cluster
+        .as_ref()
+        .map(|c| c.bin_dir().join("pg_recvlogical"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("pg_recvlogical"))
 }
 
 fn weir_config(url: &str, slot: &str) -> anyhow::Result<Config> {
@@ -301,7 +231,7 @@ const TABLE: &str = "create table bench (id bigint primary key, payload text not
      alter table bench set (autovacuum_enabled = false);";
 
 /// A database with the bench table, the weir schema, publication and slot `weir`.
-async fn prepare(server: &Server, name: &str) -> anyhow::Result<(String, PgPool, Config)> {
+async fn prepare(server: &PgServer, name: &str) -> anyhow::Result<(String, PgPool, Config)> {
     let url = server.create_db(name).await?;
     let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
     sqlx::raw_sql(TABLE).execute(&pool).await?;
@@ -427,7 +357,7 @@ impl ThroughputResult {
 }
 
 async fn throughput(
-    server: &Server,
+    server: &PgServer,
     args: &IngestBenchArgs,
     txn_size: u64,
 ) -> anyhow::Result<ThroughputResult> {
@@ -602,7 +532,7 @@ async fn generate(url: &str, n: u64, txn_size: u64, workers: u64) -> anyhow::Res
 }
 
 async fn drain_recvlogical(
-    server: &Server,
+    server: &PgServer,
     url: &str,
     slot: &str,
     end_lsn: &str,
@@ -610,7 +540,7 @@ async fn drain_recvlogical(
 ) -> anyhow::Result<Drain> {
     let sampler = CpuSampler::start(server.postmaster);
     let started = Instant::now();
-    let out = tokio::process::Command::new(server.pg_recvlogical())
+    let out = tokio::process::Command::new(pg_recvlogical(server))
         .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
         .args(["-o", "proto_version=2", "-o", "publication_names=weir", "-f", "/dev/null"])
         .args(["--endpos", end_lsn])
@@ -627,7 +557,7 @@ async fn drain_recvlogical(
 }
 
 async fn drain_weir(
-    server: &Server,
+    server: &PgServer,
     url: &str,
     pool: &PgPool,
     slot: &str,
@@ -735,7 +665,7 @@ struct LatencyResult {
     min: f64,
 }
 
-async fn latency(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<LatencyResult> {
+async fn latency(server: &PgServer, args: &IngestBenchArgs) -> anyhow::Result<LatencyResult> {
     println!(
         "== live latency, {} single-row insert transactions/s for {} s ==",
         args.rate, args.latency_seconds
@@ -915,7 +845,7 @@ struct HugeResult {
     count: i64,
 }
 
-async fn huge(server: &Server, args: &IngestBenchArgs) -> anyhow::Result<HugeResult> {
+async fn huge(server: &PgServer, args: &IngestBenchArgs) -> anyhow::Result<HugeResult> {
     let n = args.changes;
     println!("== one transaction of {} rows ==", thousands(n as f64));
     let name = format!("weir_bench_huge_{}", std::process::id());

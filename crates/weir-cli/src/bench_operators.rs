@@ -171,7 +171,7 @@ pub(crate) async fn run(args: OperatorsBenchArgs) -> anyhow::Result<()> {
             "--unix-socket applies to the private cluster; put the socket directory in --database-url instead"
         );
     }
-    let server = PgServer::start(url, args.unix_socket, Some(BENCH_APP)).await?;
+    let server = PgServer::start(url, args.unix_socket, Vec::new(), Some(BENCH_APP)).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
