@@ -133,6 +133,23 @@ impl Harness {
         (status, value)
     }
 
+    /// A POST with the token and a chunked body (no length declared).
+    async fn post_chunked(
+        &self,
+        uri: &str,
+        content_type: Option<&str>,
+        chunks: &[&str],
+    ) -> StatusCode {
+        let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> =
+            chunks.iter().map(|c| Ok(axum::body::Bytes::copy_from_slice(c.as_bytes()))).collect();
+        let mut req = Request::post(uri).header("authorization", format!("Bearer {TOKEN}"));
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let req = req.body(Body::from_stream(futures::stream::iter(chunks))).unwrap();
+        self.router.clone().oneshot(req).await.unwrap().status()
+    }
+
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
         self.call(Method::GET, uri, None, None).await
     }
@@ -511,34 +528,17 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
     let big = format!(r#"{{"kind": "a", "args": "{}"}}"#, "x".repeat(10_000));
     let (status, value) = h.call(Method::POST, "/v1/jobs", Some(TOKEN), Some(&big)).await;
     assert_eq!((status.as_u16(), value["error"].as_str()), (413, Some("payload_too_large")));
-    let chunks = futures::stream::iter(
-        (0..20).map(|_| Ok::<_, std::io::Error>(bytes_of(&"x".repeat(1000)))),
-    );
-    let req = Request::post("/v1/jobs")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("content-type", "application/json")
-        .body(Body::from_stream(chunks))
-        .unwrap();
-    let r = h.router.clone().oneshot(req).await.unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let kilobyte = "x".repeat(1000);
+    let status = h.post_chunked("/v1/jobs", Some("application/json"), &[&kilobyte[..]; 20]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 
     // A chunked body is a body: without a JSON content type it is refused (never read as "no
     // body", which for a discard would mean "all").
-    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(bytes_of(r#"{"position": 1}"#))]);
-    let req = Request::post("/v1/consumers/gate/parked/discard")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Body::from_stream(chunks))
-        .unwrap();
-    let r = h.router.clone().oneshot(req).await.unwrap();
-    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(bytes_of(r#"{"position": "#))]);
-    let req = Request::post("/v1/consumers/gate/parked/discard")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("content-type", "application/json")
-        .body(Body::from_stream(chunks))
-        .unwrap();
-    let r = h.router.clone().oneshot(req).await.unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let discard = "/v1/consumers/gate/parked/discard";
+    let status = h.post_chunked(discard, None, &[r#"{"position": 1}"#]).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let status = h.post_chunked(discard, Some("application/json"), &[r#"{"position": "#]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, body) = h
         .call(
             Method::POST,
@@ -560,10 +560,6 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
         sqlx::query_scalar("select count(*) from weir.jobs").fetch_one(&h.pool).await.unwrap();
     assert_eq!(jobs_before, jobs_after, "a refused request changed nothing");
     h.stop().await;
-}
-
-fn bytes_of(s: &str) -> axum::body::Bytes {
-    axum::body::Bytes::copy_from_slice(s.as_bytes())
 }
 
 /// Without a configured token, writes are refused (403) and reads stay open; with
