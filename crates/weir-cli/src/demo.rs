@@ -109,14 +109,9 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
 
     let running = weir::Weir::builder(config.clone()).pool(pool.clone()).start().await?;
     let cancel: CancellationToken = running.cancel_token();
-    let server = weir_server::Server::start(
-        pool.clone(),
-        config.clone(),
-        running.wake(),
-        true,
-        cancel.clone(),
-    )
-    .await?;
+    let server =
+        weir_server::Server::start(pool.clone(), config.clone(), running.wake(), cancel.clone())
+            .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let serve_cancel = cancel.clone();

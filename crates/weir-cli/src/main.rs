@@ -265,7 +265,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         running.pool().clone(),
                         config,
                         running.wake(),
-                        true,
                         running.cancel_token(),
                     )
                     .await?;

@@ -49,7 +49,6 @@ struct Inner {
     pool: PgPool,
     config: Config,
     hub: channels::Hub,
-    ingesting: bool,
 }
 
 impl AppState {
@@ -67,11 +66,6 @@ impl AppState {
     pub fn hub(&self) -> &channels::Hub {
         &self.0.hub
     }
-
-    /// Whether this process runs ingestion (readiness then checks the source).
-    pub fn ingesting(&self) -> bool {
-        self.0.ingesting
-    }
 }
 
 /// The HTTP server of one weir process.
@@ -83,13 +77,11 @@ pub struct Server {
 impl Server {
     /// Starts the realtime hub (one log tail, stopped by `cancel`) and prepares the routes.
     ///
-    /// `wake` is [`weir::Running::wake`] (or [`weir_log::listen_for_appends`]); `ingesting` is
-    /// whether this process also runs ingestion.
+    /// `wake` is [`weir::Running::wake`] (or [`weir_log::listen_for_appends`]).
     pub async fn start(
         pool: PgPool,
         config: Config,
         wake: weir_log::Wake,
-        ingesting: bool,
         cancel: CancellationToken,
     ) -> Result<Server, ApiError> {
         metrics::describe();
@@ -98,7 +90,7 @@ impl Server {
         weir_jobs::migrate(&pool).await?;
         let hub = channels::Hub::start(pool.clone(), &config, wake, cancel.clone()).await?;
         metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel);
-        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub, ingesting })) })
+        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub })) })
     }
 
     /// The shared state.

@@ -95,9 +95,8 @@ impl Harness {
             .await
             .unwrap();
         let cancel = running.cancel_token();
-        let server = Server::start(pool.clone(), config, running.wake(), true, cancel.clone())
-            .await
-            .unwrap();
+        let server =
+            Server::start(pool.clone(), config, running.wake(), cancel.clone()).await.unwrap();
         let router = server.router();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -584,7 +583,7 @@ async fn tokens_guard_writes_and_optionally_reads() {
     weir_log::migrate(&pool).await.unwrap();
     let cancel = CancellationToken::new();
     let (wake, _) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
-    let server = Server::start(pool, config, wake, false, cancel.clone()).await.unwrap();
+    let server = Server::start(pool, config, wake, cancel.clone()).await.unwrap();
     let router = server.router();
     let status = |uri: &'static str, token: Option<&'static str>| {
         let router = router.clone();

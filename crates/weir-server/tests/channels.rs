@@ -103,9 +103,7 @@ impl Env {
             .unwrap();
         let cancel = CancellationToken::new();
         let server = Arc::new(
-            Server::start(pool.clone(), config, running.wake(), true, cancel.clone())
-                .await
-                .unwrap(),
+            Server::start(pool.clone(), config, running.wake(), cancel.clone()).await.unwrap(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
