@@ -161,7 +161,6 @@ async fn resume(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Resumed>, ApiError> {
-    find(&state, &name).await?;
     let resumed = weir_consumer::resume(state.pool(), &name).await?;
     tracing::info!(consumer = %name, resumed, "resume over HTTP");
     Ok(Json(Resumed { consumer: name, resumed }))
