@@ -185,8 +185,16 @@ impl Default for RetryConfig {
 impl RetryConfig {
     /// The wait before retry number `retry` (1-based).
     pub fn delay(&self, retry: u32) -> Duration {
-        let factor = self.backoff_multiplicator.max(1.0).powi(retry.saturating_sub(1) as i32);
-        self.min_restart_time.mul_f64(factor.min(1e6)).min(self.max_restart_time)
+        self.backoff().delay(retry)
+    }
+
+    /// The waits as a [`Backoff`](crate::Backoff).
+    pub fn backoff(&self) -> crate::Backoff {
+        crate::Backoff {
+            first: self.min_restart_time,
+            multiplier: self.backoff_multiplicator,
+            max: self.max_restart_time,
+        }
     }
 }
 

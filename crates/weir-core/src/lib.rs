@@ -3,12 +3,16 @@
 //! Where it sits: under everything. The source produces [`Event`]s, the log stores them, the
 //! consumers read them; all of them agree on the types defined here. This crate does no I/O.
 
+mod backoff;
 mod change;
 mod config;
 mod duration;
 mod event;
+mod identity;
 mod lsn;
+mod panic;
 
+pub use backoff::Backoff;
 pub use change::{Change, Transaction};
 pub use config::{
     ChannelConfig, Config, ConfigError, ConsumersConfig, DEFAULT_BATCH_MAX_EVENTS,
@@ -18,7 +22,9 @@ pub use config::{
 };
 pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};
+pub use identity::ProcessId;
 pub use lsn::{Lsn, LsnParseError};
+pub use panic::panic_message;
 
 /// A position in the event log: gap-free, assigned in WAL commit order, starting at 1.
 pub type Position = i64;

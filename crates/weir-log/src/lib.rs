@@ -25,6 +25,7 @@ mod append;
 mod read;
 mod retention;
 pub mod schema;
+pub mod sqlstate;
 mod wake;
 
 pub use append::{Appender, SourceState};

@@ -454,17 +454,37 @@ fn run(cmd: &mut Command) -> Result<()> {
     })
 }
 
-/// Waits for `cond` to hold, polling every 20 ms, up to `timeout`. Returns whether it held.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// Polls `cond` every 20 ms until it holds; panics naming `what` once `timeout` has passed.
+///
+/// The one way tests wait for something to happen (no sleeps): a deadline, and a message that
+/// says what never happened.
+///
+/// ```no_run
+/// # async fn t() {
+/// use std::time::Duration;
+/// let mut n = 0;
+/// weir_testkit::eventually("the counter reaches 3", Duration::from_secs(5), || {
+///     n += 1;
+///     std::future::ready(n >= 3)
+/// })
+/// .await;
+/// # }
+/// ```
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if cond() {
-            return true;
+        if cond().await {
+            return;
         }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

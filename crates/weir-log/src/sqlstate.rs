@@ -1,0 +1,48 @@
+//! The one classification of database failures into "try again later" and "stop": by the
+//! driver's error kind and the server's SQLSTATE class, never by message text.
+//!
+//! Every loop that reconnects or retries a statement (ingestion, the consumer supervisor and
+//! lanes, the job producer, completer and maintenance) asks [`is_transient`], so they agree on
+//! what a passing problem is.
+//!
+//! | transient | SQLSTATE / driver error |
+//! |---|---|
+//! | yes | I/O, TLS and protocol errors, pool time-outs; class `08` connection exception, `53` insufficient resources, `57` operator intervention (admin shutdown, crash recovery, cancel), `40` transaction rollback (serialization failure, deadlock) |
+//! | no | everything else: bad SQL (`42`), missing objects, permissions (`42501`), constraint violations (`23`), data exceptions (`22`) — retrying the same statement fails the same way |
+//!
+//! SQLSTATE classes: <https://www.postgresql.org/docs/current/errcodes-appendix.html>
+
+/// Whether retrying the same work later may succeed.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| is_transient_code(&c)),
+        _ => false,
+    }
+}
+
+/// [`is_transient`] for a bare SQLSTATE code.
+pub fn is_transient_code(code: &str) -> bool {
+    ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        for code in ["08006", "53300", "57P01", "57014", "40001", "40P01"] {
+            assert!(is_transient_code(code), "{code}");
+        }
+        for code in ["42P01", "42501", "23505", "22023", "XX000"] {
+            assert!(!is_transient_code(code), "{code}");
+        }
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+    }
+}
