@@ -248,7 +248,7 @@ fn spawn_ingest(
     let cancel = CancellationToken::new();
     let handle = tokio::spawn({
         let cancel = cancel.clone();
-        async move { weir::ingest::run(&config, &pool, cancel).await }
+        async move { weir::ingest::run(&config, &pool, &weir::ProcessId::generate(), cancel).await }
     });
     (cancel, handle)
 }

@@ -376,7 +376,7 @@ async fn throughput(
     let cancel = CancellationToken::new();
     let ingest = tokio::spawn({
         let (cancel, config, pool) = (cancel.clone(), base.clone(), weir_pool.clone());
-        async move { weir::ingest::run(&config, &pool, cancel).await }
+        async move { weir::ingest::run(&config, &pool, &weir::ProcessId::generate(), cancel).await }
     });
     let mut last = (0i64, Instant::now());
     loop {

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use weir_testkit::{Cluster, Options, TestDatabase};
+use weir_testkit::{Cluster, Options, TestDatabase, eventually};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
@@ -74,11 +74,8 @@ async fn head(pool: &PgPool) -> i64 {
 }
 
 async fn wait_head(pool: &PgPool, n: i64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while head(pool).await < n {
-        assert!(Instant::now() < deadline, "log reached {} of {n}", head(pool).await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("{n} events in the log"), timeout, || async { head(pool).await >= n })
+        .await;
 }
 
 /// Exactly the table's rows, once each, at positions 1..n.
@@ -202,8 +199,8 @@ async fn a_standby_takes_over_within_five_seconds() {
 
 /// The current holder (one that is not `not`), waiting up to 10 s for one to appear.
 async fn wait_holder(pool: &PgPool, slot: &str, not: Option<&str>) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let found = std::sync::Mutex::new(None);
+    eventually("a (new) holder", Duration::from_secs(10), || async {
         let h: Option<String> =
             sqlx::query_scalar("select holder from weir.source_state where slot = $1")
                 .bind(slot)
@@ -211,12 +208,13 @@ async fn wait_holder(pool: &PgPool, slot: &str, not: Option<&str>) -> String {
                 .await
                 .unwrap()
                 .flatten();
-        if let Some(h) = h.filter(|h| Some(h.as_str()) != not) {
-            return h;
-        }
-        assert!(Instant::now() < deadline, "no (new) holder");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let h = h.filter(|h| Some(h.as_str()) != not);
+        let done = h.is_some();
+        *found.lock().unwrap() = h;
+        done
+    })
+    .await;
+    found.into_inner().unwrap().expect("a holder")
 }
 
 #[tokio::test]

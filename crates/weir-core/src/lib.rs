@@ -8,9 +8,9 @@ mod change;
 mod config;
 mod duration;
 mod event;
+mod failure;
 mod identity;
 mod lsn;
-mod panic;
 
 pub use backoff::Backoff;
 pub use change::{Change, Transaction};
@@ -22,9 +22,9 @@ pub use config::{
 };
 pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};
+pub use failure::{Chain, panic_message};
 pub use identity::ProcessId;
 pub use lsn::{Lsn, LsnParseError};
-pub use panic::panic_message;
 
 /// A position in the event log: gap-free, assigned in WAL commit order, starting at 1.
 pub type Position = i64;

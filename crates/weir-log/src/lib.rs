@@ -39,7 +39,7 @@ pub use weir_core::{Change, Transaction};
 #[non_exhaustive]
 pub enum Error {
     /// The database refused or the connection broke.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// A stored row could not be read back into an event.
     #[error("corrupt log row at position {position}: {problem}")]

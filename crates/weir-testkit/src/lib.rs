@@ -52,7 +52,7 @@ pub enum Error {
         output: String,
     },
     /// Spawning a process or touching a file failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What we were doing.
         what: String,

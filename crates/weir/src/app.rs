@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
-use weir_core::Config;
+use weir_core::{Config, ProcessId};
 
 use crate::{Error, Result, db};
 
@@ -110,6 +110,8 @@ impl WeirBuilder {
             spec.on_exhausted = op.on_exhausted.unwrap_or(spec.on_exhausted);
             consumers.push(spec);
         }
+        // One name for this process in every table that records a holder.
+        let identity = ProcessId::generate();
         let cancel = CancellationToken::new();
         let (wake, _listener) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
         let engine = if consumers.is_empty() {
@@ -123,7 +125,8 @@ impl WeirBuilder {
         };
         let ingest = self.ingest.then(|| {
             let (config, pool, cancel) = (config.clone(), pool.clone(), cancel.clone());
-            tokio::spawn(async move { crate::ingest::run(&config, &pool, cancel).await })
+            let identity = identity.clone();
+            tokio::spawn(async move { crate::ingest::run(&config, &pool, &identity, cancel).await })
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
         Ok(Running { cancel, pool, wake, ingest, engine, retention })

@@ -12,7 +12,7 @@ pub enum Error {
     Config(#[from] weir_core::ConfigError),
     /// The server could not be reached or refused the login.
     #[error(
-        "cannot connect to {target}: {source}; is the server running and is `database.url` (or DATABASE_URL / PG* variables) right?"
+        "cannot connect to {target} (is the server running, and are `database.url`, DATABASE_URL or the PG* variables right?)"
     )]
     Connect {
         /// host:port/database, without credentials.
@@ -22,7 +22,7 @@ pub enum Error {
         source: sqlx::Error,
     },
     /// A query failed.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The log failed.
     #[error(transparent)]
@@ -39,35 +39,17 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the ingest loop should reconnect (true) or stop with this error (false).
+    /// Whether the ingest loop should reconnect (true) or stop with this error (false); database
+    /// errors by [`weir_log::sqlstate::is_transient`].
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Stream(e) => e.is_transient(),
-            Error::Database(e) | Error::Connect { source: e, .. } => is_transient_sql(e),
-            Error::Log(weir_log::Error::Database(e)) => is_transient_sql(e),
+            Error::Database(e) | Error::Connect { source: e, .. } => {
+                weir_log::sqlstate::is_transient(e)
+            }
+            Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
             _ => false,
         }
-    }
-}
-
-/// Connection-level failures and server shutdowns are worth a retry; everything else (bad SQL,
-/// missing objects, permissions) is not. Classified by SQLSTATE class.
-pub(crate) fn is_transient_sql(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // 08 connection exception, 57P admin shutdown / crash, 53 resources, 40 rollbacks.
-            code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53")
-                || code.starts_with("40")
-        }
-        _ => false,
     }
 }
 

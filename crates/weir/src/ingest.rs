@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use weir_core::{Config, Lsn, Transaction};
+use weir_core::{Backoff, Config, Lsn, ProcessId, Transaction};
 use weir_log::Appender;
 use weir_source::assemble::{Assembler, Output, STAGE_CHUNK};
 use weir_source::stream::{Frame, ReplicationStream, StreamOptions};
@@ -68,8 +68,6 @@ impl Item {
 /// they carry (`2 × batch_max_events` permits), so many small transactions can queue up to
 /// make a large append while a few large ones cannot exhaust memory.
 const CHANNEL: usize = 65_536;
-/// First reconnect delay, multiplier and cap.
-const BACKOFF: (Duration, u32, Duration) = (Duration::from_millis(500), 2, Duration::from_secs(10));
 /// Least time between two status updates to the server.
 const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 /// How often a standby tries the lease.
@@ -78,9 +76,16 @@ const LEASE_POLL: Duration = Duration::from_millis(500);
 /// Streams changes into the log until `cancel` fires. Waits as a standby while another process
 /// holds the slot. Returns an error only for problems reconnecting cannot fix (a dropped slot,
 /// a missing publication, refused permissions).
-pub async fn run(config: &Config, pool: &PgPool, cancel: CancellationToken) -> Result<()> {
-    let holder = holder();
-    let mut delay = BACKOFF.0;
+///
+/// `holder` is this process's identity, stored as the lease's holder (`weir status` shows it).
+pub async fn run(
+    config: &Config,
+    pool: &PgPool,
+    holder: &ProcessId,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let backoff = Backoff::RECONNECT;
+    let mut attempt = 0u32;
     while !cancel.is_cancelled() {
         let started = Instant::now();
         let result = async {
@@ -88,33 +93,25 @@ pub async fn run(config: &Config, pool: &PgPool, cancel: CancellationToken) -> R
                 return Ok(());
             };
             tracing::info!(slot = %config.source.slot, %holder, "holding the source lease");
-            session(config, pool, lease, &holder, &cancel).await
+            session(config, pool, lease, holder.as_str(), &cancel).await
         }
         .await;
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                if started.elapsed() > Duration::from_secs(30) {
-                    delay = BACKOFF.0;
-                }
-                tracing::warn!(error = %e, retry_in = ?delay, "ingestion interrupted; reconnecting");
+                // A session that ran a while starts the waits over.
+                attempt = if started.elapsed() > Duration::from_secs(30) { 1 } else { attempt + 1 };
+                let delay = backoff.delay(attempt);
+                tracing::warn!(error = %weir_core::Chain(&e), retry_in = ?delay, "ingestion interrupted; reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * BACKOFF.1).min(BACKOFF.2);
             }
             Err(e) => return Err(e),
         }
     }
     Ok(())
-}
-
-fn holder() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("{host}:{}", std::process::id())
 }
 
 /// Takes the slot's lease: a session advisory lock on a dedicated connection, held for the

@@ -26,7 +26,7 @@
 //! let pool = weir::db::connect(&config).await?;
 //! weir::setup::init(&pool, &config).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
-//! weir::ingest::run(&config, &pool, cancel).await?;
+//! weir::ingest::run(&config, &pool, &weir::ProcessId::generate(), cancel).await?;
 //! # Ok(()) }
 //! ```
 
@@ -45,5 +45,5 @@ pub use weir_consumer::{
     ConsumerSpec, ErrorReporter, HandlerError, Operator, Selector, SqlOperator, TracingReporter,
     process, resume, skip, status as consumer_status,
 };
-pub use weir_core::{Config, Event, Kind, Lsn, Position};
+pub use weir_core::{Config, Event, Kind, Lsn, Position, ProcessId};
 pub use weir_log::{EventFilter, LogReader, Wake};

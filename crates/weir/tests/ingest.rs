@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir::{Config, Event, EventFilter, Kind, LogReader};
 use weir_core::Secret;
-use weir_testkit::{Cluster, Options, StopMode};
+use weir_testkit::{Cluster, Options, StopMode, eventually};
 
 struct Harness {
     pool: PgPool,
@@ -35,8 +35,9 @@ impl Harness {
     fn start(&mut self) {
         self.cancel = CancellationToken::new();
         let (config, pool, cancel) = (self.config.clone(), self.pool.clone(), self.cancel.clone());
-        self.ingest =
-            Some(tokio::spawn(async move { weir::ingest::run(&config, &pool, cancel).await }));
+        self.ingest = Some(tokio::spawn(async move {
+            weir::ingest::run(&config, &pool, &weir::ProcessId::generate(), cancel).await
+        }));
     }
 
     async fn stop(&mut self) {
@@ -60,18 +61,13 @@ impl Harness {
 
     /// Waits until the log holds `n` events (and a moment more to catch extras).
     async fn wait_for(&self, n: i64, timeout: Duration) -> Vec<Event> {
-        let deadline = Instant::now() + timeout;
-        while self.head().await < n {
+        eventually(&format!("{n} events in the log"), timeout, || async {
             if let Some(h) = &self.ingest {
                 assert!(!h.is_finished(), "ingestion stopped early");
             }
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} events after {timeout:?}",
-                self.head().await
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            self.head().await >= n
+        })
+        .await;
         self.events().await
     }
 
