@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
-use weir_core::Config;
+use weir_core::{Config, ProcessId};
 
 use crate::{Error, Result, db};
 
@@ -101,7 +101,7 @@ impl WeirBuilder {
         }
         let mut consumers = self.consumers;
         for op in &config.operators {
-            let prepared = SqlOperator::prepare(&pool, op).await.map_err(consumer_error)?;
+            let prepared = SqlOperator::prepare(&pool, op).await?;
             let mut spec =
                 ConsumerSpec::new(op.name.clone(), Arc::new(prepared), &config.consumers);
             spec.ordering = op.ordering.unwrap_or(spec.ordering);
@@ -115,10 +115,18 @@ impl WeirBuilder {
         let engine = if consumers.is_empty() {
             None
         } else {
+            // One identity per `weir run` (to be shared with ingestion and jobs).
+            let process = ProcessId::generate();
             Some(
-                Engine::start(pool.clone(), consumers, wake.clone(), self.reporter, cancel.clone())
-                    .await
-                    .map_err(consumer_error)?,
+                Engine::start(
+                    pool.clone(),
+                    consumers,
+                    wake.clone(),
+                    self.reporter,
+                    &process,
+                    cancel.clone(),
+                )
+                .await?,
             )
         };
         let ingest = self.ingest.then(|| {
@@ -127,13 +135,6 @@ impl WeirBuilder {
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
         Ok(Running { cancel, pool, wake, ingest, engine, retention })
-    }
-}
-
-fn consumer_error(e: weir_consumer::Error) -> Error {
-    match e {
-        weir_consumer::Error::Database(e) => Error::Database(e),
-        other => Error::Setup(other.to_string()),
     }
 }
 
@@ -185,7 +186,7 @@ impl Running {
             self.cancel.cancelled().await;
         }
         if let Some(engine) = self.engine.take() {
-            let r = engine.wait().await.map_err(consumer_error);
+            let r = engine.wait().await.map_err(Error::from);
             if first.is_ok() {
                 first = r;
             }

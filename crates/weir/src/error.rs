@@ -27,6 +27,9 @@ pub enum Error {
     /// The log failed.
     #[error(transparent)]
     Log(#[from] weir_log::Error),
+    /// The consumer engine failed, or an operator is configured wrongly.
+    #[error(transparent)]
+    Consumer(#[from] weir_consumer::Error),
     /// The replication stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
@@ -45,6 +48,7 @@ impl Error {
             Error::Stream(e) => e.is_transient(),
             Error::Database(e) | Error::Connect { source: e, .. } => is_transient_sql(e),
             Error::Log(weir_log::Error::Database(e)) => is_transient_sql(e),
+            Error::Consumer(e) => e.is_transient(),
             _ => false,
         }
     }
