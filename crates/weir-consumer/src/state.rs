@@ -46,7 +46,8 @@ macro_rules! text_enum {
 
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
+                // `pad`, not `write_str`: `{:<8}` in `weir status` aligns the columns.
+                f.pad(self.as_str())
             }
         }
 
@@ -133,6 +134,7 @@ mod tests {
             assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(s.as_str()));
         }
         assert_eq!(ConsumerState::Halted.to_string(), "halted");
+        assert_eq!(format!("{:<8}|", LaneState::Idle), "idle    |");
         assert_eq!("park".parse::<Outcome>(), Ok(Outcome::Park));
         assert!("parked".parse::<Outcome>().is_err());
     }
