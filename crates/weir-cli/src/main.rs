@@ -416,7 +416,7 @@ async fn weir_consumer_resume(pool: &sqlx::PgPool, name: &str) -> anyhow::Result
         .into_iter()
         .find(|c| c.name == name)
         .with_context(|| format!("no consumer named `{name}`; `weir status` lists them"))?;
-    if halted.state != "halted" {
+    if halted.state != weir::ConsumerState::Halted {
         anyhow::bail!("consumer `{name}` is not halted (it is {})", halted.state);
     }
     weir::resume(pool, name).await?;

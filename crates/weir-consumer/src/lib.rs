@@ -27,17 +27,27 @@
 //!
 //! Operators are one face of this engine ([`Operator`], [`SqlOperator`]); subscriptions will be
 //! another (a non-transactional handler with the same lanes and checkpoints).
+//!
+//! Modules, in the order of the data flow: `engine` (specs, start and stop), `supervisor`
+//! (leases, rebalancing), `lane` (the lane task: read, route, handle, retry, halt, skip,
+//! park), `route` (key → lane), `store` (all the SQL), and the read side: [`status`],
+//! [`process`], [`state`].
 
 mod engine;
+mod lane;
 mod operator;
 pub mod process;
+mod route;
 mod sql_operator;
+pub mod state;
 pub mod status;
 mod store;
+mod supervisor;
 
 pub use engine::{ConsumerSpec, Engine, ErrorReporter, TracingReporter};
-pub use operator::{HandlerError, Operator, Selector};
+pub use operator::{BoxError, Operator, OperatorError, Selector};
 pub use sql_operator::SqlOperator;
+pub use state::{ConsumerState, LaneState, Outcome};
 
 /// What can go wrong in the engine itself (a handler's failure is not an error here: it is
 /// retried and then halted, skipped or parked).
@@ -45,17 +55,70 @@ pub use sql_operator::SqlOperator;
 #[non_exhaustive]
 pub enum Error {
     /// The database failed.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] sqlx::Error),
     /// Reading the log failed.
     #[error(transparent)]
     Log(#[from] weir_log::Error),
-    /// A consumer or operator is configured wrongly; the message names it and the fix.
-    #[error("{0}")]
-    Config(String),
+    /// An operator is configured wrongly; `problem` says what and how to fix it.
+    #[error("operator `{consumer}`: {problem}")]
+    Config {
+        /// The operator (consumer) name.
+        consumer: String,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+    /// One of an operator's statements does not prepare (bad SQL, a missing table).
+    #[error("operator `{consumer}`: the {statement} does not prepare")]
+    Prepare {
+        /// The operator (consumer) name.
+        consumer: String,
+        /// Which statement (`sql`, `delete_with statement`).
+        statement: &'static str,
+        /// The server's answer.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The configured lane count differs from the one the consumer was created with.
+    #[error(
+        "consumer `{consumer}` has {stored} lanes in the database and {configured} configured; \
+         changing the lane count would reorder keys. Keep {stored}, or pick a new consumer name"
+    )]
+    LanesChanged {
+        /// The consumer.
+        consumer: String,
+        /// Lanes in the database.
+        stored: i32,
+        /// Lanes configured.
+        configured: i32,
+    },
+    /// `skip` asked of a consumer that is not halted.
+    #[error("consumer `{consumer}` is not halted (it is {state})")]
+    NotHalted {
+        /// The consumer.
+        consumer: String,
+        /// Its state.
+        state: ConsumerState,
+    },
+    /// The supervisor task panicked (a bug); the message is the panic's.
+    #[error("the consumer supervisor panicked: {0}")]
+    SupervisorPanicked(String),
     /// No consumer by that name.
     #[error("no consumer named `{0}`; `weir status` lists them")]
     UnknownConsumer(String),
+}
+
+impl Error {
+    /// Whether trying again later may succeed (the database was away), by
+    /// [`weir_log::sqlstate::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) | Error::Log(weir_log::Error::Database(e)) => {
+                weir_log::sqlstate::is_transient(e)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// `Result` with the consumer [`Error`].
@@ -84,11 +147,11 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
 /// Skips the event a halted consumer stopped on (recorded as skipped) and resumes after it.
 /// Returns the skipped position.
 pub async fn skip(pool: &sqlx::PgPool, name: &str) -> Result<i64> {
-    store::skip_halted(pool, name).await
+    store::consumer::skip_halted(pool, name).await
 }
 
 /// Resumes a halted consumer at the event it halted on. Returns false, changing nothing, when
 /// it was not halted.
 pub async fn resume(pool: &sqlx::PgPool, name: &str) -> Result<bool> {
-    store::resume(pool, name).await
+    store::consumer::resume(pool, name).await
 }

@@ -1,12 +1,20 @@
 //! What user code implements: an operator reacts to events inside a database transaction.
+//!
+//! Users write `async fn handle` and answer with control flow ([`OperatorError`]): retry
+//! (after the consumer's backoff, or after a given wait), skip, or park. The engine keeps
+//! operators as `Arc<dyn ErasedOperator>`, a boxed-future twin of the trait implemented for
+//! every [`Operator`], so no user ever writes `Box::pin`.
+
+use std::future::Future;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use weir_core::{Event, Kind};
 use weir_log::EventFilter;
 
-/// A handler's failure: any error. It is retried, then halted, skipped or parked.
-pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+/// A boxed error from user code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Which events a consumer receives. Empty lists match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,20 +35,27 @@ impl Selector {
 /// event's effect lands exactly once.
 ///
 /// ```no_run
-/// use futures::future::BoxFuture;
-/// use weir_consumer::{HandlerError, Operator, Selector};
+/// use std::time::Duration;
+/// use weir_consumer::{Operator, OperatorError, Selector};
 ///
 /// struct CountPosts;
 /// impl Operator for CountPosts {
 ///     fn selector(&self) -> Selector {
 ///         Selector { entities: vec!["posts".into()], kinds: vec![weir_core::Kind::Insert] }
 ///     }
-///     fn handle<'a>(&'a self, tx: &'a mut sqlx::PgConnection, _e: &'a weir_core::Event)
-///         -> BoxFuture<'a, Result<(), HandlerError>> {
-///         Box::pin(async move {
-///             sqlx::query("update stats set posts = posts + 1").execute(tx).await?;
-///             Ok(())
-///         })
+///     async fn handle(
+///         &self,
+///         tx: &mut sqlx::PgConnection,
+///         event: &weir_core::Event,
+///     ) -> Result<(), OperatorError> {
+///         if event.new_record.is_none() {
+///             return Err(OperatorError::skip("an insert without its row"));
+///         }
+///         sqlx::query("update stats set posts = posts + 1")
+///             .execute(tx)
+///             .await
+///             .map_err(|e| OperatorError::retry_after(Duration::from_secs(1), e))?;
+///         Ok(())
 ///     }
 /// }
 /// ```
@@ -50,14 +65,99 @@ pub trait Operator: Send + Sync + 'static {
 
     /// The key whose events must stay in order (they go to one lane). Defaults to the event's
     /// primary key. An error fails the event (and goes through the retry policy).
-    fn partition_key(&self, event: &Event) -> Result<String, HandlerError> {
+    fn partition_key(&self, event: &Event) -> Result<String, BoxError> {
         Ok(event.key.to_string())
     }
 
-    /// Handles one event inside `tx`. Do not commit or roll back `tx`.
+    /// Handles one event inside `tx`. Do not commit or roll back `tx`. Any error (`?`) is
+    /// retried with the consumer's backoff; [`OperatorError`] says otherwise.
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+    ) -> impl Future<Output = Result<(), OperatorError>> + Send;
+}
+
+/// How handling an event failed, and what to do about it. Any `std::error::Error` converts
+/// into a plain retry with `?`.
+///
+/// | constructor | what happens |
+/// |---|---|
+/// | [`retry`](Self::retry) (or `?`) | tried again after the consumer's backoff; after `max_retries` the consumer's `on_exhausted` applies |
+/// | [`retry_after`](Self::retry_after) | the same, after the given wait instead of the backoff (still counts against `max_retries`) |
+/// | [`skip`](Self::skip) | recorded as skipped; the consumer moves on at once |
+/// | [`park`](Self::park) | parked at once; the key's later events wait behind it (whatever `on_exhausted` says) until it is retried or discarded |
+#[derive(Debug)]
+pub struct OperatorError {
+    pub(crate) error: BoxError,
+    pub(crate) action: Action,
+}
+
+/// What an [`OperatorError`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    Retry { after: Option<Duration> },
+    Skip,
+    Park,
+}
+
+impl OperatorError {
+    /// The attempt failed: retry after the consumer's backoff.
+    pub fn retry(error: impl Into<BoxError>) -> Self {
+        Self { error: error.into(), action: Action::Retry { after: None } }
+    }
+
+    /// The attempt failed: retry after `after` instead of the backoff.
+    pub fn retry_after(after: Duration, error: impl Into<BoxError>) -> Self {
+        Self { error: error.into(), action: Action::Retry { after: Some(after) } }
+    }
+
+    /// The event can never succeed and may be dropped: record it as skipped and move on.
+    pub fn skip(error: impl Into<BoxError>) -> Self {
+        Self { error: error.into(), action: Action::Skip }
+    }
+
+    /// The event cannot succeed now: park it, and its key's later events behind it.
+    pub fn park(error: impl Into<BoxError>) -> Self {
+        Self { error: error.into(), action: Action::Park }
+    }
+}
+
+impl std::fmt::Display for OperatorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for OperatorError {
+    fn from(error: E) -> Self {
+        Self::retry(error)
+    }
+}
+
+/// [`Operator`] with its future boxed, so the engine can hold any operator behind one `dyn`.
+pub(crate) trait ErasedOperator: Send + Sync + 'static {
+    fn selector(&self) -> Selector;
+    fn partition_key(&self, event: &Event) -> Result<String, BoxError>;
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
         event: &'a Event,
-    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+    ) -> BoxFuture<'a, Result<(), OperatorError>>;
+}
+
+impl<O: Operator> ErasedOperator for O {
+    fn selector(&self) -> Selector {
+        Operator::selector(self)
+    }
+    fn partition_key(&self, event: &Event) -> Result<String, BoxError> {
+        Operator::partition_key(self, event)
+    }
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        event: &'a Event,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(Operator::handle(self, tx, event))
+    }
 }

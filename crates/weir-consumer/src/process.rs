@@ -10,51 +10,22 @@
 //! in the log, no change of `entity` with a timestamp at or below `ts` lies beyond the watermark
 //! of a consumer listening to it, and none is parked. An entity no consumer listens to counts as
 //! processed once logged.
+//!
+//! The `processed` channel (weir-server) walks the log behind the watermarks with
+//! [`watermarks`] and [`processed_events`].
 
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use weir_core::Lsn;
+use weir_core::{Lsn, Position};
 
-use crate::Result;
-
-/// The event's timestamp as SQL, for `e` joined with its relation `r`; `$2` is the column name.
-const TS: &str = "coalesce(
-        case when r.columns ->> $2 in ('timestamptz', 'timestamp')
-             then (coalesce(e.new_record, e.old_record) ->> $2)::timestamptz end,
-        e.commit_ts)";
-
-/// Consumers listening to `$1` and their watermarks.
-const WATERMARKS: &str = "select k.name, min(c.position) as w
-        from weir.consumers k join weir.checkpoints c on c.consumer = k.name
-        where $1 = any(k.entities) or cardinality(k.entities) = 0
-        group by k.name";
-
-fn us(ts: chrono::DateTime<chrono::Utc>) -> i64 {
-    ts.timestamp_micros()
-}
-
-/// How many recent events of an entity the timestamp look-ups scan (newest first).
-const RECENT: i64 = 100_000;
+use crate::{Result, store};
 
 /// The newest timestamp (µs since the Unix epoch) among the recent events of `entity` handled
 /// by every consumer listening to it; `None` when there is none.
 pub async fn last_processed(pool: &PgPool, entity: &str, column: &str) -> Result<Option<i64>> {
-    let sql = format!(
-        "with w as ({WATERMARKS})
-         select max(ts) from (
-             select {TS} as ts from weir.events e left join weir.relations r on r.id = e.relation_id
-             where e.entity = $1
-               and e.position <= coalesce((select min(w) from w), (select max(position) from weir.source_state))
-             order by e.position desc limit {RECENT}
-         ) x"
-    );
-    let ts: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(entity)
-        .bind(column)
-        .fetch_one(pool)
-        .await?;
-    Ok(ts.map(us))
+    let ts = store::process::last_processed(pool, entity, column).await?;
+    Ok(ts.map(|ts| ts.timestamp_micros()))
 }
 
 /// Whether every change of `entity` with a timestamp at or below `ts_us` (µs since the Unix
@@ -65,30 +36,7 @@ pub async fn last_processed(pool: &PgPool, entity: &str, column: &str) -> Result
 /// below `ts_us` lies beyond the watermark of a consumer listening to it, and none is parked.
 /// Timestamps need not rise with log position (an update may carry an older `updated_at`).
 pub async fn processed(pool: &PgPool, entity: &str, ts_us: i64, column: &str) -> Result<bool> {
-    let sql = format!(
-        "with w as ({WATERMARKS})
-         select exists (
-             select 1 from (
-                 select {TS} as ts from weir.events e left join weir.relations r on r.id = e.relation_id
-                 where e.entity = $1 order by e.position desc limit {RECENT}
-             ) x where x.ts >= timestamptz 'epoch' + $3 * interval '1 microsecond'
-         ) and not exists (
-             select 1 from w join weir.events e on e.entity = $1 and e.position > w.w
-             left join weir.relations r on r.id = e.relation_id
-             where {TS} <= timestamptz 'epoch' + $3 * interval '1 microsecond'
-         ) and not exists (
-             select 1 from weir.parked p join w on p.consumer = w.name
-             join weir.events e on e.position = p.position
-             left join weir.relations r on r.id = e.relation_id
-             where p.entity = $1 and {TS} <= timestamptz 'epoch' + $3 * interval '1 microsecond'
-         )"
-    );
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(entity)
-        .bind(column)
-        .bind(ts_us as f64)
-        .fetch_one(pool)
-        .await?)
+    store::process::processed(pool, entity, ts_us, column).await
 }
 
 /// The WAL position up to which every logged change has been handled by every consumer: a
@@ -96,14 +44,8 @@ pub async fn processed(pool: &PgPool, entity: &str, ts_us: i64, column: &str) ->
 /// `pg_current_wal_lsn()`: with `synchronous_commit = off` that write position can still be
 /// behind the commit that just returned.)
 pub async fn processed_lsn(pool: &PgPool) -> Result<Lsn> {
-    let row: (Option<String>, Option<String>) = sqlx::query_as(
-        "with m as (select min(w) as w from (select min(position) as w from weir.checkpoints group by consumer) x)
-         select (select (e.lsn - 1)::text from weir.events e, m where e.position > m.w order by e.position limit 1),
-                (select max(greatest(lsn, coalesce(confirmed_lsn, lsn)))::text from weir.source_state)",
-    )
-    .fetch_one(pool)
-    .await?;
-    let pick = row.0.or(row.1).unwrap_or_else(|| "0/0".into());
+    let (beyond, source) = store::process::processed_lsn(pool).await?;
+    let pick = beyond.or(source).unwrap_or_else(|| "0/0".into());
     Ok(pick.parse().unwrap_or(Lsn::ZERO))
 }
 
@@ -121,18 +63,68 @@ pub async fn wait_for(pool: &PgPool, lsn: Lsn, timeout: Duration) -> Result<bool
     }
 }
 
+/// The log head and every consumer's watermark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watermarks {
+    /// The log's head position.
+    pub head: Position,
+    /// Each consumer's watermark, sorted.
+    pub consumers: Vec<ConsumerWatermark>,
+}
+
+/// What one consumer listens to and how far it has handled all of it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConsumerWatermark {
+    /// The entities it listens to (empty: all).
+    pub entities: Vec<String>,
+    /// Every event it selects at or below this position is handled.
+    pub watermark: Position,
+}
+
+impl ConsumerWatermark {
+    /// Whether this consumer listens to `entity`.
+    pub fn listens_to(&self, entity: &str) -> bool {
+        self.entities.is_empty() || self.entities.iter().any(|e| e == entity)
+    }
+}
+
+/// The watermarks; `None` when the consumer tables (or the log) do not exist yet.
+pub async fn watermarks(pool: &PgPool) -> Result<Option<Watermarks>> {
+    store::process::watermarks(pool).await
+}
+
+/// A logged event as the `processed` channel announces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedEvent {
+    /// Log position.
+    pub position: Position,
+    /// Entity.
+    pub entity: String,
+    /// Primary key.
+    pub key: serde_json::Value,
+    /// Kind (`insert`, …).
+    pub kind: String,
+    /// The commit's LSN.
+    pub lsn: String,
+    /// Whether a consumer ever parked it: read from the failures (outcome `park`), which are
+    /// never deleted, not from `weir.parked`, whose row goes when the event is retried or
+    /// discarded — so the live tail and a later replay agree on whether it is announced.
+    pub parked: bool,
+}
+
+/// Logged events in (`after`, `upto`], at most `limit`, oldest first, with their parked flag.
+pub async fn processed_events(
+    pool: &PgPool,
+    after: Position,
+    upto: Position,
+    limit: i64,
+) -> Result<Vec<ProcessedEvent>> {
+    store::process::processed_events(pool, after, upto, limit).await
+}
+
 /// For tests: forgets recorded failures and parked events and moves every checkpoint to the
 /// log's head, so everything logged so far counts as processed.
+#[cfg(feature = "testing")]
 pub async fn reset(pool: &PgPool) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("delete from weir.parked").execute(&mut *tx).await?;
-    sqlx::query("delete from weir.consumer_failures").execute(&mut *tx).await?;
-    sqlx::query(
-        "update weir.checkpoints set position = greatest(position,
-             coalesce((select max(position) from weir.source_state), 0))",
-    )
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
+    store::process::reset(pool).await
 }

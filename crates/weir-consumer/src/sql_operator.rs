@@ -23,12 +23,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use futures::future::BoxFuture;
 use serde_json::Value;
 use sqlx::{Executor, PgConnection, PgPool, TypeInfo};
 use weir_core::{Event, Kind, OperatorConfig};
 
-use crate::{Error, HandlerError, Operator, Result, Selector};
+use crate::{BoxError, Error, Operator, OperatorError, Result, Selector};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyType {
@@ -81,11 +80,16 @@ async fn columns(pool: &PgPool, entity: &str) -> Result<Vec<String>> {
     .await?)
 }
 
-async fn param_type(pool: &PgPool, op: &str, what: &str, sql: &str) -> Result<KeyType> {
+/// An operator configured wrongly: `problem` says what, and the fix.
+fn misconfigured(op: &str, problem: String) -> Error {
+    Error::Config { consumer: op.to_string(), problem }
+}
+
+async fn param_type(pool: &PgPool, op: &str, what: &'static str, sql: &str) -> Result<KeyType> {
     let described = pool
         .describe(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.to_string())))
         .await
-        .map_err(|e| Error::Config(format!("operator `{op}`: the {what} does not prepare: {e}")))?;
+        .map_err(|source| Error::Prepare { consumer: op.to_string(), statement: what, source })?;
     let params = match described.parameters() {
         Some(sqlx::Either::Left(types)) => {
             types.iter().map(|t| t.name().to_string()).collect::<Vec<_>>()
@@ -94,16 +98,22 @@ async fn param_type(pool: &PgPool, op: &str, what: &str, sql: &str) -> Result<Ke
     };
     match params.as_slice() {
         [one] => KeyType::of(one).ok_or_else(|| {
-            Error::Config(format!(
-                "operator `{op}`: $1 in the {what} has type {one}; keys bind as integer, uuid or text \
+            misconfigured(
+                op,
+                format!(
+                    "$1 in the {what} has type {one}; keys bind as integer, uuid or text \
                  — write `$1::text::{}` to convert",
-                one.to_lowercase()
-            ))
+                    one.to_lowercase()
+                ),
+            )
         }),
-        other => Err(Error::Config(format!(
-            "operator `{op}`: the {what} must take exactly one parameter ($1, the key); it takes {}",
-            other.len()
-        ))),
+        other => Err(misconfigured(
+            op,
+            format!(
+                "the {what} must take exactly one parameter ($1, the key); it takes {}",
+                other.len()
+            ),
+        )),
     }
 }
 
@@ -115,17 +125,21 @@ impl SqlOperator {
         for entity in &config.entities {
             let cols = columns(pool, entity).await?;
             if cols.is_empty() {
-                return Err(Error::Config(format!(
-                    "operator `{op}` listens to `{entity}`, but there is no such table"
-                )));
+                return Err(misconfigured(
+                    op,
+                    format!("it listens to `{entity}`, but there is no such table"),
+                ));
             }
             let column = match config.key.get(entity) {
                 Some(c) => {
                     if !cols.contains(c) {
-                        return Err(Error::Config(format!(
-                            "operator `{op}`: key.{entity} = \"{c}\", but `{entity}` has no column `{c}` (it has {})",
-                            cols.join(", ")
-                        )));
+                        return Err(misconfigured(
+                            op,
+                            format!(
+                                "key.{entity} = \"{c}\", but `{entity}` has no column `{c}` (it has {})",
+                                cols.join(", ")
+                            ),
+                        ));
                     }
                     c.clone()
                 }
@@ -144,10 +158,13 @@ impl SqlOperator {
                     match pk.as_slice() {
                         [one] => one.clone(),
                         _ => {
-                            return Err(Error::Config(format!(
-                                "operator `{op}`: `{entity}` has no one-column primary key; map its key \
+                            return Err(misconfigured(
+                                op,
+                                format!(
+                                    "`{entity}` has no one-column primary key; map its key \
                                  column with `key = {{ {entity} = \"column\" }}`"
-                            )));
+                                ),
+                            ));
                         }
                     }
                 }
@@ -162,10 +179,13 @@ impl SqlOperator {
             let target_key = config.target_key.clone().unwrap_or_else(|| "id".into());
             let cols = columns(pool, &target).await?;
             if !cols.contains(&target_key) {
-                return Err(Error::Config(format!(
-                    "operator `{op}`: delete_with needs the target table `{target}` with a column \
+                return Err(misconfigured(
+                    op,
+                    format!(
+                        "delete_with needs the target table `{target}` with a column \
                      `{target_key}` (set `target` and `target_key`)"
-                )));
+                    ),
+                ));
             }
             let (schema, table) = split(&target);
             let sql = format!(
@@ -193,7 +213,7 @@ impl SqlOperator {
         &self.name
     }
 
-    fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, HandlerError> {
+    fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, BoxError> {
         let column = self.key_columns.get(&event.entity).ok_or_else(|| {
             format!(
                 "operator `{}` got an event of `{}`, which it does not listen to",
@@ -222,24 +242,28 @@ async fn run(
     sql: &str,
     ty: KeyType,
     key: &Value,
-) -> std::result::Result<(), HandlerError> {
+) -> std::result::Result<(), OperatorError> {
     let q = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()));
     let text = match key {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
     let q = match ty {
-        KeyType::Int2 => {
-            q.bind(text.parse::<i16>().map_err(|e| format!("key `{text}` is not an int2: {e}"))?)
-        }
-        KeyType::Int4 => {
-            q.bind(text.parse::<i32>().map_err(|e| format!("key `{text}` is not an int4: {e}"))?)
-        }
-        KeyType::Int8 => {
-            q.bind(text.parse::<i64>().map_err(|e| format!("key `{text}` is not an int8: {e}"))?)
-        }
+        KeyType::Int2 => q.bind(
+            text.parse::<i16>()
+                .map_err(|e| OperatorError::retry(format!("key `{text}` is not an int2: {e}")))?,
+        ),
+        KeyType::Int4 => q.bind(
+            text.parse::<i32>()
+                .map_err(|e| OperatorError::retry(format!("key `{text}` is not an int4: {e}")))?,
+        ),
+        KeyType::Int8 => q.bind(
+            text.parse::<i64>()
+                .map_err(|e| OperatorError::retry(format!("key `{text}` is not an int8: {e}")))?,
+        ),
         KeyType::Uuid => q.bind(
-            text.parse::<uuid::Uuid>().map_err(|e| format!("key `{text}` is not a uuid: {e}"))?,
+            text.parse::<uuid::Uuid>()
+                .map_err(|e| OperatorError::retry(format!("key `{text}` is not a uuid: {e}")))?,
         ),
         KeyType::Text => q.bind(text),
     };
@@ -252,28 +276,26 @@ impl Operator for SqlOperator {
         self.selector.clone()
     }
 
-    fn partition_key(&self, event: &Event) -> std::result::Result<String, HandlerError> {
+    fn partition_key(&self, event: &Event) -> std::result::Result<String, BoxError> {
         Ok(match self.key_value(event)? {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         })
     }
 
-    fn handle<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        event: &'a Event,
-    ) -> BoxFuture<'a, std::result::Result<(), HandlerError>> {
-        Box::pin(async move {
-            let key = self.key_value(event)?.clone();
-            match &self.delete_sql {
-                Some((sql, ty))
-                    if event.kind == Kind::Delete && self.delete_with.contains(&event.entity) =>
-                {
-                    run(tx, sql, *ty, &key).await
-                }
-                _ => run(tx, &self.sql, self.key_type, &key).await,
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+    ) -> std::result::Result<(), OperatorError> {
+        let key = self.key_value(event).map_err(OperatorError::retry)?.clone();
+        match &self.delete_sql {
+            Some((sql, ty))
+                if event.kind == Kind::Delete && self.delete_with.contains(&event.entity) =>
+            {
+                run(tx, sql, *ty, &key).await
             }
-        })
+            _ => run(tx, &self.sql, self.key_type, &key).await,
+        }
     }
 }

@@ -4,7 +4,8 @@
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::Result;
+use crate::state::{ConsumerState, LaneState};
+use crate::{Result, store};
 
 /// One lane.
 #[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
@@ -12,7 +13,7 @@ pub struct LaneStatus {
     /// Lane number.
     pub lane: i32,
     /// `running`, `retrying`, `idle` or `halted`.
-    pub state: String,
+    pub state: LaneState,
     /// Every event of this lane at or below it is handled.
     pub position: i64,
     /// Events in the log after `position` (of any lane).
@@ -35,7 +36,7 @@ pub struct ConsumerStatus {
     /// Name.
     pub name: String,
     /// `running` or `halted`.
-    pub state: String,
+    pub state: ConsumerState,
     /// Where it halted: `{lane, position, attempt, error}`.
     pub halted: Option<serde_json::Value>,
     /// Parked events.
@@ -46,34 +47,7 @@ pub struct ConsumerStatus {
 
 /// The status of every consumer.
 pub async fn consumers(pool: &PgPool) -> Result<Vec<ConsumerStatus>> {
-    let rows: Vec<ConsumerRow> = sqlx::query_as(
-        "select k.name, k.state, k.halted_lane, k.halted_position, k.halted_attempt, k.halted_error,
-                (select count(*) from weir.parked p where p.consumer = k.name)
-         from weir.consumers k order by k.name",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut out = Vec::new();
-    for (name, state, lane, position, attempt, error, parked) in rows {
-        let lanes: Vec<LaneStatus> = sqlx::query_as(
-            "select c.lane, case when k.state = 'halted' then 'halted' else c.status end as state,
-                    c.position,
-                    greatest(coalesce((select max(position) from weir.source_state), 0) - c.position, 0) as lag_events,
-                    coalesce(extract(epoch from now() - (select e.commit_ts from weir.events e
-                        where e.position > c.position order by e.position limit 1))::float8, 0) as lag_seconds,
-                    c.current_position, c.attempt, c.last_error, c.owner
-             from weir.checkpoints c join weir.consumers k on k.name = c.consumer
-             where c.consumer = $1 order by c.lane",
-        )
-        .bind(&name)
-        .fetch_all(pool)
-        .await?;
-        let halted = position.map(|p| {
-            serde_json::json!({"lane": lane, "position": p, "attempt": attempt, "error": error})
-        });
-        out.push(ConsumerStatus { name, state, halted, parked, lanes });
-    }
-    Ok(out)
+    store::status::consumers(pool).await
 }
 
 /// A parked event.
@@ -97,39 +71,15 @@ pub struct Parked {
 
 /// Parked events of `consumer` (or of all), oldest first.
 pub async fn parked(pool: &PgPool, consumer: Option<&str>) -> Result<Vec<Parked>> {
-    Ok(sqlx::query_as(
-        "select consumer, position, partition_key, entity, error, attempts, retry_requested
-         from weir.parked where $1::text is null or consumer = $1 order by consumer, position",
-    )
-    .bind(consumer)
-    .fetch_all(pool)
-    .await?)
+    store::status::parked(pool, consumer).await
 }
 
 /// Asks for parked events to be retried (all of `consumer`'s, or one position). Returns how many.
 pub async fn retry_parked(pool: &PgPool, consumer: &str, position: Option<i64>) -> Result<u64> {
-    Ok(sqlx::query(
-        "update weir.parked set retry_requested = true
-         where consumer = $1 and ($2::bigint is null or position = $2)",
-    )
-    .bind(consumer)
-    .bind(position)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    store::status::request_retry(pool, consumer, position).await
 }
 
 /// Discards parked events (all of `consumer`'s, or one position). Returns how many.
 pub async fn discard_parked(pool: &PgPool, consumer: &str, position: Option<i64>) -> Result<u64> {
-    Ok(sqlx::query(
-        "delete from weir.parked where consumer = $1 and ($2::bigint is null or position = $2)",
-    )
-    .bind(consumer)
-    .bind(position)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    store::status::discard(pool, consumer, position).await
 }
-
-/// name, state, halted lane, position, attempt, error, parked count.
-type ConsumerRow = (String, String, Option<i32>, Option<i64>, Option<i32>, Option<String>, i64);

@@ -7,14 +7,15 @@ use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
-use weir_consumer::{ConsumerSpec, Engine, HandlerError, Operator, Selector, TracingReporter};
+use weir_consumer::{
+    ConsumerSpec, ConsumerState, Engine, Operator, OperatorError, Selector, TracingReporter,
+};
 use weir_core::{
-    Change, ConsumersConfig, Event, Kind, Lsn, OnExhausted, Ordering, RetryConfig, Source,
-    Transaction,
+    Change, ConsumersConfig, Event, Kind, Lsn, OnExhausted, Ordering, ProcessId, RetryConfig,
+    Source, Transaction,
 };
 use weir_log::{Appender, Wake};
 
@@ -86,10 +87,14 @@ impl Log {
 /// Decides whether attempt `n` at an event fails, and with what message (`"panic"` panics).
 type FailFn = dyn Fn(&Event, u32) -> Option<String> + Send + Sync;
 
+/// Turns a failure's message into the handler's answer (a plain retry unless told).
+type AnswerFn = dyn Fn(String) -> OperatorError + Send + Sync;
+
 /// Records (key, position) in the handler's transaction; fails per `fail`.
 struct Recorder {
     name: &'static str,
     fail: Box<FailFn>,
+    answer: Box<AnswerFn>,
     attempts: Mutex<std::collections::HashMap<i64, u32>>,
     calls: AtomicU32,
 }
@@ -99,12 +104,28 @@ impl Recorder {
         name: &'static str,
         fail: impl Fn(&Event, u32) -> Option<String> + Send + Sync + 'static,
     ) -> Arc<Self> {
+        Self::answering(name, OperatorError::retry, fail)
+    }
+
+    /// A recorder whose failures answer with `answer` (skip, park, retry after…).
+    fn answering(
+        name: &'static str,
+        answer: impl Fn(String) -> OperatorError + Send + Sync + 'static,
+        fail: impl Fn(&Event, u32) -> Option<String> + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name,
             fail: Box::new(fail),
+            answer: Box::new(answer),
             attempts: Mutex::default(),
             calls: AtomicU32::new(0),
         })
+    }
+
+    /// How many times the handler ran for `position` (a failed group runs it once more: the
+    /// engine then handles the group's events one by one to isolate the failure).
+    fn attempts_at(&self, position: i64) -> u32 {
+        self.attempts.lock().unwrap().get(&position).copied().unwrap_or(0)
     }
 }
 
@@ -112,41 +133,35 @@ impl Operator for Recorder {
     fn selector(&self) -> Selector {
         Selector { entities: vec!["items".into()], kinds: vec![] }
     }
-    fn handle<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        e: &'a Event,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            self.calls.fetch_add(1, AtomicOrdering::Relaxed);
-            let attempt = {
-                let mut a = self.attempts.lock().unwrap();
-                let n = a.entry(e.position).or_insert(0);
-                *n += 1;
-                *n
-            };
-            let k = e.key["k"].as_i64().unwrap() as i32;
-            // The write happens first: a failure after it must roll it back.
-            sqlx::query("insert into handled (consumer, k, position) values ($1, $2, $3)")
-                .bind(self.name)
-                .bind(k)
-                .bind(e.position)
-                .execute(&mut *tx)
-                .await?;
-            if let Some(msg) = (self.fail)(e, attempt) {
-                if msg == "panic" {
-                    panic!("the handler panicked on purpose");
-                }
-                return Err(msg.into());
+    async fn handle(&self, tx: &mut PgConnection, e: &Event) -> Result<(), OperatorError> {
+        self.calls.fetch_add(1, AtomicOrdering::Relaxed);
+        let attempt = {
+            let mut a = self.attempts.lock().unwrap();
+            let n = a.entry(e.position).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let k = e.key["k"].as_i64().unwrap() as i32;
+        // The write happens first: a failure after it must roll it back.
+        sqlx::query("insert into handled (consumer, k, position) values ($1, $2, $3)")
+            .bind(self.name)
+            .bind(k)
+            .bind(e.position)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(msg) = (self.fail)(e, attempt) {
+            if msg == "panic" {
+                panic!("the handler panicked on purpose");
             }
-            Ok(())
-        })
+            return Err((self.answer)(msg));
+        }
+        Ok(())
     }
 }
 
 fn spec(
     name: &str,
-    op: Arc<dyn Operator>,
+    op: Arc<impl Operator>,
     lanes: u32,
     on_exhausted: OnExhausted,
     retries: u32,
@@ -165,17 +180,28 @@ fn spec(
     s
 }
 
+/// Waits until `sql` (a count) returns `want`.
 async fn wait(pool: &PgPool, what: &str, sql: &str, want: i64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
+    weir_testkit::eventually(&format!("{what} = {want}"), timeout, || async {
         let got: i64 =
             sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(pool).await.unwrap();
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {got}, want {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        got == want
+    })
+    .await;
+}
+
+/// Starts an engine as a process of its own (two engines in one test are two processes).
+async fn start(log: &Log, specs: Vec<ConsumerSpec>, cancel: &CancellationToken) -> Engine {
+    Engine::start(
+        log.pool.clone(),
+        specs,
+        log.wake(cancel),
+        Arc::new(TracingReporter),
+        &ProcessId::generate(),
+        cancel.clone(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Every position handled exactly once (committed), and per key in increasing position order.
@@ -212,7 +238,7 @@ proptest::proptest! {
                 let p = e.position as u64;
                 (attempt == 1 && p.is_multiple_of(fail_every)).then(|| if p.is_multiple_of(fail_every * 2) { "panic".into() } else { "boom".into() })
             });
-            let engine = Engine::start(log.pool.clone(), vec![spec("prop", op, lanes, OnExhausted::Halt, 3)], log.wake(&cancel), Arc::new(TracingReporter), cancel.clone()).await.unwrap();
+            let engine = start(&log, vec![spec("prop", op, lanes, OnExhausted::Halt, 3)], &cancel).await;
             // Events arrive while the engine runs, in small transactions.
             for chunk in keys.chunks(7) {
                 log.append(chunk, 0).await;
@@ -235,15 +261,8 @@ async fn halt_stops_at_the_poison_event_and_resume_continues_there() {
     let op = Recorder::new("halter", move |e, _| {
         (e.position == 3 && p2.load(AtomicOrdering::SeqCst)).then(|| "poison".into())
     });
-    let engine = Engine::start(
-        log.pool.clone(),
-        vec![spec("halter", op.clone(), 1, OnExhausted::Halt, 2)],
-        log.wake(&cancel),
-        Arc::new(TracingReporter),
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
+    let engine =
+        start(&log, vec![spec("halter", op.clone(), 1, OnExhausted::Halt, 2)], &cancel).await;
     log.append(&[1, 2, 3, 4, 5], 0).await;
     wait(
         &log.pool,
@@ -261,7 +280,7 @@ async fn halt_stops_at_the_poison_event_and_resume_continues_there() {
     assert_eq!((pos, attempt), (3, 3), "1 try + 2 retries, at the poison event");
     assert!(error.contains("poison"));
     let status = weir_consumer::status::consumers(&log.pool).await.unwrap();
-    assert_eq!(status[0].state, "halted");
+    assert_eq!(status[0].state, ConsumerState::Halted);
     assert_eq!(status[0].lanes[0].position, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let handled: i64 =
@@ -285,15 +304,7 @@ async fn skip_records_and_moves_on_and_retry_delays_follow_the_policy() {
     let mut log = Log::new(&db).await;
     let cancel = CancellationToken::new();
     let op = Recorder::new("skipper", |e, _| (e.position == 2).then(|| "always".into()));
-    let engine = Engine::start(
-        log.pool.clone(),
-        vec![spec("skipper", op, 1, OnExhausted::Skip, 3)],
-        log.wake(&cancel),
-        Arc::new(TracingReporter),
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
+    let engine = start(&log, vec![spec("skipper", op, 1, OnExhausted::Skip, 3)], &cancel).await;
     log.append(&[1, 2, 3], 0).await;
     wait(&log.pool, "handled", "select count(*) from handled", 2, Duration::from_secs(20)).await;
     wait(
@@ -334,15 +345,7 @@ async fn park_sets_aside_a_key_and_keeps_other_keys_flowing() {
     let op = Recorder::new("parker", move |e, _| {
         (e.key["k"] == 7 && b2.load(AtomicOrdering::SeqCst)).then(|| "bad key".into())
     });
-    let engine = Engine::start(
-        log.pool.clone(),
-        vec![spec("parker", op, 4, OnExhausted::Park, 1)],
-        log.wake(&cancel),
-        Arc::new(TracingReporter),
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
+    let engine = start(&log, vec![spec("parker", op, 4, OnExhausted::Park, 1)], &cancel).await;
     log.append(&[1, 7, 2], 0).await; // positions 1, 2 (k=7), 3
     log.append(&[7, 3], 0).await; // position 4 (k=7, parked behind 2), 5
     wait(&log.pool, "handled", "select count(*) from handled", 3, Duration::from_secs(20)).await;
@@ -367,6 +370,127 @@ async fn park_sets_aside_a_key_and_keeps_other_keys_flowing() {
     engine.stop().await.unwrap();
 }
 
+/// The outcomes recorded for `position`, oldest first, with the wait before each (ms).
+async fn outcomes_at(pool: &PgPool, position: i64) -> Vec<(String, f64)> {
+    let rows: Vec<(String, Option<f64>)> = sqlx::query_as(
+        "select outcome, extract(epoch from at - lag(at) over (order by id))::float8 * 1000
+         from weir.consumer_failures where position = $1 order by id",
+    )
+    .bind(position)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(o, d)| (o, d.unwrap_or(0.0))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_waits_the_given_time_and_still_counts_against_max_retries() {
+    let db = weir_testkit::shared().database("retry_after").unwrap();
+    let mut log = Log::new(&db).await;
+    let cancel = CancellationToken::new();
+    let op = Recorder::answering(
+        "waiter",
+        |m| OperatorError::retry_after(Duration::from_millis(300), m),
+        |e, _| (e.position == 2).then(|| "not yet".into()),
+    );
+    // The backoff would wait 20 ms, 40 ms; the handler asks for 300 ms each time.
+    let engine =
+        start(&log, vec![spec("waiter", op.clone(), 1, OnExhausted::Skip, 2)], &cancel).await;
+    log.append(&[1, 2, 3], 0).await;
+    wait(&log.pool, "handled", "select count(*) from handled", 2, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "checkpoint",
+        "select max(position) from weir.checkpoints where consumer = 'waiter'",
+        3,
+        Duration::from_secs(20),
+    )
+    .await;
+    let outcomes = outcomes_at(&log.pool, 2).await;
+    let kinds: Vec<&str> = outcomes.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(kinds, vec!["retry", "retry", "skip"], "1 try + 2 retries, then on_exhausted");
+    for (i, (_, got)) in outcomes.iter().enumerate().skip(1) {
+        assert!(*got >= 270.0, "wait before attempt {}: {got:.1} ms, want ≥ 300 ms", i + 1);
+    }
+    engine.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_from_the_handler_moves_on_at_once_without_retries() {
+    let db = weir_testkit::shared().database("skip_now").unwrap();
+    let mut log = Log::new(&db).await;
+    let cancel = CancellationToken::new();
+    let op = Recorder::answering("skipnow", OperatorError::skip, |e, _| {
+        (e.position == 2).then(|| "unusable".into())
+    });
+    // The consumer's own policy would retry 5 times and then halt.
+    let engine =
+        start(&log, vec![spec("skipnow", op.clone(), 1, OnExhausted::Halt, 5)], &cancel).await;
+    log.append(&[1, 2, 3], 0).await;
+    wait(&log.pool, "handled", "select count(*) from handled", 2, Duration::from_secs(20)).await;
+    wait(
+        &log.pool,
+        "checkpoint",
+        "select max(position) from weir.checkpoints where consumer = 'skipnow'",
+        3,
+        Duration::from_secs(20),
+    )
+    .await;
+    let kinds: Vec<String> = outcomes_at(&log.pool, 2).await.into_iter().map(|(o, _)| o).collect();
+    assert_eq!(kinds, vec!["skip"], "skipped at once: no retries");
+    let status = weir_consumer::status::consumers(&log.pool).await.unwrap();
+    assert_eq!(status[0].state, ConsumerState::Running, "not halted");
+    engine.stop().await.unwrap();
+}
+
+/// A handler parks key 7 while `broken`; the consumer's own policy is `on_exhausted`.
+async fn park_from_the_handler(on_exhausted: OnExhausted, db: &str) {
+    let db = weir_testkit::shared().database(db).unwrap();
+    let mut log = Log::new(&db).await;
+    let cancel = CancellationToken::new();
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let b2 = broken.clone();
+    let op = Recorder::answering("parknow", OperatorError::park, move |e, _| {
+        (e.key["k"] == 7 && b2.load(AtomicOrdering::SeqCst)).then(|| "bad key".into())
+    });
+    let engine = start(&log, vec![spec("parknow", op.clone(), 4, on_exhausted, 3)], &cancel).await;
+    log.append(&[1, 7, 2], 0).await; // positions 1, 2 (k=7), 3
+    log.append(&[7, 3], 0).await; // position 4 (k=7, must wait behind 2), 5
+    wait(&log.pool, "handled", "select count(*) from handled", 3, Duration::from_secs(20)).await;
+    wait(&log.pool, "parked", "select count(*) from weir.parked", 2, Duration::from_secs(20)).await;
+    let parked = weir_consumer::status::parked(&log.pool, Some("parknow")).await.unwrap();
+    assert_eq!(parked.iter().map(|p| p.position).collect::<Vec<_>>(), vec![2, 4]);
+    assert_eq!(op.attempts_at(4), 0, "a later event of a parked key waits without running");
+    let kinds: Vec<String> = outcomes_at(&log.pool, 2).await.into_iter().map(|(o, _)| o).collect();
+    assert_eq!(kinds, vec!["park"], "parked at once: no retries");
+    let status = weir_consumer::status::consumers(&log.pool).await.unwrap();
+    assert_eq!(status[0].state, ConsumerState::Running, "not halted");
+    broken.store(false, AtomicOrdering::SeqCst);
+    assert_eq!(weir_consumer::status::retry_parked(&log.pool, "parknow", None).await.unwrap(), 2);
+    wait(&log.pool, "handled", "select count(*) from handled", 5, Duration::from_secs(20)).await;
+    wait(&log.pool, "parked", "select count(*) from weir.parked", 0, Duration::from_secs(20)).await;
+    let sevens: Vec<i64> =
+        sqlx::query_scalar("select position from handled where k = 7 order by seq")
+            .fetch_all(&log.pool)
+            .await
+            .unwrap();
+    assert_eq!(sevens, vec![2, 4], "parked events of a key are retried in order");
+    // Once nothing is parked, the key flows again.
+    log.append(&[7], 0).await;
+    wait(&log.pool, "handled", "select count(*) from handled", 6, Duration::from_secs(20)).await;
+    engine.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn park_from_the_handler_holds_the_key_back_under_a_halt_policy() {
+    park_from_the_handler(OnExhausted::Halt, "park_now_halt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn park_from_the_handler_holds_the_key_back_under_a_skip_policy() {
+    park_from_the_handler(OnExhausted::Skip, "park_now_skip").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_status_is_false_before_and_true_after_every_operator_handled() {
     let db = weir_testkit::shared().database("pstatus").unwrap();
@@ -380,15 +504,8 @@ async fn process_status_is_false_before_and_true_after_every_operator_handled() 
     });
     let mut slow_spec = spec("slow", slow, 2, OnExhausted::Halt, 1000);
     slow_spec.retry.max_restart_time = Duration::from_millis(20);
-    let engine = Engine::start(
-        log.pool.clone(),
-        vec![spec("fast", fast, 2, OnExhausted::Halt, 3), slow_spec],
-        log.wake(&cancel),
-        Arc::new(TracingReporter),
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
+    let engine =
+        start(&log, vec![spec("fast", fast, 2, OnExhausted::Halt, 3), slow_spec], &cancel).await;
     let t0 = 1_700_000_000_000_000i64;
     assert!(
         !weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap()
@@ -415,11 +532,10 @@ async fn process_status_is_false_before_and_true_after_every_operator_handled() 
         Duration::from_secs(20),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap() {
-        assert!(Instant::now() < deadline, "processed never became true");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    weir_testkit::eventually("processed", Duration::from_secs(10), || async {
+        weir_consumer::process::processed(&log.pool, "items", t0, "updated_at").await.unwrap()
+    })
+    .await;
     assert_eq!(
         weir_consumer::process::last_processed(&log.pool, "items", "updated_at").await.unwrap(),
         Some(t0)
@@ -452,24 +568,8 @@ async fn two_engines_share_lanes_and_survive_one_dying() {
     let op_a = Recorder::new("shared", |_, _| None);
     let op_b = Recorder::new("shared", |_, _| None);
     let (ca, cb) = (CancellationToken::new(), CancellationToken::new());
-    let a = Engine::start(
-        log.pool.clone(),
-        vec![spec("shared", op_a.clone(), 8, OnExhausted::Halt, 3)],
-        log.wake(&ca),
-        Arc::new(TracingReporter),
-        ca.clone(),
-    )
-    .await
-    .unwrap();
-    let b = Engine::start(
-        log.pool.clone(),
-        vec![spec("shared", op_b.clone(), 8, OnExhausted::Halt, 3)],
-        log.wake(&cb),
-        Arc::new(TracingReporter),
-        cb.clone(),
-    )
-    .await
-    .unwrap();
+    let a = start(&log, vec![spec("shared", op_a.clone(), 8, OnExhausted::Halt, 3)], &ca).await;
+    let b = start(&log, vec![spec("shared", op_b.clone(), 8, OnExhausted::Halt, 3)], &cb).await;
     // Both get a share: 4 lanes each once both heartbeat.
     wait(
         &log.pool,
@@ -510,12 +610,14 @@ async fn two_processes_may_register_a_new_consumer_at_the_same_moment() {
     for round in 0..5 {
         let name: &'static str = Box::leak(format!("racer{round}").into_boxed_str());
         let (ca, cb) = (CancellationToken::new(), CancellationToken::new());
+        let (pa, pb) = (ProcessId::generate(), ProcessId::generate());
         let (a, b) = tokio::join!(
             Engine::start(
                 log.pool.clone(),
                 vec![spec(name, Recorder::new(name, |_, _| None), 4, OnExhausted::Halt, 1)],
                 log.wake(&ca),
                 Arc::new(TracingReporter),
+                &pa,
                 ca.clone()
             ),
             Engine::start(
@@ -523,6 +625,7 @@ async fn two_processes_may_register_a_new_consumer_at_the_same_moment() {
                 vec![spec(name, Recorder::new(name, |_, _| None), 4, OnExhausted::Halt, 1)],
                 log.wake(&cb),
                 Arc::new(TracingReporter),
+                &pb,
                 cb.clone()
             ),
         );

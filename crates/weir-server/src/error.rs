@@ -100,7 +100,9 @@ impl From<weir_consumer::Error> for ApiError {
             weir_consumer::Error::UnknownConsumer(_) => {
                 Self::not_found("unknown_consumer", e.to_string())
             }
-            weir_consumer::Error::Config(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            weir_consumer::Error::NotHalted { .. } | weir_consumer::Error::Config { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             other => Self::internal(other),
         }
     }

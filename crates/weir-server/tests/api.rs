@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
-use weir::{Config, Event, HandlerError, Operator, Selector};
+use weir::{Config, Event, Operator, OperatorError, Selector};
 use weir_core::Secret;
 use weir_server::{Server, TooEarlyLayer};
 
@@ -33,26 +32,19 @@ impl Operator for Gate {
         Selector { entities: vec!["posts".into()], kinds: vec![] }
     }
 
-    fn handle<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        e: &'a Event,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            while !self.open.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let record = e.new_record.as_ref().or(e.old_record.as_ref());
-            if record.and_then(|r| r["title"].as_str()) == Some("poison") {
-                return Err("poison title".into());
-            }
-            sqlx::query("insert into post_seen (position) values ($1)")
-                .bind(e.position)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| Box::new(e) as HandlerError)?;
-            Ok(())
-        })
+    async fn handle(&self, tx: &mut PgConnection, e: &Event) -> Result<(), OperatorError> {
+        while !self.open.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let record = e.new_record.as_ref().or(e.old_record.as_ref());
+        if record.and_then(|r| r["title"].as_str()) == Some("poison") {
+            return Err(OperatorError::retry("poison title"));
+        }
+        sqlx::query("insert into post_seen (position) values ($1)")
+            .bind(e.position)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
     }
 }
 

@@ -10,14 +10,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
-use weir_consumer::{HandlerError, Operator, Selector};
+use weir_consumer::{Operator, OperatorError, Selector};
 use weir_core::{ChannelConfig, Config, Event, Secret};
 use weir_server::Server;
 
@@ -33,19 +32,13 @@ impl Operator for Recorder {
     fn selector(&self) -> Selector {
         Selector { entities: vec!["posts".into()], kinds: vec![] }
     }
-    fn handle<'a>(
-        &'a self,
-        _tx: &'a mut PgConnection,
-        e: &'a Event,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let title = e.new_record.as_ref().and_then(|r| r.get("title"));
-            if title.is_some_and(|t| t == "poison") {
-                return Err("poisoned on purpose".into());
-            }
-            self.handled.lock().unwrap().push(e.position);
-            Ok(())
-        })
+    async fn handle(&self, _tx: &mut PgConnection, e: &Event) -> Result<(), OperatorError> {
+        let title = e.new_record.as_ref().and_then(|r| r.get("title"));
+        if title.is_some_and(|t| t == "poison") {
+            return Err(OperatorError::retry("poisoned on purpose"));
+        }
+        self.handled.lock().unwrap().push(e.position);
+        Ok(())
     }
 }
 

@@ -101,7 +101,7 @@ impl WeirBuilder {
         }
         let mut consumers = self.consumers;
         for op in &config.operators {
-            let prepared = SqlOperator::prepare(&pool, op).await.map_err(consumer_error)?;
+            let prepared = SqlOperator::prepare(&pool, op).await?;
             let mut spec =
                 ConsumerSpec::new(op.name.clone(), Arc::new(prepared), &config.consumers);
             spec.ordering = op.ordering.unwrap_or(spec.ordering);
@@ -118,9 +118,15 @@ impl WeirBuilder {
             None
         } else {
             Some(
-                Engine::start(pool.clone(), consumers, wake.clone(), self.reporter, cancel.clone())
-                    .await
-                    .map_err(consumer_error)?,
+                Engine::start(
+                    pool.clone(),
+                    consumers,
+                    wake.clone(),
+                    self.reporter,
+                    &identity,
+                    cancel.clone(),
+                )
+                .await?,
             )
         };
         let ingest = self.ingest.then(|| {
@@ -130,13 +136,6 @@ impl WeirBuilder {
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
         Ok(Running { cancel, pool, wake, ingest, engine, retention })
-    }
-}
-
-fn consumer_error(e: weir_consumer::Error) -> Error {
-    match e {
-        weir_consumer::Error::Database(e) => Error::Database(e),
-        other => Error::Setup(other.to_string()),
     }
 }
 
@@ -188,7 +187,7 @@ impl Running {
             self.cancel.cancelled().await;
         }
         if let Some(engine) = self.engine.take() {
-            let r = engine.wait().await.map_err(consumer_error);
+            let r = engine.wait().await.map_err(Error::from);
             if first.is_ok() {
                 first = r;
             }

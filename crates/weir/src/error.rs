@@ -27,6 +27,9 @@ pub enum Error {
     /// The log failed.
     #[error(transparent)]
     Log(#[from] weir_log::Error),
+    /// The consumer engine failed, or an operator is configured wrongly.
+    #[error(transparent)]
+    Consumer(#[from] weir_consumer::Error),
     /// The replication stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
@@ -48,6 +51,7 @@ impl Error {
                 weir_log::sqlstate::is_transient(e)
             }
             Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
+            Error::Consumer(e) => e.is_transient(),
             _ => false,
         }
     }

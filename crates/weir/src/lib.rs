@@ -42,8 +42,8 @@ pub mod status;
 pub use app::{Running, Weir, WeirBuilder};
 pub use error::{Error, Result};
 pub use weir_consumer::{
-    ConsumerSpec, ErrorReporter, HandlerError, Operator, Selector, SqlOperator, TracingReporter,
-    process, resume, skip, status as consumer_status,
+    BoxError, ConsumerSpec, ConsumerState, ErrorReporter, LaneState, Operator, OperatorError,
+    Selector, SqlOperator, TracingReporter, process, resume, skip, status as consumer_status,
 };
 pub use weir_core::{Config, Event, Kind, Lsn, Position, ProcessId};
 pub use weir_log::{EventFilter, LogReader, Wake};

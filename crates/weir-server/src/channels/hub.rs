@@ -23,6 +23,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use weir_consumer::process::{self, ConsumerWatermark, Watermarks};
 use weir_core::{Config, Event, Position};
 use weir_log::{EventFilter, LogReader, Wake};
 
@@ -164,7 +165,7 @@ impl Hub {
             Err(e) => return Err(e.into()),
         };
         let processed_start = match watermarks(&pool).await? {
-            Some(w) => w.head.min(w.consumers.iter().map(|c| c.1).min().unwrap_or(w.head)),
+            Some(w) => w.head.min(w.consumers.iter().map(|c| c.watermark).min().unwrap_or(w.head)),
             None => head,
         };
         let shared = Arc::new(Shared {
@@ -449,7 +450,8 @@ impl Shared {
         if !subscribed {
             // Nobody to notify: jump to the lowest watermark (everything up to it is handled);
             // a subscriber arriving later gets the precise walk from there.
-            let target = w.head.min(w.consumers.iter().map(|c| c.1).min().unwrap_or(w.head));
+            let target =
+                w.head.min(w.consumers.iter().map(|c| c.watermark).min().unwrap_or(w.head));
             let mut r = self.lock();
             if r.processed.is_empty() {
                 if target > r.processed_pos {
@@ -469,10 +471,10 @@ impl Shared {
             let mut out = Vec::new();
             let mut blocked = false;
             for row in rows {
-                let waits = w.consumers.iter().any(|(entities, mark)| {
-                    *mark < row.event.position
-                        && (entities.is_empty() || entities.contains(&row.event.entity))
-                });
+                let waits = w
+                    .consumers
+                    .iter()
+                    .any(|c| c.watermark < row.event.position && c.listens_to(&row.event.entity));
                 if waits {
                     blocked = true;
                     break;
@@ -538,40 +540,14 @@ fn log_to_sqlx(e: weir_log::Error) -> sqlx::Error {
 #[derive(Debug, Default)]
 struct Memo {
     blocked: bool,
-    consumers: Vec<(Vec<String>, Position)>,
+    consumers: Vec<ConsumerWatermark>,
     at: Position,
 }
 
-/// The log head and each consumer's (entities, watermark); `None` when the consumer tables do
-/// not exist.
-struct Watermarks {
-    head: Position,
-    consumers: Vec<(Vec<String>, Position)>,
-}
-
+/// The log head and each consumer's watermark (weir-consumer's process status); `None` when
+/// the consumer tables do not exist.
 async fn watermarks(pool: &PgPool) -> Result<Option<Watermarks>, sqlx::Error> {
-    type Row = (Option<i64>, Option<Vec<String>>, Option<i64>);
-    let rows: Vec<Row> = match sqlx::query_as(
-        "select h.head, x.entities, x.w
-         from (select coalesce(max(position), 0) as head from weir.source_state) h
-         left join (select k.entities, min(c.position) as w
-                    from weir.consumers k join weir.checkpoints c on c.consumer = k.name
-                    group by k.name, k.entities) x on true",
-    )
-    .fetch_all(pool)
-    .await
-    {
-        Ok(rows) => rows,
-        Err(e) if undefined_table(&e) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let head = rows.first().and_then(|r| r.0).unwrap_or(0);
-    let mut consumers: Vec<(Vec<String>, Position)> = rows
-        .into_iter()
-        .filter_map(|(_, entities, w)| Some((entities.unwrap_or_default(), w?)))
-        .collect();
-    consumers.sort();
-    Ok(Some(Watermarks { head, consumers }))
+    process::watermarks(pool).await.map_err(consumer_to_sqlx)
 }
 
 /// An event as the processed channel reports it, and whether a consumer parked it.
@@ -580,47 +556,39 @@ pub(crate) struct ProcessedRow {
     pub(crate) parked: bool,
 }
 
-/// Events in (after, upto], at most `limit`, with their parked flag.
-///
-/// "Parked" is read from `weir.consumer_failures` (a row with outcome `park`, written in the
-/// transaction that parks the event and moves the checkpoint past it, and never deleted), not
-/// from `weir.parked`, whose row goes away when the event is retried successfully or
-/// discarded: the live tail and a later replay must agree on whether an event is announced,
-/// whatever happened to it in between.
+/// Events in (after, upto], at most `limit`, with their parked flag (see
+/// [`weir_consumer::process::ProcessedEvent::parked`] for why the live tail and a replay agree).
 pub(crate) async fn processed_rows(
     pool: &PgPool,
     after: Position,
     upto: Position,
     limit: i64,
 ) -> Result<Vec<ProcessedRow>, sqlx::Error> {
-    const WITH_PARKED: &str = "select e.position, e.entity, e.key, e.kind, e.lsn::text,
-                exists (select 1 from weir.consumer_failures f
-                        where f.position = e.position and f.outcome = 'park')
-         from weir.events e
-         where e.position > $1 and e.position <= $2
-         order by e.position
-         limit $3";
-    // Before any consumer ever ran, its tables do not exist: nothing is parked.
-    const WITHOUT_CONSUMERS: &str = "select e.position, e.entity, e.key, e.kind, e.lsn::text, false
-         from weir.events e
-         where e.position > $1 and e.position <= $2
-         order by e.position
-         limit $3";
-    type Row = (i64, String, serde_json::Value, String, String, bool);
-    let query = |sql: &'static str| {
-        sqlx::query_as::<_, Row>(sql).bind(after).bind(upto).bind(limit).fetch_all(pool)
-    };
-    let rows = match query(WITH_PARKED).await {
-        Err(e) if undefined_table(&e) => query(WITHOUT_CONSUMERS).await?,
-        other => other?,
-    };
-    Ok(rows
+    let events =
+        process::processed_events(pool, after, upto, limit).await.map_err(consumer_to_sqlx)?;
+    Ok(events
         .into_iter()
-        .map(|(position, entity, key, kind, lsn, parked)| ProcessedRow {
-            event: ProcessedEvent { position, entity, key, kind, lsn },
-            parked,
+        .map(|e| ProcessedRow {
+            event: ProcessedEvent {
+                position: e.position,
+                entity: e.entity,
+                key: e.key,
+                kind: e.kind,
+                lsn: e.lsn,
+            },
+            parked: e.parked,
         })
         .collect())
+}
+
+/// The tails speak `sqlx::Error` (their retry loop looks at it); the consumer engine's errors
+/// here are all database errors.
+fn consumer_to_sqlx(e: weir_consumer::Error) -> sqlx::Error {
+    match e {
+        weir_consumer::Error::Database(e)
+        | weir_consumer::Error::Log(weir_log::Error::Database(e)) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
 }
 
 async fn change_tail(shared: Arc<Shared>, mut wake: Wake) {

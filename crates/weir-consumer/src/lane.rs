@@ -1,0 +1,635 @@
+//! The lane task: one per lane this process holds, handling that lane's events in log order.
+//!
+//! ```text
+//! loop (Lane::run):
+//!   retry requested parked events            (only while the lane has parked events)
+//!   consumer halted? ─► wait
+//!   read a page after pos ─► route each event: hash(partition key) % lanes == this lane?
+//!     no  ─► pos moves past it
+//!     yes ─► group (≤ 50): BEGIN; handle each; fenced checkpoint; COMMIT
+//!            a failure rolls the group back ─► its events one by one through Lane::handle
+//!   nothing selected up to the head ─► checkpoint := head (the watermark moves), wait
+//!
+//! Lane::handle(event):
+//!   its key parked earlier? ─► park it behind (same key, same lane, in order)
+//!   loop { attempt: BEGIN; handler; fenced checkpoint; COMMIT
+//!          failure ─► policy(failure, attempt):
+//!            Retry(delay) ─► record, status retrying, sleep, again
+//!            Halt         ─► record, halt the consumer, wait for resume (again) or skip (done)
+//!            Skip         ─► record as skipped + checkpoint, in one transaction
+//!            Park         ─► park + record + checkpoint, in one transaction }
+//! ```
+//!
+//! `policy` applies the handler's own answer first ([`OperatorError`]: skip and park act at
+//! once, `retry_after` replaces the backoff's wait), then the consumer's: retries up to
+//! `max_retries` with [`RetryConfig::delay`](weir_core::RetryConfig::delay), then
+//! `on_exhausted`.
+//!
+//! Parked keys: the events of a parked key must wait behind it. A lane checks each event's key
+//! against `weir.parked` (one query per event, and no grouping) only when it may have parked
+//! keys: always for an `on_exhausted = "park"` consumer, otherwise while the lane has parked
+//! rows — known from one `exists` query per page and set the moment the lane parks an event
+//! (a handler's [`OperatorError::park`]). A lane that never parked pays one query per page.
+//!
+//! [`OperatorError`]: crate::OperatorError
+//! [`OperatorError::park`]: crate::OperatorError::park
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use weir_core::{Event, OnExhausted};
+
+use crate::engine::{ConsumerSpec, Shared};
+use crate::operator::Action;
+use crate::route::route;
+use crate::state::{LaneState, Outcome};
+use crate::{Result, store};
+
+/// Events read per page.
+const PAGE: i64 = 500;
+/// Most events of one lane handled in one transaction.
+const GROUP: usize = 50;
+/// How often a lane of a halted consumer looks whether it was resumed.
+const HALTED_POLL: Duration = Duration::from_millis(200);
+
+/// How handling ended.
+enum Handled {
+    /// Handled, skipped or parked: the checkpoint is past it.
+    Done,
+    /// The lease is gone or the lane is stopping: stop without touching anything.
+    LostLease,
+}
+
+/// A failed attempt: its message and what the handler asked for.
+struct Failure {
+    error: String,
+    action: Action,
+}
+
+impl Failure {
+    fn retry(error: String) -> Self {
+        Self { error, action: Action::Retry { after: None } }
+    }
+}
+
+/// One attempt's result.
+enum Attempted {
+    Committed,
+    LostLease,
+    Failed(Failure),
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Retry(Duration),
+    Halt,
+    Skip,
+    Park,
+}
+
+/// After halting: how the wait ended.
+enum AfterHalt {
+    /// `weir resume`: try the event again.
+    Resumed,
+    /// `weir skip` moved the checkpoint past the event.
+    Skipped,
+    /// The lane is stopping.
+    Stopped,
+}
+
+pub(crate) struct Lane {
+    shared: Shared,
+    spec: ConsumerSpec,
+    lane: i32,
+    fence: i64,
+    cancel: CancellationToken,
+    /// The state last written to the lane's row (`None` before the first).
+    state: Option<LaneState>,
+    /// Whether this lane may have parked events (see the module doc).
+    has_parked: bool,
+}
+
+impl Lane {
+    pub(crate) fn new(
+        shared: Shared,
+        spec: ConsumerSpec,
+        lane: i32,
+        fence: i64,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self { shared, spec, lane, fence, cancel, state: None, has_parked: false }
+    }
+
+    pub(crate) async fn run(mut self) -> Result<()> {
+        let filter = self.spec.operator.selector().filter();
+        let lanes = self.spec.lane_count();
+        let mut pos =
+            store::lane::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
+        let mut stored = pos;
+        let mut wake = self.shared.wake.clone();
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            if self.spec.on_exhausted != OnExhausted::Park {
+                self.has_parked =
+                    store::lane::lane_has_parked(&self.shared.pool, &self.spec.name, self.lane)
+                        .await?;
+            }
+            if self.checks_parked() {
+                self.retry_parked().await?;
+            }
+            if self.sync_halted().await? {
+                self.set_state(LaneState::Halted, None, 0, None).await?;
+                self.sleep(HALTED_POLL).await;
+                continue;
+            }
+            let head = self.shared.reader.head().await?;
+            let events = self.shared.reader.read(pos, PAGE, &filter).await?;
+            if events.is_empty() {
+                // Nothing selected up to the head: move the watermark there.
+                if head > stored {
+                    if !self.checkpoint_alone(head).await? {
+                        return Ok(());
+                    }
+                    stored = head;
+                }
+                pos = pos.max(head);
+                self.set_state(LaneState::Idle, None, 0, None).await?;
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Ok(()),
+                    _ = wake.wait_past(pos, self.spec.poll_interval) => {}
+                }
+                continue;
+            }
+            self.set_state(LaneState::Running, None, 0, None).await?;
+            let short = (events.len() as i64) < PAGE;
+            // Consecutive events of this lane are handled in one transaction with one fenced
+            // checkpoint (a group); `pos` only moves past events that are done or not ours.
+            let mut group: Vec<&Event> = Vec::new();
+            let mut last_seen = pos;
+            let mut stopped = false;
+            for event in &events {
+                if self.cancel.is_cancelled() || self.halted_here() {
+                    stopped = true;
+                    break;
+                }
+                let key = self.spec.operator.partition_key(event);
+                let routed = match &key {
+                    Ok(k) => route(k, lanes),
+                    Err(_) => 0, // a key that cannot be computed fails on lane 0
+                };
+                last_seen = event.position;
+                if routed != self.lane {
+                    if group.is_empty() {
+                        pos = event.position;
+                    }
+                    continue;
+                }
+                // Alone: an event without a key, or one that may have to wait behind its key.
+                let single = key.is_err() || self.checks_parked();
+                if !single {
+                    group.push(event);
+                    if group.len() < GROUP {
+                        continue;
+                    }
+                }
+                if let Handled::LostLease = self.flush(&mut group).await? {
+                    return Ok(());
+                }
+                if single {
+                    let key = key.map_err(|e| e.to_string());
+                    if let Handled::LostLease = self.handle(event, key).await? {
+                        return Ok(());
+                    }
+                }
+                pos = last_seen;
+                stored = pos;
+            }
+            if !stopped {
+                if let Handled::LostLease = self.flush(&mut group).await? {
+                    return Ok(());
+                }
+                if last_seen > pos {
+                    pos = last_seen;
+                }
+            }
+            if short
+                && !self.cancel.is_cancelled()
+                && !store::consumer::is_halted(&self.shared.pool, &self.spec.name).await?
+            {
+                pos = pos.max(head);
+            }
+            if pos > stored {
+                if !self.checkpoint_alone(pos).await? {
+                    return Ok(());
+                }
+                stored = pos;
+            }
+        }
+    }
+
+    /// Whether each event's key must be checked against the parked ones.
+    fn checks_parked(&self) -> bool {
+        self.has_parked || self.spec.on_exhausted == OnExhausted::Park
+    }
+
+    /// Handles a group of this lane's events: all in one transaction with one checkpoint; if
+    /// any fails, the group rolls back and its events go one by one through the retry policy.
+    async fn flush(&mut self, group: &mut Vec<&Event>) -> Result<Handled> {
+        let events = std::mem::take(group);
+        // One of them failing (`None`) sends them one by one below, to isolate it.
+        if events.len() > 1
+            && let Some(handled) = self.attempt_group(&events).await?
+        {
+            return Ok(handled);
+        }
+        for event in events {
+            let key = self.spec.operator.partition_key(event).map_err(|e| e.to_string());
+            if let Handled::LostLease = self.handle(event, key).await? {
+                return Ok(Handled::LostLease);
+            }
+        }
+        Ok(Handled::Done)
+    }
+
+    /// One transaction for several events; `None` when a handler failed (rolled back).
+    async fn attempt_group(&self, events: &[&Event]) -> Result<Option<Handled>> {
+        let mut conn = self.shared.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        for event in events {
+            if self.call_handler(&mut tx, event).await.is_some() {
+                let _ = tx.rollback().await;
+                return Ok(None);
+            }
+        }
+        let last = events.last().expect("a group has events").position;
+        if !self.fenced_checkpoint(&mut tx, last).await? {
+            let _ = tx.rollback().await;
+            return Ok(Some(Handled::LostLease));
+        }
+        if let Err(e) = tx.commit().await
+            && !self.committed_anyway(last, &e).await?
+        {
+            return Ok(None);
+        }
+        metrics::counter!("weir_consumer_events_handled_total", "consumer" => self.spec.name.clone())
+            .increment(events.len() as u64);
+        Ok(Some(Handled::Done))
+    }
+
+    /// Handles one event: attempts until it is done, or the policy halts, skips or parks it.
+    async fn handle(&mut self, event: &Event, key: Result<String, String>) -> Result<Handled> {
+        if let (true, Ok(k)) = (self.checks_parked(), &key)
+            && store::lane::key_parked(&self.shared.pool, &self.spec.name, k).await?
+        {
+            return self.park(event, k, "an earlier event of this key is parked", 0).await;
+        }
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let failure = match &key {
+                Ok(_) => match self.attempt(event).await? {
+                    Attempted::Committed => return Ok(Handled::Done),
+                    Attempted::LostLease => return Ok(Handled::LostLease),
+                    Attempted::Failed(failure) => failure,
+                },
+                Err(e) => Failure::retry(format!("no partition key: {e}")),
+            };
+            metrics::counter!("weir_consumer_failures_total", "consumer" => self.spec.name.clone())
+                .increment(1);
+            let step = self.policy(&failure, attempt);
+            let error = failure.error;
+            let outcome = match step {
+                Step::Retry(delay) => {
+                    if !self.retry(event, attempt, &error, delay).await? {
+                        return Ok(Handled::LostLease);
+                    }
+                    continue;
+                }
+                Step::Halt => OnExhausted::Halt,
+                Step::Skip => OnExhausted::Skip,
+                Step::Park => OnExhausted::Park,
+            };
+            self.shared.reporter.exhausted(&self.spec.name, event, attempt, &error, outcome);
+            let attempts = attempt as i32;
+            match step {
+                Step::Halt => match self.halt(event, attempts, &error).await? {
+                    AfterHalt::Resumed => attempt = 0,
+                    AfterHalt::Skipped => return Ok(Handled::Done),
+                    AfterHalt::Stopped => return Ok(Handled::LostLease),
+                },
+                Step::Skip => return self.skip(event, attempts, &error).await,
+                Step::Park => {
+                    let k = key.as_deref().unwrap_or_default();
+                    return self.park(event, k, &error, attempts).await;
+                }
+                Step::Retry(_) => unreachable!("handled above"),
+            }
+        }
+    }
+
+    /// What to do after failed attempt number `attempt` (from 1): the handler's answer first,
+    /// then the consumer's retry policy and `on_exhausted`.
+    fn policy(&self, failure: &Failure, attempt: u32) -> Step {
+        let retry = &self.spec.retry;
+        match failure.action {
+            Action::Skip => Step::Skip,
+            Action::Park => Step::Park,
+            Action::Retry { after } if attempt <= retry.max_retries => {
+                Step::Retry(after.unwrap_or_else(|| retry.delay(attempt)))
+            }
+            Action::Retry { .. } => match self.spec.on_exhausted {
+                OnExhausted::Halt => Step::Halt,
+                OnExhausted::Skip => Step::Skip,
+                OnExhausted::Park => Step::Park,
+            },
+        }
+    }
+
+    /// One attempt: the handler and the checkpoint in one transaction.
+    async fn attempt(&self, event: &Event) -> Result<Attempted> {
+        let mut conn = self.shared.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        if let Some(failure) = self.call_handler(&mut tx, event).await {
+            let _ = tx.rollback().await;
+            return Ok(Attempted::Failed(failure));
+        }
+        if !self.fenced_checkpoint(&mut tx, event.position).await? {
+            let _ = tx.rollback().await;
+            return Ok(Attempted::LostLease);
+        }
+        match tx.commit().await {
+            Ok(()) => {
+                metrics::counter!("weir_consumer_events_handled_total", "consumer" => self.spec.name.clone())
+                    .increment(1);
+                metrics::gauge!("weir_consumer_position", "consumer" => self.spec.name.clone(), "lane" => self.lane.to_string())
+                    .set(event.position as f64);
+                Ok(Attempted::Committed)
+            }
+            // A failed commit (serialization, constraint) is the handler's failure too.
+            Err(e) if self.committed_anyway(event.position, &e).await? => Ok(Attempted::Committed),
+            Err(e) => Ok(Attempted::Failed(Failure::retry(format!("commit failed: {e}")))),
+        }
+    }
+
+    /// Retry: records the failure, shows the lane as retrying, and waits `delay`. False when
+    /// the lane is stopping.
+    async fn retry(
+        &mut self,
+        event: &Event,
+        attempt: u32,
+        error: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        metrics::counter!("weir_consumer_retries_total", "consumer" => self.spec.name.clone())
+            .increment(1);
+        self.shared.reporter.retry(&self.spec.name, event, attempt, error, delay);
+        let attempts = attempt as i32;
+        let mut conn = self.shared.pool.acquire().await?;
+        store::lane::record_failure(
+            &mut conn,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            attempts,
+            error,
+            Outcome::Retry,
+        )
+        .await?;
+        drop(conn);
+        self.set_state(LaneState::Retrying, Some(event.position), attempts, Some(error)).await?;
+        self.sleep(delay).await;
+        Ok(!self.cancel.is_cancelled())
+    }
+
+    /// Halt: records the failure, halts the consumer (every lane stops before its next event)
+    /// and waits for `weir resume` or `weir skip`.
+    async fn halt(&mut self, event: &Event, attempts: i32, error: &str) -> Result<AfterHalt> {
+        let mut conn = self.shared.pool.acquire().await?;
+        store::lane::record_failure(
+            &mut conn,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            attempts,
+            error,
+            Outcome::Halt,
+        )
+        .await?;
+        drop(conn);
+        store::consumer::halt(
+            &self.shared.pool,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            attempts,
+            error,
+        )
+        .await?;
+        self.set_state(LaneState::Halted, Some(event.position), attempts, Some(error)).await?;
+        while self.sync_halted().await? {
+            self.sleep(HALTED_POLL).await;
+            if self.cancel.is_cancelled() {
+                return Ok(AfterHalt::Stopped);
+            }
+        }
+        self.set_state(LaneState::Running, None, 0, None).await?;
+        let now =
+            store::lane::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
+        Ok(if now >= event.position { AfterHalt::Skipped } else { AfterHalt::Resumed })
+    }
+
+    /// Skip: records the failure as skipped and moves the checkpoint past the event.
+    async fn skip(&self, event: &Event, attempts: i32, error: &str) -> Result<Handled> {
+        let mut conn = self.shared.pool.acquire().await?;
+        let tx = conn.begin().await?;
+        self.settle(tx, event, attempts, error, Outcome::Skip).await
+    }
+
+    /// Park: sets the event aside under its key, records it and moves the checkpoint past it,
+    /// in one transaction. The key's later events wait behind it from now on.
+    async fn park(
+        &mut self,
+        event: &Event,
+        key: &str,
+        error: &str,
+        attempts: i32,
+    ) -> Result<Handled> {
+        self.has_parked = true;
+        let mut conn = self.shared.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        store::lane::park(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            key,
+            &event.entity,
+            error,
+            attempts,
+        )
+        .await?;
+        self.settle(tx, event, attempts, error, Outcome::Park).await
+    }
+
+    /// Ends an event without its handler's effect: records the failure with `outcome` and
+    /// moves the fenced checkpoint past it, in `tx` (which may already hold a parked row).
+    async fn settle(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        event: &Event,
+        attempts: i32,
+        error: &str,
+        outcome: Outcome,
+    ) -> Result<Handled> {
+        store::lane::record_failure(
+            &mut tx,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            attempts,
+            error,
+            outcome,
+        )
+        .await?;
+        if !self.fenced_checkpoint(&mut tx, event.position).await? {
+            return Ok(Handled::LostLease);
+        }
+        tx.commit().await?;
+        Ok(Handled::Done)
+    }
+
+    /// Runs the handler in `tx`; a returned error or a panic is the failure.
+    async fn call_handler(&self, tx: &mut PgConnection, event: &Event) -> Option<Failure> {
+        let started = std::time::Instant::now();
+        let outcome = AssertUnwindSafe(self.spec.operator.handle(tx, event)).catch_unwind().await;
+        metrics::histogram!("weir_consumer_handler_seconds", "consumer" => self.spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(Failure { error: e.error.to_string(), action: e.action }),
+            Err(panic) => Some(Failure::retry(format!(
+                "handler panicked: {}",
+                weir_core::panic_message(panic.as_ref())
+            ))),
+        }
+    }
+
+    /// Handles parked events someone asked to retry, oldest first; on success the parked row
+    /// goes in the same transaction; a failure leaves it (and the rest of its key) parked.
+    async fn retry_parked(&self) -> Result<()> {
+        let pool = &self.shared.pool;
+        let requests = store::lane::retry_requests(pool, &self.spec.name, self.lane).await?;
+        let mut failed_keys: Vec<String> = Vec::new();
+        for (position, key) in requests {
+            if failed_keys.contains(&key) {
+                continue;
+            }
+            let read = self.shared.reader.read(position - 1, 1, &Default::default()).await?;
+            let Some(event) = read.into_iter().next() else {
+                // Dropped by retention: nothing to retry.
+                store::lane::unpark(&mut *pool.acquire().await?, &self.spec.name, position).await?;
+                continue;
+            };
+            let mut conn = pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            match self.call_handler(&mut tx, &event).await {
+                None => {
+                    store::lane::unpark(&mut tx, &self.spec.name, position).await?;
+                    tx.commit().await?;
+                }
+                Some(failure) => {
+                    let _ = tx.rollback().await;
+                    store::lane::retry_failed(pool, &self.spec.name, position, &failure.error)
+                        .await?;
+                    failed_keys.push(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed COMMIT: the connection may have dropped after the commit took effect.
+    /// The fenced checkpoint tells: if it reached `position`, the effects are in and handling
+    /// again would apply them twice.
+    async fn committed_anyway(&self, position: i64, error: &sqlx::Error) -> Result<bool> {
+        let stored =
+            store::lane::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
+        if stored >= position {
+            tracing::warn!(consumer = %self.spec.name, position, %error, "commit reported an error but took effect");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The lane's checkpoint, fenced by its lease (see [`store::lane::checkpoint`]).
+    async fn fenced_checkpoint(&self, conn: &mut PgConnection, position: i64) -> Result<bool> {
+        store::lane::checkpoint(
+            conn,
+            &self.spec.name,
+            self.lane,
+            &self.shared.node,
+            self.fence,
+            position,
+        )
+        .await
+    }
+
+    async fn checkpoint_alone(&self, position: i64) -> Result<bool> {
+        let mut conn = self.shared.pool.acquire().await?;
+        self.fenced_checkpoint(&mut conn, position).await
+    }
+
+    fn halted_here(&self) -> bool {
+        self.shared.halted.lock().expect("halted set").contains(&self.spec.name)
+    }
+
+    /// Reads the consumer's state from the database into the shared set; returns it.
+    async fn sync_halted(&self) -> Result<bool> {
+        let halted = store::consumer::is_halted(&self.shared.pool, &self.spec.name).await?;
+        let mut set = self.shared.halted.lock().expect("halted set");
+        if halted {
+            set.insert(self.spec.name.clone());
+        } else {
+            set.remove(&self.spec.name);
+        }
+        Ok(halted)
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// Writes the lane's live status; skipped when nothing changed.
+    async fn set_state(
+        &mut self,
+        state: LaneState,
+        at: Option<i64>,
+        attempt: i32,
+        error: Option<&str>,
+    ) -> Result<()> {
+        if self.state == Some(state) && error.is_none() && at.is_none() {
+            return Ok(());
+        }
+        self.state = Some(state);
+        store::lane::set_status(
+            &self.shared.pool,
+            &self.spec.name,
+            self.lane,
+            self.fence,
+            state,
+            at,
+            attempt,
+            error,
+        )
+        .await
+    }
+}
