@@ -27,6 +27,9 @@ pub enum Error {
     /// The log failed.
     #[error(transparent)]
     Log(#[from] weir_log::Error),
+    /// The job queue failed (its migration, a `[jobs]` setting, the runner's start or stop).
+    #[error(transparent)]
+    Jobs(#[from] weir_jobs::Error),
     /// The replication stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
