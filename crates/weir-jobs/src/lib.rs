@@ -29,6 +29,11 @@
 //! - **Vacuum-friendly**: finished rows leave the claimed table in the statement that finishes
 //!   them, so its size follows the backlog, not the history.
 //!
+//! Workers run in the application's weir, configured by `[jobs]` of `weir.toml` ([`Config`]):
+//! `weir::Weir::builder(config).worker(Mailer).start()` migrates the job tables and starts the
+//! runner with the process's other parts, and `stop()` stops it with them. [`JobRunner`] is
+//! the same runner on its own (a process that only runs jobs, tests):
+//!
 //! ```no_run
 //! use weir_jobs::{Config, Job, JobArgs, JobContext, JobError, JobRunner, Worker};
 //!
@@ -52,10 +57,16 @@
 //! weir_jobs::enqueue(&mut tx, &Job::new(&SendWelcome { user_id: 42 })?).await?;
 //! tx.commit().await?;
 //!
+//! // In an application: weir::Weir::builder(config).worker(Mailer).start().await?
 //! let running = JobRunner::new(pool, Config::default()).register(Mailer).start().await?;
 //! running.stop(std::time::Duration::from_secs(10)).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! The runner's roles each have a module: `runner` (start and stop), `producer` (claims),
+//! `completer`, `heartbeat` (and the LISTEN wake-ups), `maintenance` (the elected leader's
+//! scheduler, rescuer, periodic jobs and cleaner), `shared` (the state they all hold); every
+//! statement is in `store`.
 
 pub mod admin;
 mod completer;
