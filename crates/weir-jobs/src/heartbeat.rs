@@ -22,7 +22,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::shared::Shared;
 use crate::{metrics, store};
@@ -54,7 +54,10 @@ pub(crate) async fn heartbeat(
                 warn!(process = %shared.process, "process row was gone; registering again");
                 store::register_process(&mut conn, shared.process.as_str(), &served).await?;
             }
-            sample(&shared, &mut conn).await
+            if let Err(e) = sample(&shared, &mut conn).await {
+                debug!(error = %e, "job gauges not sampled");
+            }
+            Ok::<(), sqlx::Error>(())
         };
         if let Err(e) = beat.await {
             warn!(error = %e, "heartbeat failed");
