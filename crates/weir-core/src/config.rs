@@ -72,6 +72,8 @@ pub struct Config {
     /// `[channels.<entity>]`: scoped realtime channels of an entity.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub channels: std::collections::BTreeMap<String, ChannelConfig>,
+    /// `[jobs]`: the job runner of this process (when workers are registered).
+    pub jobs: JobsConfig,
 }
 
 /// `[http]`: the HTTP API (`/v1`), realtime channels and `/metrics`.
@@ -277,6 +279,242 @@ pub struct OperatorConfig {
 
 fn default_kinds() -> Vec<crate::Kind> {
     vec![crate::Kind::Insert, crate::Kind::Update, crate::Kind::Delete]
+}
+
+/// The queue jobs go to when they name none. Defaults to `default`.
+pub const DEFAULT_JOB_QUEUE: &str = "default";
+/// Jobs of the default queue running at once in one process: 10.
+pub const DEFAULT_JOB_CONCURRENCY: u32 = 10;
+/// How often an idle job producer claims without a wake-up: 1 s.
+pub const DEFAULT_JOB_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a job runner heartbeats: 2 s.
+pub const DEFAULT_JOB_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// Silence after which a process's running jobs are rescued: 30 s.
+pub const DEFAULT_JOB_RESCUE_AFTER: Duration = Duration::from_secs(30);
+/// How often the maintenance leader activates due jobs: 1 s.
+pub const DEFAULT_JOB_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest timeout an attempt may have: 24 h.
+pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// One queue a job runner works.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// The queue name.
+    pub name: String,
+    /// Jobs of this queue running at once in this process.
+    pub concurrency: u32,
+}
+
+impl QueueConfig {
+    /// A queue with its concurrency.
+    pub fn new(name: impl Into<String>, concurrency: u32) -> Self {
+        Self { name: name.into(), concurrency }
+    }
+}
+
+/// `[jobs]`: how this process's job runner works. Plain data, validated with the rest of the
+/// configuration ([`JobsConfig::validate`] names the bad field).
+///
+/// ```toml
+/// [jobs]
+/// poll_interval = "1s"
+///
+/// [jobs.queues]        # queue name = jobs of it running at once in this process
+/// default = 10
+/// mail = 2
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The queues this process works and their concurrency, written as a table
+    /// `name = concurrency`. Defaults to `default = 10`.
+    #[serde(with = "queue_table")]
+    pub queues: Vec<QueueConfig>,
+    /// How often an idle producer claims even without a wake-up (covers lost notifications).
+    /// Defaults to `1s`.
+    #[serde(with = "serde_duration")]
+    pub poll_interval: Duration,
+    /// How often the process heartbeats (the heartbeat of all its running jobs). Defaults to
+    /// `2s`.
+    #[serde(with = "serde_duration")]
+    pub heartbeat_interval: Duration,
+    /// Running jobs of a process silent this long are rescued; at least 3 heartbeat intervals.
+    /// Defaults to `30s`.
+    #[serde(with = "serde_duration")]
+    pub rescue_after: Duration,
+    /// How often the maintenance leader activates due jobs (and elects). Defaults to `1s`.
+    #[serde(with = "serde_duration")]
+    pub sweep_interval: Duration,
+    /// Completed jobs are deleted from history after this long. Defaults to `1d`.
+    #[serde(with = "serde_duration")]
+    pub completed_retention: Duration,
+    /// Discarded and cancelled jobs are deleted from history after this long. Defaults to `7d`.
+    #[serde(with = "serde_duration")]
+    pub discarded_retention: Duration,
+    /// Keep completed jobs in history at all. Defaults to `true`.
+    pub keep_completed: bool,
+    /// LISTEN for wake-ups; turn off behind a transaction-mode pooler (the poll remains).
+    /// Defaults to `true`.
+    pub listen: bool,
+    /// The timeout of an attempt when neither the job nor its worker sets one, 1 ms to 24 h.
+    /// Defaults to none (no timeout).
+    #[serde(with = "optional_duration", skip_serializing_if = "Option::is_none")]
+    pub default_timeout: Option<Duration>,
+    /// Most completions written by one statement, 1 to 10000. Defaults to 1000.
+    pub completion_batch: usize,
+    /// Whether this process takes part in the maintenance election. Defaults to `true`.
+    pub maintenance: bool,
+    /// Jobs a producer may claim beyond its free slots while its queue has a backlog, held in
+    /// memory and started as slots free (a local queue, as graphile-worker's): fewer, larger
+    /// claims for short jobs, at the price of jobs waiting here instead of in the table.
+    /// 0 claims exactly the free slots; at most 10000. Defaults to 0.
+    pub prefetch: u32,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            queues: vec![QueueConfig::new(DEFAULT_JOB_QUEUE, DEFAULT_JOB_CONCURRENCY)],
+            poll_interval: DEFAULT_JOB_POLL_INTERVAL,
+            heartbeat_interval: DEFAULT_JOB_HEARTBEAT_INTERVAL,
+            rescue_after: DEFAULT_JOB_RESCUE_AFTER,
+            sweep_interval: DEFAULT_JOB_SWEEP_INTERVAL,
+            completed_retention: Duration::from_secs(86_400),
+            discarded_retention: Duration::from_secs(7 * 86_400),
+            keep_completed: true,
+            listen: true,
+            default_timeout: None,
+            completion_batch: 1000,
+            maintenance: true,
+            prefetch: 0,
+        }
+    }
+}
+
+impl JobsConfig {
+    /// Checks ranges and names; the error names the field (`jobs.rescue_after`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String| Err(ConfigError::Invalid { field, problem });
+        let mut names = std::collections::HashSet::new();
+        for q in &self.queues {
+            if q.name.is_empty() || q.name.chars().count() > 128 {
+                return invalid(
+                    "jobs.queues",
+                    format!("names must be 1 to 128 characters, got {:?}", q.name),
+                );
+            }
+            if !(1..=10_000).contains(&q.concurrency) {
+                return invalid(
+                    "jobs.queues",
+                    format!(
+                        "queue {:?}: concurrency must be 1 to 10000, got {}",
+                        q.name, q.concurrency
+                    ),
+                );
+            }
+            if !names.insert(&q.name) {
+                return invalid("jobs.queues", format!("queue {:?} is listed twice", q.name));
+            }
+        }
+        for (field, d) in [
+            ("jobs.poll_interval", self.poll_interval),
+            ("jobs.heartbeat_interval", self.heartbeat_interval),
+            ("jobs.sweep_interval", self.sweep_interval),
+        ] {
+            if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+                return invalid(field, format!("must be 10 ms to 1 h, got {d:?}"));
+            }
+        }
+        if self.rescue_after < self.heartbeat_interval * 3 {
+            return invalid(
+                "jobs.rescue_after",
+                format!(
+                    "must be at least 3 heartbeat intervals ({:?}), got {:?}",
+                    self.heartbeat_interval * 3,
+                    self.rescue_after
+                ),
+            );
+        }
+        if let Some(t) = self.default_timeout
+            && (t.is_zero() || t > MAX_JOB_TIMEOUT)
+        {
+            return invalid("jobs.default_timeout", format!("must be 1 ms to 24 h, got {t:?}"));
+        }
+        if self.prefetch > 10_000 {
+            return invalid(
+                "jobs.prefetch",
+                format!("must be at most 10000, got {}", self.prefetch),
+            );
+        }
+        if !(1..=10_000).contains(&self.completion_batch) {
+            return invalid(
+                "jobs.completion_batch",
+                format!("must be 1 to 10000, got {}", self.completion_batch),
+            );
+        }
+        Ok(())
+    }
+}
+
+mod queue_table {
+    //! `[jobs.queues]` as a TOML table `name = concurrency`, in the file's order.
+    use super::QueueConfig;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        queues: &[QueueConfig],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(queues.len()))?;
+        for q in queues {
+            map.serialize_entry(&q.name, &q.concurrency)?;
+        }
+        map.end()
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<QueueConfig>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<QueueConfig>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table of queue name = concurrency (e.g. `default = 10`)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut queues = Vec::new();
+                while let Some((name, concurrency)) = map.next_entry::<String, u32>()? {
+                    queues.push(QueueConfig { name, concurrency });
+                }
+                Ok(queues)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+mod optional_duration {
+    //! `Option<Duration>` as an optional human string; absent means none.
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => crate::duration::serde_duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        crate::duration::serde_duration::deserialize(d).map(Some)
+    }
 }
 
 /// `[database]`.
@@ -582,6 +820,7 @@ impl Config {
                 }
             }
         }
+        self.jobs.validate()?;
         let mut names = std::collections::HashSet::new();
         for op in &self.operators {
             if !names.insert(op.name.as_str()) {
@@ -735,5 +974,43 @@ mod tests {
     fn validate_names_the_field() {
         let err = Config::from_toml("[source]\nslot = \"Bad-Slot\"\n", "f", env(&[])).unwrap_err();
         assert!(err.to_string().contains("source.slot"), "{err}");
+    }
+
+    #[test]
+    fn jobs_section() {
+        let file = "[jobs]\npoll_interval = \"500ms\"\ndefault_timeout = \"5m\"\n\
+                    [jobs.queues]\ndefault = 4\nmail = 2\n";
+        let c = Config::from_toml(file, "f", env(&[("WEIR_JOBS_PREFETCH", "8")])).unwrap();
+        assert_eq!(c.jobs.queues, [QueueConfig::new("default", 4), QueueConfig::new("mail", 2)]);
+        assert_eq!(c.jobs.poll_interval, Duration::from_millis(500));
+        assert_eq!(c.jobs.default_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.jobs.prefetch, 8);
+        assert_eq!(Config::default().jobs, JobsConfig::default());
+        let c = Config::from_toml(
+            "",
+            "f",
+            env(&[("WEIR_JOBS_QUEUES", "{ reports = 3 }"), ("WEIR_JOBS_RESCUE_AFTER", "1m")]),
+        )
+        .unwrap();
+        assert_eq!(c.jobs.queues, [QueueConfig::new("reports", 3)]);
+        assert_eq!(c.jobs.rescue_after, Duration::from_secs(60));
+        for (file, field) in [
+            ("[jobs]\nrescue_after = \"3s\"", "jobs.rescue_after"),
+            ("[jobs]\npoll_interval = \"1ms\"", "jobs.poll_interval"),
+            ("[jobs]\ndefault_timeout = \"2d\"", "jobs.default_timeout"),
+            ("[jobs]\nprefetch = 20000", "jobs.prefetch"),
+            ("[jobs]\ncompletion_batch = 0", "jobs.completion_batch"),
+            ("[jobs.queues]\ndefault = 0", "jobs.queues"),
+            ("[jobs.queues]\n\"\" = 1", "jobs.queues"),
+        ] {
+            let err = Config::from_toml(file, "f", []).unwrap_err().to_string();
+            assert!(err.contains(field), "{file}: {err}");
+        }
+        let err = Config::from_toml("[jobs]\nqueue = 1", "weir.toml", []).unwrap_err().to_string();
+        assert!(err.contains("queue") && err.contains("line 2"), "{err}");
+        let err = Config::from_toml("", "f", env(&[("WEIR_JOBS_LISTEN", "maybe")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WEIR_JOBS_LISTEN"), "{err}");
     }
 }

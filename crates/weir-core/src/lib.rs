@@ -16,9 +16,11 @@ pub use backoff::Backoff;
 pub use change::{Change, Transaction};
 pub use config::{
     ChannelConfig, Config, ConfigError, ConsumersConfig, DEFAULT_BATCH_MAX_EVENTS,
+    DEFAULT_JOB_CONCURRENCY, DEFAULT_JOB_HEARTBEAT_INTERVAL, DEFAULT_JOB_POLL_INTERVAL,
+    DEFAULT_JOB_QUEUE, DEFAULT_JOB_RESCUE_AFTER, DEFAULT_JOB_SWEEP_INTERVAL,
     DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION,
-    DEFAULT_SLOT, DatabaseConfig, HttpConfig, LogConfig, OnExhausted, OperatorConfig, Ordering,
-    RetryConfig, Secret, SourceConfig, StartFrom,
+    DEFAULT_SLOT, DatabaseConfig, HttpConfig, JobsConfig, LogConfig, MAX_JOB_TIMEOUT, OnExhausted,
+    OperatorConfig, Ordering, QueueConfig, RetryConfig, Secret, SourceConfig, StartFrom,
 };
 pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};

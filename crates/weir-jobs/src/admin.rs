@@ -11,6 +11,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::job::JobId;
+use crate::store::{job_columns, moved_columns};
 use crate::{Error, Result};
 
 /// A job's state; see `docs/jobs.md` for the machine.
@@ -167,20 +168,6 @@ impl TryFrom<Row> for JobInfo {
     }
 }
 
-macro_rules! cols_text {
-    () => {
-        "id, state, queue, kind, priority, attempt, max_attempts, scheduled_at, created_at, \
-         attempted_at, attempted_by, timeout_ms, notify, unique_key, args, errors"
-    };
-}
-
-macro_rules! cols_cancelled {
-    () => {
-        "id, 'cancelled', queue, kind, priority, attempt, max_attempts, scheduled_at, created_at, \
-         attempted_at, attempted_by, timeout_ms, notify, unique_key, args, errors"
-    };
-}
-
 /// The select of [`JobInfo`] rows; a process counts as live if it heartbeated in the last minute.
 macro_rules! select_info {
     ($where:literal) => {
@@ -270,10 +257,10 @@ pub async fn cancel(conn: &mut PgConnection, id: JobId) -> Result<JobState> {
              delete from weir.jobs where id = $1 returning *
          ), kept as (
              insert into weir.job_history (",
-        cols_text!(),
+        job_columns!(),
         ")
              select ",
-        cols_cancelled!(),
+        moved_columns!(state: "'cancelled'", errors: "errors"),
         " from done
          )
          select d.state::text from done d
@@ -323,11 +310,16 @@ pub async fn retry(conn: &mut PgConnection, id: JobId) -> Result<JobState> {
          ), requeued as (
              -- The insert trigger sends the wake-up.
              insert into weir.jobs (",
-        cols_text!(),
+        job_columns!(),
         ")
-             select id, 'available', queue, kind, priority, attempt,
-                    greatest(max_attempts, attempt + 1), now(), created_at, attempted_at,
-                    attempted_by, timeout_ms, notify, unique_key, args, errors
+             select ",
+        moved_columns!(
+            state: "'available'",
+            max_attempts: "greatest(max_attempts, attempt + 1)",
+            scheduled_at: "now()",
+            errors: "errors"
+        ),
+        "
                from back
          )
          select state::text from back"

@@ -24,7 +24,7 @@ use sqlx::PgConnection;
 use crate::{Error, Result};
 
 /// The queue jobs go to unless told otherwise.
-pub const DEFAULT_QUEUE: &str = "default";
+pub const DEFAULT_QUEUE: &str = weir_core::DEFAULT_JOB_QUEUE;
 /// Attempts before a failing job is discarded, unless told otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// The largest `max_attempts`.
@@ -32,7 +32,7 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 /// The largest (last-running) priority; 0 runs first.
 pub const MAX_PRIORITY: u8 = 9;
 /// The longest job timeout.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TIMEOUT: Duration = weir_core::MAX_JOB_TIMEOUT;
 
 /// A job's id.
 #[derive(

@@ -29,6 +29,11 @@
 //! - **Vacuum-friendly**: finished rows leave the claimed table in the statement that finishes
 //!   them, so its size follows the backlog, not the history.
 //!
+//! Workers run in the application's weir, configured by `[jobs]` of `weir.toml` ([`Config`]):
+//! `weir::Weir::builder(config).worker(Mailer).start()` migrates the job tables and starts the
+//! runner with the process's other parts, and `stop()` stops it with them. [`JobRunner`] is
+//! the same runner on its own (a process that only runs jobs, tests):
+//!
 //! ```no_run
 //! use weir_jobs::{Config, Job, JobArgs, JobContext, JobError, JobRunner, Worker};
 //!
@@ -52,32 +57,48 @@
 //! weir_jobs::enqueue(&mut tx, &Job::new(&SendWelcome { user_id: 42 })?).await?;
 //! tx.commit().await?;
 //!
+//! // In an application: weir::Weir::builder(config).worker(Mailer).start().await?
 //! let running = JobRunner::new(pool, Config::default()).register(Mailer).start().await?;
 //! running.stop(std::time::Duration::from_secs(10)).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! The runner's roles each have a module: `runner` (start and stop), `producer` (claims),
+//! `completer`, `heartbeat` (and the LISTEN wake-ups), `maintenance` (the elected leader's
+//! scheduler, rescuer, periodic jobs and cleaner), `shared` (the state they all hold); every
+//! statement is in `store`.
 
 pub mod admin;
+mod completer;
 mod cron;
+mod heartbeat;
 mod job;
 mod maintenance;
-mod metrics;
+pub mod metrics;
+mod producer;
 mod runner;
+mod shared;
 mod store;
 mod worker;
 
 pub use admin::{JobInfo, JobState, ListFilter, QueueStats};
 pub use cron::{Cron, CronError};
+pub use heartbeat::{CANCEL_CHANNEL, EVENTS_CHANNEL, WAKE_CHANNEL};
 pub use job::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Enqueued, Job, JobArgs, JobId, MAX_ATTEMPTS_LIMIT,
     MAX_PRIORITY, MAX_TIMEOUT, Unique, enqueue, enqueue_many,
 };
 pub use maintenance::PeriodicJob;
 pub use metrics::{Histogram, MetricsSnapshot, QueueMetrics};
-pub use runner::{
-    CANCEL_CHANNEL, Config, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_POLL_INTERVAL,
-    DEFAULT_RESCUE_AFTER, DEFAULT_SWEEP_INTERVAL, EVENTS_CHANNEL, JobRunner, QueueConfig,
-    RunningJobs, WAKE_CHANNEL,
+pub use runner::{JobRunner, RunningJobs};
+/// `[jobs]` of `weir.toml`: the one runner configuration, defined (and validated) in
+/// `weir-core` with the rest of the configuration.
+pub use weir_core::JobsConfig as Config;
+pub use weir_core::{
+    ConfigError, DEFAULT_JOB_HEARTBEAT_INTERVAL as DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_JOB_POLL_INTERVAL as DEFAULT_POLL_INTERVAL,
+    DEFAULT_JOB_RESCUE_AFTER as DEFAULT_RESCUE_AFTER,
+    DEFAULT_JOB_SWEEP_INTERVAL as DEFAULT_SWEEP_INTERVAL, QueueConfig,
 };
 pub use worker::{BoxError, JobContext, JobError, Worker, default_backoff};
 
@@ -89,10 +110,10 @@ use weir_log::schema::{self, Migration};
 #[non_exhaustive]
 pub enum Error {
     /// The database refused or the connection broke.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[source] sqlx::Error),
     /// Applying the job queue's migrations failed.
-    #[error("job queue migration failed: {0}")]
+    #[error("job queue migration failed")]
     Migrate(#[source] weir_log::Error),
     /// A job field is out of range (checked in Rust and again by `weir.enqueue`).
     #[error("invalid job: {0}")]
@@ -101,19 +122,18 @@ pub enum Error {
     #[error("conflict: {0}")]
     Conflict(String),
     /// Job args did not serialize to JSON.
-    #[error("job args do not serialize: {0}")]
+    #[error("job args do not serialize")]
     Args(#[source] serde_json::Error),
     /// A cron expression did not parse.
     #[error(transparent)]
     Cron(#[from] CronError),
-    /// A runner setting is wrong.
-    #[error("invalid job runner configuration: {field}: {problem}")]
-    Config {
-        /// The field.
-        field: String,
-        /// What is wrong with it.
-        problem: String,
-    },
+    /// A `[jobs]` setting is wrong (the error names the field).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The runner's workers or periodic jobs do not fit together (two workers for one kind, a
+    /// periodic job declared twice or without a name).
+    #[error("invalid job runner setup: {0}")]
+    Registration(String),
     /// No job has this id.
     #[error("job {0} not found")]
     NotFound(JobId),
@@ -173,19 +193,7 @@ impl Error {
     /// Whether retrying the same call later may succeed (a connection or server problem).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Database(e) => match e {
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
-                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
-                    // connection exceptions, insufficient resources, operator intervention,
-                    // serialization failures and deadlocks
-                    c.starts_with("08")
-                        || c.starts_with("53")
-                        || c.starts_with("57")
-                        || c == "40001"
-                        || c == "40P01"
-                }),
-                _ => false,
-            },
+            Self::Database(e) => weir_log::sqlstate::is_transient(e),
             _ => false,
         }
     }

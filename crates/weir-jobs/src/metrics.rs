@@ -1,32 +1,144 @@
-//! In-process counters of a runner, per queue, and the wait from "may run" to "started".
+//! What a runner did, per queue: in-process counters (for [`MetricsSnapshot`]) and the same
+//! figures through the `metrics` facade, which `weir-server` exports at `/metrics`.
 //!
-//! Database-wide figures (queued, scheduled, completed in the last minute) come from
-//! [`crate::admin::stats`]; these are what this process did.
+//! | metric | kind | recorded |
+//! |---|---|---|
+//! | `weir_jobs_queued{queue}` | gauge | available jobs in the table, sampled at each heartbeat |
+//! | `weir_jobs_running{queue}` | gauge | jobs running in this process |
+//! | `weir_jobs_completed_total{queue}` | counter | jobs completed (by the runner or in the worker's transaction) |
+//! | `weir_jobs_failed_total{queue}` | counter | failed attempts (errors, timeouts, panics), retried or not |
+//! | `weir_jobs_discarded_total{queue}` | counter | jobs discarded (attempts exhausted, or by the worker) |
+//! | `weir_jobs_wait_seconds{queue}` | histogram | from the time a job could run to its claim |
+//!
+//! The facade's macros are called at each event (not handles taken at start), so a recorder
+//! installed after the runner started still sees everything from then on. Database-wide
+//! figures of every queue (scheduled, retryable, completed in the last minute) come from
+//! [`crate::admin::stats`].
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Gauge: available jobs of a queue in `weir.jobs`.
+pub const QUEUED: &str = "weir_jobs_queued";
+/// Gauge: jobs of a queue running in this process.
+pub const RUNNING: &str = "weir_jobs_running";
+/// Counter: jobs of a queue completed.
+pub const COMPLETED: &str = "weir_jobs_completed_total";
+/// Counter: failed attempts of a queue's jobs.
+pub const FAILED: &str = "weir_jobs_failed_total";
+/// Counter: jobs of a queue discarded.
+pub const DISCARDED: &str = "weir_jobs_discarded_total";
+/// Histogram: seconds from the time a job could run (`scheduled_at`) to its claim.
+pub const WAIT_SECONDS: &str = "weir_jobs_wait_seconds";
+
 /// Counters of one queue in one process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct QueueCounters {
-    pub(crate) running: AtomicU64,
-    pub(crate) claims: AtomicU64,
-    pub(crate) claimed: AtomicU64,
-    pub(crate) completion_writes: AtomicU64,
-    pub(crate) completed: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) discarded: AtomicU64,
-    pub(crate) snoozed: AtomicU64,
-    pub(crate) fenced: AtomicU64,
-    pub(crate) wait: Mutex<Histogram>,
+    queue: String,
+    running: AtomicU64,
+    claims: AtomicU64,
+    claimed: AtomicU64,
+    completion_writes: AtomicU64,
+    completed: AtomicU64,
+    retried: AtomicU64,
+    discarded: AtomicU64,
+    snoozed: AtomicU64,
+    fenced: AtomicU64,
+    wait: Mutex<Histogram>,
+}
+
+fn add(counter: &AtomicU64, n: u64) -> u64 {
+    counter.fetch_add(n, Ordering::Relaxed) + n
 }
 
 impl QueueCounters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    fn new(queue: String) -> Self {
+        Self {
+            queue,
+            running: AtomicU64::new(0),
+            claims: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            completion_writes: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+            snoozed: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
+            wait: Mutex::new(Histogram::default()),
+        }
     }
+
+    /// A claim statement that claimed `jobs` jobs, now running here.
+    pub(crate) fn claimed(&self, jobs: usize) {
+        add(&self.claims, 1);
+        add(&self.claimed, jobs as u64);
+        let running = add(&self.running, jobs as u64);
+        metrics::gauge!(RUNNING, "queue" => self.queue.clone()).set(running as f64);
+    }
+
+    /// A claimed job waited `wait` between the time it could run and its claim.
+    pub(crate) fn waited(&self, wait: Duration) {
+        self.wait.lock().expect("histogram lock").record(wait);
+        metrics::histogram!(WAIT_SECONDS, "queue" => self.queue.clone()).record(wait.as_secs_f64());
+    }
+
+    /// A claimed job stopped running here (finished, or never started).
+    pub(crate) fn ended(&self) {
+        let running = self.running.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        metrics::gauge!(RUNNING, "queue" => self.queue.clone()).set(running as f64);
+    }
+
+    /// Sets the running gauge from the count (the heartbeat does, so it converges).
+    pub(crate) fn sample_running(&self) {
+        let running = self.running.load(Ordering::Relaxed);
+        metrics::gauge!(RUNNING, "queue" => self.queue.clone()).set(running as f64);
+    }
+
+    /// `n` jobs completed.
+    pub(crate) fn completed(&self, n: u64) {
+        if n > 0 {
+            add(&self.completed, n);
+            metrics::counter!(COMPLETED, "queue" => self.queue.clone()).increment(n);
+        }
+    }
+
+    /// A batched completion statement ran.
+    pub(crate) fn completion_written(&self) {
+        add(&self.completion_writes, 1);
+    }
+
+    /// An attempt failed and the job will be retried.
+    pub(crate) fn retried(&self) {
+        add(&self.retried, 1);
+        metrics::counter!(FAILED, "queue" => self.queue.clone()).increment(1);
+    }
+
+    /// A job was discarded; `failed` when its last attempt failed (rather than the worker
+    /// discarding it).
+    pub(crate) fn discarded(&self, failed: bool) {
+        add(&self.discarded, 1);
+        if failed {
+            metrics::counter!(FAILED, "queue" => self.queue.clone()).increment(1);
+        }
+        metrics::counter!(DISCARDED, "queue" => self.queue.clone()).increment(1);
+    }
+
+    /// A job snoozed.
+    pub(crate) fn snoozed(&self) {
+        add(&self.snoozed, 1);
+    }
+
+    /// An outcome was rejected by the fence.
+    pub(crate) fn fenced(&self) {
+        add(&self.fenced, 1);
+    }
+}
+
+/// Sets the queued gauge of `queue`: its available jobs in the table.
+pub(crate) fn sample_queued(queue: &str, available: i64) {
+    metrics::gauge!(QUEUED, "queue" => queue.to_string()).set(available as f64);
 }
 
 /// The counters of every queue of a runner.
@@ -40,7 +152,7 @@ impl Metrics {
     pub(crate) fn new(queues: impl IntoIterator<Item = String>) -> Self {
         Self {
             started: Instant::now(),
-            queues: queues.into_iter().map(|q| (q, QueueCounters::default())).collect(),
+            queues: queues.into_iter().map(|q| (q.clone(), QueueCounters::new(q))).collect(),
         }
     }
 

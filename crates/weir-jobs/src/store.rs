@@ -11,27 +11,47 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 
-/// The columns shared by `weir.jobs` and `weir.job_history`, in one order.
-macro_rules! cols {
-    () => {
-        "id, state, queue, kind, priority, attempt, max_attempts, scheduled_at, created_at, \
-         attempted_at, attempted_by, timeout_ms, notify, unique_key, args, errors"
+/// The select list that moves a job row between `weir.jobs` and `weir.job_history`: every
+/// column the two tables share, in one order, with `state` and `errors` (and, when given,
+/// `max_attempts` and `scheduled_at`) replaced by the given SQL. This is the one list of those
+/// columns: every statement that moves a row (here and in `admin`) is written with it and
+/// [`job_columns!`], so a schema change touches only this.
+macro_rules! moved_columns {
+    (state: $state:literal, errors: $errors:literal) => {
+        $crate::store::moved_columns!(
+            state: $state,
+            max_attempts: "max_attempts",
+            scheduled_at: "scheduled_at",
+            errors: $errors
+        )
     };
-}
-
-/// The same columns as selected from a CTE `done` with the state replaced by `$state` and the
-/// errors by `$errors`.
-macro_rules! moved {
-    ($state:literal, $errors:literal) => {
+    (
+        state: $state:literal,
+        max_attempts: $max_attempts:literal,
+        scheduled_at: $scheduled_at:literal,
+        errors: $errors:literal
+    ) => {
         concat!(
             "id, ",
             $state,
-            ", queue, kind, priority, attempt, max_attempts, scheduled_at, created_at, \
-             attempted_at, attempted_by, timeout_ms, notify, unique_key, args, ",
+            ", queue, kind, priority, attempt, ",
+            $max_attempts,
+            ", ",
+            $scheduled_at,
+            ", created_at, attempted_at, attempted_by, timeout_ms, notify, unique_key, args, ",
             $errors
         )
     };
 }
+
+/// The shared columns by name, for the `insert into … (<columns>)` of a move.
+macro_rules! job_columns {
+    () => {
+        $crate::store::moved_columns!(state: "state", errors: "errors")
+    };
+}
+
+pub(crate) use {job_columns, moved_columns};
 
 /// The completion of runs `(ids, attempts)` bound at `$ids`, `$attempts`, into history if
 /// `$keep`: CTEs `done` (the deleted rows) and `kept`. Shared by [`complete`] and [`claim`].
@@ -50,10 +70,10 @@ macro_rules! complete_ctes {
               returning j.*
              ), kept as (
                  insert into weir.job_history (",
-            cols!(),
+            job_columns!(),
             ")
                  select ",
-            moved!("'completed'", "errors"),
+            moved_columns!(state: "'completed'", errors: "errors"),
             " from done where ",
             $keep,
             "
@@ -235,12 +255,12 @@ pub(crate) async fn discard(
           returning j.*
          ), kept as (
              insert into weir.job_history (",
-        cols!(),
+        job_columns!(),
         ")
              select ",
-        moved!(
-            "'discarded'",
-            "errors || jsonb_build_object('attempt', attempt, 'at', now(), 'error', $3::text)"
+        moved_columns!(
+            state: "'discarded'",
+            errors: "errors || jsonb_build_object('attempt', attempt, 'at', now(), 'error', $3::text)"
         ),
         " from done
          )
@@ -339,12 +359,12 @@ pub(crate) async fn rescue(conn: &mut PgConnection, stale_secs: f64) -> sqlx::Re
           returning j.*
          ), kept as (
              insert into weir.job_history (",
-        cols!(),
+        job_columns!(),
         ")
              select ",
-        moved!(
-            "'discarded'",
-            "errors || jsonb_build_object('attempt', attempt, 'at', now(), 'error', \
+        moved_columns!(
+            state: "'discarded'",
+            errors: "errors || jsonb_build_object('attempt', attempt, 'at', now(), 'error', \
              'rescued: process ' || coalesce(attempted_by, '?') || ' stopped heartbeating')"
         ),
         " from done
@@ -505,4 +525,20 @@ pub(crate) async fn periodic_advance(
     .execute(conn)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Available jobs per queue among `queues` (queues without any are absent); the `queued`
+/// gauge. `jobs_claim` serves it.
+pub(crate) async fn available_by_queue(
+    conn: &mut PgConnection,
+    queues: &[String],
+) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "select queue, count(*) from weir.jobs
+          where state = 'available' and queue = any($1)
+          group by queue",
+    )
+    .bind(queues)
+    .fetch_all(conn)
+    .await
 }

@@ -18,6 +18,12 @@
 //! | `weir_consumer_position{consumer,lane}` | gauge | a lane's checkpoint |
 //! | `weir_consumer_lag_events{consumer}` | gauge | events between the slowest lane and the head, every 5 s |
 //! | `weir_consumer_lag_seconds{consumer}` | gauge | age of the oldest unhandled event, every 5 s |
+//! | `weir_jobs_queued{queue}` | gauge | available jobs of a queue this process works, every heartbeat |
+//! | `weir_jobs_running{queue}` | gauge | jobs running in this process |
+//! | `weir_jobs_completed_total{queue}` | counter | jobs completed |
+//! | `weir_jobs_failed_total{queue}` | counter | failed attempts (retried or not) |
+//! | `weir_jobs_discarded_total{queue}` | counter | jobs discarded |
+//! | `weir_jobs_wait_seconds{queue}` | histogram | from the time a job could run to its start |
 //! | `weir_http_requests_total{method,route,status}` | counter | every request |
 //! | `weir_http_request_duration_seconds{method,route}` | histogram | time to the response head |
 //! | `weir_channel_clients{transport}` | gauge | connected SSE / WebSocket clients |
@@ -46,13 +52,26 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 const BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// A job's wait for a slot: milliseconds when workers keep up, minutes behind a backlog.
+const JOB_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+];
+
 /// Installs the Prometheus recorder unless a recorder is already installed; idempotent.
 /// Returns the handle `/metrics` renders from.
 pub fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
+            // A full name wins over a suffix (the exporter tries Full, then Prefix, then Suffix).
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(weir_jobs::metrics::WAIT_SECONDS.into()),
+                        JOB_WAIT_BUCKETS,
+                    )
+                })
                 .expect("the buckets are not empty");
             match builder.install_recorder() {
                 Ok(handle) => {
@@ -103,6 +122,19 @@ pub(crate) fn describe() {
         "weir_consumer_lag_seconds",
         "Age of a consumer's oldest unhandled event"
     );
+    {
+        use weir_jobs::metrics as jobs;
+        metrics::describe_gauge!(jobs::QUEUED, "Available jobs of a queue in weir.jobs");
+        metrics::describe_gauge!(jobs::RUNNING, "Jobs of a queue running in this process");
+        metrics::describe_counter!(jobs::COMPLETED, "Jobs completed");
+        metrics::describe_counter!(jobs::FAILED, "Failed job attempts, retried or not");
+        metrics::describe_counter!(jobs::DISCARDED, "Jobs discarded");
+        metrics::describe_histogram!(
+            jobs::WAIT_SECONDS,
+            metrics::Unit::Seconds,
+            "Time from when a job could run to its start"
+        );
+    }
     metrics::describe_counter!("weir_http_requests_total", "HTTP requests answered");
     metrics::describe_histogram!(
         "weir_http_request_duration_seconds",

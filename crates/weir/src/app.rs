@@ -1,14 +1,18 @@
-//! The library facade: `Weir::builder(config).operator(...).start()` runs ingestion and the
-//! consumer engine (with the declarative operators of the configuration and the Rust operators
-//! added here) in this process, until `stop()`.
+//! The library facade: `Weir::builder(config).operator(...).worker(...).start()` runs
+//! ingestion, the consumer engine (with the declarative operators of the configuration and the
+//! Rust operators added here) and, when workers are registered, the job runner (`[jobs]`) in
+//! this process, until `stop()`.
 //!
 //! ```text
 //! start: connect ─► check (schema migrated; publication and slot must exist) ─► prepare SQL
 //!        operators (fail fast)
 //!        ─► ingest task (leader or standby) + consumer engine (lanes shared with other
 //!           processes) + retention (one process at a time)
+//!        ─► with workers: migrate the job tables, start the job runner (one ProcessId)
 //! stop:  cancel ─► engine lanes finish their current event ─► ingestion stores what it
-//!        received and acknowledges it ─► both joined, errors returned
+//!        received and acknowledges it ─► both joined
+//!        ─► job runner: no more claims; running jobs get JOBS_GRACE (10 s) to finish, then
+//!           are put back; outcomes flushed; the process deregisters ─► errors returned
 //! ```
 
 use std::sync::Arc;
@@ -19,8 +23,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
 use weir_core::{Config, ProcessId};
+use weir_jobs::{JobRunner, PeriodicJob, RunningJobs, Worker};
 
 use crate::{Error, Result, db};
+
+/// How long running jobs get to finish at stop before they are cancelled and put back.
+pub(crate) const JOBS_GRACE: Duration = Duration::from_secs(10);
+
+/// A worker registration, applied to the job runner once the pool is known.
+type Register = Box<dyn FnOnce(JobRunner) -> JobRunner + Send>;
 
 /// Builds a running weir.
 pub struct WeirBuilder {
@@ -29,11 +40,17 @@ pub struct WeirBuilder {
     consumers: Vec<ConsumerSpec>,
     reporter: Arc<dyn ErrorReporter>,
     ingest: bool,
+    workers: Vec<Register>,
+    periodic: Vec<PeriodicJob>,
 }
 
 impl std::fmt::Debug for WeirBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WeirBuilder").field("consumers", &self.consumers).finish()
+        f.debug_struct("WeirBuilder")
+            .field("consumers", &self.consumers)
+            .field("workers", &self.workers.len())
+            .field("periodic", &self.periodic)
+            .finish()
     }
 }
 
@@ -50,6 +67,8 @@ impl Weir {
             consumers: Vec::new(),
             reporter: Arc::new(TracingReporter),
             ingest: true,
+            workers: Vec::new(),
+            periodic: Vec::new(),
         }
     }
 }
@@ -77,6 +96,20 @@ impl WeirBuilder {
     /// Receives every retry and final failure (default: logs through tracing).
     pub fn error_reporter(mut self, reporter: impl ErrorReporter) -> Self {
         self.reporter = Arc::new(reporter);
+        self
+    }
+
+    /// Registers the job worker of `W::Args::KIND`. With at least one worker, `start` migrates
+    /// the job tables and runs the job runner with `[jobs]` (its queues and concurrency).
+    pub fn worker<W: Worker>(mut self, worker: W) -> Self {
+        self.workers.push(Box::new(move |runner: JobRunner| runner.register(worker)));
+        self
+    }
+
+    /// Adds a periodic job, enqueued by the job runner's maintenance leader at each cron time
+    /// (it runs only with at least one worker registered).
+    pub fn periodic(mut self, job: PeriodicJob) -> Self {
+        self.periodic.push(job);
         self
     }
 
@@ -135,8 +168,37 @@ impl WeirBuilder {
             tokio::spawn(async move { crate::ingest::run(&config, &pool, &identity, cancel).await })
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
-        Ok(Running { cancel, pool, wake, ingest, engine, retention })
+        let jobs = match start_jobs(&pool, &config, self.workers, self.periodic, identity).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                cancel.cancel();
+                return Err(e);
+            }
+        };
+        Ok(Running { cancel, pool, wake, ingest, engine, retention, jobs })
     }
+}
+
+/// Migrates the job tables and starts the runner, when there are workers.
+async fn start_jobs(
+    pool: &PgPool,
+    config: &Config,
+    workers: Vec<Register>,
+    periodic: Vec<PeriodicJob>,
+    process: ProcessId,
+) -> Result<Option<RunningJobs>> {
+    if workers.is_empty() {
+        return Ok(None);
+    }
+    weir_jobs::migrate(pool).await?;
+    let mut runner = JobRunner::new(pool.clone(), config.jobs.clone()).process_id(process);
+    for register in workers {
+        runner = register(runner);
+    }
+    for job in periodic {
+        runner = runner.periodic(job);
+    }
+    Ok(Some(runner.start().await?))
 }
 
 /// A running weir.
@@ -148,6 +210,7 @@ pub struct Running {
     ingest: Option<JoinHandle<Result<()>>>,
     engine: Option<Engine>,
     retention: JoinHandle<()>,
+    jobs: Option<RunningJobs>,
 }
 
 impl Running {
@@ -159,6 +222,11 @@ impl Running {
     /// Wakes on every append to the log (from any process: `NOTIFY weir_events`).
     pub fn wake(&self) -> weir_log::Wake {
         self.wake.clone()
+    }
+
+    /// The job runner, when workers are registered (its process id, its figures).
+    pub fn jobs(&self) -> Option<&RunningJobs> {
+        self.jobs.as_ref()
     }
 
     /// A token that stops everything when cancelled.
@@ -173,7 +241,8 @@ impl Running {
     }
 
     /// Waits until every part ends: ingestion ends by itself only on an error it cannot
-    /// recover from (a dropped slot, a missing publication), which then stops the rest.
+    /// recover from (a dropped slot, a missing publication), which then stops the rest. The
+    /// job runner stops after the engine, giving running jobs `JOBS_GRACE` (10 s).
     pub async fn wait(mut self) -> Result<()> {
         let mut first = Ok(());
         if let Some(ingest) = self.ingest.take() {
@@ -188,6 +257,12 @@ impl Running {
         }
         if let Some(engine) = self.engine.take() {
             let r = engine.wait().await.map_err(Error::from);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        if let Some(jobs) = self.jobs.take() {
+            let r = jobs.stop(JOBS_GRACE).await.map_err(Error::from);
             if first.is_ok() {
                 first = r;
             }

@@ -30,6 +30,9 @@ pub enum Error {
     /// The consumer engine failed, or an operator is configured wrongly.
     #[error(transparent)]
     Consumer(#[from] weir_consumer::Error),
+    /// The job queue failed (its migration, a `[jobs]` setting, the runner's start or stop).
+    #[error(transparent)]
+    Jobs(#[from] weir_jobs::Error),
     /// The replication stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
@@ -52,6 +55,7 @@ impl Error {
             }
             Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
             Error::Consumer(e) => e.is_transient(),
+            Error::Jobs(e) => e.is_transient(),
             _ => false,
         }
     }

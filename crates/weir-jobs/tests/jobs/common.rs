@@ -1,15 +1,17 @@
-//! Shared fixtures: a database with the job tables, a scriptable worker, polling with deadlines.
+//! Shared fixtures: a database with the job tables, a scriptable worker.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use weir_jobs::{Config, JobArgs, JobContext, JobError, QueueConfig, Worker};
 use weir_testkit::TestDatabase;
+
+/// Polls a condition with a deadline (the workspace's one helper).
+pub(crate) use weir_testkit::eventually;
 
 pub(crate) struct Env {
     pub(crate) pool: PgPool,
@@ -25,22 +27,6 @@ pub(crate) async fn setup(prefix: &str) -> Env {
         .await
         .expect("effects table");
     Env { pool, db }
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; panics with `what` then.
-pub(crate) async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A runner configuration with short intervals, for tests.

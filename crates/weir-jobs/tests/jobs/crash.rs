@@ -38,7 +38,7 @@ async fn child_process() {
             ..Config::default()
         },
     )
-    .process_id("child")
+    .process_id(weir_core::ProcessId::named("child"))
     .register(Stuck)
     .start()
     .await

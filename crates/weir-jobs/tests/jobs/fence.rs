@@ -23,7 +23,7 @@ async fn a_rescued_attempts_late_completion_is_rejected() {
             ..Config::default()
         },
     )
-    .process_id("old")
+    .process_id(weir_core::ProcessId::named("old"))
     .register(Scripted(old_probe.clone()))
     .start()
     .await
@@ -43,7 +43,7 @@ async fn a_rescued_attempts_late_completion_is_rejected() {
     .await
     .unwrap();
     let new = JobRunner::new(env.pool.clone(), fast_config(2))
-        .process_id("new")
+        .process_id(weir_core::ProcessId::named("new"))
         .register(Scripted(new_probe.clone()))
         .start()
         .await
