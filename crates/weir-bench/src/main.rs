@@ -4,12 +4,20 @@
 //! machine, minutes apart at most: the machine is shared and noisy, so compare the ratios of
 //! one run, never figures across runs.
 //!
-//! | benchmark   | measures                                              | reference, same run            |
-//! |-------------|-------------------------------------------------------|--------------------------------|
-//! | `ingest`    | slot → durable log, changes/s; commit → NOTIFY of the append, p50/p99; peak RSS on a huge transaction | `pg_recvlogical` draining the same WAL to `/dev/null` |
-//! | `operators` | a SQL operator's events/s, `per_key` over lanes; source commit → derived row | the same operator with `global` ordering (one lane: a head-of-line design), and plain SQL loops doing the engine's per-event SQL (the floor) |
-//! | `jobs`      | enqueue and drain jobs/s; enqueue → worker start; throughput over vacuum rounds | graphile-worker (npm) on the same database, run right after each weir measurement |
-//! | `fanout`    | SSE commit → client latency; memory per idle client of a `weir run` process | commit → the append's `LISTEN weir_events` notification |
+//! - `ingest`: replication slot → durable `weir.events`, changes/s with 1- and 100-row
+//!   transactions, against **`pg_recvlogical`** draining the same WAL to `/dev/null` (slots made
+//!   at the same point, drained one after the other); then commit → the append's NOTIFY at a
+//!   steady rate, and the peak RSS of ingestion during one huge transaction.
+//! - `operators`: a transactional SQL operator's events/s with `per_key` ordering over lanes,
+//!   against the **same operator with `global` ordering** (one lane, a head-of-line design) and
+//!   a floor of **plain SQL loops** doing the engine's per-event SQL; then source commit →
+//!   derived row at a steady rate.
+//! - `jobs`: enqueue and drain jobs/s of the job queue, against **graphile-worker** (npm) run
+//!   on the same database right after each weir measurement; then enqueue → worker start at a
+//!   steady rate, and jobs/s with the dead tuples left over rounds of enqueue-while-draining.
+//! - `fanout`: SSE commit → client latency and memory per idle client of a `weir run` process,
+//!   against **commit → the append's `LISTEN weir_events` notification** (the floor a channel
+//!   builds on).
 //!
 //! ```text
 //! main ── ingest / operators / jobs / fanout   (one module per benchmark, its args and phases)
