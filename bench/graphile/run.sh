@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# graphile-worker, the reference of `weir bench jobs`: installs it from npm (once, into a cache
+# graphile-worker, the reference of `weir-bench jobs`: installs it from npm (once, into a cache
 # directory outside the repository) and drains JOBS no-op jobs with CONCURRENCY workers.
 #
 #   bench/graphile/run.sh DATABASE_URL JOBS CONCURRENCY [defaults|tuned]

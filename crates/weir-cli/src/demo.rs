@@ -1,5 +1,5 @@
-//! `weir demo` and `weir dev`: a private PostgreSQL from the installed server binaries, so weir
-//! can be tried with no setup.
+//! `weir demo`: a private PostgreSQL from the installed server binaries, so weir can be tried
+//! with no setup.
 //!
 //! The demo creates `posts` (integer key) and `comments` (uuid key, `REPLICA IDENTITY FULL`),
 //! runs the ingestion and the HTTP server, writes a stream of changes for a few seconds and prints
@@ -7,7 +7,6 @@
 //! to the `posts` channel counts what it receives, and the process-status check answers for the
 //! last write.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -60,28 +59,6 @@ on conflict (id) do update
   set title = excluded.title, comments_count = excluded.comments_count
 """
 "#;
-
-/// `weir dev`: a persistent private cluster in `dir`, until Ctrl-C.
-pub(crate) async fn dev(dir: &Path) -> anyhow::Result<()> {
-    let cluster = tokio::task::spawn_blocking({
-        let dir = dir.to_path_buf();
-        move || Cluster::start_in(&dir, Options::default())
-    })
-    .await??;
-    let exists = cluster.psql("postgres", "select 1 from pg_database where datname = 'weir'")?;
-    if exists.is_empty() {
-        cluster.psql("postgres", "create database weir")?;
-    }
-    let url = cluster.url("weir");
-    println!("PostgreSQL (wal_level=logical) is running with its data in {}", dir.display());
-    println!();
-    println!("  export DATABASE_URL={url}");
-    println!();
-    println!("then `weir init` and `weir run`. Ctrl-C stops the server; the data stays.");
-    crate::shutdown_signal().cancelled().await;
-    drop(cluster);
-    Ok(())
-}
 
 /// `weir demo`.
 pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {

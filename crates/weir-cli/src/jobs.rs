@@ -10,7 +10,7 @@ use weir_jobs::{Job, JobId, JobState, Unique};
 
 /// `weir jobs` subcommands.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum JobsCommand {
+pub enum JobsCommand {
     /// Enqueue a job (in its own transaction).
     Enqueue(EnqueueArgs),
     /// List jobs, newest first, with why each waiting job waits.
@@ -43,7 +43,7 @@ pub(crate) enum JobsCommand {
 
 /// `weir jobs enqueue`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct EnqueueArgs {
+pub struct EnqueueArgs {
     /// The job kind (the worker that runs it).
     pub(crate) kind: String,
     /// The arguments, as JSON.
@@ -81,7 +81,7 @@ pub(crate) struct EnqueueArgs {
 
 /// `weir jobs list`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct ListArgs {
+pub struct ListArgs {
     /// Only jobs in this state (scheduled, available, running, retryable, completed,
     /// discarded, cancelled).
     #[arg(long)]
@@ -146,7 +146,7 @@ impl EnqueueArgs {
 }
 
 /// Runs a `weir jobs` subcommand (migrating the job tables first; idempotent).
-pub(crate) async fn run(cmd: JobsCommand, pool: PgPool) -> anyhow::Result<()> {
+pub async fn run(cmd: JobsCommand, pool: PgPool) -> anyhow::Result<()> {
     weir_jobs::migrate(&pool).await?;
     let mut conn = pool.acquire().await?;
     match cmd {

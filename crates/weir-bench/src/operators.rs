@@ -1,10 +1,10 @@
-//! `weir bench operators`: how fast the consumer engine runs a transactional SQL operator, with
+//! `weir-bench operators`: how fast the consumer engine runs a transactional SQL operator, with
 //! `global` ordering (one lane: EventStreamex's head-of-line design) and with `per_key` ordering
 //! over several lanes, and how long a change takes from its source commit to its derived row.
 //!
 //! What it measures (each phase in a fresh database; a private cluster with `fsync=on` unless
-//! the global `--database-url` names a server, where the benchmark creates and drops its own
-//! databases — the database part of that URL is not used):
+//! `--url` names a server, where the benchmark creates and drops its own databases — the
+//! database part of that URL is not used):
 //!
 //! 1. **Throughput**: a source table `items(id bigint primary key, k int, v text)` and a derived
 //!    table `counters(k int primary key, n bigint)`. `--events` inserts are generated
@@ -50,7 +50,7 @@
 //!    connection splits it into commit → logged and logged → derived. The first second is
 //!    left out as warm-up.
 //!
-//! Run: `cargo build --release -p weir-cli && target/release/weir bench operators`
+//! Run: `cargo run --release -p weir-bench -- operators`
 //! (`--events 100000` for a quick run, `--only throughput|latency`).
 //!
 //! Reference and targets (printed beside the figures; a miss does not fail the command): the
@@ -61,7 +61,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -71,9 +70,10 @@ use tokio_util::sync::CancellationToken;
 use weir::Config;
 use weir_core::Secret;
 
-use crate::bench_common::{
-    PgServer, ProcStat, children_of, clock_ticks, percentile, proc_stat, thousands,
-};
+use crate::cpu::{CpuReport, CpuSampler, auxiliary};
+use crate::percentile::Percentiles;
+use crate::report::{thousands, verdict};
+use crate::server::{PgServer, ServerArgs};
 
 const TARGET_PER_KEY_RATE: f64 = 20_000.0;
 const TARGET_P50_MS: f64 = 10.0;
@@ -103,9 +103,11 @@ const SCHEMA: &str = "
         owner text, fence bigint not null default 0, updated_at timestamptz not null default now(),
         primary key (consumer, lane));";
 
-/// Arguments of `weir bench operators`.
+/// Arguments of `weir-bench operators`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct OperatorsBenchArgs {
+pub(crate) struct Args {
+    #[command(flatten)]
+    server: ServerArgs,
     /// Events logged and then drained by each consumer in the throughput phase.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -152,8 +154,8 @@ enum Phase {
     Latency,
 }
 
-/// `weir bench operators`.
-pub(crate) async fn run(args: OperatorsBenchArgs) -> anyhow::Result<()> {
+/// `weir-bench operators`.
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if args.events < 10 || args.lanes == 0 || args.keys == 0 || args.pool_size < 4 {
         bail!(
             "--events must be at least 10, --lanes and --keys at least 1, --pool-size at least 4"
@@ -165,10 +167,10 @@ pub(crate) async fn run(args: OperatorsBenchArgs) -> anyhow::Result<()> {
             args.pool_size, args.lanes
         );
     }
-    let url = server_url();
+    let url = args.server.url.clone();
     if args.unix_socket && url.is_some() {
         bail!(
-            "--unix-socket applies to the private cluster; put the socket directory in --database-url instead"
+            "--unix-socket applies to the private cluster; put the socket directory in --url instead"
         );
     }
     let server = PgServer::start(url, args.unix_socket, Vec::new(), Some(BENCH_APP)).await?;
@@ -176,15 +178,11 @@ pub(crate) async fn run(args: OperatorsBenchArgs) -> anyhow::Result<()> {
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir bench operators");
+    println!("weir-bench operators");
     println!("  server   {}", version.split(',').next().unwrap_or(&version));
     println!(
         "  where    {} (fsync={fsync}), {cpus} CPUs on this machine",
-        if server.cluster.is_some() {
-            "private cluster started for this run"
-        } else {
-            "--database-url"
-        }
+        if server.cluster.is_some() { "private cluster started for this run" } else { "--url" }
     );
     println!(
         "  via      {}",
@@ -213,12 +211,6 @@ pub(crate) async fn run(args: OperatorsBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The global `--database-url`, read from the command line (the dispatch passes only this
-/// subcommand's arguments).
-fn server_url() -> Option<String> {
-    <crate::Cli as clap::Parser>::try_parse().ok().and_then(|c| c.database_url)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The server and its databases
 
@@ -238,11 +230,7 @@ struct OperatorSpec<'a> {
 
 /// The configuration: watch `items` only (the derived tables are not captured), and the
 /// operator written as it would be in `weir.toml`.
-fn weir_config(
-    url: &str,
-    args: &OperatorsBenchArgs,
-    op: Option<&OperatorSpec<'_>>,
-) -> anyhow::Result<Config> {
+fn weir_config(url: &str, args: &Args, op: Option<&OperatorSpec<'_>>) -> anyhow::Result<Config> {
     let mut toml = String::from("[source]\ntables = [\"items\"]\n");
     if let Some(op) = op {
         toml.push_str(&format!(
@@ -251,7 +239,7 @@ fn weir_config(
             op.name, op.ordering, op.lanes, op.sql
         ));
     }
-    let mut config = Config::from_toml(&toml, "weir bench operators", [])?;
+    let mut config = Config::from_toml(&toml, "weir-bench operators", [])?;
     config.database.url = Some(Secret::new(url.to_string()));
     config.database.pool_size = args.pool_size;
     config.validate()?;
@@ -335,10 +323,7 @@ impl ThroughputResult {
     }
 }
 
-async fn throughput(
-    server: &PgServer,
-    args: &OperatorsBenchArgs,
-) -> anyhow::Result<ThroughputResult> {
+async fn throughput(server: &PgServer, args: &Args) -> anyhow::Result<ThroughputResult> {
     let n = args.events as i64;
     println!(
         "== throughput: {} events through a counter upsert over {} keys ==",
@@ -429,7 +414,7 @@ async fn drain(
     server: &PgServer,
     url: &str,
     pool: &PgPool,
-    args: &OperatorsBenchArgs,
+    args: &Args,
     label: &str,
     ordering: &str,
     lanes: u32,
@@ -460,7 +445,7 @@ async fn drain(
     }
     let stats_before = Stats::take(pool).await?;
     let sampler = ActivitySampler::start(url).await?;
-    let cpu = CpuSampler::start(server.postmaster);
+    let cpu = CpuSampler::start(server.postmaster, process_label);
     let limit = Duration::from_secs(args.max_drain_seconds);
 
     let t0 = Instant::now();
@@ -545,8 +530,8 @@ async fn drain(
         "           start() took {:.0} ms (operator prepared, consumer registered; included)",
         d.start_seconds * 1e3
     );
-    println!("           cpu: {}", d.cpu.describe(d.seconds));
-    println!("           per event: {}", d.cpu.per_event(d.events));
+    println!("           cpu: {}", describe(&d.cpu, d.seconds));
+    println!("           per event: {}", per_event(&d.cpu, d.events));
     println!("           per event: {}", d.stats.describe(d.events));
     println!("           engine connections: {}", d.activity.describe());
     Ok(d)
@@ -558,7 +543,7 @@ async fn drain(
 async fn floor_runs(
     url: &str,
     pool: &PgPool,
-    args: &OperatorsBenchArgs,
+    args: &Args,
     postmaster: Option<u32>,
 ) -> anyhow::Result<Vec<FloorRun>> {
     let events = args.floor_events;
@@ -584,7 +569,7 @@ async fn floor_runs(
         sqlx::raw_sql("truncate floor_counters, floor_checkpoints; checkpoint")
             .execute(pool)
             .await?;
-        let cpu = CpuSampler::start(postmaster);
+        let cpu = CpuSampler::start(postmaster, process_label);
         let seconds = floor_run(url, args.keys, events, conns, pool_size, batch, ping).await?;
         let cpu = cpu.stop();
         let counted: i64 =
@@ -599,7 +584,7 @@ async fn floor_runs(
             "    {:<52} {:>7} events/s   {}",
             r.label,
             thousands(r.rate()),
-            cpu.per_event(events as i64)
+            per_event(&cpu, events as i64)
         );
         runs.push(r);
     }
@@ -608,7 +593,7 @@ async fn floor_runs(
     let reader = weir::LogReader::new(pool.clone()).await?;
     let filter = weir::EventFilter { entities: vec!["items".into()], kinds: Vec::new() };
     let to_read = (events * 10).min(args.events) as i64;
-    let cpu = CpuSampler::start(postmaster);
+    let cpu = CpuSampler::start(postmaster, process_label);
     let t = Instant::now();
     let mut after = 0i64;
     let mut read = 0i64;
@@ -629,7 +614,7 @@ async fn floor_runs(
         "    {:<52} {:>7} events/s   {} (a per_key consumer reads each event {} times)",
         r.label,
         thousands(r.rate()),
-        cpu.per_event(read),
+        per_event(&cpu, read),
         args.lanes
     );
     runs.push(r);
@@ -737,32 +722,11 @@ struct LatencyResult {
     lanes: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Option<Self> {
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        Some(Self {
-            p50: percentile(&v, 0.50),
-            p99: percentile(&v, 0.99),
-            max: *v.last().unwrap_or(&0.0),
-        })
-    }
-}
-
 fn wall_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-async fn latency(server: &PgServer, args: &OperatorsBenchArgs) -> anyhow::Result<LatencyResult> {
+async fn latency(server: &PgServer, args: &Args) -> anyhow::Result<LatencyResult> {
     println!(
         "== latency: {} single-row insert transactions/s for {} s, per_key operator over {} lanes ==",
         thousands(args.rate as f64),
@@ -969,12 +933,8 @@ struct Summary {
     latency: Option<LatencyResult>,
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "ok" } else { "MISSED" }
-}
-
 impl Summary {
-    fn print(&self, args: &OperatorsBenchArgs) {
+    fn print(&self, args: &Args) {
         println!("== summary (targets for this 2-core machine; a miss is reported, not fatal) ==");
         println!("  {:<44} {:>14}   target", "", "measured");
         if let Some(t) = &self.throughput {
@@ -1197,135 +1157,43 @@ impl ActivitySampler {
     }
 }
 
-#[derive(Debug, Default)]
-struct CpuReport {
-    /// label → cpu seconds.
-    server: Vec<(String, f64)>,
-    this_process: f64,
-    local: bool,
+/// A server process by its titles: the auxiliary ones by name, client backends together.
+fn process_label(titles: &[String]) -> String {
+    titles.iter().find_map(|t| auxiliary(t)).unwrap_or_else(|| "backends".into())
 }
 
-impl CpuReport {
-    /// CPU time per event: the server's backends and this process.
-    fn per_event(&self, events: i64) -> String {
-        let us = |s: f64| s * 1e6 / events.max(1) as f64;
-        let server: f64 = self.server.iter().map(|(_, s)| s).sum();
-        if self.local {
-            format!(
-                "cpu/event: server {:.0} µs, this process {:.0} µs",
-                us(server),
-                us(self.this_process)
-            )
-        } else {
-            format!("cpu/event: this process {:.0} µs", us(self.this_process))
-        }
-    }
-
-    fn describe(&self, wall: f64) -> String {
-        let pct = |s: f64| 100.0 * s / wall;
-        if !self.local {
-            return format!(
-                "this process {:.0}% of one core (server not local)",
-                pct(self.this_process)
-            );
-        }
-        let mut parts: Vec<String> = self
-            .server
-            .iter()
-            .filter(|(_, s)| pct(*s) >= 2.0)
-            .map(|(l, s)| format!("{l} {:.0}%", pct(*s)))
-            .collect();
-        parts.push(format!("weir+bench process {:.0}%", pct(self.this_process)));
-        let total = self.server.iter().map(|(_, s)| s).sum::<f64>() + self.this_process;
-        format!("{} (total {:.0}% of one core)", parts.join(", "), pct(total))
-    }
-}
-
-/// Server pid → (label, ticks at first sight, ticks at last sight).
-type ServerTicks = HashMap<u32, (String, u64, u64)>;
-
-/// Samples the CPU of the server's processes (children of the postmaster) every 100 ms on a
-/// thread of its own, and this process's.
-struct CpuSampler {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<ServerTicks>>,
-    self_start: Option<ProcStat>,
-    local: bool,
-}
-
-impl CpuSampler {
-    fn start(postmaster: Option<u32>) -> Self {
-        use std::sync::atomic::Ordering;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let self_start = proc_stat(std::process::id());
-        let thread = postmaster.map(|pm| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                // pid → (label, ticks at first sight, ticks at last sight)
-                let mut seen: ServerTicks = HashMap::new();
-                let mut first_round = true;
-                loop {
-                    for pid in children_of(pm) {
-                        let Some(st) = proc_stat(pid) else { continue };
-                        let entry = seen.entry(pid).or_insert_with(|| {
-                            // A process born during the window counts from zero.
-                            let base = if first_round { st.ticks } else { 0 };
-                            (server_label(pid), base, st.ticks)
-                        });
-                        entry.2 = st.ticks;
-                    }
-                    first_round = false;
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                seen
-            })
-        });
-        Self { stop, thread, self_start, local: postmaster.is_some() }
-    }
-
-    fn stop(mut self) -> CpuReport {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let tck = clock_ticks();
-        let this_process = match (&self.self_start, proc_stat(std::process::id())) {
-            (Some(a), Some(b)) => b.ticks.saturating_sub(a.ticks) as f64 / tck,
-            _ => 0.0,
-        };
-        let mut by_label: HashMap<String, f64> = HashMap::new();
-        if let Some(t) = self.thread.take() {
-            for (_, (label, first, last)) in t.join().unwrap_or_default() {
-                *by_label.entry(label).or_default() += last.saturating_sub(first) as f64 / tck;
-            }
-        }
-        let mut server: Vec<(String, f64)> = by_label.into_iter().collect();
-        server.sort_by(|a, b| b.1.total_cmp(&a.1));
-        CpuReport { server, this_process, local: self.local }
-    }
-}
-
-/// What a server process is, from its process title.
-fn server_label(pid: u32) -> String {
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let title = String::from_utf8_lossy(&cmd).replace('\0', " ");
-    let rest = title.trim().strip_prefix("postgres: ").unwrap_or(title.trim()).to_string();
-    if rest.starts_with("walsender") {
-        "walsender".into()
-    } else if [
-        "checkpointer",
-        "background writer",
-        "walwriter",
-        "autovacuum",
-        "logical replication",
-    ]
-    .iter()
-    .any(|p| rest.starts_with(p))
-    {
-        rest.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+/// CPU time per event: the server's backends and this process.
+fn per_event(cpu: &CpuReport, events: i64) -> String {
+    let us = |s: f64| s * 1e6 / events.max(1) as f64;
+    if cpu.local {
+        format!(
+            "cpu/event: server {:.0} µs, this process {:.0} µs",
+            us(cpu.server_total()),
+            us(cpu.this_process)
+        )
     } else {
-        "backends".into()
+        format!("cpu/event: this process {:.0} µs", us(cpu.this_process))
     }
+}
+
+/// Where the CPU went during a drain of `wall` seconds, in % of one core.
+fn describe(cpu: &CpuReport, wall: f64) -> String {
+    let pct = |s: f64| 100.0 * s / wall;
+    if !cpu.local {
+        return format!(
+            "this process {:.0}% of one core (server not local)",
+            pct(cpu.this_process)
+        );
+    }
+    let mut parts: Vec<String> = cpu
+        .server
+        .iter()
+        .filter(|(_, s)| pct(*s) >= 2.0)
+        .map(|(l, s)| format!("{l} {:.0}%", pct(*s)))
+        .collect();
+    parts.push(format!("weir+bench process {:.0}%", pct(cpu.this_process)));
+    let total = cpu.server_total() + cpu.this_process;
+    format!("{} (total {:.0}% of one core)", parts.join(", "), pct(total))
 }
 
 #[cfg(test)]
@@ -1334,9 +1202,10 @@ mod tests {
 
     #[test]
     fn the_operator_config_parses() {
-        let args = <crate::Cli as clap::Parser>::try_parse_from(["weir", "bench", "operators"]);
+        let args = <crate::Cli as clap::Parser>::try_parse_from(["weir-bench", "operators"]);
         assert!(args.is_ok());
-        let a = OperatorsBenchArgs {
+        let a = Args {
+            server: ServerArgs { url: None },
             events: 10,
             only: None,
             lanes: 8,

@@ -1,4 +1,4 @@
-//! `weir bench fanout`: realtime channels under load. Many SSE clients listen while the source
+//! `weir-bench fanout`: realtime channels under load. Many SSE clients listen while the source
 //! writes at a steady rate; how long does a change take from its commit to each client, and
 //! what does an idle client cost the server?
 //!
@@ -6,7 +6,8 @@
 //! (superuser, `wal_level=logical`) where the benchmark creates and drops its own database. A
 //! table `posts(id int primary key, n bigint, updated_at timestamptz)` with `--channels` rows
 //! (100), `weir init`, then for each phase a fresh `weir run` as a **separate process** (this
-//! executable), so that its memory (`VmRSS` from `/proc/<pid>/status`) and CPU are the
+//! executable as `weir-bench weir run`: the `weir` command of the weir-cli library, built from
+//! the same source as the benchmark, so a stale binary cannot be measured), so that its memory (`VmRSS` from `/proc/<pid>/status`) and CPU are the
 //! server's alone. The clients run in this process, on the same machine: they share its CPUs
 //! with the server and PostgreSQL, and the figures include their own scheduling delays.
 //!
@@ -42,7 +43,7 @@
 //! its own process and can see an append slightly before an outside listener does). Printed:
 //! the channel p99 / the floor p99, and each figure / its target.
 //!
-//! Run: `cargo build --release -p weir-cli && target/release/weir bench fanout`
+//! Run: `cargo run --release -p weir-bench -- fanout`
 //! (`--clients 100 --seconds 5` for a quick run; `--phases one`). Needs about
 //! 2 × clients + 100 open files in this process and in the server; the soft limit is raised to
 //! the hard limit when lower (otherwise run `ulimit -n 65536` first).
@@ -50,7 +51,7 @@
 //! Targets (printed beside the figures; a miss does not fail the command): p99 ≤ 50 ms at
 //! 1,000 changes/s, ≤ 64 KiB per idle client.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -62,15 +63,17 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::bench_common::{
-    PgServer, children_of, clock_ticks, on_own_thread, percentile, proc_stat, ratio, status_kib,
-    thousands, verdict,
-};
+use crate::cpu::{CpuReport, CpuSampler};
+use crate::percentile::Percentiles;
+use crate::procfs::status_kib;
+use crate::report::{ratio, thousands, verdict};
+use crate::server::{PgServer, ServerArgs};
+use crate::thread::on_own_thread;
 
 const TARGET_P99_MS: f64 = 50.0;
 const TARGET_IDLE_KIB: f64 = 64.0;
 
-/// Arguments of `weir bench fanout`.
+/// Arguments of `weir-bench fanout`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// SSE clients per phase (`both` connects this many on each side).
@@ -95,11 +98,8 @@ pub(crate) struct Args {
     /// Phases to run, in this order.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Phase::One, Phase::Entity, Phase::Both])]
     phases: Vec<Phase>,
-    /// A server to use instead of a private cluster (superuser, wal_level=logical); the
-    /// benchmark creates and drops its own database there. (The global --database-url is not
-    /// used by benchmarks.)
-    #[arg(long, env = "WEIR_BENCH_URL")]
-    url: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Clients connecting at once (keeps the server's accept backlog from overflowing).
     #[arg(long, default_value_t = 50)]
     connect_concurrency: usize,
@@ -133,13 +133,8 @@ impl Phase {
     }
 }
 
-/// `weir bench fanout`.
+/// `weir-bench fanout`.
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url=")) {
-        bail!(
-            "`weir bench fanout` takes the server as `--url` (the global --database-url is not passed to benchmarks)"
-        );
-    }
     if args.clients == 0 || args.channels == 0 || args.rate == 0 || args.seconds == 0 {
         bail!("--clients, --channels, --rate and --seconds must be at least 1");
     }
@@ -149,16 +144,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let most_clients = if args.phases.contains(&Phase::Both) { 2 } else { 1 } * args.clients;
     let files = raise_open_files((most_clients + 200) as u64)?;
 
-    let pg = PgServer::start(args.url.clone(), false, Vec::new(), None).await?;
+    let pg = PgServer::start(args.server.url.clone(), false, Vec::new(), None).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&pg.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&pg.admin).await?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir bench fanout");
+    println!("weir-bench fanout");
     println!("  machine  {cpus} CPUs ({}), {}", cpu_model(), memory_total());
     println!("  server   {}", version.split(',').next().unwrap_or(&version));
     println!(
-        "  where    {} (fsync={fsync}); `weir run` as a separate process (this executable), \
+        "  where    {} (fsync={fsync}); `weir run` as a separate process (`weir-bench weir run`), \
          HTTP on 127.0.0.1",
         if pg.cluster.is_some() { "private cluster started for this run" } else { "--url" },
     );
@@ -266,7 +261,8 @@ struct Ctx<'a> {
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL and the `weir` processes
 
-/// How to start `weir init` / `weir run` against the bench database.
+/// How to start `weir init` / `weir run` against the bench database: this executable's
+/// `weir` command, which is weir-cli's.
 struct WeirProcess {
     exe: PathBuf,
     db_url: String,
@@ -280,7 +276,7 @@ struct WeirProcess {
 impl WeirProcess {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.exe);
-        cmd.args(args).current_dir(&self.dir).env_remove("DATABASE_URL");
+        cmd.arg(crate::WEIR_COMMAND).args(args).current_dir(&self.dir).env_remove("DATABASE_URL");
         // Only this benchmark's settings: no token, no stray file, no fault injection.
         for (k, _) in std::env::vars() {
             if k.starts_with("WEIR_") && k != "WEIR_PG_BIN" {
@@ -413,8 +409,8 @@ struct PhaseResult {
     duplicates: u64,
     /// Reason → clients (`event: close`), plus "ended without close" and "error: …".
     dropped: BTreeMap<String, usize>,
-    latency: Option<Pct>,
-    floor: Option<Pct>,
+    latency: Option<Percentiles>,
+    floor: Option<Percentiles>,
     verified: u64,
     mismatches: u64,
     unparsed: u64,
@@ -435,46 +431,21 @@ impl PhaseResult {
     }
 }
 
-/// Percentiles in milliseconds.
-#[derive(Debug, Clone, Copy)]
-struct Pct {
-    count: usize,
-    min: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
+/// The distribution of latencies in microseconds, in milliseconds.
+fn of_us(us: Vec<i32>) -> Option<Percentiles> {
+    Percentiles::of(us.into_iter().map(|x| f64::from(x) / 1e3).collect())
 }
 
-impl Pct {
-    /// From microseconds.
-    fn of(mut v: Vec<i32>) -> Option<Self> {
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_unstable();
-        let ms = |x: i32| f64::from(x) / 1e3;
-        Some(Self {
-            count: v.len(),
-            min: ms(v[0]),
-            p50: ms(percentile(&v, 0.50)),
-            p90: ms(percentile(&v, 0.90)),
-            p99: ms(percentile(&v, 0.99)),
-            max: ms(*v.last().expect("not empty")),
-        })
-    }
-
-    fn line(&self) -> String {
-        format!(
-            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (min {:.2} ms, {} samples)",
-            self.p50,
-            self.p90,
-            self.p99,
-            self.max,
-            self.min,
-            thousands(self.count as f64)
-        )
-    }
+fn line(p: &Percentiles) -> String {
+    format!(
+        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (min {:.2} ms, {} samples)",
+        p.p50,
+        p.p90,
+        p.p99,
+        p.max,
+        p.min,
+        thousands(p.count as f64)
+    )
 }
 
 /// The subscriptions of each client in a phase.
@@ -658,10 +629,10 @@ async fn run_phase(ctx: &Ctx<'_>, phase: Phase, seq: &mut i64) -> anyhow::Result
         }
     });
     tokio::time::sleep_until(window_start.into()).await;
-    let cpu_start = CpuSnap::take(server.pid, ctx.pg.postmaster);
+    let cpu = CpuSampler::start(ctx.pg.postmaster, |_| "PostgreSQL".into())
+        .watch(WEIR_SERVER, server.pid);
     tokio::time::sleep_until(window_end.into()).await;
-    let cpu_end = CpuSnap::take(server.pid, ctx.pg.postmaster);
-    r.cpu = cpu_end.since(&cpu_start);
+    r.cpu = Cpu::of(&cpu.stop());
     let writes = writes.await.context("the writers stopped")??;
     *seq = first_seq + total_n;
 
@@ -786,7 +757,7 @@ async fn run_phase(ctx: &Ctx<'_>, phase: Phase, seq: &mut i64) -> anyhow::Result
         }
         o.got = Vec::new();
     }
-    r.latency = Pct::of(latencies);
+    r.latency = of_us(latencies);
 
     // The reference: commit → the notification of the append that logged it.
     let t = Instant::now();
@@ -821,7 +792,7 @@ async fn run_phase(ctx: &Ctx<'_>, phase: Phase, seq: &mut i64) -> anyhow::Result
         let at = at.saturating_duration_since(epoch).as_micros() as i64;
         floor.push((at - c).clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32);
     }
-    r.floor = Pct::of(floor);
+    r.floor = of_us(floor);
 
     print_phase(&r, args);
     Ok(r)
@@ -856,11 +827,11 @@ fn print_phase(r: &PhaseResult, args: &Args) {
         println!("  clients dropped: {}", parts.join("; "));
     }
     match &r.latency {
-        Some(p) => println!("  commit → client receipt:     {}", p.line()),
+        Some(p) => println!("  commit → client receipt:     {}", line(p)),
         None => println!("  commit → client receipt:     no deliveries"),
     }
     match &r.floor {
-        Some(p) => println!("  commit → logged (reference): {}", p.line()),
+        Some(p) => println!("  commit → logged (reference): {}", line(p)),
         None => println!("  commit → logged (reference): no notifications"),
     }
     println!(
@@ -1238,6 +1209,9 @@ async fn log_n(pool: &PgPool) -> anyhow::Result<i64> {
 // ---------------------------------------------------------------------------------------------
 // CPU, memory and open files, from /proc
 
+/// How the CPU sampler reports the `weir run` process.
+const WEIR_SERVER: &str = "weir server";
+
 /// CPU used over a window, in % of one core.
 #[derive(Debug, Default, Clone, Copy)]
 struct Cpu {
@@ -1251,6 +1225,17 @@ struct Cpu {
 }
 
 impl Cpu {
+    fn of(report: &CpuReport) -> Self {
+        let pct = |s: f64| 100.0 * s / report.wall.max(1e-9);
+        Self {
+            server: pct(report.watched(WEIR_SERVER)),
+            postgres: pct(report.server_total()),
+            clients: pct(report.this_process),
+            machine: pct(report.machine),
+            local_pg: report.local,
+        }
+    }
+
     fn describe(&self) -> String {
         let pg = if self.local_pg {
             format!("PostgreSQL {:.0}%", self.postgres)
@@ -1276,63 +1261,6 @@ impl Cpu {
     fn others(&self) -> f64 {
         (self.machine - self.ours()).max(0.0)
     }
-}
-
-struct CpuSnap {
-    at: Instant,
-    /// Busy ticks of all CPUs, from `/proc/stat`.
-    machine: u64,
-    server: u64,
-    this: u64,
-    pg: Option<HashMap<u32, u64>>,
-}
-
-impl CpuSnap {
-    fn take(server: u32, postmaster: Option<u32>) -> Self {
-        let ticks = |pid: u32| proc_stat(pid).map_or(0, |s| s.ticks);
-        let pg = postmaster.map(|pm| {
-            let mut m: HashMap<u32, u64> =
-                children_of(pm).into_iter().map(|p| (p, ticks(p))).collect();
-            m.insert(pm, ticks(pm));
-            m
-        });
-        Self {
-            at: Instant::now(),
-            machine: machine_busy_ticks().unwrap_or(0),
-            server: ticks(server),
-            this: ticks(std::process::id()),
-            pg,
-        }
-    }
-
-    fn since(&self, before: &CpuSnap) -> Cpu {
-        let secs = (self.at - before.at).as_secs_f64().max(1e-9);
-        let pct = |t: u64| 100.0 * t as f64 / clock_ticks() / secs;
-        let postgres = match (&self.pg, &before.pg) {
-            (Some(now), Some(then)) => now
-                .iter()
-                .map(|(pid, t)| t.saturating_sub(then.get(pid).copied().unwrap_or(0)))
-                .sum(),
-            _ => 0,
-        };
-        Cpu {
-            server: pct(self.server.saturating_sub(before.server)),
-            postgres: pct(postgres),
-            clients: pct(self.this.saturating_sub(before.this)),
-            machine: pct(self.machine.saturating_sub(before.machine)),
-            local_pg: self.pg.is_some(),
-        }
-    }
-}
-
-/// Busy clock ticks of all CPUs together: the `cpu` line of `/proc/stat` less idle and iowait.
-fn machine_busy_ticks() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().find(|l| l.starts_with("cpu "))?;
-    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    let total: u64 = f.iter().take(8).sum();
-    Some(total - f.get(3)? - f.get(4).copied().unwrap_or(0))
 }
 
 fn cpu_model() -> String {
@@ -1407,8 +1335,9 @@ fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
         }
         println!("{line}");
     };
-    let ms =
-        |p: Option<Pct>, f: fn(&Pct) -> f64| p.map_or("-".into(), |p| format!("{:.2} ms", f(&p)));
+    let ms = |p: Option<Percentiles>, f: fn(&Percentiles) -> f64| {
+        p.map_or("-".into(), |p| format!("{:.2} ms", f(&p)))
+    };
     row("clients connected", &|r| {
         format!("{}/{}", thousands(r.connected as f64), thousands(r.asked as f64))
     });

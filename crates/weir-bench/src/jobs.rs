@@ -1,7 +1,7 @@
-//! `weir bench jobs`: weir's job queue against graphile-worker, in one run, on one database.
+//! `weir-bench jobs`: weir's job queue against graphile-worker, in one run, on one database.
 //!
 //! ```text
-//! private cluster (fsync on) or --database-url
+//! a fresh database on a private cluster (fsync on) or on the --url server
 //!   drain    for each C and mode (defaults; tuned = a local queue of --prefetch jobs):
 //!            weir: enqueue N no-op jobs (bulk), drain them with C workers             → jobs/s
 //!            then graphile-worker (bench/graphile/run.sh) the same, same mode         → ratio
@@ -26,13 +26,13 @@ use weir_jobs::{
     Config, Histogram, Job, JobArgs, JobContext, JobError, JobRunner, QueueConfig, Worker,
 };
 
-/// `weir bench jobs` options.
+use crate::server::{PgServer, ServerArgs};
+
+/// `weir-bench jobs` options.
 #[derive(Debug, clap::Args)]
-pub(crate) struct JobsBenchArgs {
-    /// Run against this database instead of a private cluster (uses queue `weir_bench` and the
-    /// `graphile_worker` schema there).
-    #[arg(long)]
-    pub(crate) database_url: Option<String>,
+pub(crate) struct Args {
+    #[command(flatten)]
+    pub(crate) server: ServerArgs,
     /// Jobs to drain per measurement.
     #[arg(long, default_value_t = 100_000)]
     pub(crate) jobs: usize,
@@ -50,7 +50,7 @@ pub(crate) struct JobsBenchArgs {
     pub(crate) vacuum_rounds: usize,
     /// Local queue of the tuned weir runs (`Config::prefetch`); 0 skips them.
     #[arg(long, default_value_t = 500)]
-    pub prefetch: u32,
+    pub(crate) prefetch: u32,
     /// Do not run graphile-worker.
     #[arg(long)]
     pub(crate) skip_reference: bool,
@@ -98,32 +98,22 @@ fn now_us() -> u64 {
 }
 
 /// Runs the benchmark and prints its figures.
-pub(crate) async fn run(args: JobsBenchArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if args.jobs == 0 || args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--jobs and every --concurrency must be positive");
     }
     let latency_for =
         weir_core::parse_duration(&args.latency_duration).context("--latency-duration")?;
-    // Keep the cluster alive for the whole run.
-    let (_cluster, url) = match &args.database_url {
-        Some(url) => (None, url.clone()),
-        None => {
-            let cluster = weir_testkit::Cluster::start_temp(weir_testkit::Options {
-                fsync: true,
-                settings: vec![],
-            })
-            .context("starting a private PostgreSQL cluster")?;
-            cluster.psql("postgres", "create database weir_bench")?;
-            let url = cluster.url("weir_bench");
-            (Some(cluster), url)
-        }
-    };
+    // The server (a private cluster lives as long as it) and a database of this run's own.
+    let server = PgServer::start(args.server.url.clone(), false, Vec::new(), None).await?;
+    let name = format!("weir_bench_jobs_{}", std::process::id());
+    let url = server.create_db(&name).await?;
     let pool = PgPoolOptions::new().max_connections(32).connect(&url).await?;
     weir_jobs::migrate(&pool).await?;
     let version: String = sqlx::query_scalar("show server_version").fetch_one(&pool).await?;
     let fsync: String = sqlx::query_scalar("show fsync").fetch_one(&pool).await?;
     println!(
-        "weir bench jobs: {} no-op jobs; PostgreSQL {version}, fsync {fsync}; {} CPUs",
+        "weir-bench jobs: {} no-op jobs; PostgreSQL {version}, fsync {fsync}; {} CPUs",
         args.jobs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
@@ -183,6 +173,9 @@ pub(crate) async fn run(args: JobsBenchArgs) -> anyhow::Result<()> {
         vacuum_phase(&pool, (args.jobs / 5).max(1), c, args.vacuum_rounds).await?;
     }
 
+    pool.close().await;
+    server.drop_db(&name).await?;
+    server.admin.close().await;
     Ok(())
 }
 
@@ -361,7 +354,7 @@ struct GraphileResult {
     jobs_per_sec: f64,
 }
 
-fn graphile_script(args: &JobsBenchArgs) -> Option<PathBuf> {
+fn graphile_script(args: &Args) -> Option<PathBuf> {
     let candidates = [
         args.graphile_dir.clone(),
         std::env::var_os("WEIR_BENCH_GRAPHILE_DIR").map(PathBuf::from),

@@ -1,4 +1,4 @@
-//! `weir bench ingest`: how fast weir turns a replication slot into the durable log, measured
+//! `weir-bench ingest`: how fast weir turns a replication slot into the durable log, measured
 //! against `pg_recvlogical` draining the same WAL in the same run.
 //!
 //! Each phase uses a fresh database, on a private cluster (`fsync=on`, reached over TCP on
@@ -44,7 +44,7 @@
 //!    Latency of a row = arrival of the first notification covering its position − its commit
 //!    returned; the first second is left out as warm-up.
 //!
-//! Run: `cargo build --release -p weir-cli && target/release/weir bench ingest`
+//! Run: `cargo run --release -p weir-bench -- ingest`
 //! (`--changes 100000` for a quick run; `--only huge|throughput|latency`; `--repeat 3`;
 //! `--unix-socket` to take TCP out of the picture; `--pg-setting name=value` for the cluster).
 //! The machine is shared and noisy: compare the ratio, which is taken in one run, and prefer
@@ -64,30 +64,29 @@ use tokio_util::sync::CancellationToken;
 use weir::Config;
 use weir_core::Secret;
 
-use crate::bench_common::{
-    PgServer, ProcStat, children_of, clock_ticks, on_own_thread, percentile, proc_stat, ratio,
-    status_kib, thousands, verdict,
-};
+use crate::cpu::{CpuReport, CpuSampler, auxiliary};
+use crate::percentile::{Percentiles, median};
+use crate::procfs::status_kib;
+use crate::report::{human_bytes, ratio, thousands, verdict};
+use crate::server::{PgServer, ServerArgs};
+use crate::thread::on_own_thread;
 
 const TARGET_RATIO: f64 = 0.8;
 const TARGET_P50_MS: f64 = 5.0;
 const TARGET_P99_MS: f64 = 50.0;
 const TARGET_RSS_MB: f64 = 256.0;
 
-/// Arguments of `weir bench ingest`.
+/// Arguments of `weir-bench ingest`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct IngestBenchArgs {
+pub(crate) struct Args {
     /// Changes generated per throughput run, and rows of the huge transaction.
     #[arg(long, default_value_t = 1_000_000)]
     changes: u64,
     /// Run only this phase.
     #[arg(long, value_enum)]
     only: Option<Phase>,
-    /// A server to use instead of a private cluster (superuser, wal_level=logical); the
-    /// benchmark creates and drops its own databases there. (The global --database-url is not
-    /// used by benchmarks.)
-    #[arg(long, env = "WEIR_BENCH_URL")]
-    url: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Drains per transaction size (each a pg_recvlogical drain then a weir drain of the same
     /// WAL, from their own slots); medians are reported.
     #[arg(long, default_value_t = 3)]
@@ -125,17 +124,12 @@ enum Phase {
     Huge,
 }
 
-/// `weir bench ingest`.
-pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url=")) {
-        bail!(
-            "`weir bench ingest` takes the server as `--url` (the global --database-url is not passed to benchmarks)"
-        );
-    }
+/// `weir-bench ingest`.
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if args.changes < 10 || args.repeat == 0 {
         bail!("--changes must be at least 10 and --repeat at least 1");
     }
-    if args.unix_socket && args.url.is_some() {
+    if args.unix_socket && args.server.url.is_some() {
         bail!(
             "--unix-socket applies to the private cluster; put the socket directory in --url instead"
         );
@@ -147,15 +141,15 @@ pub(crate) async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
         };
         settings.push((name.trim().to_string(), value.trim().to_string()));
     }
-    if !settings.is_empty() && args.url.is_some() {
+    if !settings.is_empty() && args.server.url.is_some() {
         bail!("--pg-setting applies to the private cluster; configure the --url server yourself");
     }
-    let server = PgServer::start(args.url.clone(), args.unix_socket, settings, None).await?;
+    let server = PgServer::start(args.server.url.clone(), args.unix_socket, settings, None).await?;
     let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
     let fsync: String =
         sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir bench ingest");
+    println!("weir-bench ingest");
     println!("  server   {}", version.split(',').next().unwrap_or(&version));
     println!(
         "  where    {} (fsync={fsync}), {cpus} CPUs on this machine{}",
@@ -358,7 +352,7 @@ impl ThroughputResult {
 
 async fn throughput(
     server: &PgServer,
-    args: &IngestBenchArgs,
+    args: &Args,
     txn_size: u64,
 ) -> anyhow::Result<ThroughputResult> {
     let n = args.changes;
@@ -457,8 +451,8 @@ async fn throughput(
             },
             ratio(weir.rate() / recv.rate())
         );
-        println!("         cpu during pg_recvlogical: {}", recv.cpu.describe(recv.seconds));
-        println!("         cpu during weir:           {}", weir.cpu.describe(weir.seconds));
+        println!("         cpu during pg_recvlogical: {}", describe(&recv.cpu, recv.seconds));
+        println!("         cpu during weir:           {}", describe(&weir.cpu, weir.seconds));
         println!(
             "         slot acknowledgement trailed the stored log by up to {} of WAL",
             human_bytes(weir.max_ack_lag)
@@ -538,7 +532,7 @@ async fn drain_recvlogical(
     end_lsn: &str,
     n: u64,
 ) -> anyhow::Result<Drain> {
-    let sampler = CpuSampler::start(server.postmaster);
+    let sampler = CpuSampler::start(server.postmaster, process_label);
     let started = Instant::now();
     let out = tokio::process::Command::new(pg_recvlogical(server))
         .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
@@ -566,7 +560,7 @@ async fn drain_weir(
 ) -> anyhow::Result<Drain> {
     let config = weir_config(url, slot)?;
     let weir_pool = weir::db::connect(&config).await?;
-    let sampler = CpuSampler::start(server.postmaster);
+    let sampler = CpuSampler::start(server.postmaster, process_label);
     let started = Instant::now();
     let (cancel, handle) = spawn_ingest(config, weir_pool.clone());
     // How far the slot's acknowledged position trails what the log has stored (WAL the server
@@ -665,7 +659,7 @@ struct LatencyResult {
     min: f64,
 }
 
-async fn latency(server: &PgServer, args: &IngestBenchArgs) -> anyhow::Result<LatencyResult> {
+async fn latency(server: &PgServer, args: &Args) -> anyhow::Result<LatencyResult> {
     println!(
         "== live latency, {} single-row insert transactions/s for {} s ==",
         args.rate, args.latency_seconds
@@ -795,21 +789,21 @@ async fn latency(server: &PgServer, args: &IngestBenchArgs) -> anyhow::Result<La
         };
         delays.push(ms);
     }
-    delays.sort_by(f64::total_cmp);
-    if delays.is_empty() {
+    let measured = delays.len();
+    let Some(p) = Percentiles::of(delays) else {
         bail!("no latency samples (notifications lost?)");
-    }
+    };
     let result = LatencyResult {
         target_rate: args.rate,
         achieved_rate,
         rows: committed.len(),
-        measured: delays.len(),
+        measured,
         late_writes,
-        p50: percentile(&delays, 0.50),
-        p99: percentile(&delays, 0.99),
-        p999: percentile(&delays, 0.999),
-        max: *delays.last().unwrap_or(&0.0),
-        min: delays[0],
+        p50: p.p50,
+        p99: p.p99,
+        p999: p.p999,
+        max: p.max,
+        min: p.min,
     };
     println!(
         "  {} rows at {} rows/s achieved ({} writers, {} writes started >10 ms late); {} measured after a 1 s warm-up",
@@ -845,7 +839,7 @@ struct HugeResult {
     count: i64,
 }
 
-async fn huge(server: &PgServer, args: &IngestBenchArgs) -> anyhow::Result<HugeResult> {
+async fn huge(server: &PgServer, args: &Args) -> anyhow::Result<HugeResult> {
     let n = args.changes;
     println!("== one transaction of {} rows ==", thousands(n as f64));
     let name = format!("weir_bench_huge_{}", std::process::id());
@@ -951,7 +945,7 @@ struct Summary {
 }
 
 impl Summary {
-    fn print(&self, args: &IngestBenchArgs) {
+    fn print(&self, args: &Args) {
         println!(
             "== summary (medians of {} drain pairs per size; noisy shared machine) ==",
             args.repeat
@@ -1052,7 +1046,7 @@ impl Summary {
         }
     }
 
-    fn print_throughput_notes(&self, args: &IngestBenchArgs) {
+    fn print_throughput_notes(&self, args: &Args) {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         println!();
         println!("Notes on throughput:");
@@ -1086,7 +1080,7 @@ impl Summary {
             );
         }
         for t in &self.throughput {
-            let busy = median(t.weir.iter().map(|d| d.cpu.total() / d.seconds).collect());
+            let busy = median(t.weir.iter().map(|d| total(&d.cpu) / d.seconds).collect());
             let local = t.weir.iter().all(|d| d.cpu.local);
             println!(
                 "- {}-row txns: {} of WAL for {} changes (generated in {:.1} s){}",
@@ -1114,184 +1108,47 @@ impl Summary {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU accounting from /proc
+// CPU accounting
 
-/// What a server process is, from its process title.
-fn server_label(pid: u32) -> (String, bool) {
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let title = String::from_utf8_lossy(&cmd).replace('\0', " ");
-    let title = title.trim();
-    let rest = title.strip_prefix("postgres: ").unwrap_or(title);
-    let copying = rest.contains("COPY") || rest.contains("INSERT");
-    let label = if rest.starts_with("walsender") {
-        "walsender".to_string()
-    } else if [
-        "checkpointer",
-        "background writer",
-        "walwriter",
-        "autovacuum",
-        "logical replication",
-        "archiver",
-    ]
-    .iter()
-    .any(|p| rest.starts_with(p))
-    {
-        rest.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+/// A server process by its titles: the auxiliary ones by name; a backend seen running COPY or
+/// INSERT during a drain is the log appender's.
+fn process_label(titles: &[String]) -> String {
+    if let Some(aux) = titles.iter().find_map(|t| auxiliary(t)) {
+        return aux;
+    }
+    let rest = |t: &String| t.strip_prefix("postgres: ").unwrap_or(t).to_string();
+    if titles.iter().map(rest).any(|r| r.contains("COPY") || r.contains("INSERT")) {
+        "appender backend".into()
     } else {
-        "backend".to_string()
-    };
-    (label, copying)
-}
-
-#[derive(Debug, Default)]
-struct CpuReport {
-    /// label → cpu seconds.
-    server: Vec<(String, f64)>,
-    this_process: f64,
-    children: f64,
-    local: bool,
-}
-
-impl CpuReport {
-    /// CPU seconds of everything measured.
-    fn total(&self) -> f64 {
-        self.server.iter().map(|(_, s)| s).sum::<f64>() + self.this_process + self.children
-    }
-
-    fn describe(&self, wall: f64) -> String {
-        if !self.local {
-            return format!(
-                "this process {:.0}%, pg_recvlogical {:.0}%",
-                100.0 * self.this_process / wall,
-                100.0 * self.children / wall
-            );
-        }
-        let mut parts: Vec<String> = self
-            .server
-            .iter()
-            .filter(|(_, s)| *s / wall >= 0.02)
-            .map(|(l, s)| format!("{l} {:.0}%", 100.0 * s / wall))
-            .collect();
-        if self.this_process / wall >= 0.02 {
-            parts.push(format!("weir+bench process {:.0}%", 100.0 * self.this_process / wall));
-        }
-        if self.children / wall >= 0.02 {
-            parts.push(format!("pg_recvlogical {:.0}%", 100.0 * self.children / wall));
-        }
-        let total = self.total();
-        format!("{} (total {:.0}% of one core)", parts.join(", "), 100.0 * total / wall)
+        "backend".into()
     }
 }
 
-/// A server process as the sampler saw it: label, seen running COPY or INSERT, CPU ticks at
-/// first and at last sight.
-type Seen = (String, bool, u64, u64);
-
-/// Samples the CPU of the server's processes (children of the postmaster) every 100 ms on a
-/// thread of its own, plus this process and its waited-for children.
-struct CpuSampler {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<HashMap<u32, Seen>>>,
-    self_start: Option<ProcStat>,
-    local: bool,
+/// CPU seconds of everything measured: the server, this process, pg_recvlogical.
+fn total(cpu: &CpuReport) -> f64 {
+    cpu.server_total() + cpu.this_process + cpu.children
 }
 
-impl CpuSampler {
-    fn start(postmaster: Option<u32>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let self_start = proc_stat(std::process::id());
-        let thread = postmaster.map(|pm| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                // pid → (label, seen copying, ticks at first sight, ticks at last sight)
-                let mut seen: HashMap<u32, Seen> = HashMap::new();
-                let mut first_round = true;
-                loop {
-                    for pid in children_of(pm) {
-                        let Some(st) = proc_stat(pid) else { continue };
-                        let (label, copying) = server_label(pid);
-                        let entry = seen.entry(pid).or_insert_with(|| {
-                            // A process born during the window counts from zero.
-                            let base = if first_round { st.ticks } else { 0 };
-                            (label.clone(), false, base, st.ticks)
-                        });
-                        entry.3 = st.ticks;
-                        entry.1 |= copying;
-                        if entry.0 == "backend" && label != "backend" {
-                            entry.0 = label;
-                        }
-                    }
-                    first_round = false;
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                seen
-            })
-        });
-        Self { stop, thread, self_start, local: postmaster.is_some() }
+/// Where the CPU went during a drain of `wall` seconds, in % of one core.
+fn describe(cpu: &CpuReport, wall: f64) -> String {
+    if !cpu.local {
+        return format!(
+            "this process {:.0}%, pg_recvlogical {:.0}%",
+            100.0 * cpu.this_process / wall,
+            100.0 * cpu.children / wall
+        );
     }
-
-    fn stop(mut self) -> CpuReport {
-        self.stop.store(true, Ordering::Relaxed);
-        let tck = clock_ticks();
-        let end = proc_stat(std::process::id());
-        let (this_process, children) = match (&self.self_start, &end) {
-            (Some(a), Some(b)) => (
-                (b.ticks.saturating_sub(a.ticks)) as f64 / tck,
-                (b.child_ticks.saturating_sub(a.child_ticks)) as f64 / tck,
-            ),
-            _ => (0.0, 0.0),
-        };
-        let mut by_label: HashMap<String, f64> = HashMap::new();
-        if let Some(t) = self.thread.take() {
-            let seen = t.join().unwrap_or_default();
-            // A backend seen running COPY or INSERT during a drain is the log appender's.
-            for (_, (label, copying, first, last)) in seen {
-                let label = if label == "backend" && copying {
-                    "appender backend".to_string()
-                } else {
-                    label
-                };
-                *by_label.entry(label).or_default() += last.saturating_sub(first) as f64 / tck;
-            }
-        }
-        let mut server: Vec<(String, f64)> = by_label.into_iter().collect();
-        server.sort_by(|a, b| b.1.total_cmp(&a.1));
-        CpuReport { server, this_process, children, local: self.local }
+    let mut parts: Vec<String> = cpu
+        .server
+        .iter()
+        .filter(|(_, s)| *s / wall >= 0.02)
+        .map(|(l, s)| format!("{l} {:.0}%", 100.0 * s / wall))
+        .collect();
+    if cpu.this_process / wall >= 0.02 {
+        parts.push(format!("weir+bench process {:.0}%", 100.0 * cpu.this_process / wall));
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Small helpers
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
+    if cpu.children / wall >= 0.02 {
+        parts.push(format!("pg_recvlogical {:.0}%", 100.0 * cpu.children / wall));
     }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
-}
-
-fn human_bytes(b: i64) -> String {
-    let b = b as f64;
-    if b >= 1024.0 * 1024.0 * 1024.0 {
-        format!("{:.2} GB", b / (1024.0 * 1024.0 * 1024.0))
-    } else if b >= 1024.0 * 1024.0 {
-        format!("{:.0} MB", b / (1024.0 * 1024.0))
-    } else {
-        format!("{:.0} kB", b / 1024.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-    }
+    format!("{} (total {:.0}% of one core)", parts.join(", "), 100.0 * total(cpu) / wall)
 }

@@ -1,0 +1,138 @@
+//! `weir-bench`: weir's benchmarks, apart from the shipped `weir` command. Each one starts what
+//! it needs (a private PostgreSQL with `fsync=on`, or databases of its own on the `--url`
+//! server) and prints its figures beside a **reference measured in the same run**, on the same
+//! machine, minutes apart at most: the machine is shared and noisy, so compare the ratios of
+//! one run, never figures across runs.
+//!
+//! - `ingest`: replication slot → durable `weir.events`, changes/s with 1- and 100-row
+//!   transactions, against **`pg_recvlogical`** draining the same WAL to `/dev/null` (slots made
+//!   at the same point, drained one after the other); then commit → the append's NOTIFY at a
+//!   steady rate, and the peak RSS of ingestion during one huge transaction.
+//! - `operators`: a transactional SQL operator's events/s with `per_key` ordering over lanes,
+//!   against the **same operator with `global` ordering** (one lane, a head-of-line design) and
+//!   a floor of **plain SQL loops** doing the engine's per-event SQL; then source commit →
+//!   derived row at a steady rate.
+//! - `jobs`: enqueue and drain jobs/s of the job queue, against **graphile-worker** (npm) run
+//!   on the same database right after each weir measurement; then enqueue → worker start at a
+//!   steady rate, and jobs/s with the dead tuples left over rounds of enqueue-while-draining.
+//! - `fanout`: SSE commit → client latency and memory per idle client of a `weir run` process,
+//!   against **commit → the append's `LISTEN weir_events` notification** (the floor a channel
+//!   builds on).
+//!
+//! ```text
+//! main ── ingest / operators / jobs / fanout   (one module per benchmark, its args and phases)
+//!           │ server      PgServer: the --url server or a private cluster; create/drop databases
+//!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
+//!           │ procfs      /proc readers: ticks, RSS, children, titles
+//!           │ percentile  nearest-rank percentiles, medians
+//!           │ report      thousands, ratios, verdicts beside targets
+//!           └ thread      writers and listeners on threads of their own (clocks not delayed)
+//! ```
+//!
+//! Run: `cargo run --release -p weir-bench -- <benchmark> --help`. A missed target is printed,
+//! not an error. `fanout` starts `weir run` as a child process: this executable's hidden `weir`
+//! command, which is the weir-cli library's, so the server measured is built from the same
+//! source as the benchmark.
+
+mod cpu;
+mod fanout;
+mod ingest;
+mod jobs;
+mod operators;
+mod percentile;
+mod procfs;
+mod report;
+mod server;
+mod thread;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The hidden command under which this executable is `weir` (see [`Command::Weir`]).
+pub(crate) const WEIR_COMMAND: &str = "weir";
+
+/// weir's benchmarks: each prints figures and a ratio against a reference measured in the same
+/// run.
+#[derive(Debug, Parser)]
+#[command(name = "weir-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ingestion throughput vs pg_recvlogical, live latency, peak RSS on a huge transaction.
+    Ingest(ingest::Args),
+    /// Operators: events/s with global vs per-key lanes, end-to-end latency.
+    Operators(operators::Args),
+    /// The job queue against graphile-worker (npm), measured in one run.
+    Jobs(jobs::Args),
+    /// Realtime channels: SSE clients' latency from commit, memory per idle client.
+    Fanout(fanout::Args),
+    /// The `weir` command itself (weir-cli's), for the processes `fanout` starts.
+    #[command(hide = true)]
+    Weir {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Weir { args } = cli.command {
+        return weir(args);
+    }
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weir-bench: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Ingest(args) => ingest::run(args).await,
+            Command::Operators(args) => operators::run(args).await,
+            Command::Jobs(args) => jobs::run(args).await,
+            Command::Fanout(args) => fanout::run(args).await,
+            Command::Weir { .. } => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Benchmarks print their own figures; the libraries speak only of trouble (`WEIR_LOG`
+/// overrides).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,pg_walstream=error,sqlx=error")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Runs `weir <args>` as the `weir` binary (weir-cli's `main.rs`) does.
+fn weir(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let cli = weir_cli::Cli::parse_from(std::iter::once("weir".into()).chain(args));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.command.default_log_filter()));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(weir_cli::run(cli)));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weir: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
