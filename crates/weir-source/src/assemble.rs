@@ -27,8 +27,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use weir_core::{Change, Event, Kind, Lsn, Source, Transaction};
 
+use crate::Error;
 use crate::cast::TypeRegistry;
-use crate::pgoutput::{ColumnValue, DecodeError, Decoder, Message, OldTuple};
+use crate::pgoutput::{ColumnValue, Decoder, Message, OldTuple};
 
 /// Changes of a streamed transaction are handed out for staging at least this often.
 pub const STAGE_CHUNK: usize = 2_000;
@@ -67,18 +68,6 @@ pub enum Output {
         /// [`Assembler::set_primary_key`] the real primary key.
         full_identity: bool,
     },
-}
-
-/// A message we could not turn into changes.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AssembleError {
-    /// The bytes did not decode.
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-    /// The messages do not fit together (a change for an unknown table, a commit without begin).
-    #[error("pgoutput stream out of sequence: {0}")]
-    Sequence(String),
 }
 
 #[derive(Debug)]
@@ -148,13 +137,13 @@ impl Assembler {
     }
 
     /// Feeds one pgoutput message (the payload of an XLogData frame ending at `wal_end`).
-    pub fn push(&mut self, data: Bytes, out: &mut Vec<Output>) -> Result<(), AssembleError> {
+    pub fn push(&mut self, data: Bytes, out: &mut Vec<Output>) -> Result<(), Error> {
         let decoded = self.decoder.decode(data)?;
         let subxid = decoded.xid;
         match decoded.message {
             Message::Begin { xid, .. } => {
                 if self.open.is_some() {
-                    return Err(AssembleError::Sequence(format!(
+                    return Err(Error::Sequence(format!(
                         "Begin of {xid} inside an open transaction"
                     )));
                 }
@@ -164,7 +153,7 @@ impl Assembler {
                 let open = self
                     .open
                     .take()
-                    .ok_or_else(|| AssembleError::Sequence("Commit without Begin".into()))?;
+                    .ok_or_else(|| Error::Sequence("Commit without Begin".into()))?;
                 out.push(Output::Commit(Transaction {
                     xid: open.xid,
                     commit_lsn: Lsn(end_lsn),
@@ -380,7 +369,7 @@ impl Assembler {
         subxid: Option<u32>,
         change: Change,
         out: &mut Vec<Output>,
-    ) -> Result<(), AssembleError> {
+    ) -> Result<(), Error> {
         if let Some(xid) = self.stream_xid {
             self.pending.push((subxid.unwrap_or(xid), change));
             if self.pending.len() >= STAGE_CHUNK {
@@ -393,10 +382,9 @@ impl Assembler {
                 open.changes.push(change);
                 Ok(())
             }
-            None => Err(AssembleError::Sequence(format!(
-                "a {} change outside any transaction",
-                change.kind
-            ))),
+            None => {
+                Err(Error::Sequence(format!("a {} change outside any transaction", change.kind)))
+            }
         }
     }
 
@@ -411,11 +399,9 @@ impl Assembler {
         out.push(Output::Stage { xid, first_seq, changes: std::mem::take(&mut self.pending) });
     }
 
-    fn relation(&self, id: u32) -> Result<&RelInfo, AssembleError> {
+    fn relation(&self, id: u32) -> Result<&RelInfo, Error> {
         self.relations.get(&id).ok_or_else(|| {
-            AssembleError::Sequence(format!(
-                "a change for relation {id} before its Relation message"
-            ))
+            Error::Sequence(format!("a change for relation {id} before its Relation message"))
         })
     }
 

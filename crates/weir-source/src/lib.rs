@@ -11,5 +11,8 @@
 
 pub mod assemble;
 pub mod cast;
+mod error;
 pub mod pgoutput;
 pub mod stream;
+
+pub use error::Error;

@@ -22,65 +22,7 @@ use bytes::{Buf, Bytes};
 use pg_walstream::{CancellationToken, PgReplicationConnection, ReplicationError};
 use weir_core::Lsn;
 
-/// What the replication connection can fail with, classified for the caller's policy.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StreamError {
-    /// The slot does not exist (dropped, or never created).
-    #[error(
-        "replication slot `{slot}` does not exist; run `weir init` to create it (if it was \
-         dropped while weir was running, changes made meanwhile are not in the log)"
-    )]
-    SlotMissing {
-        /// Slot name.
-        slot: String,
-    },
-    /// The slot was invalidated (it fell further behind than `max_slot_wal_keep_size`).
-    #[error(
-        "replication slot `{slot}` can no longer stream ({detail}); it fell behind \
-         max_slot_wal_keep_size and WAL it needed is gone. Drop and recreate it with \
-         `weir init` and re-sync derived data"
-    )]
-    SlotInvalidated {
-        /// Slot name.
-        slot: String,
-        /// The server's words.
-        detail: String,
-    },
-    /// The publication does not exist.
-    #[error("publication `{publication}` does not exist; run `weir init` to create it")]
-    PublicationMissing {
-        /// Publication name.
-        publication: String,
-    },
-    /// The slot is in use by another connection (another weir, or a stale session).
-    #[error("replication slot `{slot}` is in use by another process: {detail}")]
-    SlotBusy {
-        /// Slot name.
-        slot: String,
-        /// The server's words.
-        detail: String,
-    },
-    /// Authentication or permission problems: retrying will not help.
-    #[error(
-        "the replication connection was refused: {0}; the role needs the REPLICATION \
-             attribute (`alter role … replication`) and a pg_hba.conf entry for replication"
-    )]
-    Refused(String),
-    /// The connection failed or dropped; retry with backoff.
-    #[error("replication connection lost: {0}")]
-    Disconnected(String),
-    /// The server sent something we do not understand.
-    #[error("replication protocol error: {0}")]
-    Protocol(String),
-}
-
-impl StreamError {
-    /// Whether reconnecting may help.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StreamError::Disconnected(_) | StreamError::SlotBusy { .. })
-    }
-}
+use crate::Error;
 
 /// One message from the server.
 #[derive(Debug, Clone)]
@@ -164,11 +106,7 @@ fn sqlstate(msg: &str) -> Option<&str> {
 impl ReplicationStream {
     /// Connects and starts streaming from `start` (the slot's confirmed position when `start`
     /// is lower).
-    pub async fn start(
-        conninfo: &str,
-        options: StreamOptions,
-        start: Lsn,
-    ) -> Result<Self, StreamError> {
+    pub async fn start(conninfo: &str, options: StreamOptions, start: Lsn) -> Result<Self, Error> {
         let mut conn = PgReplicationConnection::connect_async(conninfo)
             .await
             .map_err(|e| classify(e, &options))?;
@@ -203,7 +141,7 @@ impl ReplicationStream {
     }
 
     /// Waits for the next message. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Frame, StreamError> {
+    pub async fn next(&mut self) -> Result<Frame, Error> {
         loop {
             let mut data = self
                 .conn
@@ -230,7 +168,7 @@ impl ReplicationStream {
                     return Ok(Frame::Keepalive { wal_end, reply_requested });
                 }
                 other => {
-                    return Err(StreamError::Protocol(format!(
+                    return Err(Error::Protocol(format!(
                         "unexpected replication message `{}` of {} bytes",
                         other as char,
                         data.len() + 1
@@ -241,7 +179,7 @@ impl ReplicationStream {
     }
 
     /// Reports progress: `flushed` must be a position whose changes are durably in the log.
-    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), StreamError> {
+    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), Error> {
         let flushed = flushed.min(self.received).max(Lsn(1)).0;
         self.conn
             .send_standby_status_update(self.received.0, flushed, flushed, false)
@@ -250,26 +188,26 @@ impl ReplicationStream {
     }
 }
 
-fn classify(e: ReplicationError, options: &StreamOptions) -> StreamError {
+fn classify(e: ReplicationError, options: &StreamOptions) -> Error {
     let text = e.to_string();
     let code = sqlstate(&text).unwrap_or("");
     let slot = options.slot.clone();
     match code {
         "42704" if text.contains("publication") => {
-            StreamError::PublicationMissing { publication: options.publication.clone() }
+            Error::PublicationMissing { publication: options.publication.clone() }
         }
-        "42704" => StreamError::SlotMissing { slot },
-        "55000" if text.contains("does not exist") => StreamError::SlotMissing { slot },
-        "55000" => StreamError::SlotInvalidated { slot, detail: text },
-        "55006" => StreamError::SlotBusy { slot, detail: text },
-        "28000" | "28P01" | "42501" => StreamError::Refused(text),
-        "3D000" => StreamError::Refused(text),
+        "42704" => Error::SlotMissing { slot },
+        "55000" if text.contains("does not exist") => Error::SlotMissing { slot },
+        "55000" => Error::SlotInvalidated { slot, detail: text },
+        "55006" => Error::SlotBusy { slot, detail: text },
+        "28000" | "28P01" | "42501" => Error::Refused(text),
+        "3D000" => Error::Refused(text),
         _ => match e {
-            ReplicationError::Authentication(m) => StreamError::Refused(m),
+            ReplicationError::Authentication(m) => Error::Refused(m),
             ReplicationError::Protocol(m) if code.is_empty() && !m.contains("connection") => {
-                StreamError::Disconnected(m)
+                Error::Disconnected(m)
             }
-            _ => StreamError::Disconnected(text),
+            _ => Error::Disconnected(text),
         },
     }
 }

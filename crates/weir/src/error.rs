@@ -1,8 +1,6 @@
 //! The engine's error: one enum at the crate boundary, each variant saying what is wrong and
 //! how to fix it.
 
-use weir_source::{assemble::AssembleError, stream::StreamError};
-
 /// What can stop weir.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -33,12 +31,10 @@ pub enum Error {
     /// The job queue failed (its migration, a `[jobs]` setting, the runner's start or stop).
     #[error(transparent)]
     Jobs(#[from] weir_jobs::Error),
-    /// The replication stream failed.
+    /// Reading the replication slot failed: the connection, or a pgoutput stream we could
+    /// not decode.
     #[error(transparent)]
-    Stream(#[from] StreamError),
-    /// The pgoutput stream could not be assembled into transactions.
-    #[error(transparent)]
-    Assemble(#[from] AssembleError),
+    Source(#[from] weir_source::Error),
     /// The server or the database is not set up for weir; the message says how to fix it.
     #[error("{0}")]
     Setup(String),
@@ -49,7 +45,7 @@ impl Error {
     /// errors by [`weir_log::sqlstate::is_transient`].
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Stream(e) => e.is_transient(),
+            Error::Source(e) => e.is_transient(),
             Error::Database(e) | Error::Connect { source: e, .. } => {
                 weir_log::sqlstate::is_transient(e)
             }

@@ -207,7 +207,7 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
             .fetch_one(pool)
             .await?;
     if !publication {
-        return Err(Error::Stream(weir_source::stream::StreamError::PublicationMissing {
+        return Err(Error::Source(weir_source::Error::PublicationMissing {
             publication: config.source.publication.clone(),
         }));
     }
@@ -217,11 +217,11 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
             .fetch_optional(pool)
             .await?;
     match slot {
-        None => Err(Error::Stream(weir_source::stream::StreamError::SlotMissing {
-            slot: config.source.slot.clone(),
-        })),
+        None => {
+            Err(Error::Source(weir_source::Error::SlotMissing { slot: config.source.slot.clone() }))
+        }
         Some(Some(status)) if status == "lost" => {
-            Err(Error::Stream(weir_source::stream::StreamError::SlotInvalidated {
+            Err(Error::Source(weir_source::Error::SlotInvalidated {
                 slot: config.source.slot.clone(),
                 detail: "wal_status = lost".into(),
             }))
