@@ -4,10 +4,10 @@
 //! configuration refused at start-up.
 
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::PgPool;
-use weir_testkit::TestDatabase;
+use weir_testkit::{TestDatabase, eventually};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
@@ -180,18 +180,14 @@ async fn two_processes_share_lanes_and_one_is_killed() {
     let a = s.spawn();
     let b = s.spawn();
     // Generous: on a loaded 2-core machine two debug processes need a while to rebalance.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually("the two processes share the lanes", Duration::from_secs(60), || async {
         let owners: i64 = sqlx::query_scalar("select count(distinct owner) from weir.checkpoints")
             .fetch_one(&s.pool)
             .await
             .unwrap_or(0);
-        if owners == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the two processes never shared the lanes");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        owners == 2
+    })
+    .await;
     let writer = tokio::spawn(churn(s.pool.clone(), 40));
     tokio::time::sleep(Duration::from_millis(400)).await;
     sigkill(&a);
@@ -220,17 +216,16 @@ async fn a_null_key_halts_the_operator_and_resume_continues_there() {
     // A comment without a post: the key mapping yields no value.
     sqlx::query("insert into comments values (2, null, 'orphan')").execute(&s.pool).await.unwrap();
     sqlx::query("insert into comments values (3, 1, 'y')").execute(&s.pool).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually("the operator halts", Duration::from_secs(20), || async {
         let (ok, out) = s.output(&["status"]);
         assert!(ok, "{out}");
-        if out.contains("halted at position") {
+        let halted = out.contains("halted at position");
+        if halted {
             assert!(out.contains("no value for `comments.post_id`"), "{out}");
-            break;
         }
-        assert!(Instant::now() < deadline, "never halted: {out}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        halted
+    })
+    .await;
     // The lane that met the poison event stops right before it.
     let (poison, lane_at): (i64, i64) = sqlx::query_as(
         "select k.halted_position, c.position from weir.consumers k

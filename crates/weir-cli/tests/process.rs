@@ -366,15 +366,14 @@ async fn weir_run_serves_http_and_a_taken_port_is_a_clear_error() {
     let mut cmd = weir(&db, &["run"]);
     cmd.env("WEIR_HTTP_BIND", &addr);
     let mut p = spawn(cmd);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((200, body)) = http_get(&addr, "/v1/health") {
+    eventually(&format!("weir run answers on {addr}"), Duration::from_secs(20), || async {
+        let answered = http_get(&addr, "/v1/health");
+        if let Ok((200, body)) = &answered {
             assert!(body.contains("ok"), "{body}");
-            break;
         }
-        assert!(Instant::now() < deadline, "weir run never answered on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        matches!(answered, Ok((200, _)))
+    })
+    .await;
     insert(&pool, 1, 3).await;
     wait_head(&pool, 3, Duration::from_secs(20)).await;
     let (status, body) = http_get(&addr, "/v1/log?entity=t").unwrap();

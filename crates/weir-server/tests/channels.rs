@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use weir_consumer::{Operator, OperatorError, Selector};
 use weir_core::{ChannelConfig, Config, Event, Secret};
 use weir_server::Server;
+use weir_testkit::eventually;
 
 /// Generous: the machine is small and other tests run beside.
 const WAIT: Duration = Duration::from_secs(20);
@@ -121,21 +122,21 @@ impl Env {
 
     /// Positions of the logged events of `entity`, waiting until there are at least `n`.
     async fn positions(&self, entity: &str, n: usize) -> Vec<i64> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got: Vec<i64> = sqlx::query_scalar(
+        let got = Mutex::new(Vec::new());
+        eventually(&format!("{n} {entity} events logged"), WAIT, || async {
+            let positions: Vec<i64> = sqlx::query_scalar(
                 "select position from weir.events where entity = $1 order by position",
             )
             .bind(entity)
             .fetch_all(&self.pool)
             .await
             .unwrap();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(Instant::now() < deadline, "only {} of {n} {entity} events logged", got.len());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            let enough = positions.len() >= n;
+            *got.lock().unwrap() = positions;
+            enough
+        })
+        .await;
+        got.into_inner().unwrap()
     }
 
     async fn stop(mut self) {
@@ -618,14 +619,12 @@ async fn ws_subscribe_during_replay_is_live_only_and_leaks_nothing() {
     }
     assert!(replayed < backlog, "the subscribe arrived after the replay ({replayed} replayed)");
     drop(ws);
-    let deadline = Instant::now() + WAIT;
-    while hub.clients() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "a connection that subscribed during its replay stayed registered after it ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "a connection that subscribed during its replay is unregistered after it ended",
+        WAIT,
+        || std::future::ready(hub.clients() == 0),
+    )
+    .await;
 
     // Subscribes mid-replay and stays: the replay carries posts only.
     let mut ws = ws_connect(&env, "channel=posts&after=0").await;
@@ -650,11 +649,7 @@ async fn ws_subscribe_during_replay_is_live_only_and_leaks_nothing() {
     assert_eq!(live["channel"], "comments");
     assert!(live["event"]["key"]["id"].as_i64().unwrap() >= 100, "{live}");
     drop(ws);
-    let deadline = Instant::now() + WAIT;
-    while hub.clients() > 0 {
-        assert!(Instant::now() < deadline, "the client stayed registered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the client is unregistered", WAIT, || std::future::ready(hub.clients() == 0)).await;
     env.stop().await;
 }
 
@@ -774,11 +769,10 @@ async fn slow_client_is_dropped_and_others_keep_being_served() {
         env.positions("posts", (next_id - 1) as usize).await;
         // Let the hub dispatch what was logged before looking again.
         let head = env.positions("posts", (next_id - 1) as usize).await.last().copied().unwrap();
-        let deadline = Instant::now() + WAIT;
-        while env.server.state().hub().position() < head {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the hub dispatched what was logged", WAIT, || {
+            std::future::ready(env.server.state().hub().position() >= head)
+        })
+        .await;
     }
     env.exec(&format!("insert into posts values ({next_id}, 'stop', '')")).await;
     let fast_count =
@@ -935,11 +929,10 @@ async fn idle_cost(env: &Env, n: usize, request: impl Fn(usize) -> String, until
         }
         conns.push(s);
     }
-    let deadline = Instant::now() + WAIT;
-    while env.server.state().hub().clients() < n {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(&format!("{n} clients registered"), WAIT, || {
+        std::future::ready(env.server.state().hub().clients() >= n)
+    })
+    .await;
     let per = rss().saturating_sub(before) / n;
     drop(conns);
     per
