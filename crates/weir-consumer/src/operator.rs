@@ -13,8 +13,7 @@ use sqlx::PgConnection;
 use weir_core::{Event, Kind};
 use weir_log::EventFilter;
 
-/// A boxed error from user code.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use weir_core::BoxError;
 
 /// Which events a consumer receives. Empty lists match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

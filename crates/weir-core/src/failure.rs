@@ -7,6 +7,9 @@
 use std::any::Any;
 use std::fmt;
 
+/// A boxed error from user code (an operator's, a worker's).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Displays an error followed by each of its sources, separated by `: `.
 #[derive(Debug, Clone, Copy)]
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));

@@ -24,7 +24,7 @@ pub use config::{
 };
 pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};
-pub use failure::{Chain, panic_message};
+pub use failure::{BoxError, Chain, panic_message};
 pub use identity::ProcessId;
 pub use lsn::{Lsn, LsnParseError};
 

@@ -29,14 +29,14 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-use weir_core::panic_message;
+use weir_core::{Chain, panic_message};
 
 use crate::completer::{Finished, Outcome};
 use crate::job::JobId;
 use crate::metrics::QueueCounters;
 use crate::shared::Shared;
 use crate::store::{self, Claimed, Completions};
-use crate::worker::{JobContext, JobErrorKind, chain};
+use crate::worker::{JobContext, JobErrorKind};
 
 /// Claims and runs the jobs of one queue.
 pub(crate) struct Producer {
@@ -254,10 +254,12 @@ impl Producer {
                 Some(Ok(Ok(()))) => Outcome::Completed,
                 Some(Ok(Err(e))) => match e.kind {
                     JobErrorKind::Retry { error, after } => Outcome::Failed {
-                        error: chain(error.as_ref()),
+                        error: Chain(error.as_ref()).to_string(),
                         retry_in: after.unwrap_or_else(|| worker.backoff(attempt)),
                     },
-                    JobErrorKind::Discard(error) => Outcome::Discard(chain(error.as_ref())),
+                    JobErrorKind::Discard(error) => {
+                        Outcome::Discard(Chain(error.as_ref()).to_string())
+                    }
                     JobErrorKind::Snooze(d) => Outcome::Snooze(d),
                 },
             }

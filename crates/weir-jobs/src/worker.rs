@@ -18,12 +18,12 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
+use weir_core::Chain;
 
 use crate::job::{JobArgs, JobId};
 use crate::{Error, Result, store};
 
-/// A boxed error from user code.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use weir_core::BoxError;
 
 /// Runs jobs of one kind.
 ///
@@ -116,23 +116,11 @@ impl JobError {
 impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            JobErrorKind::Retry { error, .. } => write!(f, "{}", chain(error.as_ref())),
-            JobErrorKind::Discard(error) => write!(f, "discarded: {}", chain(error.as_ref())),
+            JobErrorKind::Retry { error, .. } => write!(f, "{}", Chain(error.as_ref())),
+            JobErrorKind::Discard(error) => write!(f, "discarded: {}", Chain(error.as_ref())),
             JobErrorKind::Snooze(d) => write!(f, "snoozed for {d:?}"),
         }
     }
-}
-
-/// An error and its sources, `a: b: c`.
-pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for JobError {
