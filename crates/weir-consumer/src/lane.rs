@@ -391,16 +391,7 @@ impl Lane {
         self.shared.reporter.retry(&self.spec.name, event, attempt, error, delay);
         let attempts = attempt as i32;
         let mut conn = self.shared.pool.acquire().await?;
-        store::lane::record_failure(
-            &mut conn,
-            &self.spec.name,
-            self.lane,
-            event.position,
-            attempts,
-            error,
-            Outcome::Retry,
-        )
-        .await?;
+        self.record_failure(&mut conn, event, attempts, error, Outcome::Retry).await?;
         drop(conn);
         self.set_state(LaneState::Retrying, Some(event.position), attempts, Some(error)).await?;
         self.sleep(delay).await;
@@ -411,16 +402,7 @@ impl Lane {
     /// and waits for `weir resume` or `weir skip`.
     async fn halt(&mut self, event: &Event, attempts: i32, error: &str) -> Result<AfterHalt> {
         let mut conn = self.shared.pool.acquire().await?;
-        store::lane::record_failure(
-            &mut conn,
-            &self.spec.name,
-            self.lane,
-            event.position,
-            attempts,
-            error,
-            Outcome::Halt,
-        )
-        .await?;
+        self.record_failure(&mut conn, event, attempts, error, Outcome::Halt).await?;
         drop(conn);
         store::consumer::halt(
             &self.shared.pool,
@@ -487,16 +469,7 @@ impl Lane {
         error: &str,
         outcome: Outcome,
     ) -> Result<Handled> {
-        store::lane::record_failure(
-            &mut tx,
-            &self.spec.name,
-            self.lane,
-            event.position,
-            attempts,
-            error,
-            outcome,
-        )
-        .await?;
+        self.record_failure(&mut tx, event, attempts, error, outcome).await?;
         if !self.fenced_checkpoint(&mut tx, event.position).await? {
             return Ok(Handled::LostLease);
         }
@@ -565,6 +538,28 @@ impl Lane {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Records a failed attempt of `event` with what became of it, in `conn` (which may be the
+    /// transaction that also settles the event).
+    async fn record_failure(
+        &self,
+        conn: &mut PgConnection,
+        event: &Event,
+        attempts: i32,
+        error: &str,
+        outcome: Outcome,
+    ) -> Result<()> {
+        store::lane::record_failure(
+            conn,
+            &self.spec.name,
+            self.lane,
+            event.position,
+            attempts,
+            error,
+            outcome,
+        )
+        .await
     }
 
     /// The lane's checkpoint, fenced by its lease (see [`store::lane::checkpoint`]).
