@@ -55,7 +55,7 @@ pub use state::{ConsumerState, LaneState, Outcome};
 #[non_exhaustive]
 pub enum Error {
     /// The database failed.
-    #[error("database error")]
+    #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// Reading the log failed.
     #[error(transparent)]

@@ -62,6 +62,15 @@ const WRITE_RETRY: Backoff = Backoff {
 };
 const WRITE_TRIES: u32 = 10;
 
+/// How far a batch has been written.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The batch's completions are in.
+    completions_written: bool,
+    /// Outcomes before this index are in (or were not for the database).
+    next: usize,
+}
+
 /// Writes outcomes: completions in batches, the rest one by one.
 pub(crate) struct Completer {
     pub(crate) shared: Arc<Shared>,
@@ -74,13 +83,16 @@ impl Completer {
         let mut batch = Vec::with_capacity(max);
         while self.rx.recv_many(&mut batch, max).await > 0 {
             let mut tries = 0u32;
+            // What a failed try already wrote is not written (nor counted) again.
+            let mut progress = Progress::default();
             loop {
-                match self.write(&batch).await {
+                match self.write(&batch, &mut progress).await {
                     Ok(()) => break,
                     Err(e) if tries < WRITE_TRIES => {
                         tries += 1;
                         let wait = WRITE_RETRY.delay(tries);
-                        warn!(error = %e, ?wait, "writing job outcomes failed; retrying");
+                        let transient = weir_log::sqlstate::is_transient(&e);
+                        warn!(error = %e, transient, ?wait, "writing job outcomes failed; retrying");
                         tokio::time::sleep(wait).await;
                     }
                     Err(e) => {
@@ -94,18 +106,22 @@ impl Completer {
         }
     }
 
-    async fn write(&self, batch: &[Finished]) -> sqlx::Result<()> {
+    /// Writes `batch` from where `progress` says an earlier try stopped: the completions in
+    /// one statement, then each other outcome in its own. Figures are counted once a statement
+    /// has taken effect, so a retried batch counts each outcome once.
+    async fn write(&self, batch: &[Finished], progress: &mut Progress) -> sqlx::Result<()> {
         let mut conn = self.shared.pool.acquire().await?;
         let metrics = &self.shared.metrics;
         let counters = |q: &str| metrics.queue(q).expect("queue has counters");
         let done: Vec<&Finished> =
             batch.iter().filter(|f| matches!(f.outcome, Outcome::Completed)).collect();
-        if !done.is_empty() {
+        if !done.is_empty() && !progress.completions_written {
             let ids: Vec<i64> = done.iter().map(|f| f.id).collect();
             let attempts: Vec<i32> = done.iter().map(|f| f.attempt).collect();
             let completed =
                 store::complete(&mut conn, &ids, &attempts, self.shared.config.keep_completed)
                     .await?;
+            progress.completions_written = true;
             counters(&done[0].queue).completion_written();
             for f in &done {
                 if completed.contains(&f.id) {
@@ -115,43 +131,54 @@ impl Completer {
                 }
             }
         }
-        for f in batch {
+        for (i, f) in batch.iter().enumerate().skip(progress.next) {
             let c = counters(&f.queue);
             let now = Utc::now();
             let ok = match &f.outcome {
-                Outcome::Completed => continue,
+                // Written above, in the batch's one statement.
+                Outcome::Completed => true,
                 Outcome::CompletedInTx => {
                     c.completed(1);
-                    continue;
+                    true
                 }
                 Outcome::Cancelled => {
                     debug!(id = f.id, "job cancelled while running");
-                    continue;
+                    true
                 }
                 Outcome::Failed { error, .. } if f.attempt >= f.max_attempts => {
+                    let ok = store::discard(&mut conn, f.id, f.attempt, error).await?;
                     c.discarded(true);
-                    store::discard(&mut conn, f.id, f.attempt, error).await?
+                    ok
                 }
                 Outcome::Failed { error, retry_in } => {
-                    c.retried();
                     debug!(id = f.id, attempt = f.attempt, error, "job attempt failed");
-                    store::retry(
+                    let ok = store::retry(
                         &mut conn,
                         f.id,
                         f.attempt,
                         error,
                         now + chrono_duration(*retry_in),
                     )
-                    .await?
+                    .await?;
+                    c.retried();
+                    ok
                 }
                 Outcome::Discard(error) => {
+                    let ok = store::discard(&mut conn, f.id, f.attempt, error).await?;
                     c.discarded(false);
-                    store::discard(&mut conn, f.id, f.attempt, error).await?
+                    ok
                 }
                 Outcome::Snooze(d) => {
+                    let ok = store::put_back(
+                        &mut conn,
+                        f.id,
+                        f.attempt,
+                        now + chrono_duration(*d),
+                        None,
+                    )
+                    .await?;
                     c.snoozed();
-                    store::put_back(&mut conn, f.id, f.attempt, now + chrono_duration(*d), None)
-                        .await?
+                    ok
                 }
                 Outcome::Unstarted => {
                     store::put_back(&mut conn, f.id, f.attempt, now, None).await?
@@ -167,6 +194,7 @@ impl Completer {
                     .await?
                 }
             };
+            progress.next = i + 1;
             if !ok {
                 self.fenced(f);
             }

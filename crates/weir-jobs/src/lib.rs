@@ -110,8 +110,8 @@ use weir_log::schema::{self, Migration};
 #[non_exhaustive]
 pub enum Error {
     /// The database refused or the connection broke.
-    #[error("database error")]
-    Database(#[source] sqlx::Error),
+    #[error(transparent)]
+    Database(sqlx::Error),
     /// Applying the job queue's migrations failed.
     #[error("job queue migration failed")]
     Migrate(#[source] weir_log::Error),

@@ -8,7 +8,7 @@
 //! | `weir_jobs_completed_total{queue}` | counter | jobs completed (by the runner or in the worker's transaction) |
 //! | `weir_jobs_failed_total{queue}` | counter | failed attempts (errors, timeouts, panics), retried or not |
 //! | `weir_jobs_discarded_total{queue}` | counter | jobs discarded (attempts exhausted, or by the worker) |
-//! | `weir_jobs_wait_seconds{queue}` | histogram | from the time a job could run to its claim |
+//! | `weir_jobs_wait_seconds{queue}` | histogram | from the time a job could run (`scheduled_at`) to its start here (its claim, plus any wait in the local queue with `prefetch`) |
 //!
 //! The facade's macros are called at each event (not handles taken at start), so a recorder
 //! installed after the runner started still sees everything from then on. Database-wide
@@ -78,7 +78,7 @@ impl QueueCounters {
         metrics::gauge!(RUNNING, "queue" => self.queue.clone()).set(running as f64);
     }
 
-    /// A claimed job waited `wait` between the time it could run and its claim.
+    /// A job starts after waiting `wait` since the time it could run.
     pub(crate) fn waited(&self, wait: Duration) {
         self.wait.lock().expect("histogram lock").record(wait);
         metrics::histogram!(WAIT_SECONDS, "queue" => self.queue.clone()).record(wait.as_secs_f64());

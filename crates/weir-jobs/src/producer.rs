@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -61,16 +61,23 @@ impl Producer {
         let mut want = true;
         let mut backlog = false;
         // Prefetched jobs waiting for a slot (only with `prefetch`).
-        let mut buffer: std::collections::VecDeque<(Claimed, CancellationToken)> =
-            std::collections::VecDeque::new();
+        // Each with its wait until the claim and the moment of the claim: its wait to start
+        // is recorded when it starts.
+        let mut buffer: std::collections::VecDeque<(
+            Claimed,
+            CancellationToken,
+            Duration,
+            Instant,
+        )> = std::collections::VecDeque::new();
         let prefetch = self.shared.config.prefetch as usize;
         loop {
             if self.stop.is_cancelled() {
                 break;
             }
             while tasks.len() < self.concurrency
-                && let Some((job, cancel)) = buffer.pop_front()
+                && let Some((job, cancel, wait, claimed)) = buffer.pop_front()
             {
+                counters.waited(wait + claimed.elapsed());
                 let handle = tasks.spawn(self.run_job(job.clone(), cancel));
                 runs.insert(handle.id(), job);
             }
@@ -92,7 +99,7 @@ impl Producer {
                         backlog = jobs.len() == room;
                         counters.claimed(jobs.len());
                         for job in jobs {
-                            counters.waited(Duration::from_micros(job.wait_us.max(0) as u64));
+                            let wait = Duration::from_micros(job.wait_us.max(0) as u64);
                             // Registered at once, so a cancel reaches a job still in the local queue.
                             let cancel = self.shared.hard.child_token();
                             self.shared
@@ -101,10 +108,11 @@ impl Producer {
                                 .expect("running lock")
                                 .insert(job.id, cancel.clone());
                             if tasks.len() < self.concurrency {
+                                counters.waited(wait);
                                 let handle = tasks.spawn(self.run_job(job.clone(), cancel));
                                 runs.insert(handle.id(), job);
                             } else {
-                                buffer.push_back((job, cancel));
+                                buffer.push_back((job, cancel, wait, Instant::now()));
                             }
                         }
                         if backlog && prefetch > 0 {
@@ -113,7 +121,8 @@ impl Producer {
                         }
                     }
                     Err(e) => {
-                        warn!(error = %e, "claim failed; retrying after the poll interval");
+                        let transient = weir_log::sqlstate::is_transient(&e);
+                        warn!(error = %e, transient, "claim failed; retrying after the poll interval");
                         backlog = false;
                         done = riding;
                     }
@@ -141,7 +150,7 @@ impl Producer {
                 _ = poll.tick() => want = true,
             }
         }
-        for (job, _) in buffer {
+        for (job, ..) in buffer {
             self.shared.running.lock().expect("running lock").remove(&job.id);
             counters.ended();
             let _ = self.done.send(Finished {

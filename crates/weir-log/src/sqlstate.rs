@@ -1,9 +1,15 @@
 //! The one classification of database failures into "try again later" and "stop": by the
 //! driver's error kind and the server's SQLSTATE class, never by message text.
 //!
-//! Every loop that reconnects or retries a statement (ingestion, the consumer supervisor and
-//! lanes, the job producer, completer and maintenance) asks [`is_transient`], so they agree on
-//! what a passing problem is.
+//! Every loop that waits and tries again classifies its failure here, so they agree on what a
+//! passing problem is: ingestion reconnects on a transient failure and stops on any other (a
+//! dropped slot, refused permissions); the consumer supervisor and lanes and the job producer,
+//! completer and maintenance keep trying either way (a retry corrupts nothing they hold) and say
+//! in their log line which kind it was (`transient = …`).
+//!
+//! Compared with the two classifications this replaced, class `57` counts whole (it was `57P`
+//! for ingestion: a cancelled statement, `57014`, now reconnects instead of stopping) and class
+//! `40` whole (it was `40001` and `40P01` for the job queue).
 //!
 //! | transient | SQLSTATE / driver error |
 //! |---|---|

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -19,6 +19,7 @@ use tower::ServiceExt;
 use weir::{Config, Event, Operator, OperatorError, Selector};
 use weir_core::Secret;
 use weir_server::{Server, TooEarlyLayer};
+use weir_testkit::eventually;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -164,18 +165,14 @@ impl Harness {
     }
 
     async fn logged(&self, n: i64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(&format!("{n} events logged"), Duration::from_secs(20), || async {
             let head: Option<i64> = sqlx::query_scalar("select max(position) from weir.events")
                 .fetch_one(&self.pool)
                 .await
                 .unwrap();
-            if head.unwrap_or(0) >= n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "only {head:?} of {n} events logged");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            head.unwrap_or(0) >= n
+        })
+        .await;
     }
 
     async fn stop(mut self) {
@@ -283,16 +280,16 @@ async fn consumers_halt_resume_and_skip_over_http() {
     h.insert(1, "poison").await;
     h.insert(2, "fine").await;
     h.logged(2).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let halted = loop {
+    let last = std::sync::Mutex::new(Value::Null);
+    eventually("the consumer halts", Duration::from_secs(20), || async {
         let (status, body) = h.get("/v1/consumers/gate").await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        if body["state"] == "halted" {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "never halted: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let halted = body["state"] == "halted";
+        *last.lock().unwrap() = body;
+        halted
+    })
+    .await;
+    let halted = last.into_inner().unwrap();
     let halted_at = halted["halted"]["position"].as_i64().unwrap();
     let (status, list) = h.get("/v1/consumers").await;
     assert_eq!(status, StatusCode::OK);
@@ -302,29 +299,26 @@ async fn consumers_halt_resume_and_skip_over_http() {
     let (status, body) = h.call(Method::POST, "/v1/consumers/gate/resume", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["resumed"], true);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let skipped = loop {
+    let last = std::sync::Mutex::new(Value::Null);
+    eventually("the consumer halts again and skip succeeds", Duration::from_secs(20), || async {
         let (status, body) =
             h.call(Method::POST, "/v1/consumers/gate/skip", Some(TOKEN), None).await;
-        if status == StatusCode::OK {
-            break body;
+        if status != StatusCode::OK {
+            assert_eq!(status, StatusCode::CONFLICT, "{body}");
+            assert_eq!(body["error"], "conflict");
         }
-        assert_eq!(status, StatusCode::CONFLICT, "{body}");
-        assert_eq!(body["error"], "conflict");
-        assert!(Instant::now() < deadline, "never halted again: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        *last.lock().unwrap() = body;
+        status == StatusCode::OK
+    })
+    .await;
+    let skipped = last.into_inner().unwrap();
     assert_eq!(skipped["skipped"], json!(halted_at));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually("the event after the skipped one is handled", Duration::from_secs(20), || async {
         let seen: i64 =
             sqlx::query_scalar("select count(*) from post_seen").fetch_one(&h.pool).await.unwrap();
-        if seen == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the event after the skipped one was not handled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        seen == 1
+    })
+    .await;
     // Resume when not halted: nothing to do, and it says so.
     let (status, body) = h.call(Method::POST, "/v1/consumers/gate/resume", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::Value;
@@ -951,15 +951,10 @@ async fn idle_client_memory() {
         format!("GET /v1/channels/sse?channel=posts/{i} HTTP/1.1\r\nHost: localhost\r\n\r\n")
     };
     idle_cost(&env, 100, sse, ": ok").await;
-    let deadline = Instant::now() + WAIT;
-    while env.server.state().hub().clients() > 0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let gone = || std::future::ready(env.server.state().hub().clients() == 0);
+    eventually("the warm-up clients are gone", WAIT, gone).await;
     let per_sse = idle_cost(&env, n, sse, ": ok").await;
-    while env.server.state().hub().clients() > 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the SSE clients are gone", WAIT, gone).await;
     let ws = |i: usize| {
         format!(
             "GET /v1/channels/ws?channel=posts/{i} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\

@@ -168,14 +168,19 @@ impl WeirBuilder {
             tokio::spawn(async move { crate::ingest::run(&config, &pool, &identity, cancel).await })
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
-        let jobs = match start_jobs(&pool, &config, self.workers, self.periodic, identity).await {
-            Ok(jobs) => jobs,
+        let started = start_jobs(&pool, &config, self.workers, self.periodic, identity).await;
+        let running = Running { cancel, pool, wake, ingest, engine, retention, jobs: None };
+        match started {
+            Ok(jobs) => Ok(Running { jobs, ..running }),
             Err(e) => {
-                cancel.cancel();
-                return Err(e);
+                // Nothing may outlive a failed start: stop and join what already runs (the
+                // ingest task may hold the slot's lease) before answering.
+                if let Err(stopped) = running.stop().await {
+                    tracing::warn!(error = %stopped, "stopping after a failed start");
+                }
+                Err(e)
             }
-        };
-        Ok(Running { cancel, pool, wake, ingest, engine, retention, jobs })
+        }
     }
 }
 
@@ -248,7 +253,7 @@ impl Running {
         if let Some(ingest) = self.ingest.take() {
             let r = match ingest.await {
                 Ok(r) => r,
-                Err(e) => Err(Error::Setup(format!("ingestion panicked: {e}"))),
+                Err(e) => Err(Error::Panicked { part: "ingestion", message: e.to_string() }),
             };
             self.cancel.cancel();
             first = r;

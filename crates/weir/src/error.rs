@@ -38,6 +38,14 @@ pub enum Error {
     /// The server or the database is not set up for weir; the message says how to fix it.
     #[error("{0}")]
     Setup(String),
+    /// A part of weir panicked (a bug: please report it with the message).
+    #[error("{part} panicked: {message}")]
+    Panicked {
+        /// Which part.
+        part: &'static str,
+        /// The panic, as the runtime reported it.
+        message: String,
+    },
 }
 
 impl Error {

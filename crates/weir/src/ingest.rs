@@ -218,7 +218,9 @@ async fn session(
                 break match done {
                     Ok(Err(e)) => Err(e),
                     Ok(Ok(())) => Ok(()),
-                    Err(join) => Err(Error::Setup(format!("the log writer panicked: {join}"))),
+                    Err(join) => {
+                        Err(Error::Panicked { part: "the log writer", message: join.to_string() })
+                    }
                 };
             }
             _ = persisted.changed() => {

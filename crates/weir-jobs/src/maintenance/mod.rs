@@ -76,7 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, periodic: Vec<PeriodicJob>, stop: C
             Ok::<(), Error>(())
         };
         if let Err(e) = round.await {
-            warn!(error = %e, "maintenance round failed");
+            warn!(error = %e, transient = e.is_transient(), "maintenance round failed");
         }
     }
     if leader
