@@ -13,12 +13,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use weir_core::{ConsumersConfig, Event, OnExhausted, Ordering, ProcessId, RetryConfig, StartFrom};
 use weir_log::{LogReader, Wake};
 
 use crate::operator::ErasedOperator;
-use crate::{Error, Operator, Result, store, supervisor};
+use crate::state::ConsumerKind;
+use crate::{Error, Operator, Result, Selector, store, supervisor};
 
 /// One consumer to run.
 #[derive(Clone)]
@@ -39,6 +41,10 @@ pub struct ConsumerSpec {
     pub start_from: StartFrom,
     /// Polling fallback when no wake-up arrives.
     pub poll_interval: Duration,
+    /// For a consumer kept in the database (a subscription, from a [`Catalog`]): its
+    /// `weir.consumers.generation`. When it changes (a re-split, a new selector) every process
+    /// restarts the consumer's lanes with the new spec.
+    pub generation: i64,
 }
 
 impl std::fmt::Debug for ConsumerSpec {
@@ -66,6 +72,7 @@ impl ConsumerSpec {
             on_exhausted: defaults.on_exhausted,
             start_from: defaults.start_from,
             poll_interval: defaults.poll_interval,
+            generation: 0,
         }
     }
 
@@ -75,6 +82,15 @@ impl ConsumerSpec {
             Ordering::PerKey => self.lanes.max(1) as i32,
         }
     }
+}
+
+/// Consumers defined in the database (subscriptions), asked for every supervisor tick: a
+/// consumer that appears starts, one that disappears stops, one whose
+/// [`generation`](ConsumerSpec::generation) changed restarts. The catalog registers its consumers
+/// itself (they exist before any process runs them).
+pub trait Catalog: Send + Sync + 'static {
+    /// The consumers this process should run now.
+    fn specs<'a>(&'a self, pool: &'a sqlx::PgPool) -> BoxFuture<'a, Result<Vec<ConsumerSpec>>>;
 }
 
 /// Receives every retry and every final failure (EventStreamex's `ErrorLoggerAdapter`).
@@ -158,6 +174,19 @@ impl Engine {
         process: &ProcessId,
         cancel: CancellationToken,
     ) -> Result<Self> {
+        Self::start_with_catalog(pool, specs, None, wake, reporter, process, cancel).await
+    }
+
+    /// [`start`](Self::start), plus the consumers of `catalog`, looked up every tick.
+    pub async fn start_with_catalog(
+        pool: sqlx::PgPool,
+        specs: Vec<ConsumerSpec>,
+        catalog: Option<Arc<dyn Catalog>>,
+        wake: Wake,
+        reporter: Arc<dyn ErrorReporter>,
+        process: &ProcessId,
+        cancel: CancellationToken,
+    ) -> Result<Self> {
         crate::migrate(&pool).await?;
         let reader = LogReader::new(pool.clone()).await?;
         for spec in &specs {
@@ -171,7 +200,7 @@ impl Engine {
             node: process.as_str().to_string(),
             reporter,
         };
-        let task = tokio::spawn(supervisor::supervise(shared, specs, cancel.clone()));
+        let task = tokio::spawn(supervisor::supervise(shared, specs, catalog, cancel.clone()));
         Ok(Self { task, cancel })
     }
 
@@ -200,27 +229,38 @@ impl Engine {
     }
 }
 
-/// Creates the consumer's row and checkpoints (idempotent), starting a new consumer at the
+/// Creates an operator's row and checkpoints (idempotent), starting a new consumer at the
 /// oldest logged event or at the head.
 async fn register(pool: &sqlx::PgPool, reader: &LogReader, spec: &ConsumerSpec) -> Result<()> {
-    let selector = spec.operator.selector();
     let start = match spec.start_from {
         StartFrom::Beginning => reader.oldest().await?.map_or(reader.head().await?, |p| p - 1),
         StartFrom::Now => reader.head().await?,
     };
-    let kinds: Vec<String> = selector.kinds.iter().map(|k| k.as_str().to_string()).collect();
-    let ordering = match spec.ordering {
-        Ordering::Global => "global",
-        Ordering::PerKey => "per_key",
-    };
-    store::consumer::register(
-        pool,
+    let mut conn = pool.acquire().await?;
+    register_consumer(
+        &mut conn,
         &spec.name,
+        ConsumerKind::Operator,
         spec.lane_count(),
-        ordering,
-        &selector.entities,
-        &kinds,
+        &spec.operator.selector(),
         start,
     )
     .await
+}
+
+/// Creates a consumer's row and its lanes' checkpoints at `start` (idempotent: an existing
+/// consumer keeps its checkpoints and takes the new selector), in `conn`'s transaction when it
+/// is in one. Refuses a name taken by the other kind, and a changed lane count of an operator.
+pub async fn register_consumer(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    kind: ConsumerKind,
+    lanes: i32,
+    selector: &Selector,
+    start: i64,
+) -> Result<()> {
+    let kinds: Vec<String> = selector.kinds.iter().map(|k| k.as_str().to_string()).collect();
+    let ordering = if lanes == 1 { "global" } else { "per_key" };
+    store::consumer::register(conn, name, kind, lanes, ordering, &selector.entities, &kinds, start)
+        .await
 }

@@ -3,8 +3,10 @@
 //! ```text
 //! loop (Lane::run):
 //!   retry requested parked events            (only while the lane has parked events)
-//!   consumer halted? ─► wait
-//!   read a page after pos ─► route each event: hash(partition key) % lanes == this lane?
+//!   consumer halted or stopped? ─► wait
+//!   a re-split in progress? ─► read only up to its position; there, wait
+//!   read a page after pos ─► route each event the operator matches:
+//!                             hash(partition key) % lanes == this lane?
 //!     no  ─► pos moves past it
 //!     yes ─► group (≤ 50): BEGIN; handle each; fenced checkpoint; COMMIT
 //!            a failure rolls the group back ─► its events one by one through Lane::handle
@@ -45,7 +47,7 @@ use weir_core::{Event, OnExhausted};
 use crate::engine::{ConsumerSpec, Shared};
 use crate::operator::Action;
 use crate::route::route;
-use crate::state::{LaneState, Outcome};
+use crate::state::{ConsumerState, LaneState, Outcome};
 use crate::{Result, store};
 
 /// Events read per page.
@@ -143,13 +145,44 @@ impl Lane {
             if self.checks_parked() {
                 self.retry_parked().await?;
             }
-            if self.sync_halted().await? {
-                self.set_state(LaneState::Halted, None, 0, None).await?;
-                self.sleep(HALTED_POLL).await;
-                continue;
+            let (state, drain_to) = self.sync_state().await?;
+            match state {
+                ConsumerState::Halted => {
+                    self.set_state(LaneState::Halted, None, 0, None).await?;
+                    self.sleep(HALTED_POLL).await;
+                    continue;
+                }
+                ConsumerState::Stopped => {
+                    self.set_state(LaneState::Stopped, None, 0, None).await?;
+                    self.sleep(HALTED_POLL).await;
+                    continue;
+                }
+                ConsumerState::Running => {}
             }
-            let head = self.shared.reader.head().await?;
-            let events = self.shared.reader.read(pos, PAGE, &filter).await?;
+            // A re-split in progress: nothing past its position until the lanes are re-split.
+            let mut head = self.shared.reader.head().await?;
+            if let Some(d) = drain_to {
+                head = head.min(d);
+                if pos >= d {
+                    if d > stored {
+                        if !self.checkpoint_alone(d).await? {
+                            return Ok(());
+                        }
+                        stored = d;
+                    }
+                    self.set_state(LaneState::Stopped, None, 0, None).await?;
+                    self.sleep(HALTED_POLL).await;
+                    continue;
+                }
+            }
+            let mut events = self.shared.reader.read(pos, PAGE, &filter).await?;
+            let mut short = (events.len() as i64) < PAGE;
+            if let Some(d) = drain_to
+                && events.last().is_some_and(|e| e.position > d)
+            {
+                events.retain(|e| e.position <= d);
+                short = true;
+            }
             if events.is_empty() {
                 // Nothing selected up to the head: move the watermark there.
                 if head > stored {
@@ -167,7 +200,6 @@ impl Lane {
                 continue;
             }
             self.set_state(LaneState::Running, None, 0, None).await?;
-            let short = (events.len() as i64) < PAGE;
             // Consecutive events of this lane are handled in one transaction with one fenced
             // checkpoint (a group); `pos` only moves past events that are done or not ours.
             let mut group: Vec<&Event> = Vec::new();
@@ -178,18 +210,25 @@ impl Lane {
                     stopped = true;
                     break;
                 }
-                let key = self.spec.operator.partition_key(event);
-                let routed = match &key {
-                    Ok(k) => route(k, lanes),
-                    Err(_) => 0, // a key that cannot be computed fails on lane 0
-                };
                 last_seen = event.position;
+                // Not selected (beyond the SQL filter), or another lane's: not ours.
+                let key = self
+                    .spec
+                    .operator
+                    .matches(event)
+                    .then(|| self.spec.operator.partition_key(event));
+                let routed = match &key {
+                    Some(Ok(k)) => route(k, lanes),
+                    Some(Err(_)) => 0, // a key that cannot be computed fails on lane 0
+                    None => -1,
+                };
                 if routed != self.lane {
                     if group.is_empty() {
                         pos = event.position;
                     }
                     continue;
                 }
+                let key = key.expect("routed to this lane, so matched");
                 // Alone: an event without a key, or one that may have to wait behind its key.
                 let single = key.is_err() || self.checks_parked();
                 if !single {
@@ -220,7 +259,8 @@ impl Lane {
             }
             if short
                 && !self.cancel.is_cancelled()
-                && !store::consumer::is_halted(&self.shared.pool, &self.spec.name).await?
+                && store::consumer::state(&self.shared.pool, &self.spec.name).await?.0
+                    == ConsumerState::Running
             {
                 pos = pos.max(head);
             }
@@ -414,7 +454,8 @@ impl Lane {
         )
         .await?;
         self.set_state(LaneState::Halted, Some(event.position), attempts, Some(error)).await?;
-        while self.sync_halted().await? {
+        // Halted, then perhaps stopped: either way nothing runs until it runs again.
+        while self.sync_state().await?.0 != ConsumerState::Running {
             self.sleep(HALTED_POLL).await;
             if self.cancel.is_cancelled() {
                 return Ok(AfterHalt::Stopped);
@@ -584,16 +625,18 @@ impl Lane {
         self.shared.halted.lock().expect("halted set").contains(&self.spec.name)
     }
 
-    /// Reads the consumer's state from the database into the shared set; returns it.
-    async fn sync_halted(&self) -> Result<bool> {
-        let halted = store::consumer::is_halted(&self.shared.pool, &self.spec.name).await?;
+    /// Reads the consumer's state (and the drain position of a re-split in progress) from the
+    /// database, and whether it is halted into the shared set.
+    async fn sync_state(&self) -> Result<(ConsumerState, Option<i64>)> {
+        let (state, drain_to) = store::consumer::state(&self.shared.pool, &self.spec.name).await?;
+        let halted = state == ConsumerState::Halted;
         let mut set = self.shared.halted.lock().expect("halted set");
         if halted {
             set.insert(self.spec.name.clone());
         } else {
             set.remove(&self.spec.name);
         }
-        Ok(halted)
+        Ok((state, drain_to))
     }
 
     async fn sleep(&self, d: Duration) {

@@ -44,10 +44,12 @@ pub mod status;
 mod store;
 mod supervisor;
 
-pub use engine::{ConsumerSpec, Engine, ErrorReporter, TracingReporter};
+pub use engine::{
+    Catalog, ConsumerSpec, Engine, ErrorReporter, TracingReporter, register_consumer,
+};
 pub use operator::{BoxError, Operator, OperatorError, Selector};
 pub use sql_operator::SqlOperator;
-pub use state::{ConsumerState, LaneState, Outcome};
+pub use state::{ConsumerKind, ConsumerState, LaneState, Outcome};
 
 /// What can go wrong in the engine itself (a handler's failure is not an error here: it is
 /// retried and then halted, skipped or parked).
@@ -136,6 +138,11 @@ pub const MIGRATIONS: &[weir_log::schema::Migration] = &[
         name: "parked positions",
         sql: include_str!("../migrations/0002_parked_positions.sql"),
     },
+    weir_log::schema::Migration {
+        version: 3,
+        name: "subscriptions and re-splits",
+        sql: include_str!("../migrations/0003_subscriptions.sql"),
+    },
 ];
 
 /// Creates or upgrades the consumer tables (idempotent).
@@ -148,6 +155,49 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
 /// Returns the skipped position.
 pub async fn skip(pool: &sqlx::PgPool, name: &str) -> Result<i64> {
     store::consumer::skip_halted(pool, name).await
+}
+
+/// Stops a consumer: its lanes finish their current event and wait; the checkpoints stay.
+/// Returns its state before.
+pub async fn stop(pool: &sqlx::PgPool, name: &str) -> Result<ConsumerState> {
+    store::consumer::stop(pool, name).await
+}
+
+/// Starts a stopped consumer from its checkpoints. Returns its state before (a consumer that
+/// was not stopped is left as it was).
+pub async fn start(pool: &sqlx::PgPool, name: &str) -> Result<ConsumerState> {
+    store::consumer::start(pool, name).await
+}
+
+/// The consumer's state and, while a re-split is in progress, the position its lanes drain to.
+pub async fn state(pool: &sqlx::PgPool, name: &str) -> Result<(ConsumerState, Option<i64>)> {
+    store::consumer::state(pool, name).await
+}
+
+/// Deletes a consumer with its checkpoints, failures and parked events, in `conn`'s
+/// transaction. False when there was none.
+pub async fn delete(conn: &mut sqlx::PgConnection, name: &str) -> Result<bool> {
+    store::consumer::delete(conn, name).await
+}
+
+/// Re-splits a consumer into `lanes` lanes without losing or repeating an event: its lanes
+/// drain to a common position (returned), then the engine (any process running one) replaces
+/// them with `lanes` lanes starting there, parked events following their keys. A lane that is
+/// halted holds the re-split until it is resumed or skipped.
+pub async fn begin_resplit(conn: &mut sqlx::PgConnection, name: &str, lanes: i32) -> Result<i64> {
+    store::consumer::begin_resplit(conn, name, lanes).await
+}
+
+/// Completes every re-split whose lanes have all drained; returns the consumers re-split. The
+/// engine's supervisor calls it every tick; a process that serves subscriptions without an
+/// engine calls it itself.
+pub async fn finish_resplits(pool: &sqlx::PgPool) -> Result<Vec<String>> {
+    store::consumer::finish_resplits(pool).await
+}
+
+/// Which lane of `lanes` a partition key goes to (the same function the lanes route by).
+pub fn lane_of(key: &str, lanes: i32) -> i32 {
+    route::route(key, lanes)
 }
 
 /// Resumes a halted consumer at the event it halted on. Returns false, changing nothing, when

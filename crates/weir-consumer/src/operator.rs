@@ -62,6 +62,14 @@ pub trait Operator: Send + Sync + 'static {
     /// Which events it receives.
     fn selector(&self) -> Selector;
 
+    /// Whether it receives `event`, beyond the [`selector`](Self::selector) (which the read
+    /// applies in SQL). An event it does not match moves its lane's checkpoint like any event
+    /// of another lane. Defaults to every event the selector returns.
+    fn matches(&self, event: &Event) -> bool {
+        let _ = event;
+        true
+    }
+
     /// The key whose events must stay in order (they go to one lane). Defaults to the event's
     /// primary key. An error fails the event (and goes through the retry policy).
     fn partition_key(&self, event: &Event) -> Result<String, BoxError> {
@@ -137,6 +145,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for OperatorError {
 /// [`Operator`] with its future boxed, so the engine can hold any operator behind one `dyn`.
 pub(crate) trait ErasedOperator: Send + Sync + 'static {
     fn selector(&self) -> Selector;
+    fn matches(&self, event: &Event) -> bool;
     fn partition_key(&self, event: &Event) -> Result<String, BoxError>;
     fn handle<'a>(
         &'a self,
@@ -148,6 +157,9 @@ pub(crate) trait ErasedOperator: Send + Sync + 'static {
 impl<O: Operator> ErasedOperator for O {
     fn selector(&self) -> Selector {
         Operator::selector(self)
+    }
+    fn matches(&self, event: &Event) -> bool {
+        Operator::matches(self, event)
     }
     fn partition_key(&self, event: &Event) -> Result<String, BoxError> {
         Operator::partition_key(self, event)

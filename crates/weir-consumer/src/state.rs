@@ -4,6 +4,7 @@
 //! ```text
 //! consumer:  running ──(retries exhausted, on_exhausted = halt)──► halted
 //!            halted ──(weir resume | weir skip)──► running
+//!            running | halted ──(stop)──► stopped ──(start)──► running
 //!
 //! lane:      idle ◄──► running ──(handler failed)──► retrying ──(succeeded)──► running
 //!                                                   retrying ──(exhausted, halt)──► halted
@@ -84,6 +85,18 @@ text_enum! {
         Running => "running",
         /// Stopped at an event whose retries ran out; waits for `weir resume` or `weir skip`.
         Halted => "halted",
+        /// Stopped on request (`weir subscriptions stop`); its checkpoints stay until started.
+        Stopped => "stopped",
+    }
+}
+
+text_enum! {
+    /// What a consumer is (`weir.consumers.kind`).
+    ConsumerKind {
+        /// Declared by the process that runs it (Rust or `[[operators]]`).
+        Operator => "operator",
+        /// Kept in the database (`weir.subscriptions`), created from any surface.
+        Subscription => "subscription",
     }
 }
 
@@ -98,6 +111,8 @@ text_enum! {
         Idle => "idle",
         /// Its consumer is halted.
         Halted => "halted",
+        /// Its consumer is stopped, or it has reached the position of a re-split in progress.
+        Stopped => "stopped",
     }
 }
 

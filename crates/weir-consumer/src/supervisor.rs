@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! every tick (500 ms), Supervisor::step:
-//!   heartbeat weir.consumer_nodes → live processes P
+//!   consumers = the fixed specs + the catalog's (subscriptions, from the database)
+//!   heartbeat weir.consumer_nodes (with the consumers run here) → live processes P per consumer
 //!   forget lane tasks that ended (lost lease, error)
+//!   stop the lanes of consumers gone from the catalog, or whose generation changed
 //!   per consumer, rebalance: fair share = ceil(lanes / P)
 //!     renew held leases; a lost lease stops its lane task
 //!     above share → stop lane tasks, release their leases (others take them)
 //!     below share → lease free or expired lanes (fence + 1), start their lane tasks
+//!   finish re-splits whose lanes all drained (any process may)
 //! on cancel: stop every lane task, wait for them, release everything (leave)
 //! ```
 //!
@@ -16,12 +19,13 @@
 //! their leases until they expire ([`LEASE_TTL`]), so a short outage moves nothing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{ConsumerSpec, Shared};
+use crate::engine::{Catalog, ConsumerSpec, Shared};
 use crate::lane::Lane;
 use crate::{Result, store};
 
@@ -36,11 +40,14 @@ type LaneId = (String, i32);
 /// A lane this process holds.
 struct Held {
     fence: i64,
+    /// The consumer's generation its task started with.
+    generation: i64,
     cancel: CancellationToken,
 }
 
 struct Supervisor {
     shared: Shared,
+    catalog: Option<Arc<dyn Catalog>>,
     cancel: CancellationToken,
     /// The running lane tasks; each ends with its lane's id.
     tasks: JoinSet<LaneId>,
@@ -51,10 +58,16 @@ struct Supervisor {
 pub(crate) async fn supervise(
     shared: Shared,
     specs: Vec<ConsumerSpec>,
+    catalog: Option<Arc<dyn Catalog>>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let mut supervisor =
-        Supervisor { shared, cancel: cancel.clone(), tasks: JoinSet::new(), held: HashMap::new() };
+    let mut supervisor = Supervisor {
+        shared,
+        catalog,
+        cancel: cancel.clone(),
+        tasks: JoinSet::new(),
+        held: HashMap::new(),
+    };
     loop {
         if cancel.is_cancelled() {
             break;
@@ -75,17 +88,39 @@ pub(crate) async fn supervise(
 
 impl Supervisor {
     /// One tick: heartbeat, then rebalance every consumer.
-    async fn step(&mut self, specs: &[ConsumerSpec]) -> Result<()> {
-        let live = store::lease::heartbeat(&self.shared.pool, &self.shared.node).await?.max(1);
+    async fn step(&mut self, fixed: &[ConsumerSpec]) -> Result<()> {
+        let mut specs = fixed.to_vec();
+        if let Some(catalog) = &self.catalog {
+            specs.extend(catalog.specs(&self.shared.pool).await?);
+        }
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let live = store::lease::heartbeat(&self.shared.pool, &self.shared.node, &names).await?;
         // Forget lanes whose task ended (lost lease or error): they may be leased again.
         while let Some(done) = self.tasks.try_join_next() {
             if let Ok(id) = done {
                 self.held.remove(&id);
             }
         }
-        for spec in specs {
+        // Lanes of consumers gone from the catalog, or of an older generation, stop.
+        let stale: Vec<LaneId> = self
+            .held
+            .iter()
+            .filter(|((name, _), held)| {
+                specs
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .is_none_or(|s| s.generation != held.generation)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for (name, lane) in stale {
+            self.give_back(&name, &[lane]).await?;
+        }
+        for spec in &specs {
+            let live = live.get(&spec.name).copied().unwrap_or(1).max(1);
             self.rebalance(spec, live).await?;
         }
+        store::consumer::finish_resplits(&self.shared.pool).await?;
         Ok(())
     }
 
@@ -99,7 +134,7 @@ impl Supervisor {
         self.renew(spec, &mine).await?;
         if mine.len() > share {
             // Give lanes back so a newcomer gets its share.
-            self.give_back(spec, &mine[share..]).await?;
+            self.give_back(&spec.name, &mine[share..]).await?;
         } else if mine.len() < share {
             self.take(spec, share - mine.len()).await?;
         }
@@ -127,13 +162,13 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn give_back(&mut self, spec: &ConsumerSpec, lanes: &[i32]) -> Result<()> {
+    async fn give_back(&mut self, consumer: &str, lanes: &[i32]) -> Result<()> {
         for lane in lanes {
-            if let Some(h) = self.held.remove(&(spec.name.clone(), *lane)) {
+            if let Some(h) = self.held.remove(&(consumer.to_string(), *lane)) {
                 h.cancel.cancel();
                 store::lease::release(
                     &self.shared.pool,
-                    &spec.name,
+                    consumer,
                     *lane,
                     &self.shared.node,
                     h.fence,
@@ -168,7 +203,8 @@ impl Supervisor {
             };
             wanted -= 1;
             let cancel = self.cancel.child_token();
-            self.held.insert(id.clone(), Held { fence, cancel: cancel.clone() });
+            let generation = spec.generation;
+            self.held.insert(id.clone(), Held { fence, generation, cancel: cancel.clone() });
             let task = Lane::new(self.shared.clone(), spec.clone(), lane, fence, cancel);
             self.tasks.spawn(async move {
                 if let Err(e) = task.run().await {

@@ -22,6 +22,10 @@ pub enum Kind {
     Truncate,
     /// A `pg_logical_emit_message` with weir's prefix.
     Message,
+    /// An event appended to a stream of the event store: an insert into
+    /// [`STREAM_EVENTS`](Event::STREAM_EVENTS), whose `new_record` carries the stream, version,
+    /// id, type, data, metadata and tags.
+    Append,
 }
 
 impl Kind {
@@ -33,6 +37,7 @@ impl Kind {
             Kind::Delete => "delete",
             Kind::Truncate => "truncate",
             Kind::Message => "message",
+            Kind::Append => "append",
         }
     }
 
@@ -44,6 +49,7 @@ impl Kind {
             "delete" => Kind::Delete,
             "truncate" => Kind::Truncate,
             "message" => Kind::Message,
+            "append" => Kind::Append,
             _ => return None,
         })
     }
@@ -106,6 +112,10 @@ pub struct Event {
 }
 
 impl Event {
+    /// The entity of appended events: the event store's table (its inserts are logged as
+    /// [`Kind::Append`]).
+    pub const STREAM_EVENTS: &'static str = "weir.stream_events";
+
     /// The entity name for a table: `table` in `public`, `schema.table` elsewhere.
     pub fn entity_name(schema: &str, table: &str) -> String {
         if schema == "public" { table.to_string() } else { format!("{schema}.{table}") }

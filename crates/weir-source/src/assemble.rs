@@ -203,8 +203,11 @@ impl Assembler {
                 let rel = self.relation(relation_id)?;
                 let (record, toast) = self.record(rel, &new, None);
                 let key = key_of(rel, &record);
+                // The event store's appends are inserts into one table; the log calls them so.
+                let kind =
+                    if rel.entity == Event::STREAM_EVENTS { Kind::Append } else { Kind::Insert };
                 let change = Change {
-                    kind: Kind::Insert,
+                    kind,
                     entity: rel.entity.clone(),
                     relation: Some(rel.source.clone()),
                     key,

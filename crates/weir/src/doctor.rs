@@ -195,6 +195,19 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         ),
     });
 
+    if publication {
+        out.push(if crate::setup::publishes_stream_events(pool, &src.publication).await? {
+            check("event store", Verdict::Ok, "weir.stream_events is in the publication", None)
+        } else {
+            check(
+                "event store",
+                Verdict::Fail,
+                "weir.stream_events is not in the publication: appends would not reach the log",
+                Some("run `weir init`".into()),
+            )
+        });
+    }
+
     let slot: Option<SlotRow> = sqlx::query_as(
         "select plugin::text, active, wal_status,
                 (pg_current_wal_lsn() - restart_lsn)::bigint,

@@ -31,6 +31,9 @@ pub enum Error {
     /// The job queue failed (its migration, a `[jobs]` setting, the runner's start or stop).
     #[error(transparent)]
     Jobs(#[from] weir_jobs::Error),
+    /// The event store or a subscription failed, or a `[[subscriptions]]` entry is wrong.
+    #[error(transparent)]
+    Streams(#[from] weir_streams::Error),
     /// Reading the replication slot failed: the connection, or a pgoutput stream we could
     /// not decode.
     #[error(transparent)]
@@ -60,6 +63,8 @@ impl Error {
             Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
             Error::Consumer(e) => e.is_transient(),
             Error::Jobs(e) => e.is_transient(),
+            Error::Streams(weir_streams::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
+            Error::Streams(weir_streams::Error::Consumer(e)) => e.is_transient(),
             _ => false,
         }
     }

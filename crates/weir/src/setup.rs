@@ -3,7 +3,8 @@
 //! 1. checks `wal_level = logical` (nothing else works without it);
 //! 2. the `weir` schema and its tables (numbered migrations);
 //! 3. the publication: the configured tables, or every table of the configured schemas — never
-//!    weir's own bookkeeping tables;
+//!    weir's own bookkeeping tables — plus the event store's `weir.stream_events`, so appended
+//!    events reach the log through the WAL like row changes;
 //! 4. a permanent `pgoutput` replication slot.
 //!
 //! Running it again reconciles the publication with the configuration and leaves the slot be.
@@ -28,6 +29,8 @@ pub struct InitReport {
 pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
     require_logical(pool).await?;
     weir_log::migrate(pool).await?;
+    // Before the publication: it names the event store's table.
+    weir_streams::migrate(pool).await?;
     let created_publication = ensure_publication(pool, config).await?;
     let created_slot = ensure_slot(pool, &config.source.slot).await?;
     let tables = publication_tables(pool, &config.source.publication).await?;
@@ -82,6 +85,7 @@ async fn ensure_publication(pool: &PgPool, config: &Config) -> Result<bool> {
             }
             parts.push(format!("{}.{}", quote_ident(schema), quote_ident(table)));
         }
+        parts.push(STREAM_EVENTS_SQL.into());
         format!("table {}", parts.join(", "))
     } else {
         let mut parts = Vec::new();
@@ -103,7 +107,7 @@ async fn ensure_publication(pool: &PgPool, config: &Config) -> Result<bool> {
             }
             parts.push(quote_ident(s));
         }
-        format!("tables in schema {}", parts.join(", "))
+        format!("tables in schema {}, table {STREAM_EVENTS_SQL}", parts.join(", "))
     };
     let name = quote_ident(&source.publication);
     let exists: bool =
@@ -186,9 +190,15 @@ async fn ensure_slot(pool: &PgPool, slot: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// The event store's table, as the publication names it.
+const STREAM_EVENTS_SQL: &str = "\"weir\".\"stream_events\"";
+
+/// The watched tables in the publication (`schema.table`), without the event store's own.
 pub(crate) async fn publication_tables(pool: &PgPool, publication: &str) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
-        "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1 order by 1",
+        "select schemaname || '.' || tablename from pg_publication_tables
+         where pubname = $1 and (schemaname, tablename) <> ('weir', 'stream_events')
+         order by 1",
     )
     .bind(publication)
     .fetch_all(pool)
@@ -211,6 +221,14 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
             publication: config.source.publication.clone(),
         }));
     }
+    weir_streams::migrate(pool).await?;
+    if !publishes_stream_events(pool, &config.source.publication).await? {
+        return Err(Error::Setup(format!(
+            "publication `{}` does not cover the event store's table weir.stream_events (it was \
+             made by an older weir); run `weir init` to add it",
+            config.source.publication
+        )));
+    }
     let slot: Option<Option<String>> =
         sqlx::query_scalar("select wal_status from pg_replication_slots where slot_name = $1")
             .bind(&config.source.slot)
@@ -228,4 +246,15 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
         }
         Some(_) => Ok(()),
     }
+}
+
+/// Whether the publication covers `weir.stream_events` (appends reach the log).
+pub(crate) async fn publishes_stream_events(pool: &PgPool, publication: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from pg_publication_tables
+                        where pubname = $1 and schemaname = 'weir' and tablename = 'stream_events')",
+    )
+    .bind(publication)
+    .fetch_one(pool)
+    .await?)
 }

@@ -1,26 +1,28 @@
 //! A consumer's row: registration, halt, resume, skip.
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::state::{ConsumerState, Outcome};
+use crate::state::{ConsumerKind, ConsumerState, Outcome};
 use crate::{Error, Result};
 
 /// Creates the consumer's row and its lanes' checkpoints; refuses a changed lane count.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn register(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     name: &str,
+    kind: ConsumerKind,
     lanes: i32,
     ordering: &str,
     entities: &[String],
     kinds: &[String],
     start: i64,
 ) -> Result<()> {
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     // Two processes may register the same new consumer at once: the insert is idempotent, and
     // the row lock below orders them.
     sqlx::query(
-        "insert into weir.consumers (name, lanes, ordering, entities, kinds)
-         values ($1, $2, $3, $4, $5)
+        "insert into weir.consumers (name, lanes, ordering, entities, kinds, kind)
+         values ($1, $2, $3, $4, $5, $6)
          on conflict (name) do nothing",
     )
     .bind(name)
@@ -28,16 +30,25 @@ pub(crate) async fn register(
     .bind(ordering)
     .bind(entities)
     .bind(kinds)
+    .bind(kind)
     .execute(&mut *tx)
     .await?;
-    let stored: i32 =
-        sqlx::query_scalar("select lanes from weir.consumers where name = $1 for update")
+    let (stored, stored_kind): (i32, ConsumerKind) =
+        sqlx::query_as("select lanes, kind from weir.consumers where name = $1 for update")
             .bind(name)
             .fetch_one(&mut *tx)
             .await?;
-    if stored != lanes {
+    if stored_kind != kind {
+        return Err(Error::Config {
+            consumer: name.to_string(),
+            problem: format!("the name is taken by a {stored_kind}; pick another name"),
+        });
+    }
+    // A subscription's pool changes size only through a re-split (`begin_resplit`).
+    if stored != lanes && kind == ConsumerKind::Operator {
         return Err(Error::LanesChanged { consumer: name.to_string(), stored, configured: lanes });
     }
+    let lanes = stored;
     // The selector may change between runs (process status reads it); the lanes may not.
     sqlx::query(
         "update weir.consumers set entities = $2, kinds = $3, ordering = $4 where name = $1",
@@ -89,13 +100,162 @@ pub(crate) async fn halt(
     Ok(())
 }
 
-pub(crate) async fn is_halted(pool: &PgPool, consumer: &str) -> Result<bool> {
-    let state: ConsumerState =
-        sqlx::query_scalar("select state from weir.consumers where name = $1")
-            .bind(consumer)
-            .fetch_one(pool)
+/// The consumer's state and, while a re-split is in progress, the position its lanes drain to.
+pub(crate) async fn state(pool: &PgPool, consumer: &str) -> Result<(ConsumerState, Option<i64>)> {
+    sqlx::query_as("select state, drain_to from weir.consumers where name = $1")
+        .bind(consumer)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| Error::UnknownConsumer(consumer.to_string()))
+}
+
+/// Stops a consumer (its lanes wait; checkpoints stay). Returns its state before.
+pub(crate) async fn stop(pool: &PgPool, name: &str) -> Result<ConsumerState> {
+    let before: Option<ConsumerState> = sqlx::query_scalar(
+        "with old as (select name, state from weir.consumers where name = $1 for update),
+              upd as (update weir.consumers c
+                      set state = 'stopped', halted_lane = null, halted_position = null,
+                          halted_attempt = null, halted_error = null, halted_at = null
+                      from old where c.name = old.name)
+         select state from old",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    before.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
+}
+
+/// Starts a stopped consumer from its checkpoints. Returns its state before (unchanged unless
+/// it was stopped).
+pub(crate) async fn start(pool: &PgPool, name: &str) -> Result<ConsumerState> {
+    let before: Option<ConsumerState> = sqlx::query_scalar(
+        "with old as (select name, state from weir.consumers where name = $1 for update),
+              upd as (update weir.consumers c set state = 'running'
+                      from old where c.name = old.name and old.state = 'stopped')
+         select state from old",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    before.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
+}
+
+/// Deletes a consumer with its checkpoints, failures and parked events (in `conn`'s
+/// transaction). False when there was none.
+pub(crate) async fn delete(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    sqlx::query("delete from weir.parked where consumer = $1")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("delete from weir.consumer_failures where consumer = $1")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(sqlx::query("delete from weir.consumers where name = $1")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+/// Asks for a re-split into `lanes` lanes: every lane drains to a common position (the log
+/// head, or the furthest checkpoint), then [`finish_resplit`] re-splits. A re-split already in
+/// progress keeps its position and takes the new count. Returns the drain position.
+pub(crate) async fn begin_resplit(conn: &mut PgConnection, name: &str, lanes: i32) -> Result<i64> {
+    let drain_to: Option<i64> = sqlx::query_scalar(
+        "update weir.consumers k
+         set next_lanes = $2,
+             drain_to = coalesce(k.drain_to, greatest(
+                 (select max(position) from weir.checkpoints c where c.consumer = k.name),
+                 (select coalesce(max(position), 0) from weir.source_state)))
+         where name = $1
+         returning drain_to",
+    )
+    .bind(name)
+    .bind(lanes)
+    .fetch_optional(conn)
+    .await?;
+    drain_to.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
+}
+
+/// Completes the re-splits whose lanes all reached their drain position: new lanes, all at that
+/// position, parked events moved to their key's new lane, the generation bumped (so every
+/// process restarts the consumer's lanes). Returns the consumers re-split.
+pub(crate) async fn finish_resplits(pool: &PgPool) -> Result<Vec<String>> {
+    let ready: Vec<String> = sqlx::query_scalar(
+        "select k.name from weir.consumers k
+         where k.drain_to is not null
+           and not exists (select 1 from weir.checkpoints c
+                           where c.consumer = k.name and c.position < k.drain_to)",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut done = Vec::new();
+    for name in ready {
+        let mut tx = pool.begin().await?;
+        // Under the row lock: another process may have finished it first.
+        let row: Option<(i64, i32)> = sqlx::query_as(
+            "select drain_to, next_lanes from weir.consumers
+             where name = $1 and drain_to is not null for update",
+        )
+        .bind(&name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((drain_to, lanes)) = row else { continue };
+        let behind: bool = sqlx::query_scalar(
+            "select exists (select 1 from weir.checkpoints where consumer = $1 and position < $2)",
+        )
+        .bind(&name)
+        .bind(drain_to)
+        .fetch_one(&mut *tx)
+        .await?;
+        if behind {
+            continue;
+        }
+        sqlx::query("delete from weir.checkpoints where consumer = $1")
+            .bind(&name)
+            .execute(&mut *tx)
             .await?;
-    Ok(state == ConsumerState::Halted)
+        sqlx::query(
+            "insert into weir.checkpoints (consumer, lane, position)
+             select $1, l, $3 from generate_series(0, $2 - 1) l",
+        )
+        .bind(&name)
+        .bind(lanes)
+        .bind(drain_to)
+        .execute(&mut *tx)
+        .await?;
+        let keys: Vec<String> = sqlx::query_scalar(
+            "select distinct partition_key from weir.parked where consumer = $1",
+        )
+        .bind(&name)
+        .fetch_all(&mut *tx)
+        .await?;
+        for key in keys {
+            sqlx::query(
+                "update weir.parked set lane = $3 where consumer = $1 and partition_key = $2",
+            )
+            .bind(&name)
+            .bind(&key)
+            .bind(crate::route::route(&key, lanes))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "update weir.consumers
+             set lanes = next_lanes, next_lanes = null, drain_to = null,
+                 generation = generation + 1
+             where name = $1",
+        )
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(consumer = %name, lanes, position = drain_to, "re-split the lanes");
+        done.push(name);
+    }
+    Ok(done)
 }
 
 /// Resumes a halted consumer; false when it was not halted.

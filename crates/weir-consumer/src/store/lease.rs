@@ -4,30 +4,40 @@
 //! its fence, so whatever the previous holder still tries to write (fenced on the old value)
 //! finds no row.
 
+use std::collections::HashMap;
+
 use sqlx::PgPool;
 
 use crate::Result;
 use crate::state::LaneState;
 
-/// Records that `node` is alive; returns how many processes are (heartbeat in the last 10 s).
-pub(crate) async fn heartbeat(pool: &PgPool, node: &str) -> Result<i64> {
+/// Records that `node` is alive and runs `consumers`; returns, per consumer, how many live
+/// processes (heartbeat in the last 10 s) run it.
+pub(crate) async fn heartbeat(
+    pool: &PgPool,
+    node: &str,
+    consumers: &[String],
+) -> Result<HashMap<String, i64>> {
     sqlx::query(
-        "insert into weir.consumer_nodes (node) values ($1)
-         on conflict (node) do update set heartbeat_at = now()",
+        "insert into weir.consumer_nodes (node, consumers) values ($1, $2)
+         on conflict (node) do update set heartbeat_at = now(), consumers = excluded.consumers",
     )
     .bind(node)
+    .bind(consumers)
     .execute(pool)
     .await?;
     // Forget the long dead.
     sqlx::query("delete from weir.consumer_nodes where heartbeat_at < now() - interval '1 hour'")
         .execute(pool)
         .await?;
-    Ok(sqlx::query_scalar(
-        "select count(*) from weir.consumer_nodes
-         where heartbeat_at > now() - interval '10 seconds'",
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "select c, count(*) from weir.consumer_nodes n, unnest(n.consumers) c
+         where n.heartbeat_at > now() - interval '10 seconds'
+         group by c",
     )
-    .fetch_one(pool)
-    .await?)
+    .fetch_all(pool)
+    .await?;
+    Ok(counts.into_iter().collect())
 }
 
 /// Releases every lane `node` holds and forgets the process (a graceful stop).

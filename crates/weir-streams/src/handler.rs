@@ -1,0 +1,8 @@
+//! In-process delivery. (Being written.)
+
+/// A handler.
+pub trait Handler {}
+
+/// The catalog.
+#[derive(Debug)]
+pub struct SubscriptionCatalog {}

@@ -1,0 +1,1 @@
+//! Subscriptions in the database. (Being written.)
