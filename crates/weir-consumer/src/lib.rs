@@ -195,6 +195,72 @@ pub async fn finish_resplits(pool: &sqlx::PgPool) -> Result<Vec<String>> {
     store::consumer::finish_resplits(pool).await
 }
 
+/// Leases on lanes for holders other than the engine: SSE and WebSocket clients attached to a
+/// subscription hold its emitters (lanes) under the same leases and fences as engine
+/// processes, so a lane is never delivered to two holders at once.
+pub mod leases {
+    use sqlx::{PgConnection, PgPool};
+
+    use crate::{Result, store};
+
+    /// Takes a free or expired lane (or one `owner` holds already); its new fence.
+    pub async fn take(
+        pool: &PgPool,
+        consumer: &str,
+        lane: i32,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<i64>> {
+        store::lease::try_lease(pool, consumer, lane, owner, ttl.as_secs_f64()).await
+    }
+
+    /// Extends a held lease; false when it was lost.
+    pub async fn renew(
+        pool: &PgPool,
+        consumer: &str,
+        lane: i32,
+        owner: &str,
+        fence: i64,
+        ttl: std::time::Duration,
+    ) -> Result<bool> {
+        store::lease::renew(pool, consumer, lane, owner, fence, ttl.as_secs_f64()).await
+    }
+
+    /// Gives a lane back.
+    pub async fn release(
+        pool: &PgPool,
+        consumer: &str,
+        lane: i32,
+        owner: &str,
+        fence: i64,
+    ) -> Result<()> {
+        store::lease::release(pool, consumer, lane, owner, fence).await
+    }
+
+    /// Moves the lane's checkpoint to `position` (never backwards) while `owner` holds it with
+    /// `fence`; false when the lease is gone.
+    pub async fn checkpoint(
+        conn: &mut PgConnection,
+        consumer: &str,
+        lane: i32,
+        owner: &str,
+        fence: i64,
+        position: i64,
+    ) -> Result<bool> {
+        store::lane::checkpoint(conn, consumer, lane, owner, fence, position).await
+    }
+
+    /// Every lane's checkpoint, by lane.
+    pub async fn positions(pool: &PgPool, consumer: &str) -> Result<Vec<(i32, i64)>> {
+        Ok(sqlx::query_as(
+            "select lane, position from weir.checkpoints where consumer = $1 order by lane",
+        )
+        .bind(consumer)
+        .fetch_all(pool)
+        .await?)
+    }
+}
+
 /// Which lane of `lanes` a partition key goes to (the same function the lanes route by).
 pub fn lane_of(key: &str, lanes: i32) -> i32 {
     route::route(key, lanes)

@@ -12,7 +12,7 @@ use crate::{Result, store};
 pub struct LaneStatus {
     /// Lane number.
     pub lane: i32,
-    /// `running`, `retrying`, `idle` or `halted`.
+    /// `running`, `retrying`, `idle`, `halted` or `stopped`.
     pub state: LaneState,
     /// Every event of this lane at or below it is handled.
     pub position: i64,
@@ -35,7 +35,7 @@ pub struct LaneStatus {
 pub struct ConsumerStatus {
     /// Name.
     pub name: String,
-    /// `running` or `halted`.
+    /// `running`, `halted` or `stopped`.
     pub state: ConsumerState,
     /// Where it halted: `{lane, position, attempt, error}`.
     pub halted: Option<serde_json::Value>,
@@ -47,7 +47,12 @@ pub struct ConsumerStatus {
 
 /// The status of every consumer.
 pub async fn consumers(pool: &PgPool) -> Result<Vec<ConsumerStatus>> {
-    store::status::consumers(pool).await
+    store::status::consumers(pool, None).await
+}
+
+/// The status of one consumer (`None` when there is none by that name).
+pub async fn consumer(pool: &PgPool, name: &str) -> Result<Option<ConsumerStatus>> {
+    Ok(store::status::consumers(pool, Some(name)).await?.pop())
 }
 
 /// A parked event.

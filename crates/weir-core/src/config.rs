@@ -74,6 +74,45 @@ pub struct Config {
     pub channels: std::collections::BTreeMap<String, ChannelConfig>,
     /// `[jobs]`: the job runner of this process (when workers are registered).
     pub jobs: JobsConfig,
+    /// `[[subscriptions]]`: subscriptions created (or brought up to date) at every start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// `[[subscriptions]]`: a subscription over appended events or row changes, delivered to SSE
+/// and WebSocket clients attached by name. Its selector is checked when `weir run` (or
+/// `weir init`) starts; see `docs/streams.md` for each type's selector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// Unique name (shared with operators).
+    pub name: String,
+    /// `stream`, `event_type`, `event_pattern`, `event_payload`, `tags` or `entity`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The selector: a string, a list or a table, by type.
+    pub selector: serde_json::Value,
+    /// Emitters, 1 to 1024. Defaults to 1.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// `beginning` (the default), `now`, a log position, or an RFC 3339 time. Used when the
+    /// subscription is created.
+    #[serde(default)]
+    pub start_from: Option<String>,
+    /// Route by this field (a dotted path into the event's data, or a column) instead of the
+    /// stream or row key.
+    #[serde(default)]
+    pub partition_by: Option<String>,
+    /// Overrides `[consumers] retry`.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Overrides `[consumers] on_exhausted`.
+    #[serde(default)]
+    pub on_exhausted: Option<OnExhausted>,
+}
+
+fn default_pool_size() -> u32 {
+    1
 }
 
 /// `[http]`: the HTTP API (`/v1`), realtime channels and `/metrics`.

@@ -21,6 +21,7 @@ pub use config::{
     DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION,
     DEFAULT_SLOT, DatabaseConfig, HttpConfig, JobsConfig, LogConfig, MAX_JOB_TIMEOUT, OnExhausted,
     OperatorConfig, Ordering, QueueConfig, RetryConfig, Secret, SourceConfig, StartFrom,
+    SubscriptionConfig,
 };
 pub use duration::{DurationError, parse_duration};
 pub use event::{Event, Kind, Source};

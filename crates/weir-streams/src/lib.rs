@@ -17,6 +17,7 @@
 //! the consumer engine).
 
 pub mod append;
+pub mod attach;
 pub mod handler;
 pub mod read;
 pub mod subscription;
@@ -25,7 +26,8 @@ pub mod subscriptions;
 pub use append::{AppendResult, Expected, NewEvent, append};
 pub use handler::{Handler, SubscriptionCatalog};
 pub use read::{Direction, RecordedEvent};
-pub use subscription::{SubscriptionDef, SubscriptionKind};
+pub use subscription::{SinkKind, StartAt, SubscriptionDef, SubscriptionKind, SubscriptionOptions};
+pub use subscriptions::{Subscription, SubscriptionUpdate};
 
 /// What can go wrong with streams and subscriptions. Each message names what is wrong and how
 /// to fix it.
@@ -60,6 +62,10 @@ pub enum Error {
         /// The name.
         name: String,
     },
+    /// What was asked for is held by someone else (an emitter another client or process
+    /// holds); the message says when to retry.
+    #[error("{0}")]
+    Busy(String),
     /// The consumer engine failed.
     #[error(transparent)]
     Consumer(#[from] weir_consumer::Error),

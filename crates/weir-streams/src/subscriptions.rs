@@ -1,1 +1,472 @@
-//! Subscriptions in the database. (Being written.)
+//! Subscriptions kept in the database: every surface (`weir.toml`, the CLI, HTTP, Rust) comes
+//! here, so every process sees the same subscriptions.
+//!
+//! ```text
+//! create ─► validate ─► one transaction: consumer row (kind subscription, pool_size lanes,
+//!           checkpoints at the start position) + weir.subscriptions row
+//! update ─► selector, options, sink: stored, generation + 1 (every process restarts the
+//!           emitters with the new definition, from their checkpoints)
+//!           pool_size: a re-split — the emitters drain to a common position, then the engine
+//!           replaces them (weir_consumer::begin_resplit): nothing lost or repeated
+//! stop / start ─► the consumer's state (checkpoints kept)
+//! delete ─► the consumer with its checkpoints, failures and parked events
+//! ```
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+use weir_consumer::status::LaneStatus;
+use weir_consumer::{ConsumerKind, ConsumerState};
+use weir_log::LogReader;
+
+use crate::subscription::{
+    SinkKind, StartAt, SubscriptionDef, SubscriptionKind, SubscriptionOptions,
+};
+use crate::{Error, Result};
+
+/// A subscription as every surface shows it (reckon_db's shape, plus its state and emitters).
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct Subscription {
+    /// Stable id.
+    #[schema(value_type = String)]
+    pub id: Uuid,
+    /// What the selector selects.
+    #[serde(rename = "type")]
+    pub kind: SubscriptionKind,
+    /// The selector.
+    #[schema(value_type = Object)]
+    pub selector: Value,
+    /// Its name.
+    pub subscription_name: String,
+    /// Emitters.
+    pub pool_size: i32,
+    /// While a re-split is in progress: the pool size it goes to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_pool_size: Option<i32>,
+    /// Every selected event at or below it is delivered (the lowest emitter checkpoint).
+    pub checkpoint: i64,
+    /// Retries, failure policy, routing.
+    pub options: SubscriptionOptions,
+    /// `client` (SSE/WebSocket clients attached by name) or `rust` (an in-process handler).
+    pub sink: SinkKind,
+    /// Where it started.
+    #[schema(value_type = Object)]
+    pub start_from: Value,
+    /// `running`, `halted` or `stopped`.
+    pub state: ConsumerState,
+    /// Where it halted: `{lane, position, attempt, error}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub halted: Option<Value>,
+    /// Parked events.
+    pub parked: i64,
+    /// Each emitter: position, lag (events and seconds), state, owner, last error.
+    pub emitters: Vec<LaneStatus>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When its definition last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What an update changes; `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionUpdate {
+    /// A new type (then a selector of that type too).
+    #[serde(rename = "type")]
+    pub kind: Option<SubscriptionKind>,
+    /// A new selector.
+    #[schema(value_type = Option<Object>)]
+    pub selector: Option<Value>,
+    /// A new pool size: a re-split without loss or repetition.
+    pub pool_size: Option<u32>,
+    /// New options (replacing the old ones).
+    pub options: Option<SubscriptionOptions>,
+    /// A new sink.
+    pub sink: Option<SinkKind>,
+}
+
+/// Creates a subscription; a name taken by a subscription or an operator is
+/// [`Error::Duplicate`], and nothing is stored for an invalid definition.
+pub async fn create(pool: &PgPool, def: &SubscriptionDef) -> Result<Subscription> {
+    def.validate()?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    if let Some(kind) = existing_kind(&mut tx, &def.name).await? {
+        return Err(duplicate(kind, &def.name));
+    }
+    let start = start_position(pool, &def.start_from).await?;
+    weir_consumer::register_consumer(
+        &mut tx,
+        &def.name,
+        ConsumerKind::Subscription,
+        def.pool_size as i32,
+        &def.coarse_selector(),
+        start,
+    )
+    .await
+    .map_err(|e| match e {
+        // A concurrent create of an operator of that name won.
+        weir_consumer::Error::Config { .. } => {
+            Error::Duplicate { what: "operator", name: def.name.clone() }
+        }
+        e => e.into(),
+    })?;
+    let inserted = sqlx::query(
+        "insert into weir.subscriptions (name, type, selector, options, sink, start_from)
+         values ($1, $2, $3, $4, $5, $6)
+         on conflict (name) do nothing",
+    )
+    .bind(&def.name)
+    .bind(def.kind.as_str())
+    .bind(&def.selector)
+    .bind(sqlx::types::Json(&def.options))
+    .bind(sink_str(def.sink))
+    .bind(def.start_from.to_value())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Err(Error::Duplicate { what: "subscription", name: def.name.clone() });
+    }
+    tx.commit().await?;
+    get(pool, &def.name).await
+}
+
+/// Creates the subscription, or brings an existing one to `def` (a changed pool size
+/// re-splits); what `weir.toml` and `Weir::builder().subscription` do at every start. The
+/// start position matters only when it is created.
+pub async fn ensure(pool: &PgPool, def: &SubscriptionDef) -> Result<Subscription> {
+    def.validate()?;
+    let current = match load(pool, &def.name).await {
+        Ok(current) => current,
+        Err(Error::UnknownSubscription(_)) => {
+            return match create(pool, def).await {
+                // Another process created it first: bring it to this definition.
+                Err(Error::Duplicate { what: "subscription", .. }) => {
+                    Box::pin(ensure(pool, def)).await
+                }
+                r => r,
+            };
+        }
+        Err(e) => return Err(e),
+    };
+    let update = SubscriptionUpdate {
+        kind: (current.kind != def.kind).then_some(def.kind),
+        selector: (current.selector != def.selector).then(|| def.selector.clone()),
+        pool_size: (current.pool_size != def.pool_size).then_some(def.pool_size),
+        options: (current.options != def.options).then(|| def.options.clone()),
+        sink: (current.sink != def.sink).then_some(def.sink),
+    };
+    if update == SubscriptionUpdate::default() {
+        return get(pool, &def.name).await;
+    }
+    self::update(pool, &def.name, update).await
+}
+
+/// Changes a subscription. Selector, options and sink apply from each emitter's checkpoint
+/// on; a new pool size re-splits the emitters at a common position (the answer shows
+/// `pending_pool_size` until that is done).
+pub async fn update(pool: &PgPool, name: &str, update: SubscriptionUpdate) -> Result<Subscription> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    // The row lock orders concurrent updates.
+    let locked: Option<String> =
+        sqlx::query_scalar("select name from weir.subscriptions where name = $1 for update")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if locked.is_none() {
+        return Err(Error::UnknownSubscription(name.to_string()));
+    }
+    let current = load_in(&mut tx, name).await?;
+    let mut next = current.clone();
+    if let Some(kind) = update.kind {
+        if update.selector.is_none() {
+            return Err(Error::Invalid(format!(
+                "subscription `{name}`: a new type needs a selector of that type too"
+            )));
+        }
+        next.kind = kind;
+    }
+    if let Some(selector) = update.selector {
+        next.selector = selector;
+    }
+    if let Some(pool_size) = update.pool_size {
+        next.pool_size = pool_size;
+    }
+    if let Some(options) = update.options {
+        next.options = options;
+    }
+    if let Some(sink) = update.sink {
+        next.sink = sink;
+    }
+    next.validate()?;
+    let definition_changed = next.kind != current.kind
+        || next.selector != current.selector
+        || next.options != current.options
+        || next.sink != current.sink;
+    if definition_changed {
+        sqlx::query(
+            "update weir.subscriptions
+             set type = $2, selector = $3, options = $4, sink = $5, updated_at = now()
+             where name = $1",
+        )
+        .bind(name)
+        .bind(next.kind.as_str())
+        .bind(&next.selector)
+        .bind(sqlx::types::Json(&next.options))
+        .bind(sink_str(next.sink))
+        .execute(&mut *tx)
+        .await?;
+        let coarse = next.coarse_selector();
+        let kinds: Vec<&str> = coarse.kinds.iter().map(|k| k.as_str()).collect();
+        // Every process restarts the emitters with the new definition.
+        sqlx::query(
+            "update weir.consumers set entities = $2, kinds = $3, generation = generation + 1
+             where name = $1",
+        )
+        .bind(name)
+        .bind(&coarse.entities)
+        .bind(&kinds)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if next.pool_size != current.pool_size {
+        weir_consumer::begin_resplit(&mut tx, name, next.pool_size as i32).await?;
+        sqlx::query("update weir.subscriptions set updated_at = now() where name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    get(pool, name).await
+}
+
+/// Stops a subscription: its emitters finish what they are delivering and wait; the
+/// checkpoints stay.
+pub async fn stop(pool: &PgPool, name: &str) -> Result<Subscription> {
+    require(pool, name).await?;
+    weir_consumer::stop(pool, name).await?;
+    get(pool, name).await
+}
+
+/// Starts a stopped subscription from its checkpoints.
+pub async fn start(pool: &PgPool, name: &str) -> Result<Subscription> {
+    require(pool, name).await?;
+    weir_consumer::start(pool, name).await?;
+    get(pool, name).await
+}
+
+/// Deletes a subscription with its checkpoints, failures and parked events.
+pub async fn delete(pool: &PgPool, name: &str) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let exists: Option<String> =
+        sqlx::query_scalar("select name from weir.subscriptions where name = $1 for update")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Err(Error::UnknownSubscription(name.to_string()));
+    }
+    weir_consumer::delete(&mut tx, name).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One subscription with its state and emitters.
+pub async fn get(pool: &PgPool, name: &str) -> Result<Subscription> {
+    let row: Option<Row> =
+        sqlx::query_as(SELECT_ROWS_BY_NAME).bind(name).fetch_optional(pool).await?;
+    let row = row.ok_or_else(|| Error::UnknownSubscription(name.to_string()))?;
+    assemble(pool, row).await
+}
+
+/// Every subscription, by name.
+pub async fn list(pool: &PgPool) -> Result<Vec<Subscription>> {
+    let rows: Vec<Row> = sqlx::query_as(SELECT_ROWS).fetch_all(pool).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(assemble(pool, row).await?);
+    }
+    Ok(out)
+}
+
+/// The stored definition (with the current pool size).
+pub async fn load(pool: &PgPool, name: &str) -> Result<SubscriptionDef> {
+    let mut conn = pool.acquire().await?;
+    load_in(&mut conn, name).await
+}
+
+async fn load_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<SubscriptionDef> {
+    let row: Option<Row> =
+        sqlx::query_as(SELECT_ROWS_BY_NAME).bind(name).fetch_optional(conn).await?;
+    row.ok_or_else(|| Error::UnknownSubscription(name.to_string()))?.definition()
+}
+
+const SELECT_ROWS: &str =
+    "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
+            s.created_at, s.updated_at, k.lanes, k.next_lanes
+     from weir.subscriptions s join weir.consumers k on k.name = s.name
+     order by s.name";
+
+const SELECT_ROWS_BY_NAME: &str = "select s.id, s.name, s.type, s.selector, s.options, s.sink,
+            s.start_from, s.created_at, s.updated_at, k.lanes, k.next_lanes
+     from weir.subscriptions s join weir.consumers k on k.name = s.name
+     where s.name = $1";
+
+/// A `weir.subscriptions` row joined with its consumer's pool.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Row {
+    id: Uuid,
+    pub(crate) name: String,
+    #[sqlx(rename = "type")]
+    kind: String,
+    selector: Value,
+    options: Value,
+    sink: String,
+    start_from: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    pub(crate) lanes: i32,
+    next_lanes: Option<i32>,
+}
+
+impl Row {
+    pub(crate) fn definition(&self) -> Result<SubscriptionDef> {
+        Ok(SubscriptionDef {
+            name: self.name.clone(),
+            kind: self.kind.parse()?,
+            selector: self.selector.clone(),
+            pool_size: self.lanes as u32,
+            start_from: StartAt::from_value(&self.start_from)?,
+            options: serde_json::from_value(self.options.clone()).map_err(|e| {
+                Error::Invalid(format!("subscription `{}`: stored options: {e}", self.name))
+            })?,
+            sink: parse_sink(&self.sink)?,
+        })
+    }
+}
+
+/// Rows of the subscriptions delivered by a Rust handler, for the catalog.
+pub(crate) async fn rust_rows(pool: &PgPool, names: &[String]) -> Result<Vec<(Row, i64)>> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
+                s.created_at, s.updated_at, k.lanes, k.next_lanes
+         from weir.subscriptions s join weir.consumers k on k.name = s.name
+         where s.sink = 'rust' and s.name = any($1)",
+    )
+    .bind(names)
+    .fetch_all(pool)
+    .await?;
+    let generations: Vec<(String, i64)> =
+        sqlx::query_as("select name, generation from weir.consumers where name = any($1)")
+            .bind(names)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let g = generations.iter().find(|(n, _)| *n == r.name).map_or(0, |(_, g)| *g);
+            (r, g)
+        })
+        .collect())
+}
+
+async fn assemble(pool: &PgPool, row: Row) -> Result<Subscription> {
+    let status = weir_consumer::status::consumer(pool, &row.name)
+        .await?
+        .ok_or_else(|| Error::UnknownSubscription(row.name.clone()))?;
+    let checkpoint = status.lanes.iter().map(|l| l.position).min().unwrap_or(0);
+    Ok(Subscription {
+        id: row.id,
+        kind: row.kind.parse()?,
+        selector: row.selector,
+        subscription_name: row.name,
+        pool_size: row.lanes,
+        pending_pool_size: row.next_lanes,
+        checkpoint,
+        options: serde_json::from_value(row.options).unwrap_or_default(),
+        sink: parse_sink(&row.sink)?,
+        start_from: row.start_from,
+        state: status.state,
+        halted: status.halted,
+        parked: status.parked,
+        emitters: status.lanes,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+async fn require(pool: &PgPool, name: &str) -> Result<()> {
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from weir.subscriptions where name = $1)")
+            .bind(name)
+            .fetch_one(pool)
+            .await?;
+    if exists { Ok(()) } else { Err(Error::UnknownSubscription(name.to_string())) }
+}
+
+async fn existing_kind(conn: &mut sqlx::PgConnection, name: &str) -> Result<Option<ConsumerKind>> {
+    Ok(sqlx::query_scalar("select kind from weir.consumers where name = $1")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?)
+}
+
+fn duplicate(kind: ConsumerKind, name: &str) -> Error {
+    let what = match kind {
+        ConsumerKind::Operator => "operator",
+        ConsumerKind::Subscription => "subscription",
+    };
+    Error::Duplicate { what, name: name.to_string() }
+}
+
+/// The log position after which a new subscription starts.
+async fn start_position(pool: &PgPool, start: &StartAt) -> Result<i64> {
+    let reader = LogReader::new(pool.clone()).await?;
+    let head = reader.head().await?;
+    let oldest = reader.oldest().await?;
+    Ok(match start {
+        StartAt::Beginning => oldest.map_or(head, |p| p - 1),
+        StartAt::Now => head,
+        StartAt::After(p) => {
+            if let Some(o) = oldest
+                && *p < o - 1
+            {
+                return Err(Error::Invalid(format!(
+                    "start_from {p}: the log holds events from position {o} on (older ones were \
+                     dropped by retention); start at {} or later",
+                    o - 1
+                )));
+            }
+            *p
+        }
+        StartAt::Time(t) => {
+            let first: Option<i64> =
+                sqlx::query_scalar("select min(position) from weir.events where commit_ts >= $1")
+                    .bind(t)
+                    .fetch_one(pool)
+                    .await?;
+            first.map_or(head, |p| p - 1)
+        }
+    })
+}
+
+fn sink_str(sink: SinkKind) -> &'static str {
+    match sink {
+        SinkKind::Client => "client",
+        SinkKind::Rust => "rust",
+    }
+}
+
+fn parse_sink(s: &str) -> Result<SinkKind> {
+    match s {
+        "client" => Ok(SinkKind::Client),
+        "rust" => Ok(SinkKind::Rust),
+        other => Err(Error::Invalid(format!("`{other}` is not a sink; use client or rust"))),
+    }
+}

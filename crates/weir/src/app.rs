@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
 use weir_core::{Config, ProcessId};
 use weir_jobs::{JobRunner, PeriodicJob, RunningJobs, Worker};
+use weir_streams::{Handler, SinkKind, SubscriptionCatalog, SubscriptionDef};
 
 use crate::{Error, Result, db};
 
@@ -42,6 +43,8 @@ pub struct WeirBuilder {
     ingest: bool,
     workers: Vec<Register>,
     periodic: Vec<PeriodicJob>,
+    subscriptions: Vec<SubscriptionDef>,
+    catalog: SubscriptionCatalog,
 }
 
 impl std::fmt::Debug for WeirBuilder {
@@ -62,13 +65,15 @@ impl Weir {
     /// Starts building from a configuration.
     pub fn builder(config: Config) -> WeirBuilder {
         WeirBuilder {
-            config,
             pool: None,
             consumers: Vec::new(),
             reporter: Arc::new(TracingReporter),
             ingest: true,
             workers: Vec::new(),
             periodic: Vec::new(),
+            subscriptions: Vec::new(),
+            catalog: SubscriptionCatalog::new(config.consumers.clone()),
+            config,
         }
     }
 }
@@ -90,6 +95,16 @@ impl WeirBuilder {
     /// Adds a consumer with its own ordering, lanes, retry and failure policy.
     pub fn consumer(mut self, spec: ConsumerSpec) -> Self {
         self.consumers.push(spec);
+        self
+    }
+
+    /// Adds a subscription delivered to `handler` in this process (and in every process that
+    /// registers a handler under its name: the emitters are shared among them). `start`
+    /// creates it, or brings the stored one to `def` (a changed pool size re-splits).
+    pub fn subscription(mut self, mut def: SubscriptionDef, handler: impl Handler) -> Self {
+        def.sink = SinkKind::Rust;
+        self.catalog = self.catalog.handler(def.name.clone(), handler);
+        self.subscriptions.push(def);
         self
     }
 
@@ -143,25 +158,33 @@ impl WeirBuilder {
             spec.on_exhausted = op.on_exhausted.unwrap_or(spec.on_exhausted);
             consumers.push(spec);
         }
+        // Subscriptions: `[[subscriptions]]` and the Rust ones, each refused here if wrong.
+        weir_streams::migrate(&pool).await?;
+        let mut subscriptions = Vec::new();
+        for c in &config.subscriptions {
+            subscriptions.push(SubscriptionDef::from_config(c)?);
+        }
+        subscriptions.extend(self.subscriptions);
+        for def in &subscriptions {
+            weir_streams::subscriptions::ensure(&pool, def).await?;
+        }
         // One name for this process in every table that records a holder.
         let identity = ProcessId::generate();
         let cancel = CancellationToken::new();
         let (wake, _listener) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
-        let engine = if consumers.is_empty() {
-            None
-        } else {
-            Some(
-                Engine::start(
-                    pool.clone(),
-                    consumers,
-                    wake.clone(),
-                    self.reporter,
-                    &identity,
-                    cancel.clone(),
-                )
-                .await?,
+        // Always: subscriptions may be created at any time, and any engine completes re-splits.
+        let engine = Some(
+            Engine::start_with_catalog(
+                pool.clone(),
+                consumers,
+                Some(Arc::new(self.catalog)),
+                wake.clone(),
+                self.reporter,
+                &identity,
+                cancel.clone(),
             )
-        };
+            .await?,
+        );
         let ingest = self.ingest.then(|| {
             let (config, pool, cancel) = (config.clone(), pool.clone(), cancel.clone());
             let identity = identity.clone();

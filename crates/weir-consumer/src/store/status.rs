@@ -7,21 +7,25 @@ use crate::state::ConsumerState;
 use crate::status::{ConsumerStatus, LaneStatus, Parked};
 
 /// Every consumer with its lanes, by name.
-pub(crate) async fn consumers(pool: &PgPool) -> Result<Vec<ConsumerStatus>> {
+pub(crate) async fn consumers(pool: &PgPool, name: Option<&str>) -> Result<Vec<ConsumerStatus>> {
     let rows: Vec<ConsumerRow> = sqlx::query_as(
         "select k.name, k.state, k.halted_lane, k.halted_position, k.halted_attempt, k.halted_error,
                 (select count(*) from weir.parked p where p.consumer = k.name)
          from weir.consumers k
+         where $1::text is null or k.name = $1
          order by k.name",
     )
+    .bind(name)
     .fetch_all(pool)
     .await?;
     let mut out = Vec::new();
     for (name, state, lane, position, attempt, error, parked) in rows {
         let lanes: Vec<LaneStatus> = sqlx::query_as(
             "select c.lane,
-                    -- a halted consumer halts all its lanes, whatever each last wrote
-                    case when k.state = 'halted' then 'halted' else c.status end as state,
+                    -- a halted (stopped) consumer halts (stops) all its lanes, whatever each
+                    -- last wrote
+                    case when k.state in ('halted', 'stopped') then k.state else c.status end
+                        as state,
                     c.position,
                     -- lag against the log head (every lane moves past other lanes' events)
                     greatest(coalesce((select max(position) from weir.source_state), 0) - c.position, 0)
