@@ -49,8 +49,8 @@ struct Supervisor {
     shared: Shared,
     catalog: Option<Arc<dyn Catalog>>,
     cancel: CancellationToken,
-    /// The running lane tasks; each ends with its lane's id.
-    tasks: JoinSet<LaneId>,
+    /// The running lane tasks; each ends with its lane's id and the fence it ran under.
+    tasks: JoinSet<(LaneId, i64)>,
     held: HashMap<LaneId, Held>,
 }
 
@@ -97,7 +97,11 @@ impl Supervisor {
         let live = store::lease::heartbeat(&self.shared.pool, &self.shared.node, &names).await?;
         // Forget lanes whose task ended (lost lease or error): they may be leased again.
         while let Some(done) = self.tasks.try_join_next() {
-            if let Ok(id) = done {
+            // Only if it is still the task held: a lane given back and taken again (a new
+            // generation) runs a newer task under a newer fence.
+            if let Ok((id, fence)) = done
+                && self.held.get(&id).is_some_and(|h| h.fence == fence)
+            {
                 self.held.remove(&id);
             }
         }
@@ -211,7 +215,7 @@ impl Supervisor {
                     let transient = e.is_transient();
                     tracing::warn!(consumer = %id.0, lane = id.1, error = %e, transient, "lane stopped");
                 }
-                id
+                (id, fence)
             });
         }
         Ok(())
