@@ -18,6 +18,7 @@
 //! | `weir_consumer_position{consumer,lane}` | gauge | a lane's checkpoint |
 //! | `weir_consumer_lag_events{consumer}` | gauge | events between the slowest lane and the head, every 5 s |
 //! | `weir_consumer_lag_seconds{consumer}` | gauge | age of the oldest unhandled event, every 5 s |
+//! | `weir_consumer_lane_lag_events{consumer,lane}`, `weir_consumer_lane_lag_seconds{consumer,lane}` | gauge | the same per lane (a subscription's emitter), every 5 s |
 //! | `weir_jobs_queued{queue}` | gauge | available jobs of a queue this process works, every heartbeat |
 //! | `weir_jobs_running{queue}` | gauge | jobs running in this process |
 //! | `weir_jobs_completed_total{queue}` | counter | jobs completed |
@@ -122,6 +123,14 @@ pub(crate) fn describe() {
         "weir_consumer_lag_seconds",
         "Age of a consumer's oldest unhandled event"
     );
+    metrics::describe_gauge!(
+        "weir_consumer_lane_lag_events",
+        "Events between a lane (a subscription's emitter) and the head"
+    );
+    metrics::describe_gauge!(
+        "weir_consumer_lane_lag_seconds",
+        "Age of a lane's (a subscription's emitter's) oldest unhandled event"
+    );
     {
         use weir_jobs::metrics as jobs;
         metrics::describe_gauge!(jobs::QUEUED, "Available jobs of a queue in weir.jobs");
@@ -210,6 +219,13 @@ pub(crate) fn spawn_source_gauges(pool: PgPool, config: Config, cancel: Cancella
             }
             if let Ok(consumers) = weir_consumer::status::consumers(&pool).await {
                 for c in consumers {
+                    for l in &c.lanes {
+                        let lane = l.lane.to_string();
+                        metrics::gauge!("weir_consumer_lane_lag_events", "consumer" => c.name.clone(), "lane" => lane.clone())
+                            .set(l.lag_events as f64);
+                        metrics::gauge!("weir_consumer_lane_lag_seconds", "consumer" => c.name.clone(), "lane" => lane)
+                            .set(l.lag_seconds);
+                    }
                     let events = c.lanes.iter().map(|l| l.lag_events).max().unwrap_or(0);
                     let seconds = c.lanes.iter().map(|l| l.lag_seconds).fold(0.0, f64::max);
                     metrics::gauge!("weir_consumer_lag_events", "consumer" => c.name.clone())

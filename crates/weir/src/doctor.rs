@@ -260,6 +260,25 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         }
     });
 
+    // `[[subscriptions]]`: refused by `weir run` at start when wrong; said here first.
+    for c in &config.subscriptions {
+        let name = format!("subscription {}", c.name);
+        out.push(match weir_streams::SubscriptionDef::from_config(c) {
+            Ok(def) => check(
+                &name,
+                Verdict::Ok,
+                format!("{} `{}`, {} emitter(s)", def.kind, def.selector, def.pool_size),
+                None,
+            ),
+            Err(e) => check(
+                &name,
+                Verdict::Fail,
+                e.to_string(),
+                Some("fix the entry in weir.toml".into()),
+            ),
+        });
+    }
+
     // Each watched table's replica identity.
     let watched: Vec<String> =
         if src.tables.is_empty() { tables.clone() } else { src.tables.clone() };
