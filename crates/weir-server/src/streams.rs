@@ -185,6 +185,7 @@ pub(crate) struct ReadQuery {
     /// (backward).
     from: Option<i64>,
     /// `forward` (oldest first, the default) or `backward`.
+    #[param(inline)]
     direction: Option<Direction>,
     /// At most this many (1 to 10000, default 100).
     limit: Option<i64>,
@@ -279,6 +280,7 @@ pub(crate) struct AllQuery {
     /// Only events with these tags, comma-separated.
     tags: Option<String>,
     /// `any` (default: at least one of `tags`) or `all`.
+    #[param(inline)]
     tags_match: Option<TagsMatch>,
     /// Events after this log position. Defaults to 0.
     after: Option<i64>,
