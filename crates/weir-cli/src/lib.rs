@@ -3,15 +3,15 @@
 //! error into one line and an exit code; the tests in `tests/` call [`run`] the same way.
 //!
 //! Where it sits: on top of everything. `init`, `run`, `status`, `tail`, `doctor`, `resume`,
-//! `skip`, `parked` and `jobs` drive the `weir` library against the configured database; `dev`
-//! and `demo` first start a private PostgreSQL from the installed server binaries
-//! (weir-testkit).
+//! `skip`, `parked`, `jobs` and `streams` drive the `weir` library against the configured
+//! database; `dev` and `demo` first start a private PostgreSQL from the installed server
+//! binaries (weir-testkit).
 //!
 //! ```text
 //! Cli ──→ run(cli) ── demo / dev ────────────────────────→ their own private cluster
 //!                  └─ load_config(--config, --database-url, env) ──→ init / run / status / tail
 //!                                                                    doctor / resume / skip
-//!                                                                    parked / jobs
+//!                                                                    parked / jobs / streams
 //! ```
 //!
 //! anyhow lives here and in the binary only: this is the binary's library, and each command
@@ -27,6 +27,7 @@ mod resume;
 mod run;
 mod skip;
 mod status;
+pub mod streams;
 mod tail;
 
 use std::path::PathBuf;
@@ -94,6 +95,9 @@ pub enum Command {
     /// The job queue: enqueue, list, show, retry, cancel, stats.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// The event store's streams: append, read, list, delete, truncate.
+    #[command(subcommand)]
+    Streams(streams::StreamsCommand),
     /// Events set aside by consumers with `on_exhausted = "park"`.
     #[command(subcommand)]
     Parked(parked::ParkedCommand),
@@ -138,6 +142,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Skip { name } => skip::run(&config, &name).await?,
         Command::Jobs(cmd) => jobs::run(cmd, weir::db::connect(&config).await?).await?,
         Command::Parked(cmd) => parked::run(&config, cmd).await?,
+        Command::Streams(cmd) => {
+            let pool = weir::db::connect(&config).await?;
+            streams::run(cmd, pool, &mut std::io::stdout()).await?
+        }
         Command::Status { json } => status::run(&config, json).await?,
         Command::Tail { entity, kind, from, limit } => {
             tail::run(&config, entity, kind, from, limit).await?

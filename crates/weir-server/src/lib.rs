@@ -11,6 +11,7 @@
 //!                   ├─ SSE  /v1/channels/sse              ├─ GET /v1/process/check
 //!                   └─ WS   /v1/channels/ws               └─ TooEarlyLayer in front of
 //!                                                            the user's own routes
+//! /v1/streams ─► weir.append ─► weir.stream_events ─WAL─► ingest ─► weir.events (positions)
 //! ```
 //!
 //! Everything answers from the database, so any number of weir processes serve the same
@@ -27,6 +28,7 @@ mod error;
 mod jobs;
 pub mod metrics;
 mod openapi;
+mod streams;
 pub mod too_early;
 
 use std::net::SocketAddr;
@@ -88,6 +90,7 @@ impl Server {
         // The routes read the consumer and job tables: make sure they exist (idempotent).
         weir_consumer::migrate(&pool).await?;
         weir_jobs::migrate(&pool).await?;
+        weir_streams::migrate(&pool).await?;
         let hub = channels::Hub::start(pool.clone(), &config, wake, cancel.clone()).await?;
         metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel);
         Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub })) })

@@ -20,14 +20,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, payload_too_large};
-use crate::{AppState, api, auth, channels, jobs, metrics};
+use crate::{AppState, api, auth, channels, jobs, metrics, streams};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "weir",
         description = "Ordered, reliable reactions to changes in PostgreSQL: process status, \
-                       consumers, the log, jobs and realtime channels. Errors are \
+                       consumers, the log, jobs, the event store's streams and realtime channels. Errors are \
                        `{error, message}`. State-changing endpoints need `Authorization: Bearer`."
     ),
     modifiers(&BearerScheme),
@@ -38,6 +38,7 @@ use crate::{AppState, api, auth, channels, jobs, metrics};
         (name = "process", description = "Has a write been processed? 200 or 425 Too Early"),
         (name = "log", description = "The event log"),
         (name = "jobs", description = "The job queue"),
+        (name = "streams", description = "The event store: streams appended with expected versions"),
         (name = "channels", description = "Realtime channels over SSE and WebSocket"),
         (name = "metrics", description = "Prometheus metrics"),
     )
@@ -114,6 +115,7 @@ impl Modify for CommonResponses {
 fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api::routes())
+        .merge(streams::routes())
         .merge(jobs::routes())
         .merge(channels::routes())
         .routes(routes!(metrics::render))

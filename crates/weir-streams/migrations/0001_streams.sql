@@ -2,6 +2,27 @@
 --
 -- weir.stream_events is in weir's publication: every append reaches weir.events through the
 -- WAL (logged as kind `append`), so appended events and row changes share one gap-free order.
+-- weir.streams (one row per stream: its version, its lock) and weir.stream_snapshots are not
+-- in the publication: they are bookkeeping, not events.
+--
+-- Error codes raised here (class `WR`, ours; the Rust side maps them in `append.rs`):
+--
+-- | SQLSTATE | meaning | DETAIL |
+-- |---|---|---|
+-- | WR409 | the stream is not at the expected version | `{"stream", "expected", "actual"}` |
+-- | WR400 | bad input: the message says what and how to fix it | — |
+-- | WR422 | an event id is stored already, but not as this same append (a retry must resend the same events) | `{"id", "stream", "version"}` |
+
+create table weir.streams (
+    stream          text        primary key,
+    version         bigint      not null default 0,    -- the last version appended (0: none)
+    created_at      timestamptz not null default now(),
+    updated_at      timestamptz not null default now(),
+    deleted_at      timestamptz,                        -- soft delete: reads say unknown
+    truncate_before bigint      not null default 0,     -- reads hide versions below this
+    metadata        jsonb       not null default '{}'
+);
+
 create table weir.stream_events (
     stream      text        not null,
     version     bigint      not null,              -- from 1, gap-free within the stream
@@ -13,3 +34,191 @@ create table weir.stream_events (
     recorded_at timestamptz not null default now(),
     primary key (stream, version)
 );
+
+create table weir.stream_snapshots (
+    stream   text        not null,
+    version  bigint      not null,                  -- the stream version the state is at
+    data     jsonb       not null,
+    taken_at timestamptz not null default now(),
+    primary key (stream, version)
+);
+
+-- Checks one append's arguments; raises WR400 naming the first problem. Returns the events'
+-- ids (given or new), in the request's order.
+create function weir.append_check(p_stream text, p_expected text, p_events jsonb)
+returns uuid[]
+language plpgsql as $$
+declare
+    v_event jsonb;
+    v_ord   bigint;
+    v_key   text;
+    v_ids   uuid[] := '{}';
+    v_id    uuid;
+begin
+    if p_stream is null or length(p_stream) = 0 or length(p_stream) > 256 then
+        raise exception 'the stream name must be 1 to 256 characters, got %',
+            coalesce(quote_literal(p_stream), 'null') using errcode = 'WR400';
+    end if;
+    if p_expected is null
+       or (p_expected not in ('any', 'no_stream', 'stream_exists') and p_expected !~ '^[0-9]{1,18}$') then
+        raise exception 'expected must be any, no_stream, stream_exists or a version number, got %',
+            coalesce(quote_literal(p_expected), 'null') using errcode = 'WR400';
+    end if;
+    if p_events is null or jsonb_typeof(p_events) <> 'array' then
+        raise exception 'events must be a JSON array of {id?, type, data, metadata?, tags?}, got %',
+            coalesce(jsonb_typeof(p_events), 'null') using errcode = 'WR400';
+    end if;
+    if jsonb_array_length(p_events) = 0 then
+        raise exception 'events is empty: an append stores at least one event' using errcode = 'WR400';
+    end if;
+    for v_event, v_ord in select e, o from jsonb_array_elements(p_events) with ordinality as x(e, o) loop
+        if jsonb_typeof(v_event) <> 'object' then
+            raise exception 'event % is a JSON %, not an object {id?, type, data, metadata?, tags?}',
+                v_ord, jsonb_typeof(v_event) using errcode = 'WR400';
+        end if;
+        select k into v_key from jsonb_object_keys(v_event) as k
+         where k not in ('id', 'type', 'data', 'metadata', 'tags') limit 1;
+        if v_key is not null then
+            raise exception 'event % has an unknown field %; the fields are id, type, data, metadata and tags',
+                v_ord, quote_literal(v_key) using errcode = 'WR400';
+        end if;
+        if jsonb_typeof(v_event->'type') is distinct from 'string'
+           or length(v_event->>'type') = 0 or length(v_event->>'type') > 256 then
+            raise exception 'event % needs a type: a string of 1 to 256 characters', v_ord
+                using errcode = 'WR400';
+        end if;
+        if not v_event ? 'data' or jsonb_typeof(v_event->'data') = 'null' then
+            raise exception 'event % (type %) has no data; give any JSON value but null', v_ord,
+                quote_literal(v_event->>'type') using errcode = 'WR400';
+        end if;
+        if coalesce(jsonb_typeof(v_event->'metadata'), 'null') not in ('null', 'object') then
+            raise exception 'event % (type %): metadata must be a JSON object, got a %', v_ord,
+                quote_literal(v_event->>'type'), jsonb_typeof(v_event->'metadata') using errcode = 'WR400';
+        end if;
+        if coalesce(jsonb_typeof(v_event->'tags'), 'null') not in ('null', 'array')
+           or exists (select 1 from jsonb_array_elements(
+                          case when jsonb_typeof(v_event->'tags') = 'array' then v_event->'tags' else '[]' end) t
+                       where jsonb_typeof(t) <> 'string' or length(t #>> '{}') = 0) then
+            raise exception 'event % (type %): tags must be an array of non-empty strings', v_ord,
+                quote_literal(v_event->>'type') using errcode = 'WR400';
+        end if;
+        if coalesce(jsonb_typeof(v_event->'id'), 'null') = 'null' then
+            v_id := gen_random_uuid();
+        elsif jsonb_typeof(v_event->'id') = 'string'
+              and v_event->>'id' ~* '^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$' then
+            v_id := (v_event->>'id')::uuid;
+        else
+            raise exception 'event % (type %): id must be a UUID string, got %', v_ord,
+                quote_literal(v_event->>'type'), v_event->'id' using errcode = 'WR400';
+        end if;
+        if v_id = any(v_ids) then
+            raise exception 'event % repeats the id % of an earlier event of the same append', v_ord, v_id
+                using errcode = 'WR400';
+        end if;
+        v_ids := v_ids || v_id;
+    end loop;
+    return v_ids;
+end
+$$;
+
+-- Appends `p_events` to `p_stream` if it is at `p_expected`; returns the stored (id, version)
+-- rows in the request's order, with `duplicate` true when they were stored by an earlier call
+-- (an idempotent retry) and nothing was stored now. One call is one atomic append, inside the caller's transaction
+-- when there is one (the events commit with the caller's writes):
+--
+--   1. check the arguments (WR400);
+--   2. take the stream's lock: upsert its weir.streams row, then `for update` it;
+--   3. idempotency, before the expected version (a retry's expected version is stale): when
+--      every id is stored already, in this stream, consecutively and in this order, return the
+--      stored versions and store nothing; when only some are, or elsewhere, raise WR422;
+--   4. check the expected version (WR409); a deleted stream counts as absent;
+--   5. insert the events at the next versions and move the stream's version.
+create function weir.append(p_stream text, p_expected text, p_events jsonb)
+returns table (id uuid, version bigint, duplicate boolean)
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    v_ids      uuid[];
+    v_n        int;
+    v_current  bigint;
+    v_deleted  timestamptz;
+    v_stored   int;
+    v_first    bigint;
+    v_bad      record;
+    v_effective bigint;
+    v_exact    bigint;
+begin
+    v_ids := weir.append_check(p_stream, p_expected, p_events);
+    v_n := cardinality(v_ids);
+
+    insert into weir.streams as s (stream) values (p_stream) on conflict (stream) do nothing;
+    select s.version, s.deleted_at into v_current, v_deleted
+      from weir.streams s where s.stream = p_stream for update;
+
+    -- Idempotency: which of the ids are stored, and where.
+    select count(*)::int, min(e.version) into v_stored, v_first
+      from weir.stream_events e where e.id = any(v_ids);
+    if v_stored > 0 then
+        select u.id, e.stream, e.version, u.ord into v_bad
+          from unnest(v_ids) with ordinality as u(id, ord)
+          left join weir.stream_events e on e.id = u.id
+         where e.id is null or e.stream <> p_stream or e.version <> v_first + u.ord - 1
+         order by u.ord limit 1;
+        if found then
+            if v_bad.stream is null then
+                -- This id is new but others of the request are stored: name a stored one.
+                select e.id, e.stream, e.version into v_bad
+                  from weir.stream_events e where e.id = any(v_ids) order by e.stream, e.version limit 1;
+            end if;
+            raise exception 'event id % is stored already (stream %, version %) but this append is not a retry of the one that stored it; a retry must resend the same events in the same order, and new events need new ids',
+                v_bad.id, quote_literal(v_bad.stream), v_bad.version
+                using errcode = 'WR422',
+                      detail = jsonb_build_object('id', v_bad.id, 'stream', v_bad.stream, 'version', v_bad.version)::text;
+        end if;
+        return query select u.id, v_first + u.ord - 1, true
+                       from unnest(v_ids) with ordinality as u(id, ord) order by u.ord;
+        return;
+    end if;
+
+    -- The expected version. A deleted stream counts as absent (version 0).
+    v_effective := case when v_deleted is null then v_current else 0 end;
+    if p_expected ~ '^[0-9]+$' then
+        v_exact := p_expected::bigint;
+    end if;
+    if p_expected = 'stream_exists' and v_deleted is not null then
+        raise exception 'stream % was deleted; append with expected any or no_stream to start it again',
+            quote_literal(p_stream) using errcode = 'WR400';
+    end if;
+    if (p_expected = 'no_stream' and v_effective <> 0)
+       or (p_expected = 'stream_exists' and v_effective = 0)
+       or v_exact <> v_effective then
+        raise exception 'stream % is at %, but the append expected %', quote_literal(p_stream),
+            case when v_effective = 0 then 'no_stream' else v_effective::text end, p_expected
+            using errcode = 'WR409',
+                  detail = jsonb_build_object(
+                      'stream', p_stream, 'expected', p_expected,
+                      'actual', case when v_effective = 0 then 'no_stream' else v_effective::text end)::text;
+    end if;
+
+    insert into weir.stream_events (stream, version, id, type, data, metadata, tags)
+    select p_stream, v_current + x.o, v_ids[x.o], x.e->>'type', x.e->'data',
+           coalesce(nullif(x.e->'metadata', 'null'::jsonb), '{}'::jsonb),
+           coalesce(array(select jsonb_array_elements_text(nullif(x.e->'tags', 'null'::jsonb))), '{}')
+      from jsonb_array_elements(p_events) with ordinality as x(e, o)
+     order by x.o;
+
+    update weir.streams s
+       set version = v_current + v_n, updated_at = now(), deleted_at = null
+     where s.stream = p_stream;
+
+    return query select u.id, v_current + u.ord, false
+                   from unnest(v_ids) with ordinality as u(id, ord) order by u.ord;
+end
+$$;
+
+-- The same with the expected version as a number (0 = no_stream).
+create function weir.append(p_stream text, p_expected bigint, p_events jsonb)
+returns table (id uuid, version bigint, duplicate boolean)
+language sql as $$
+    select * from weir.append(p_stream, p_expected::text, p_events)
+$$;

@@ -25,7 +25,11 @@ pub mod subscriptions;
 
 pub use append::{AppendResult, Expected, NewEvent, append};
 pub use handler::{Handler, SubscriptionCatalog};
-pub use read::{Direction, RecordedEvent};
+pub use read::{
+    Direction, LogQuery, RecordedEvent, Snapshot, StreamInfo, TagsMatch, delete_stream,
+    list_streams, load_snapshot, read_log, read_stream, save_snapshot, stream_info,
+    truncate_stream,
+};
 pub use subscription::{SinkKind, StartAt, SubscriptionDef, SubscriptionKind, SubscriptionOptions};
 pub use subscriptions::{Subscription, SubscriptionUpdate};
 
@@ -48,6 +52,11 @@ pub enum Error {
     /// why and how to fix it.
     #[error("{0}")]
     Invalid(String),
+    /// An event id of the append is stored already, but the append is not a retry of the one
+    /// that stored it (only some of its ids are stored, or in another stream, or in another
+    /// order); nothing was stored. The message names the id.
+    #[error("{0}")]
+    EventIdConflict(String),
     /// No stream by that name (or it was deleted).
     #[error("no stream named `{0}`")]
     UnknownStream(String),
