@@ -11,6 +11,8 @@
 //!                   ├─ SSE  /v1/channels/sse              ├─ GET /v1/process/check
 //!                   └─ WS   /v1/channels/ws               └─ TooEarlyLayer in front of
 //!                                                            the user's own routes
+//!                  subscriptions (weir-streams): CRUD under /v1/subscriptions; clients
+//!                   attach to one by name over SSE / WS and acknowledge what they handled
 //! ```
 //!
 //! Everything answers from the database, so any number of weir processes serve the same
@@ -27,6 +29,7 @@ mod error;
 mod jobs;
 pub mod metrics;
 mod openapi;
+mod subscriptions;
 pub mod too_early;
 
 use std::net::SocketAddr;
@@ -49,6 +52,10 @@ struct Inner {
     pool: PgPool,
     config: Config,
     hub: channels::Hub,
+    /// Log wake-ups, for attached subscription clients.
+    wake: weir_log::Wake,
+    /// Stops every stream (channels and attached subscription clients).
+    cancel: CancellationToken,
 }
 
 impl AppState {
@@ -88,9 +95,10 @@ impl Server {
         // The routes read the consumer and job tables: make sure they exist (idempotent).
         weir_consumer::migrate(&pool).await?;
         weir_jobs::migrate(&pool).await?;
-        let hub = channels::Hub::start(pool.clone(), &config, wake, cancel.clone()).await?;
-        metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel);
-        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub })) })
+        weir_streams::migrate(&pool).await?;
+        let hub = channels::Hub::start(pool.clone(), &config, wake.clone(), cancel.clone()).await?;
+        metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel.clone());
+        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel })) })
     }
 
     /// The shared state.

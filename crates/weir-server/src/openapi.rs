@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, payload_too_large};
-use crate::{AppState, api, auth, channels, jobs, metrics};
+use crate::{AppState, api, auth, channels, jobs, metrics, subscriptions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -39,6 +39,8 @@ use crate::{AppState, api, auth, channels, jobs, metrics};
         (name = "log", description = "The event log"),
         (name = "jobs", description = "The job queue"),
         (name = "channels", description = "Realtime channels over SSE and WebSocket"),
+        (name = "subscriptions", description = "Subscriptions: definitions, state, parked \
+            events, and clients attached over SSE and WebSocket that acknowledge"),
         (name = "metrics", description = "Prometheus metrics"),
     )
 )]
@@ -116,6 +118,7 @@ fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(api::routes())
         .merge(jobs::routes())
         .merge(channels::routes())
+        .merge(subscriptions::routes())
         .routes(routes!(metrics::render))
         .routes(routes!(openapi_json))
         .split_for_parts();
