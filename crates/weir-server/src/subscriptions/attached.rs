@@ -404,6 +404,15 @@ impl Delivering {
             Ok(()) => self.deliver().await,
             Err(end) => end,
         };
+        // Acks the connection sent before it went are kept.
+        if let Some(acks) = &mut self.acks {
+            while let Ok(p) = acks.try_recv() {
+                if let Err(e) = self.attachment.ack(p).await {
+                    tracing::debug!(error = %e, "a last acknowledgement was not kept");
+                    break;
+                }
+            }
+        }
         if let End::Say(out) = end {
             // The transport may be slow to take it; the leases are given back regardless.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.tx.send(out)).await;
