@@ -3,7 +3,7 @@
 //! error into one line and an exit code; the tests in `tests/` call [`run`] the same way.
 //!
 //! Where it sits: on top of everything. `init`, `run`, `status`, `tail`, `doctor`, `resume`,
-//! `skip`, `parked` and `jobs` drive the `weir` library against the configured database; `dev`
+//! `skip`, `parked`, `jobs` and `subscriptions` drive the `weir` library against the configured database; `dev`
 //! and `demo` first start a private PostgreSQL from the installed server binaries
 //! (weir-testkit).
 //!
@@ -11,7 +11,8 @@
 //! Cli ──→ run(cli) ── demo / dev ────────────────────────→ their own private cluster
 //!                  └─ load_config(--config, --database-url, env) ──→ init / run / status / tail
 //!                                                                    doctor / resume / skip
-//!                                                                    parked / jobs
+//!                                                                    parked / jobs /
+//!                                                                    subscriptions
 //! ```
 //!
 //! anyhow lives here and in the binary only: this is the binary's library, and each command
@@ -27,6 +28,7 @@ mod resume;
 mod run;
 mod skip;
 mod status;
+pub mod subscriptions;
 mod tail;
 
 use std::path::PathBuf;
@@ -97,6 +99,9 @@ pub enum Command {
     /// Events set aside by consumers with `on_exhausted = "park"`.
     #[command(subcommand)]
     Parked(parked::ParkedCommand),
+    /// Subscriptions: create, list, show, update, stop, start, delete.
+    #[command(subcommand)]
+    Subscriptions(subscriptions::SubscriptionsCommand),
     /// Start a private PostgreSQL in ./.weir that survives restarts and print its URL.
     Dev {
         /// Directory for the cluster.
@@ -138,6 +143,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Skip { name } => skip::run(&config, &name).await?,
         Command::Jobs(cmd) => jobs::run(cmd, weir::db::connect(&config).await?).await?,
         Command::Parked(cmd) => parked::run(&config, cmd).await?,
+        Command::Subscriptions(cmd) => {
+            subscriptions::run(cmd, weir::db::connect(&config).await?).await?
+        }
         Command::Status { json } => status::run(&config, json).await?,
         Command::Tail { entity, kind, from, limit } => {
             tail::run(&config, entity, kind, from, limit).await?
