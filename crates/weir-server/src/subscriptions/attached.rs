@@ -449,10 +449,10 @@ impl Delivering {
             match self.attachment.next(room as i64).await {
                 Ok(Next::Events(events)) if events.is_empty() => {
                     paused = None;
-                    if self.last_sent.elapsed() >= KEEP_ALIVE {
-                        if let Err(e) = self.send(Out::KeepAlive).await {
-                            return e;
-                        }
+                    if self.last_sent.elapsed() >= KEEP_ALIVE
+                        && let Err(e) = self.send(Out::KeepAlive).await
+                    {
+                        return e;
                     }
                     let wait =
                         FALLBACK_POLL.min(KEEP_ALIVE.saturating_sub(self.last_sent.elapsed()));
@@ -473,10 +473,10 @@ impl Delivering {
                         if let Err(e) = self.send(Out::Paused(state)).await {
                             return e;
                         }
-                    } else if self.last_sent.elapsed() >= KEEP_ALIVE {
-                        if let Err(e) = self.send(Out::KeepAlive).await {
-                            return e;
-                        }
+                    } else if self.last_sent.elapsed() >= KEEP_ALIVE
+                        && let Err(e) = self.send(Out::KeepAlive).await
+                    {
+                        return e;
                     }
                     if let Err(e) = self.wait(PAUSE_POLL, &mut pending_acks, None).await {
                         return e;
