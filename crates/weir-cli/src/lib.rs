@@ -3,15 +3,16 @@
 //! error into one line and an exit code; the tests in `tests/` call [`run`] the same way.
 //!
 //! Where it sits: on top of everything. `init`, `run`, `status`, `tail`, `doctor`, `resume`,
-//! `skip`, `parked`, `jobs` and `streams` drive the `weir` library against the configured
-//! database; `dev` and `demo` first start a private PostgreSQL from the installed server
-//! binaries (weir-testkit).
+//! `skip`, `parked`, `jobs`, `streams` and `subscriptions` drive the `weir` library against the
+//! configured database; `dev` and `demo` first start a private PostgreSQL from the installed
+//! server binaries (weir-testkit).
 //!
 //! ```text
 //! Cli ──→ run(cli) ── demo / dev ────────────────────────→ their own private cluster
 //!                  └─ load_config(--config, --database-url, env) ──→ init / run / status / tail
 //!                                                                    doctor / resume / skip
-//!                                                                    parked / jobs / streams
+//!                                                                    parked / jobs / streams /
+//!                                                                    subscriptions
 //! ```
 //!
 //! anyhow lives here and in the binary only: this is the binary's library, and each command
@@ -28,6 +29,7 @@ mod run;
 mod skip;
 mod status;
 pub mod streams;
+pub mod subscriptions;
 mod tail;
 
 use std::path::PathBuf;
@@ -101,6 +103,9 @@ pub enum Command {
     /// Events set aside by consumers with `on_exhausted = "park"`.
     #[command(subcommand)]
     Parked(parked::ParkedCommand),
+    /// Subscriptions: create, list, show, update, stop, start, delete.
+    #[command(subcommand)]
+    Subscriptions(subscriptions::SubscriptionsCommand),
     /// Start a private PostgreSQL in ./.weir that survives restarts and print its URL.
     Dev {
         /// Directory for the cluster.
@@ -145,6 +150,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Streams(cmd) => {
             let pool = weir::db::connect(&config).await?;
             streams::run(cmd, pool, &mut std::io::stdout()).await?
+        }
+        Command::Subscriptions(cmd) => {
+            subscriptions::run(cmd, weir::db::connect(&config).await?).await?
         }
         Command::Status { json } => status::run(&config, json).await?,
         Command::Tail { entity, kind, from, limit } => {

@@ -1,5 +1,6 @@
 //! `weir status [--json]`: the source's slot lag, last position, rate and delay, and each
-//! consumer's state and lanes (`weir::status`, `weir::consumer_status`).
+//! consumer's state and lanes (`weir::status`, `weir::consumer_status`); subscriptions are
+//! consumers too, shown as such with their emitters.
 
 use weir::Config;
 
@@ -7,8 +8,12 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     let pool = weir::db::connect(config).await?;
     let s = weir::status::source_status(&pool, config).await?;
     let consumers = weir::consumer_status::consumers(&pool).await.unwrap_or_default();
+    // Before the streams migration there are none.
+    let subscriptions = weir_streams::subscriptions::list(&pool).await.unwrap_or_default();
+    let is_subscription = |name: &str| subscriptions.iter().any(|s| s.subscription_name == name);
     if json {
-        let all = serde_json::json!({"source": s, "consumers": consumers});
+        let all = serde_json::json!({"source": s, "consumers": consumers,
+                                     "subscriptions": subscriptions});
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
@@ -23,7 +28,12 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     for c in &consumers {
         println!();
-        print!("consumer {} — {}", c.name, c.state);
+        let (what, lane) = if is_subscription(&c.name) {
+            ("subscription", "emitter")
+        } else {
+            ("consumer", "lane")
+        };
+        print!("{what} {} — {}", c.name, c.state);
         if let Some(h) = &c.halted {
             print!(
                 " at position {} (lane {}, attempt {}): {}",
@@ -39,7 +49,7 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
         println!();
         for l in &c.lanes {
             println!(
-                "  lane {:<3} {:<8} position {:<10} lag {} events / {:.1} s{}{}",
+                "  {lane} {:<3} {:<8} position {:<10} lag {} events / {:.1} s{}{}{}",
                 l.lane,
                 l.state,
                 l.position,
@@ -49,6 +59,7 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
                     .map(|p| format!(", at #{p} attempt {}", l.attempt))
                     .unwrap_or_default(),
                 l.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default(),
+                l.owner.as_deref().map(|o| format!(", held by {o}")).unwrap_or_default(),
             );
         }
     }

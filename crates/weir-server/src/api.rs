@@ -144,9 +144,9 @@ async fn consumer(
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct Resumed {
     /// The consumer.
-    consumer: String,
+    pub(crate) consumer: String,
     /// False when it was not halted (nothing changed).
-    resumed: bool,
+    pub(crate) resumed: bool,
 }
 
 /// Resumes a halted consumer at the event it halted on.
@@ -170,9 +170,9 @@ async fn resume(
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct Skipped {
     /// The consumer.
-    consumer: String,
+    pub(crate) consumer: String,
     /// The position skipped.
-    skipped: i64,
+    pub(crate) skipped: i64,
 }
 
 /// Skips the event a halted consumer stopped on (recorded as skipped) and resumes after it.
@@ -219,16 +219,16 @@ async fn consumer_parked(
 pub(crate) struct ParkedSelection {
     /// Only this position.
     #[serde(default)]
-    position: Option<i64>,
+    pub(crate) position: Option<i64>,
 }
 
 /// How many parked events were affected.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct ParkedCount {
     /// The consumer.
-    consumer: String,
+    pub(crate) consumer: String,
     /// Parked events affected.
-    count: u64,
+    pub(crate) count: u64,
 }
 
 /// Asks for parked events to be handled again (in order, by their lane).

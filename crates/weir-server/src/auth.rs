@@ -10,8 +10,9 @@
 //!            read and protect_reads? ─► token missing/wrong ─► 401
 //! ```
 //!
-//! The token comes from `Authorization: Bearer <token>`; channel requests may also pass
-//! `?access_token=` because a browser's `EventSource` cannot set headers. The comparison is
+//! The token comes from `Authorization: Bearer <token>`; channel requests and a subscription's
+//! `sse` / `ws` may also pass `?access_token=` because a browser's `EventSource` cannot set
+//! headers. The comparison is
 //! constant-time.
 
 use axum::extract::{Request, State};
@@ -50,8 +51,7 @@ pub(crate) async fn require_token(
         )
         .into_response();
     };
-    let given = bearer(&req)
-        .or_else(|| path.starts_with("/v1/channels/").then(|| query_token(&req)).flatten());
+    let given = bearer(&req).or_else(|| is_stream(path).then(|| query_token(&req)).flatten());
     match given {
         Some(given) if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) => {
             next.run(req).await
@@ -61,6 +61,13 @@ pub(crate) async fn require_token(
             "this endpoint needs `Authorization: Bearer <token>` (the token of [http] token)",
         ),
     }
+}
+
+/// The streams a browser opens without headers: channels, and a subscription's `sse` / `ws`.
+fn is_stream(path: &str) -> bool {
+    path.starts_with("/v1/channels/")
+        || (path.starts_with("/v1/subscriptions/")
+            && (path.ends_with("/sse") || path.ends_with("/ws")))
 }
 
 fn unauthorized(message: &str) -> Response {

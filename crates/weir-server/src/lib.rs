@@ -12,6 +12,8 @@
 //!                   └─ WS   /v1/channels/ws               └─ TooEarlyLayer in front of
 //!                                                            the user's own routes
 //! /v1/streams ─► weir.append ─► weir.stream_events ─WAL─► ingest ─► weir.events (positions)
+//!                  subscriptions (weir-streams): CRUD under /v1/subscriptions; clients
+//!                   attach to one by name over SSE / WS and acknowledge what they handled
 //! ```
 //!
 //! Everything answers from the database, so any number of weir processes serve the same
@@ -29,6 +31,7 @@ mod jobs;
 pub mod metrics;
 mod openapi;
 mod streams;
+mod subscriptions;
 pub mod too_early;
 
 use std::net::SocketAddr;
@@ -51,6 +54,10 @@ struct Inner {
     pool: PgPool,
     config: Config,
     hub: channels::Hub,
+    /// Log wake-ups, for attached subscription clients.
+    wake: weir_log::Wake,
+    /// Stops every stream (channels and attached subscription clients).
+    cancel: CancellationToken,
 }
 
 impl AppState {
@@ -91,9 +98,9 @@ impl Server {
         weir_consumer::migrate(&pool).await?;
         weir_jobs::migrate(&pool).await?;
         weir_streams::migrate(&pool).await?;
-        let hub = channels::Hub::start(pool.clone(), &config, wake, cancel.clone()).await?;
-        metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel);
-        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub })) })
+        let hub = channels::Hub::start(pool.clone(), &config, wake.clone(), cancel.clone()).await?;
+        metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel.clone());
+        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel })) })
     }
 
     /// The shared state.

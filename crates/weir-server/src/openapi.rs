@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, payload_too_large};
-use crate::{AppState, api, auth, channels, jobs, metrics, streams};
+use crate::{AppState, api, auth, channels, jobs, metrics, streams, subscriptions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -40,6 +40,8 @@ use crate::{AppState, api, auth, channels, jobs, metrics, streams};
         (name = "jobs", description = "The job queue"),
         (name = "streams", description = "The event store: streams appended with expected versions"),
         (name = "channels", description = "Realtime channels over SSE and WebSocket"),
+        (name = "subscriptions", description = "Subscriptions: definitions, state, parked \
+            events, and clients attached over SSE and WebSocket that acknowledge"),
         (name = "metrics", description = "Prometheus metrics"),
     )
 )]
@@ -118,6 +120,7 @@ fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(streams::routes())
         .merge(jobs::routes())
         .merge(channels::routes())
+        .merge(subscriptions::routes())
         .routes(routes!(metrics::render))
         .routes(routes!(openapi_json))
         .split_for_parts();

@@ -44,29 +44,6 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(save_snapshot, load_snapshot))
 }
 
-impl From<weir_streams::Error> for ApiError {
-    fn from(e: weir_streams::Error) -> Self {
-        use weir_streams::Error as E;
-        match e {
-            e @ E::WrongExpectedVersion { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "wrong_expected_version", e.to_string())
-            }
-            e @ E::EventIdConflict(_) => {
-                ApiError::new(StatusCode::CONFLICT, "event_id_conflict", e.to_string())
-            }
-            E::Invalid(m) => ApiError::bad_request(m),
-            e @ E::UnknownStream(_) => ApiError::not_found("unknown_stream", e.to_string()),
-            e @ E::UnknownSubscription(_) => {
-                ApiError::not_found("unknown_subscription", e.to_string())
-            }
-            e @ E::Duplicate { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
-            other => ApiError::internal(other),
-        }
-    }
-}
-
 /// An append.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -79,7 +79,7 @@ impl Attachment {
     pub async fn attach(pool: &PgPool, name: &str, emitters: Option<&[i32]>) -> Result<Self> {
         let def = subscriptions::load(pool, name).await?;
         if def.sink != SinkKind::Client {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidSubscription(format!(
                 "subscription `{name}` delivers to a Rust handler in the process that \
                  registered it; attach clients to a subscription with sink `client`"
             )));
@@ -93,7 +93,7 @@ impl Attachment {
         let wanted: Vec<i32> = match emitters {
             Some(list) => {
                 if let Some(bad) = list.iter().find(|e| **e < 0 || **e >= pool_size) {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::InvalidSubscription(format!(
                         "subscription `{name}` has emitters 0 to {}; there is no emitter {bad}",
                         pool_size - 1
                     )));
@@ -180,8 +180,11 @@ impl Attachment {
         }
         let limit_pos = match drain_to {
             Some(d) if self.cursor >= d => {
-                // Drained for a re-split: move the checkpoints here and wait for it.
-                self.checkpoint_all(d).await?;
+                // Drained for a re-split: once everything delivered is acknowledged, move the
+                // checkpoints here and wait for it (earlier would drop what is unacknowledged).
+                if self.last_delivered <= self.min_acked() {
+                    self.checkpoint_all(d).await?;
+                }
                 return Ok(Next::Events(Vec::new()));
             }
             d => d,
@@ -232,11 +235,7 @@ impl Attachment {
     /// [`ack_token`]); [`Error::Busy`] when a lease was lost (another holder took it after it
     /// expired).
     pub async fn renew(&mut self) -> Result<()> {
-        for (lane, position) in leases::positions(&self.pool, &self.def.name).await? {
-            if let Some(cp) = self.acked.get_mut(&lane) {
-                *cp = (*cp).max(position);
-            }
-        }
+        self.refresh_acks().await?;
         for (lane, fence) in &self.held {
             if !leases::renew(&self.pool, &self.def.name, *lane, &self.owner, *fence, LEASE_TTL)
                 .await?
@@ -259,6 +258,24 @@ impl Attachment {
                 tracing::debug!(error = %e, "releasing an emitter failed; its lease expires");
             }
         }
+    }
+
+    /// Reads back the checkpoints (acknowledgements made through [`ack_token`]) without
+    /// renewing the leases.
+    pub async fn refresh_acks(&mut self) -> Result<()> {
+        for (lane, position) in leases::positions(&self.pool, &self.def.name).await? {
+            if let Some(cp) = self.acked.get_mut(&lane) {
+                *cp = (*cp).max(position);
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything delivered at or below this position is acknowledged (the lowest held
+    /// checkpoint, as of the last [`ack`](Self::ack), [`renew`](Self::renew) or
+    /// [`refresh_acks`](Self::refresh_acks)).
+    pub fn acknowledged(&self) -> i64 {
+        self.min_acked()
     }
 
     fn min_acked(&self) -> i64 {

@@ -48,10 +48,14 @@ pub enum Error {
         /// What the stream is at (`no_stream` or its last version).
         actual: String,
     },
-    /// An append or a subscription was refused before anything was stored; the message says
-    /// why and how to fix it.
+    /// An append or a read was refused before anything was stored; the message says why and
+    /// how to fix it.
     #[error("{0}")]
     Invalid(String),
+    /// A subscription's definition was refused before anything was stored; the message names
+    /// the field and the fix.
+    #[error("{0}")]
+    InvalidSubscription(String),
     /// An event id of the append is stored already, but the append is not a retry of the one
     /// that stored it (only some of its ids are stored, or in another stream, or in another
     /// order); nothing was stored. The message names the id.

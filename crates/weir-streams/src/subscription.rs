@@ -72,7 +72,7 @@ impl std::str::FromStr for SubscriptionKind {
             "tags" => Self::Tags,
             "entity" => Self::Entity,
             other => {
-                return Err(Error::Invalid(format!(
+                return Err(Error::InvalidSubscription(format!(
                     "`{other}` is not a subscription type; use stream, event_type, \
                      event_pattern, event_payload, tags or entity"
                 )));
@@ -110,7 +110,7 @@ impl StartAt {
             _ => {
                 if let Ok(p) = s.parse::<i64>() {
                     if p < 0 {
-                        return Err(Error::Invalid(format!(
+                        return Err(Error::InvalidSubscription(format!(
                             "start_from {p}: a position is 0 or more"
                         )));
                     }
@@ -118,7 +118,7 @@ impl StartAt {
                 }
                 DateTime::parse_from_rfc3339(s).map(|t| Self::Time(t.with_timezone(&Utc))).map_err(
                     |_| {
-                        Error::Invalid(format!(
+                        Error::InvalidSubscription(format!(
                             "start_from `{s}`: use beginning, now, a log position, or an RFC 3339 \
                              time such as 2026-12-01T12:00:00Z"
                         ))
@@ -144,7 +144,7 @@ impl StartAt {
             Value::Number(n) => Self::parse(&n.to_string()),
             Value::String(s) => Self::parse(s),
             Value::Null => Ok(Self::Beginning),
-            other => Err(Error::Invalid(format!(
+            other => Err(Error::InvalidSubscription(format!(
                 "start_from {other}: use \"beginning\", \"now\", a log position, or a time"
             ))),
         }
@@ -235,17 +235,18 @@ impl SubscriptionDef {
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
         if self.pool_size == 0 || self.pool_size > MAX_POOL_SIZE {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidSubscription(format!(
                 "subscription `{}`: pool_size {} is out of range; use 1 to {MAX_POOL_SIZE}",
                 self.name, self.pool_size
             )));
         }
-        Matcher::compile(self.kind, &self.selector)
-            .map_err(|e| Error::Invalid(format!("subscription `{}`: {e}", self.name)))?;
+        Matcher::compile(self.kind, &self.selector).map_err(|e| {
+            Error::InvalidSubscription(format!("subscription `{}`: {e}", self.name))
+        })?;
         if let Some(p) = &self.options.partition_by
             && (p.is_empty() || p.split('.').any(str::is_empty))
         {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidSubscription(format!(
                 "subscription `{}`: partition_by `{p}` is not a field path; use names separated \
                  by dots, such as `customer.id`",
                 self.name
@@ -267,7 +268,7 @@ impl SubscriptionDef {
     /// The compiled selector (the definition must be [valid](Self::validate)).
     pub fn matcher(&self) -> Result<Matcher> {
         Matcher::compile(self.kind, &self.selector)
-            .map_err(|e| Error::Invalid(format!("subscription `{}`: {e}", self.name)))
+            .map_err(|e| Error::InvalidSubscription(format!("subscription `{}`: {e}", self.name)))
     }
 }
 
@@ -280,10 +281,9 @@ impl SubscriptionDef {
         };
         let def = Self {
             name: c.name.clone(),
-            kind: c
-                .kind
-                .parse()
-                .map_err(|e| Error::Invalid(format!("subscription `{}`: {e}", c.name)))?,
+            kind: c.kind.parse().map_err(|e| {
+                Error::InvalidSubscription(format!("subscription `{}`: {e}", c.name))
+            })?,
             selector: c.selector.clone(),
             pool_size: c.pool_size,
             start_from,
@@ -307,7 +307,7 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
+        Err(Error::InvalidSubscription(format!(
             "subscription name `{name}`: use 1 to 200 letters, digits, `-`, `_` or `.`"
         )))
     }

@@ -185,7 +185,7 @@ pub async fn update(pool: &PgPool, name: &str, update: SubscriptionUpdate) -> Re
     let mut next = current.clone();
     if let Some(kind) = update.kind {
         if update.selector.is_none() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidSubscription(format!(
                 "subscription `{name}`: a new type needs a selector of that type too"
             )));
         }
@@ -344,7 +344,10 @@ impl Row {
             pool_size: self.lanes as u32,
             start_from: StartAt::from_value(&self.start_from)?,
             options: serde_json::from_value(self.options.clone()).map_err(|e| {
-                Error::Invalid(format!("subscription `{}`: stored options: {e}", self.name))
+                Error::InvalidSubscription(format!(
+                    "subscription `{}`: stored options: {e}",
+                    self.name
+                ))
             })?,
             sink: parse_sink(&self.sink)?,
         })
@@ -437,7 +440,7 @@ async fn start_position(pool: &PgPool, start: &StartAt) -> Result<i64> {
             if let Some(o) = oldest
                 && *p < o - 1
             {
-                return Err(Error::Invalid(format!(
+                return Err(Error::InvalidSubscription(format!(
                     "start_from {p}: the log holds events from position {o} on (older ones were \
                      dropped by retention); start at {} or later",
                     o - 1
@@ -467,6 +470,8 @@ fn parse_sink(s: &str) -> Result<SinkKind> {
     match s {
         "client" => Ok(SinkKind::Client),
         "rust" => Ok(SinkKind::Rust),
-        other => Err(Error::Invalid(format!("`{other}` is not a sink; use client or rust"))),
+        other => {
+            Err(Error::InvalidSubscription(format!("`{other}` is not a sink; use client or rust")))
+        }
     }
 }
