@@ -960,3 +960,48 @@ async fn when_one_of_two_processes_dies_its_emitters_move_to_the_other_and_deliv
     assert_eq!(b.dups.load(AtomicOrdering::SeqCst), 0);
     assert_exactly_once_in_order("shared", &delivered(&f.pool, "shared").await, &expected, &a.dups);
 }
+
+/// A re-split asked for in a transaction that commits late (here on purpose; under load, a
+/// slow commit): emitters keep delivering meanwhile, and the drain position must still cover
+/// whatever they delivered — nothing repeated or lost when the new emitters start there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resplit_that_commits_late_still_repeats_and_loses_nothing() {
+    let f = fixture("sub_late").await;
+    let all = streams("q-", 100);
+    let record = Record::new("late");
+    let weir = Weir::builder(f.config.clone())
+        .pool(f.pool.clone())
+        .subscription(rust_sub("late", SubscriptionKind::Stream, json!("q-*"), 2), record.clone())
+        .start()
+        .await
+        .unwrap();
+    let appender = Appender::start(f.pool.clone(), all.clone(), 10, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut tx = f.pool.begin().await.unwrap();
+    let drain_to = weir_consumer::begin_resplit(&mut tx, "late", 4).await.unwrap();
+    // Appends and deliveries go on while the re-split is not committed yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.commit().await.unwrap();
+    eventually("4 emitters", Duration::from_secs(20), || async {
+        let s = subscriptions::get(&f.pool, "late").await.unwrap();
+        s.pending_pool_size.is_none() && s.emitters.len() == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let appended = appender.stop().await;
+    assert!(appended > 100, "appends went on ({appended})");
+    caught_up(&f.pool, "late", Duration::from_secs(30)).await;
+    weir.stop().await.unwrap();
+    let beyond: i64 = sqlx::query_scalar("select count(*) from seen where position > $1")
+        .bind(drain_to)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert!(beyond > 0, "events after the drain position were delivered too");
+    assert_exactly_once_in_order(
+        "late",
+        &delivered(&f.pool, "late").await,
+        &stored(&f.pool, "q-%").await,
+        &record.dups,
+    );
+}
