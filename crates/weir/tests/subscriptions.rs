@@ -1005,3 +1005,122 @@ async fn a_resplit_that_commits_late_still_repeats_and_loses_nothing() {
         &record.dups,
     );
 }
+
+/// `stop` while appends go on: the emitters finish what they deliver and wait (nothing more
+/// arrives, their state says stopped); `start` carries on from the checkpoints, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_subscription_delivers_nothing_until_started_then_resumes_exactly_once() {
+    let f = fixture("sub_stop").await;
+    let all = streams("t-", 50);
+    let record = Record::new("stops");
+    let weir = Weir::builder(f.config.clone())
+        .pool(f.pool.clone())
+        .subscription(rust_sub("stops", SubscriptionKind::Stream, json!("t-*"), 4), record.clone())
+        .start()
+        .await
+        .unwrap();
+    let appender = Appender::start(f.pool.clone(), all.clone(), 10, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    subscriptions::stop(&f.pool, "stops").await.unwrap();
+    eventually("every emitter stopped", Duration::from_secs(20), || async {
+        let s = subscriptions::get(&f.pool, "stops").await.unwrap();
+        s.emitters.iter().all(|e| e.state == weir_consumer::LaneState::Stopped)
+    })
+    .await;
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from seen where sub = 'stops'")
+            .fetch_one(&f.pool)
+            .await
+            .unwrap()
+    };
+    let at_stop = count().await;
+    // Appends go on; once they are logged (and a moment more), nothing was delivered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored_now: i64 = sqlx::query_scalar("select count(*) from weir.stream_events")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    eventually("what was stored is logged", Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from weir.events where entity = 'weir.stream_events'",
+        )
+        .fetch_one(&f.pool)
+        .await
+        .unwrap()
+            >= stored_now
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count().await, at_stop, "nothing delivered while stopped");
+    let s = subscriptions::get(&f.pool, "stops").await.unwrap();
+    assert_eq!(s.state, weir_consumer::ConsumerState::Stopped);
+    subscriptions::start(&f.pool, "stops").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let appended = appender.stop().await;
+    assert!(appended > 200, "appends went on ({appended})");
+    caught_up(&f.pool, "stops", Duration::from_secs(30)).await;
+    weir.stop().await.unwrap();
+    assert!(count().await > at_stop);
+    assert_exactly_once_in_order(
+        "stops",
+        &delivered(&f.pool, "stops").await,
+        &stored(&f.pool, "t-%").await,
+        &record.dups,
+    );
+}
+
+/// A parked stream across a re-split: its parked events follow it to its new emitter, keep
+/// holding its later events back, and are delivered in order after the fix and a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_follow_their_stream_through_a_resplit_and_are_delivered_in_order_after_retry()
+ {
+    let f = fixture("sub_park_split").await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let record =
+        Record::new("psplit").fault(Fault::Broken { stream: "u-bad", broken: broken.clone() });
+    let mut def = rust_sub("psplit", SubscriptionKind::Stream, json!("u-*"), 4);
+    def.options.on_exhausted = Some(OnExhausted::Park);
+    def.options.retry = Some(RetryConfig { max_retries: 1, ..fast_retry() });
+    let weir = Weir::builder(f.config.clone())
+        .pool(f.pool.clone())
+        .subscription(def, record.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut all = streams("u-", 20);
+    all.push("u-bad".into());
+    for version in 1..=3 {
+        append_round(&f.pool, &all, version).await;
+    }
+    caught_up(&f.pool, "psplit", Duration::from_secs(30)).await;
+    assert_eq!(weir_consumer::status::parked(&f.pool, Some("psplit")).await.unwrap().len(), 3);
+    let update = SubscriptionUpdate { pool_size: Some(3), ..Default::default() };
+    subscriptions::update(&f.pool, "psplit", update).await.unwrap();
+    eventually("3 emitters", Duration::from_secs(20), || async {
+        let s = subscriptions::get(&f.pool, "psplit").await.unwrap();
+        s.pending_pool_size.is_none() && s.emitters.len() == 3
+    })
+    .await;
+    for version in 4..=5 {
+        append_round(&f.pool, &all, version).await;
+    }
+    caught_up(&f.pool, "psplit", Duration::from_secs(30)).await;
+    let parked = weir_consumer::status::parked(&f.pool, Some("psplit")).await.unwrap();
+    assert_eq!(parked.len(), 5, "u-bad's later events wait behind it on its new emitter");
+    assert!(!delivered(&f.pool, "psplit").await.contains_key("u-bad"));
+    broken.store(false, AtomicOrdering::SeqCst);
+    weir_consumer::status::retry_parked(&f.pool, "psplit", None).await.unwrap();
+    append_round(&f.pool, &all, 6).await;
+    eventually("u-bad delivered", Duration::from_secs(30), || async {
+        delivered(&f.pool, "psplit").await.get("u-bad").is_some_and(|v| v.len() >= 6)
+    })
+    .await;
+    caught_up(&f.pool, "psplit", Duration::from_secs(30)).await;
+    weir.stop().await.unwrap();
+    assert_exactly_once_in_order(
+        "psplit",
+        &delivered(&f.pool, "psplit").await,
+        &stored(&f.pool, "u-%").await,
+        &record.dups,
+    );
+}
