@@ -535,15 +535,17 @@ async fn latency(server: &PgServer, args: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     running.stop().await?;
-    let seen = stamps.0.lock().expect("stamps");
     let mut ms = Vec::with_capacity(expected);
     let mut missing = 0;
-    for (key, committed) in commits.lock().expect("commits").iter() {
-        match seen.get(key) {
-            Some(handled) => {
-                ms.push(handled.saturating_duration_since(*committed).as_secs_f64() * 1000.0)
+    {
+        let seen = stamps.0.lock().expect("stamps");
+        for (key, committed) in commits.lock().expect("commits").iter() {
+            match seen.get(key) {
+                Some(handled) => {
+                    ms.push(handled.saturating_duration_since(*committed).as_secs_f64() * 1000.0)
+                }
+                None => missing += 1,
             }
-            None => missing += 1,
         }
     }
     let Some(p) = Percentiles::of(ms) else { bail!("no event reached the handler") };
@@ -561,7 +563,6 @@ async fn latency(server: &PgServer, args: &Args) -> anyhow::Result<()> {
         println!("  WARNING: {missing} appended events never reached the handler");
     }
     println!();
-    drop(seen);
     pool.close().await;
     server.drop_db(&name).await?;
     Ok(())

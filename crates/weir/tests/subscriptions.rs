@@ -117,7 +117,7 @@ impl Fault {
             Fault::None => Ok(()),
             Fault::Random(attempts) => {
                 let h = (event.position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
-                if h % 10 != 0 {
+                if !h.is_multiple_of(10) {
                     return Ok(());
                 }
                 let attempt = {
@@ -130,7 +130,7 @@ impl Fault {
                 if attempt > failures {
                     return Ok(());
                 }
-                if h / 20 % 2 == 0 {
+                if (h / 20).is_multiple_of(2) {
                     Err(OperatorError::retry(format!("injected failure {attempt}")))
                 } else {
                     sqlx::query("select 1 / 0").execute(tx).await?;
@@ -700,7 +700,7 @@ async fn every_selector_type_delivers_what_it_selects_and_nothing_else() {
     let mut builder = Weir::builder(f.config.clone()).pool(f.pool.clone());
     let mut records = Vec::new();
     for (name, kind, selector, _) in &subs {
-        let record = Record::new(*name);
+        let record = Record::new(name);
         records.push(record.clone());
         // One emitter each: then delivery order is log order across streams too.
         builder = builder.subscription(rust_sub(name, *kind, selector.clone(), 1), record);
