@@ -118,6 +118,10 @@ pub(crate) struct Args {
     /// Connections in weir's pool.
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
+    /// `analyze weir.events` after the delivery backlog is logged (`--analyze false` leaves it
+    /// to autovacuum).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    analyze: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -381,6 +385,10 @@ async fn delivery(server: &PgServer, args: &Args) -> anyhow::Result<()> {
     cancel.cancel();
     ingest.await?.context("ingestion failed")?;
     println!("  logged in {:.1} s (not part of the figures)", t.elapsed().as_secs_f64());
+    if args.analyze {
+        // As `operators` does: the planner sees the backlog (autovacuum may not have yet).
+        sqlx::raw_sql("analyze weir.events").execute(&pool).await?;
+    }
     let last = head(&pool).await?;
     let mut rates = Vec::new();
     for emitters in [1u32, 8] {
