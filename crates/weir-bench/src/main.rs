@@ -15,12 +15,15 @@
 //! - `jobs`: enqueue and drain jobs/s of the job queue, against **graphile-worker** (npm) run
 //!   on the same database right after each weir measurement; then enqueue → worker start at a
 //!   steady rate, and jobs/s with the dead tuples left over rounds of enqueue-while-draining.
+//! - `streams`: appends/s through `weir.append` with 1 and 50 writers, batches of 1 and 100,
+//!   against **plain inserts of the same rows** into a table of the same shape; delivery through
+//!   a subscription with 1 and 8 emitters; append → handler latency at a steady rate.
 //! - `fanout`: SSE commit → client latency and memory per idle client of a `weir run` process,
 //!   against **commit → the append's `LISTEN weir_events` notification** (the floor a channel
 //!   builds on).
 //!
 //! ```text
-//! main ── ingest / operators / jobs / fanout   (one module per benchmark, its args and phases)
+//! main ── ingest / operators / jobs / fanout / streams  (one module per benchmark, its args and phases)
 //!           │ server      PgServer: the --url server or a private cluster; create/drop databases
 //!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
 //!           │ procfs      /proc readers: ticks, RSS, children, titles
@@ -43,6 +46,8 @@ mod percentile;
 mod procfs;
 mod report;
 mod server;
+mod streams;
+mod subscriber;
 mod thread;
 
 use std::process::ExitCode;
@@ -71,6 +76,11 @@ enum Command {
     Jobs(jobs::Args),
     /// Realtime channels: SSE clients' latency from commit, memory per idle client.
     Fanout(fanout::Args),
+    /// The event store: appends/s against plain inserts, delivery through subscriptions, latency.
+    Streams(streams::Args),
+    /// A process that only delivers one subscription, for the crash tests that kill it.
+    #[command(hide = true)]
+    Subscriber(subscriber::Args),
     /// The `weir` command itself (weir-cli's), for the processes `fanout` starts.
     #[command(hide = true)]
     Weir {
@@ -98,6 +108,8 @@ fn main() -> ExitCode {
             Command::Operators(args) => operators::run(args).await,
             Command::Jobs(args) => jobs::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
+            Command::Streams(args) => streams::run(args).await,
+            Command::Subscriber(args) => subscriber::run(args).await,
             Command::Weir { .. } => unreachable!("handled above"),
         }
     });

@@ -603,8 +603,27 @@ impl Lane {
         .await
     }
 
-    /// The lane's checkpoint, fenced by its lease (see [`store::lane::checkpoint`]).
+    /// The checkpoint of the transaction that handled events up to `position`, fenced by the
+    /// lease (see [`store::lane::checkpoint`]); false, and the caller rolls back, when the lease
+    /// is gone or a re-split drains to an earlier position (begun after this lane last looked:
+    /// the events past it belong to the new lanes). The drain position is read after the
+    /// update, which waits while a re-split being begun holds the lanes' rows.
     async fn fenced_checkpoint(&self, conn: &mut PgConnection, position: i64) -> Result<bool> {
+        if !self.checkpoint_row(conn, position).await? {
+            return Ok(false);
+        }
+        let drain_to = store::consumer::drain_to(conn, &self.spec.name).await?;
+        Ok(drain_to.is_none_or(|d| position <= d))
+    }
+
+    /// The fenced checkpoint alone, moving past events this lane does not handle (nothing
+    /// handled to undo, so a re-split's drain position does not matter here).
+    async fn checkpoint_alone(&self, position: i64) -> Result<bool> {
+        let mut conn = self.shared.pool.acquire().await?;
+        self.checkpoint_row(&mut conn, position).await
+    }
+
+    async fn checkpoint_row(&self, conn: &mut PgConnection, position: i64) -> Result<bool> {
         store::lane::checkpoint(
             conn,
             &self.spec.name,
@@ -614,11 +633,6 @@ impl Lane {
             position,
         )
         .await
-    }
-
-    async fn checkpoint_alone(&self, position: i64) -> Result<bool> {
-        let mut conn = self.shared.pool.acquire().await?;
-        self.fenced_checkpoint(&mut conn, position).await
     }
 
     fn halted_here(&self) -> bool {

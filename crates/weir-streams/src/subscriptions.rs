@@ -354,29 +354,27 @@ impl Row {
     }
 }
 
-/// Rows of the subscriptions delivered by a Rust handler, for the catalog.
+/// Rows of the subscriptions delivered by a Rust handler, for the catalog, each with its
+/// consumer's generation. One statement, so the lanes and the generation come from one
+/// snapshot: read apart, a re-split finishing between them paired the old pool size with the
+/// new generation, and the engine ran the old count of lanes as the new generation.
 pub(crate) async fn rust_rows(pool: &PgPool, names: &[String]) -> Result<Vec<(Row, i64)>> {
-    let rows: Vec<Row> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct WithGeneration {
+        #[sqlx(flatten)]
+        row: Row,
+        generation: i64,
+    }
+    let rows: Vec<WithGeneration> = sqlx::query_as(
         "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
-                s.created_at, s.updated_at, k.lanes, k.next_lanes
+                s.created_at, s.updated_at, k.lanes, k.next_lanes, k.generation
          from weir.subscriptions s join weir.consumers k on k.name = s.name
          where s.sink = 'rust' and s.name = any($1)",
     )
     .bind(names)
     .fetch_all(pool)
     .await?;
-    let generations: Vec<(String, i64)> =
-        sqlx::query_as("select name, generation from weir.consumers where name = any($1)")
-            .bind(names)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let g = generations.iter().find(|(n, _)| *n == r.name).map_or(0, |(_, g)| *g);
-            (r, g)
-        })
-        .collect())
+    Ok(rows.into_iter().map(|r| (r.row, r.generation)).collect())
 }
 
 async fn assemble(pool: &PgPool, row: Row) -> Result<Subscription> {

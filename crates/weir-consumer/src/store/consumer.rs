@@ -162,8 +162,31 @@ pub(crate) async fn delete(conn: &mut PgConnection, name: &str) -> Result<bool> 
 /// Asks for a re-split into `lanes` lanes: every lane drains to a common position (the log
 /// head, or the furthest checkpoint), then [`finish_resplit`] re-splits. A re-split already in
 /// progress keeps its position and takes the new count. Returns the drain position.
+///
+/// The drain position must cover every event a lane delivered, even one whose transaction
+/// commits while this one is open: the lanes' checkpoint rows are locked first (after the
+/// consumer's row, the order [`finish_resplits`] locks them in), which waits for the
+/// checkpoint transactions in flight and holds off the next ones until this commits; those
+/// then find the drain position and refuse to pass it (the lane's `fenced_checkpoint`).
+/// Without the locks, a lane that had not seen the re-split yet delivered past the position,
+/// and the new lanes, starting there, delivered those events again.
 pub(crate) async fn begin_resplit(conn: &mut PgConnection, name: &str, lanes: i32) -> Result<i64> {
-    let drain_to: Option<i64> = sqlx::query_scalar(
+    // A savepoint when `conn` is in a transaction already.
+    let mut tx = conn.begin().await?;
+    let exists: Option<String> =
+        sqlx::query_scalar("select name from weir.consumers where name = $1 for update")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Err(Error::UnknownConsumer(name.to_string()));
+    }
+    sqlx::query("select 1 from weir.checkpoints where consumer = $1 for update")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    // A statement after the locks: it sees every checkpoint committed before them.
+    let drain_to: i64 = sqlx::query_scalar(
         "update weir.consumers k
          set next_lanes = $2,
              drain_to = coalesce(k.drain_to, greatest(
@@ -174,9 +197,20 @@ pub(crate) async fn begin_resplit(conn: &mut PgConnection, name: &str, lanes: i3
     )
     .bind(name)
     .bind(lanes)
-    .fetch_optional(conn)
+    .fetch_one(&mut *tx)
     .await?;
-    drain_to.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
+    tx.commit().await?;
+    Ok(drain_to)
+}
+
+/// The position a re-split in progress drains to, read by its own statement (so it sees a
+/// re-split committed while an earlier statement of the transaction waited for its locks).
+pub(crate) async fn drain_to(conn: &mut PgConnection, consumer: &str) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar("select drain_to from weir.consumers where name = $1")
+        .bind(consumer)
+        .fetch_optional(conn)
+        .await?
+        .flatten())
 }
 
 /// Completes the re-splits whose lanes all reached their drain position: new lanes, all at that

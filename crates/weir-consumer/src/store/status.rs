@@ -22,9 +22,13 @@ pub(crate) async fn consumers(pool: &PgPool, name: Option<&str>) -> Result<Vec<C
     for (name, state, lane, position, attempt, error, parked) in rows {
         let lanes: Vec<LaneStatus> = sqlx::query_as(
             "select c.lane,
-                    -- a halted (stopped) consumer halts (stops) all its lanes, whatever each
-                    -- last wrote
-                    case when k.state in ('halted', 'stopped') then k.state else c.status end
+                    -- a halted consumer halts all its lanes, whatever each last wrote; a
+                    -- stopped one stops them, but a lane still finishing its page shows that
+                    -- (running, retrying) until it has stopped
+                    case when k.state = 'halted' then k.state
+                         when k.state = 'stopped' and c.status not in ('running', 'retrying')
+                             then k.state
+                         else c.status end
                         as state,
                     c.position,
                     -- lag against the log head (every lane moves past other lanes' events)
