@@ -193,7 +193,8 @@ struct Sse {
 
 impl Sse {
     /// Attaches, retrying while the emitters are still held (a client that just left gives
-    /// them back from its own task); the `attached` event is read.
+    /// them back from its own task, once the server notices it left: at its next write); the
+    /// `attached` event is read. Without `?emitters=`, retries until it holds all of them.
     async fn attach(env: &Env, name: &str, query: &str) -> Sse {
         let url = format!("{}/v1/subscriptions/{name}/sse?{query}", env.base);
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -202,6 +203,38 @@ impl Sse {
             if resp.status() == 409 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
+            }
+            if query.is_empty() && tokio::time::Instant::now() < deadline {
+                let (_, shown) = env.get(&format!("/v1/subscriptions/{name}")).await;
+                let busy = shown["emitters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["owner"].as_str().is_some_and(|o| o.starts_with("client:")));
+                if busy && resp.status() == 200 {
+                    // Some emitters still held by the client that left: try again.
+                    let mut partial = Sse {
+                        stream: Box::pin(resp.bytes_stream()),
+                        buf: String::new(),
+                        token: String::new(),
+                        emitters: Vec::new(),
+                    };
+                    let first = partial.next().await.expect("an attached event");
+                    let held = first.data["emitters"].as_array().unwrap().len();
+                    if held < shown["pool_size"].as_u64().unwrap() as usize {
+                        drop(partial);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    partial.token = first.data["token"].as_str().unwrap().to_string();
+                    partial.emitters = first.data["emitters"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e.as_i64().unwrap())
+                        .collect();
+                    return partial;
+                }
             }
             assert_eq!(resp.status(), 200, "{url}");
             assert_eq!(resp.headers()["content-type"], "text/event-stream");
@@ -224,8 +257,10 @@ impl Sse {
         }
     }
 
-    /// The next message (comments skipped); `None` when the stream ended.
+    /// The next message (comments skipped); `None` when the stream ended. Fails after `WAIT`
+    /// without one (keep-alive comments do not count).
     async fn next(&mut self) -> Option<SseMsg> {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
@@ -244,7 +279,7 @@ impl Sse {
                 }
                 continue;
             }
-            let chunk = tokio::time::timeout(WAIT, self.stream.next())
+            let chunk = tokio::time::timeout_at(deadline, self.stream.next())
                 .await
                 .expect("no SSE message within the timeout");
             match chunk {
@@ -642,8 +677,10 @@ async fn ws_attach(env: &Env, name: &str, query: &str) -> Result<(Ws, Vec<i64>),
 }
 
 async fn ws_next(ws: &mut Ws) -> Option<Value> {
+    // One deadline for the message, whatever pings come before it.
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("no frame in time")?;
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("no frame in time")?;
         match msg.unwrap() {
             WsMessage::Text(t) => return Some(serde_json::from_str(t.as_str()).unwrap()),
             WsMessage::Close(_) => return None,

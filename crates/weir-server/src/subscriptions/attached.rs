@@ -45,7 +45,9 @@ use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 /// Leases are renewed this often (they last `weir_streams::attach::LEASE_TTL`, 10 s).
 const RENEW_EVERY: Duration = Duration::from_secs(3);
 /// A keep-alive after this much silence.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+// Also how soon a client that left is noticed (a write to its connection fails) and its
+// emitters are released for the next attach.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// How often a paused subscription is looked at again.
 const PAUSE_POLL: Duration = Duration::from_secs(1);
 /// How often acks posted elsewhere are read back while the client is at its limit.
