@@ -150,6 +150,8 @@ pub(crate) struct Shared {
     pub(crate) halted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     pub(crate) pool: sqlx::PgPool,
     pub(crate) reader: LogReader,
+    /// Full pages of the log, read once for all the lanes of a consumer.
+    pub(crate) pages: Arc<crate::pages::PageCache>,
     pub(crate) wake: Wake,
     /// This process's identity: the owner of its leases.
     pub(crate) node: String,
@@ -196,6 +198,7 @@ impl Engine {
             halted: Arc::default(),
             pool,
             reader,
+            pages: Arc::default(),
             wake,
             node: process.as_str().to_string(),
             reporter,

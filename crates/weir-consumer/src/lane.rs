@@ -5,7 +5,8 @@
 //!   retry requested parked events            (only while the lane has parked events)
 //!   consumer halted or stopped? ─► wait
 //!   a re-split in progress? ─► read only up to its position; there, wait
-//!   read a page after pos ─► route each event the operator matches:
+//!   read a page after pos (shared by the consumer's lanes in this process: pages.rs)
+//!                          ─► route each event the operator matches:
 //!                             hash(partition key) % lanes == this lane?
 //!     no  ─► pos moves past it
 //!     yes ─► group (≤ 50): BEGIN; handle each; fenced checkpoint; COMMIT
@@ -175,12 +176,25 @@ impl Lane {
                     continue;
                 }
             }
-            let mut events = self.shared.reader.read(pos, PAGE, &filter).await?;
-            let mut short = (events.len() as i64) < PAGE;
+            // Read once per process for all the consumer's lanes (pages.rs).
+            let page = self
+                .shared
+                .pages
+                .read(
+                    &self.shared.reader,
+                    &self.spec.name,
+                    self.spec.generation,
+                    pos,
+                    PAGE,
+                    &filter,
+                )
+                .await?;
+            let mut short = page.short;
+            let mut events = page.events();
             if let Some(d) = drain_to
                 && events.last().is_some_and(|e| e.position > d)
             {
-                events.retain(|e| e.position <= d);
+                events = &events[..events.partition_point(|e| e.position <= d)];
                 short = true;
             }
             if events.is_empty() {
@@ -205,7 +219,7 @@ impl Lane {
             let mut group: Vec<&Event> = Vec::new();
             let mut last_seen = pos;
             let mut stopped = false;
-            for event in &events {
+            for event in events {
                 if self.cancel.is_cancelled() || self.halted_here() {
                     stopped = true;
                     break;

@@ -29,13 +29,14 @@
 //! another (a non-transactional handler with the same lanes and checkpoints).
 //!
 //! Modules, in the order of the data flow: `engine` (specs, start and stop), `supervisor`
-//! (leases, rebalancing), `lane` (the lane task: read, route, handle, retry, halt, skip,
-//! park), `route` (key → lane), `store` (all the SQL), and the read side: [`status`],
+//! (leases, rebalancing), `pages` (log pages read once for all of a consumer's lanes), `lane`
+//! (the lane task: read, route, handle, retry, halt, skip, park), `route` (key → lane), `store` (all the SQL), and the read side: [`status`],
 //! [`process`], [`state`].
 
 mod engine;
 mod lane;
 mod operator;
+mod pages;
 pub mod process;
 mod route;
 mod sql_operator;
