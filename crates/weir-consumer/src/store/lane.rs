@@ -115,8 +115,13 @@ pub(crate) async fn park(
     attempts: i32,
 ) -> Result<()> {
     sqlx::query(
-        "insert into weir.parked (consumer, position, lane, partition_key, entity, error, attempts)
-         values ($1, $2, $3, $4, $5, $6, $7)
+        "insert into weir.parked
+             (consumer, position, lane, partition_key, entity, error, attempts, retry_requested)
+         -- parked behind its key while a retry of the key is asked for: asked for too (it
+         -- arrived after the request, and belongs to the replay of the key)
+         values ($1, $2, $3, $4, $5, $6, $7,
+                 exists (select 1 from weir.parked
+                         where consumer = $1 and partition_key = $4 and retry_requested))
          -- parked again after a failed retry: the latest error, and no retry pending
          on conflict (consumer, position) do update
          set error = excluded.error, attempts = excluded.attempts, retry_requested = false",
@@ -163,9 +168,14 @@ pub(crate) async fn retry_requests(
     lane: i32,
 ) -> Result<Vec<(i64, String)>> {
     Ok(sqlx::query_as(
-        "select position, partition_key from weir.parked
-         where consumer = $1 and lane = $2 and retry_requested
-         order by position",
+        "select p.position, p.partition_key from weir.parked p
+         where p.consumer = $1 and p.lane = $2 and p.retry_requested
+           -- never ahead of an older parked event of its key that is not being retried
+           -- (one whose retry failed): the key's order holds
+           and not exists (select 1 from weir.parked q
+                           where q.consumer = p.consumer and q.partition_key = p.partition_key
+                             and q.position < p.position and not q.retry_requested)
+         order by p.position",
     )
     .bind(consumer)
     .bind(lane)
