@@ -49,11 +49,10 @@ create function weir.append_check(p_stream text, p_expected text, p_events jsonb
 returns uuid[]
 language plpgsql as $$
 declare
-    v_event jsonb;
-    v_ord   bigint;
-    v_key   text;
-    v_ids   uuid[] := '{}';
-    v_id    uuid;
+    v_ord     bigint;
+    v_problem text;
+    v_ids     uuid[];
+    v_id      uuid;
 begin
     if p_stream is null or length(p_stream) = 0 or length(p_stream) > 256 then
         raise exception 'the stream name must be 1 to 256 characters, got %',
@@ -71,52 +70,61 @@ begin
     if jsonb_array_length(p_events) = 0 then
         raise exception 'events is empty: an append stores at least one event' using errcode = 'WR400';
     end if;
-    for v_event, v_ord in select e, o from jsonb_array_elements(p_events) with ordinality as x(e, o) loop
-        if jsonb_typeof(v_event) <> 'object' then
-            raise exception 'event % is a JSON %, not an object {id?, type, data, metadata?, tags?}',
-                v_ord, jsonb_typeof(v_event) using errcode = 'WR400';
-        end if;
-        select k into v_key from jsonb_object_keys(v_event) as k
-         where k not in ('id', 'type', 'data', 'metadata', 'tags') limit 1;
-        if v_key is not null then
-            raise exception 'event % has an unknown field %; the fields are id, type, data, metadata and tags',
-                v_ord, quote_literal(v_key) using errcode = 'WR400';
-        end if;
-        if jsonb_typeof(v_event->'type') is distinct from 'string'
-           or length(v_event->>'type') = 0 or length(v_event->>'type') > 256 then
-            raise exception 'event % needs a type: a string of 1 to 256 characters', v_ord
-                using errcode = 'WR400';
-        end if;
-        if not v_event ? 'data' or jsonb_typeof(v_event->'data') = 'null' then
-            raise exception 'event % (type %) has no data; give any JSON value but null', v_ord,
-                quote_literal(v_event->>'type') using errcode = 'WR400';
-        end if;
-        if coalesce(jsonb_typeof(v_event->'metadata'), 'null') not in ('null', 'object') then
-            raise exception 'event % (type %): metadata must be a JSON object, got a %', v_ord,
-                quote_literal(v_event->>'type'), jsonb_typeof(v_event->'metadata') using errcode = 'WR400';
-        end if;
-        if coalesce(jsonb_typeof(v_event->'tags'), 'null') not in ('null', 'array')
-           or exists (select 1 from jsonb_array_elements(
-                          case when jsonb_typeof(v_event->'tags') = 'array' then v_event->'tags' else '[]' end) t
-                       where jsonb_typeof(t) <> 'string' or length(t #>> '{}') = 0) then
-            raise exception 'event % (type %): tags must be an array of non-empty strings', v_ord,
-                quote_literal(v_event->>'type') using errcode = 'WR400';
-        end if;
-        if coalesce(jsonb_typeof(v_event->'id'), 'null') = 'null' then
-            v_id := gen_random_uuid();
-        elsif jsonb_typeof(v_event->'id') = 'string'
-              and v_event->>'id' ~* '^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$' then
-            v_id := (v_event->>'id')::uuid;
-        else
-            raise exception 'event % (type %): id must be a UUID string, got %', v_ord,
-                quote_literal(v_event->>'type'), v_event->'id' using errcode = 'WR400';
-        end if;
-        if v_id = any(v_ids) then
+    -- One pass over the events (no statement per event): the first problem, in event order.
+    select q.o, q.problem into v_ord, v_problem
+      from (select x.o, case
+            when jsonb_typeof(x.e) <> 'object' then
+                format('event %s is a JSON %s, not an object {id?, type, data, metadata?, tags?}',
+                       x.o, jsonb_typeof(x.e))
+            when exists (
+                    select 1 from jsonb_object_keys(x.e) k
+                     where k not in ('id', 'type', 'data', 'metadata', 'tags')) then
+                format('event %s has an unknown field %s; the fields are id, type, data, metadata and tags',
+                       x.o, (select quote_literal(k) from jsonb_object_keys(x.e) k
+                              where k not in ('id', 'type', 'data', 'metadata', 'tags') limit 1))
+            when jsonb_typeof(x.e->'type') is distinct from 'string'
+                 or length(x.e->>'type') = 0 or length(x.e->>'type') > 256 then
+                format('event %s needs a type: a string of 1 to 256 characters', x.o)
+            when not x.e ? 'data' or jsonb_typeof(x.e->'data') = 'null' then
+                format('event %s (type %s) has no data; give any JSON value but null', x.o,
+                       quote_literal(x.e->>'type'))
+            when coalesce(jsonb_typeof(x.e->'metadata'), 'null') not in ('null', 'object') then
+                format('event %s (type %s): metadata must be a JSON object, got a %s', x.o,
+                       quote_literal(x.e->>'type'), jsonb_typeof(x.e->'metadata'))
+            when coalesce(jsonb_typeof(x.e->'tags'), 'null') not in ('null', 'array')
+                 or (jsonb_typeof(x.e->'tags') = 'array' and exists (
+                        select 1 from jsonb_array_elements(x.e->'tags') t
+                         where jsonb_typeof(t) <> 'string' or length(t #>> '{}') = 0)) then
+                format('event %s (type %s): tags must be an array of non-empty strings', x.o,
+                       quote_literal(x.e->>'type'))
+            when coalesce(jsonb_typeof(x.e->'id'), 'null') not in ('null', 'string')
+                 or (jsonb_typeof(x.e->'id') = 'string' and x.e->>'id' !~*
+                     '^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$') then
+                format('event %s (type %s): id must be a UUID string, got %s', x.o,
+                       quote_literal(x.e->>'type'), x.e->'id')
+            end as problem
+              from jsonb_array_elements(p_events) with ordinality as x(e, o)
+            offset 0) q   -- evaluated once per event, not again in the filter
+     where q.problem is not null
+     order by q.o
+     limit 1;
+    if v_problem is not null then
+        raise exception '%', v_problem using errcode = 'WR400';
+    end if;
+    select array_agg(coalesce((x.e->>'id')::uuid, gen_random_uuid()) order by x.o)
+      into v_ids
+      from jsonb_array_elements(p_events) with ordinality as x(e, o);
+    -- A repeated id: the first event that repeats an earlier one.
+    if cardinality(v_ids) > 1 then
+        select u.o, u.id into v_ord, v_id
+          from unnest(v_ids) with ordinality as u(id, o)
+         where exists (select 1 from unnest(v_ids[1:u.o - 1]) p(id) where p.id = u.id)
+         order by u.o limit 1;
+        if found then
             raise exception 'event % repeats the id % of an earlier event of the same append', v_ord, v_id
                 using errcode = 'WR400';
         end if;
-        v_ids := v_ids || v_id;
-    end loop;
+    end if;
     return v_ids;
 end
 $$;
@@ -151,9 +159,15 @@ begin
     v_ids := weir.append_check(p_stream, p_expected, p_events);
     v_n := cardinality(v_ids);
 
-    insert into weir.streams as s (stream) values (p_stream) on conflict (stream) do nothing;
+    -- The stream's lock (its row); a new stream's row is made first (a concurrent first
+    -- append waits on the insert, then finds the row).
     select s.version, s.deleted_at into v_current, v_deleted
       from weir.streams s where s.stream = p_stream for update;
+    if not found then
+        insert into weir.streams as s (stream) values (p_stream) on conflict (stream) do nothing;
+        select s.version, s.deleted_at into v_current, v_deleted
+          from weir.streams s where s.stream = p_stream for update;
+    end if;
 
     -- Idempotency: which of the ids are stored, and where.
     select count(*)::int, min(e.version) into v_stored, v_first
