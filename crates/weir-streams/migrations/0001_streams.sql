@@ -159,14 +159,18 @@ begin
     v_ids := weir.append_check(p_stream, p_expected, p_events);
     v_n := cardinality(v_ids);
 
-    -- The stream's lock (its row); a new stream's row is made first (a concurrent first
-    -- append waits on the insert, then finds the row).
-    select s.version, s.deleted_at into v_current, v_deleted
-      from weir.streams s where s.stream = p_stream for update;
+    -- The stream's lock and its next version in one statement: the update waits for a
+    -- concurrent append of the stream and sees its version (it is undone below for a retry,
+    -- and by the error for a wrong expected version). A new stream's row is made first (a
+    -- concurrent first append waits on the insert, then finds the row).
+    update weir.streams s set version = s.version + v_n, updated_at = now()
+     where s.stream = p_stream
+    returning s.version - v_n, s.deleted_at into v_current, v_deleted;
     if not found then
         insert into weir.streams as s (stream) values (p_stream) on conflict (stream) do nothing;
-        select s.version, s.deleted_at into v_current, v_deleted
-          from weir.streams s where s.stream = p_stream for update;
+        update weir.streams s set version = s.version + v_n, updated_at = now()
+         where s.stream = p_stream
+        returning s.version - v_n, s.deleted_at into v_current, v_deleted;
     end if;
 
     -- Idempotency: which of the ids are stored, and where.
@@ -189,6 +193,8 @@ begin
                 using errcode = 'WR422',
                       detail = jsonb_build_object('id', v_bad.id, 'stream', v_bad.stream, 'version', v_bad.version)::text;
         end if;
+        -- A retry: nothing is stored, the version stays.
+        update weir.streams s set version = v_current where s.stream = p_stream;
         return query select u.id, v_first + u.ord - 1, true
                        from unnest(v_ids) with ordinality as u(id, ord) order by u.ord;
         return;
@@ -221,9 +227,10 @@ begin
       from jsonb_array_elements(p_events) with ordinality as x(e, o)
      order by x.o;
 
-    update weir.streams s
-       set version = v_current + v_n, updated_at = now(), deleted_at = null
-     where s.stream = p_stream;
+    if v_deleted is not null then
+        -- Appending again after a soft delete starts the stream again (older events stay hidden).
+        update weir.streams s set deleted_at = null where s.stream = p_stream;
+    end if;
 
     return query select u.id, v_current + u.ord, false
                    from unnest(v_ids) with ordinality as u(id, ord) order by u.ord;
