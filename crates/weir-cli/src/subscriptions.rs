@@ -153,9 +153,16 @@ pub(crate) async fn run(cmd: SubscriptionsCommand, pool: PgPool) -> anyhow::Resu
             let s = subscriptions::update(&pool, &a.name, update).await?;
             match s.pending_pool_size {
                 Some(p) => println!(
-                    "updated subscription {}; re-splitting from {} to {p} emitters (a running \
-                     engine completes it once the emitters have drained)",
-                    s.subscription_name, s.pool_size
+                    "updated subscription {}; re-splitting from {} to {p} emitters: a running \
+                     engine completes it once every emitter has delivered up to the log head of \
+                     now{}",
+                    s.subscription_name,
+                    s.pool_size,
+                    if s.sink == weir_streams::SinkKind::Client {
+                        " (for this subscription: once attached clients acknowledge up to there)"
+                    } else {
+                        ""
+                    }
                 ),
                 None => println!("updated subscription {}", s.subscription_name),
             }
@@ -205,13 +212,16 @@ fn summary(s: &Subscription) -> String {
 /// The definition and one line per emitter.
 fn details(s: &Subscription) -> String {
     let mut out = format!(
-        "subscription {} — {}\n  type        {}\n  selector    {}\n  sink        {:?}\n  start from  {}\n  \
+        "subscription {} — {}\n  type        {}\n  selector    {}\n  sink        {}\n  start from  {}\n  \
          pool size   {}{}\n  checkpoint  {}\n  parked      {}\n",
         s.subscription_name,
         s.state,
         s.kind,
         s.selector,
-        s.sink,
+        match s.sink {
+            weir_streams::SinkKind::Client => "client (SSE / WebSocket clients attached by name)",
+            weir_streams::SinkKind::Rust => "rust (a handler registered in a process)",
+        },
         s.start_from,
         s.pool_size,
         s.pending_pool_size.map(|p| format!(" (re-splitting to {p})")).unwrap_or_default(),
