@@ -10,7 +10,8 @@
 //! event_payload  {"customer": "c-1"} (an object)        appended events whose data contains it
 //! tags           {"any": ["vip"]} | {"all": [...]}      appended events with any / all tags
 //! entity         "posts" | {"entities": [...],          captured row changes of those tables
-//!                 "kinds": ["insert", ...]}              (and kinds)
+//!                 "kinds": ["insert", ...]}              (and kinds); `weir.stream_events`
+//!                                                        among them: appended events too
 //! ```
 //!
 //! The engine reads with the coarse [`Selector`] (entity and kind, in SQL) and asks
@@ -436,15 +437,12 @@ impl Matcher {
                         ));
                     }
                 };
+                // `weir.stream_events` among them takes every appended event too: row changes
+                // and appended events in one subscription, in log order.
                 let entities: Vec<String> = entities
                     .iter()
                     .map(|e| match e.as_str() {
-                        Some(s) if !s.is_empty() && s != Event::STREAM_EVENTS => Ok(s.to_string()),
-                        Some(s) if s == Event::STREAM_EVENTS => {
-                            Err("appended events are selected by the stream, event_type, \
-                             event_pattern, event_payload and tags types, not as an entity"
-                                .to_string())
-                        }
+                        Some(s) if !s.is_empty() => Ok(s.to_string()),
                         _ => Err(format!("entity {e} is not a table name")),
                     })
                     .collect::<std::result::Result<_, _>>()?;
@@ -456,15 +454,12 @@ impl Matcher {
                     Some(Value::Array(a)) => a
                         .iter()
                         .map(|k| {
-                            k.as_str()
-                                .and_then(Kind::parse)
-                                .filter(|k| *k != Kind::Append)
-                                .ok_or_else(|| {
-                                    format!(
-                                        "kind {k} is not one of insert, update, delete, truncate, \
-                                     message"
-                                    )
-                                })
+                            k.as_str().and_then(Kind::parse).ok_or_else(|| {
+                                format!(
+                                    "kind {k} is not one of insert, update, delete, truncate, \
+                                     message, append"
+                                )
+                            })
                         })
                         .collect::<std::result::Result<_, _>>()?,
                     Some(other) => return Err(format!("`kinds` is a list, not {other}")),
@@ -477,8 +472,7 @@ impl Matcher {
     /// Whether the subscription receives `event`.
     pub fn matches(&self, event: &Event) -> bool {
         if let Matcher::Entity { entities, kinds } = self {
-            return event.kind != Kind::Append
-                && entities.contains(&event.entity)
+            return entities.contains(&event.entity)
                 && (kinds.is_empty() || kinds.contains(&event.kind));
         }
         let Some(appended) = Appended::of(event) else { return false };
@@ -720,13 +714,18 @@ mod tests {
     }
 
     #[test]
-    fn entity_selectors_take_row_changes_only() {
+    fn entity_selectors_take_the_listed_entities_appended_events_only_when_listed() {
         let e = m(SubscriptionKind::Entity, json!({"entities": ["posts"], "kinds": ["delete"]}));
         assert!(e.matches(&row("posts", Kind::Delete)));
         assert!(!e.matches(&row("posts", Kind::Insert)));
         assert!(!e.matches(&row("comments", Kind::Delete)));
         let s = m(SubscriptionKind::Entity, json!("posts"));
         assert!(s.matches(&row("posts", Kind::Insert)));
+        // Appended events only when the event store's table is listed.
+        assert!(!s.matches(&appended("order-1", "t", json!({}), &[])));
+        let mixed = m(SubscriptionKind::Entity, json!(["posts", Event::STREAM_EVENTS]));
+        assert!(mixed.matches(&appended("order-1", "t", json!({}), &[])));
+        assert!(mixed.matches(&row("posts", Kind::Update)));
         assert!(Matcher::compile(SubscriptionKind::Entity, &json!({"entities": []})).is_err());
         assert!(Matcher::compile(SubscriptionKind::Entity, &json!({"tables": ["x"]})).is_err());
         assert!(

@@ -805,6 +805,11 @@ async fn row_changes_and_appends_interleave_in_commit_order() {
         // One emitter: log order across rows of different keys (more emitters keep it per key).
         .subscription(rust_sub("rows", SubscriptionKind::Entity, json!("posts"), 1), rows.clone())
         .subscription(rust_sub("acct", SubscriptionKind::Stream, json!("acct-*"), 4), acct.clone())
+        // Row changes and appended events in one subscription.
+        .subscription(
+            rust_sub("mixed", SubscriptionKind::Entity, json!(["posts", "weir.stream_events"]), 1),
+            Record::new("mixed"),
+        )
         .start()
         .await
         .unwrap();
@@ -831,6 +836,7 @@ async fn row_changes_and_appends_interleave_in_commit_order() {
     }
     caught_up(&f.pool, "rows", Duration::from_secs(30)).await;
     caught_up(&f.pool, "acct", Duration::from_secs(30)).await;
+    caught_up(&f.pool, "mixed", Duration::from_secs(30)).await;
     eventually("the operator saw all 16", Duration::from_secs(30), || async {
         sqlx::query_scalar::<_, i64>("select count(*) from seen where sub = 'both'")
             .fetch_one(&f.pool)
@@ -859,6 +865,11 @@ async fn row_changes_and_appends_interleave_in_commit_order() {
     let labels: Vec<String> = got.iter().map(|r| r.1.clone()).collect();
     assert_eq!(labels, want, "the operator sees commit order");
     assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "in log order: {got:?}");
+    assert_eq!(
+        seq("mixed").await,
+        got,
+        "one subscription over both: the same positions, in log order"
+    );
     for (sub, prefix) in [("rows", "posts:"), ("acct", "acct-1/")] {
         let mine = seq(sub).await;
         let from_both: Vec<(i64, String)> =
