@@ -30,8 +30,8 @@
 //!
 //! Modules, in the order of the data flow: `engine` (specs, start and stop), `supervisor`
 //! (leases, rebalancing), `pages` (log pages read once for all of a consumer's lanes), `lane`
-//! (the lane task: read, route, handle, retry, halt, skip, park), `route` (key → lane), `store` (all the SQL), and the read side: [`status`],
-//! [`process`], [`state`].
+//! (the lane task: read, route, handle, retry, halt, skip, park), `route` (key → lane),
+//! `store` (all the SQL), and the read side: [`status`], [`process`], [`state`].
 
 mod engine;
 mod lane;

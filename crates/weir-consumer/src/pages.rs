@@ -69,6 +69,8 @@ impl PageCache {
         let events = Arc::new(events);
         if !short {
             let mut all = self.pages.lock().expect("page cache");
+            // A new generation's pages replace the older ones' (a selector changed).
+            all.retain(|(name, g), _| name != consumer || *g == generation);
             let pages = all.entry(key).or_default();
             pages.insert(after, events.clone());
             while pages.len() > MAX_PAGES {

@@ -182,7 +182,7 @@ impl Attachment {
             Some(d) if self.cursor >= d => {
                 // Drained for a re-split: once everything delivered is acknowledged, move the
                 // checkpoints here and wait for it (earlier would drop what is unacknowledged).
-                if self.last_delivered <= self.min_acked() {
+                if self.last_delivered <= self.acknowledged() {
                     self.checkpoint_all(d).await?;
                 }
                 return Ok(Next::Events(Vec::new()));
@@ -218,7 +218,7 @@ impl Attachment {
             let to = limit_pos.map_or(head, |d| head.min(d));
             self.cursor = self.cursor.max(to);
         }
-        if out.is_empty() && self.last_delivered <= self.min_acked() {
+        if out.is_empty() && self.last_delivered <= self.acknowledged() {
             // Nothing outstanding: the checkpoints follow the cursor (lag stays honest).
             self.checkpoint_all(self.cursor).await?;
         }
@@ -240,10 +240,7 @@ impl Attachment {
             if !leases::renew(&self.pool, &self.def.name, *lane, &self.owner, *fence, LEASE_TTL)
                 .await?
             {
-                return Err(Error::Busy(format!(
-                    "emitter {lane} of subscription `{}` was taken over; attach again",
-                    self.def.name
-                )));
+                return Err(self.taken_over(*lane));
             }
         }
         Ok(())
@@ -275,11 +272,14 @@ impl Attachment {
     /// checkpoint, as of the last [`ack`](Self::ack), [`renew`](Self::renew) or
     /// [`refresh_acks`](Self::refresh_acks)).
     pub fn acknowledged(&self) -> i64 {
-        self.min_acked()
+        self.acked.values().copied().min().unwrap_or(0)
     }
 
-    fn min_acked(&self) -> i64 {
-        self.acked.values().copied().min().unwrap_or(0)
+    fn taken_over(&self, lane: i32) -> Error {
+        Error::Busy(format!(
+            "emitter {lane} of subscription `{}` was taken over; attach again",
+            self.def.name
+        ))
     }
 
     async fn checkpoint_all(&mut self, position: i64) -> Result<()> {
@@ -292,10 +292,7 @@ impl Attachment {
             if !leases::checkpoint(&mut conn, &self.def.name, *lane, &self.owner, *fence, position)
                 .await?
             {
-                return Err(Error::Busy(format!(
-                    "emitter {lane} of subscription `{}` was taken over; attach again",
-                    self.def.name
-                )));
+                return Err(self.taken_over(*lane));
             }
             self.acked.insert(*lane, position);
         }

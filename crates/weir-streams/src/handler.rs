@@ -138,7 +138,7 @@ impl SubscriptionCatalog {
         }
         let names: Vec<String> = self.handlers.keys().cloned().collect();
         let mut specs = Vec::new();
-        for (row, generation) in subscriptions::rust_rows(pool, &names).await? {
+        for row in subscriptions::rust_rows(pool, &names).await? {
             let def = match row.definition().and_then(|d| d.matcher().map(|m| (d, m))) {
                 Ok(d) => d,
                 Err(e) => {
@@ -157,7 +157,7 @@ impl SubscriptionCatalog {
             spec.lanes = row.lanes as u32;
             spec.retry = retry;
             spec.on_exhausted = on_exhausted;
-            spec.generation = generation;
+            spec.generation = row.generation;
             specs.push(spec);
         }
         Ok(specs)

@@ -307,16 +307,22 @@ async fn load_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<Subscripti
     row.ok_or_else(|| Error::UnknownSubscription(name.to_string()))?.definition()
 }
 
-const SELECT_ROWS: &str =
-    "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
-            s.created_at, s.updated_at, k.lanes, k.next_lanes
-     from weir.subscriptions s join weir.consumers k on k.name = s.name
-     order by s.name";
+/// The one select of subscription rows (with their consumer's pool and generation), ending in
+/// a `where`/`order by` of each caller's.
+macro_rules! select_rows {
+    ($rest:literal) => {
+        concat!(
+            "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
+                    s.created_at, s.updated_at, k.lanes, k.next_lanes, k.generation
+             from weir.subscriptions s join weir.consumers k on k.name = s.name ",
+            $rest
+        )
+    };
+}
 
-const SELECT_ROWS_BY_NAME: &str = "select s.id, s.name, s.type, s.selector, s.options, s.sink,
-            s.start_from, s.created_at, s.updated_at, k.lanes, k.next_lanes
-     from weir.subscriptions s join weir.consumers k on k.name = s.name
-     where s.name = $1";
+const SELECT_ROWS: &str = select_rows!("order by s.name");
+
+const SELECT_ROWS_BY_NAME: &str = select_rows!("where s.name = $1");
 
 /// A `weir.subscriptions` row joined with its consumer's pool.
 #[derive(Debug, sqlx::FromRow)]
@@ -333,6 +339,8 @@ pub(crate) struct Row {
     updated_at: DateTime<Utc>,
     pub(crate) lanes: i32,
     next_lanes: Option<i32>,
+    /// The consumer's generation (see `weir_consumer::ConsumerSpec::generation`).
+    pub(crate) generation: i64,
 }
 
 impl Row {
@@ -354,27 +362,12 @@ impl Row {
     }
 }
 
-/// Rows of the subscriptions delivered by a Rust handler, for the catalog, each with its
-/// consumer's generation. One statement, so the lanes and the generation come from one
-/// snapshot: read apart, a re-split finishing between them paired the old pool size with the
-/// new generation, and the engine ran the old count of lanes as the new generation.
-pub(crate) async fn rust_rows(pool: &PgPool, names: &[String]) -> Result<Vec<(Row, i64)>> {
-    #[derive(sqlx::FromRow)]
-    struct WithGeneration {
-        #[sqlx(flatten)]
-        row: Row,
-        generation: i64,
-    }
-    let rows: Vec<WithGeneration> = sqlx::query_as(
-        "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
-                s.created_at, s.updated_at, k.lanes, k.next_lanes, k.generation
-         from weir.subscriptions s join weir.consumers k on k.name = s.name
-         where s.sink = 'rust' and s.name = any($1)",
-    )
-    .bind(names)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.row, r.generation)).collect())
+/// Rows of the subscriptions delivered by a Rust handler of one of `names`, for the catalog.
+pub(crate) async fn rust_rows(pool: &PgPool, names: &[String]) -> Result<Vec<Row>> {
+    Ok(sqlx::query_as(select_rows!("where s.sink = 'rust' and s.name = any($1)"))
+        .bind(names)
+        .fetch_all(pool)
+        .await?)
 }
 
 async fn assemble(pool: &PgPool, row: Row) -> Result<Subscription> {
@@ -419,11 +412,7 @@ async fn existing_kind(conn: &mut sqlx::PgConnection, name: &str) -> Result<Opti
 }
 
 fn duplicate(kind: ConsumerKind, name: &str) -> Error {
-    let what = match kind {
-        ConsumerKind::Operator => "operator",
-        ConsumerKind::Subscription => "subscription",
-    };
-    Error::Duplicate { what, name: name.to_string() }
+    Error::Duplicate { what: kind.as_str(), name: name.to_string() }
 }
 
 /// The log position after which a new subscription starts.
