@@ -158,7 +158,7 @@ pub(crate) async fn run(cmd: SubscriptionsCommand, pool: PgPool) -> anyhow::Resu
                      now{}",
                     s.subscription_name,
                     s.pool_size,
-                    if s.sink == weir_streams::SinkKind::Client {
+                    if s.sink == weir_streams::Sink::Client {
                         " (for this subscription: once attached clients acknowledge up to there)"
                     } else {
                         ""
@@ -209,6 +209,23 @@ fn summary(s: &Subscription) -> String {
     )
 }
 
+/// The sink in words (a webhook's URL, a NATS subject; secrets only by their variable's name).
+fn sink_words(sink: &weir_streams::Sink) -> String {
+    use weir_streams::Sink;
+    match sink {
+        Sink::Client => "client (SSE / WebSocket clients attached by name)".into(),
+        Sink::Rust => "rust (a handler registered in a process)".into(),
+        Sink::Webhook(w) => format!(
+            "webhook POST {} (signed with ${}; timeout {:?}, batch {})",
+            w.url, w.secret_env, w.timeout, w.batch_size
+        ),
+        Sink::Nats(n) => format!(
+            "nats {} subject {} into stream {} ({} in flight)",
+            n.url, n.subject, n.stream, n.max_in_flight
+        ),
+    }
+}
+
 /// The definition and one line per emitter.
 fn details(s: &Subscription) -> String {
     let mut out = format!(
@@ -218,10 +235,7 @@ fn details(s: &Subscription) -> String {
         s.state,
         s.kind,
         s.selector,
-        match s.sink {
-            weir_streams::SinkKind::Client => "client (SSE / WebSocket clients attached by name)",
-            weir_streams::SinkKind::Rust => "rust (a handler registered in a process)",
-        },
+        sink_words(&s.sink),
         s.start_from,
         s.pool_size,
         s.pending_pool_size.map(|p| format!(" (re-splitting to {p})")).unwrap_or_default(),

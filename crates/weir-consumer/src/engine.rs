@@ -45,6 +45,12 @@ pub struct ConsumerSpec {
     /// `weir.consumers.generation`. When it changes (a re-split, a new selector) every process
     /// restarts the consumer's lanes with the new spec.
     pub generation: i64,
+    /// Most consecutive events of one lane handled in one transaction (one
+    /// [`Operator::handle_group`] call, one checkpoint). Default 50.
+    pub group: usize,
+    /// How long a lane holds a group that is not full, waiting for more events, before it
+    /// handles it (a webhook sink's batch `linger`). Default zero: at once.
+    pub linger: Duration,
 }
 
 impl std::fmt::Debug for ConsumerSpec {
@@ -73,6 +79,8 @@ impl ConsumerSpec {
             start_from: defaults.start_from,
             poll_interval: defaults.poll_interval,
             generation: 0,
+            group: 50,
+            linger: Duration::ZERO,
         }
     }
 

@@ -9,7 +9,8 @@
 //!                          ─► route each event the operator matches:
 //!                             hash(partition key) % lanes == this lane?
 //!     no  ─► pos moves past it
-//!     yes ─► group (≤ 50): BEGIN; handle each; fenced checkpoint; COMMIT
+//!     yes ─► group (≤ spec.group, 50 by default; a short one may wait spec.linger for more):
+//!            BEGIN; handle_group; fenced checkpoint; COMMIT
 //!            a failure rolls the group back ─► its events one by one through Lane::handle
 //!   nothing selected up to the head ─► checkpoint := head (the watermark moves), wait
 //!
@@ -53,8 +54,6 @@ use crate::{Result, store};
 
 /// Events read per page.
 const PAGE: i64 = 500;
-/// Most events of one lane handled in one transaction.
-const GROUP: usize = 50;
 /// How often a lane of a halted consumer looks whether it was resumed.
 const HALTED_POLL: Duration = Duration::from_millis(200);
 
@@ -92,6 +91,7 @@ enum Step {
     Halt,
     Skip,
     Park,
+    Stop,
 }
 
 /// After halting: how the wait ended.
@@ -134,6 +134,8 @@ impl Lane {
             store::lane::checkpoint_position(&self.shared.pool, &self.spec.name, self.lane).await?;
         let mut stored = pos;
         let mut wake = self.shared.wake.clone();
+        // When the lane first saw a group that is not full (see `ConsumerSpec::linger`).
+        let mut linger_since: Option<std::time::Instant> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
@@ -213,6 +215,20 @@ impl Lane {
                 }
                 continue;
             }
+            // A group that is not full may wait up to `linger` for more (a sink's batch).
+            if short && !self.spec.linger.is_zero() && events.len() < self.spec.group {
+                let since = *linger_since.get_or_insert_with(std::time::Instant::now);
+                let left = self.spec.linger.saturating_sub(since.elapsed());
+                if !left.is_zero() {
+                    let last = events.last().expect("not empty").position;
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return Ok(()),
+                        _ = wake.wait_past(last, left) => {}
+                    }
+                    continue;
+                }
+            }
+            linger_since = None;
             self.set_state(LaneState::Running, None, 0, None).await?;
             // Consecutive events of this lane are handled in one transaction with one fenced
             // checkpoint (a group); `pos` only moves past events that are done or not ours.
@@ -247,7 +263,7 @@ impl Lane {
                 let single = key.is_err() || self.checks_parked();
                 if !single {
                     group.push(event);
-                    if group.len() < GROUP {
+                    if group.len() < self.spec.group.max(1) {
                         continue;
                     }
                 }
@@ -315,11 +331,9 @@ impl Lane {
     async fn attempt_group(&self, events: &[&Event]) -> Result<Option<Handled>> {
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        for event in events {
-            if self.call_handler(&mut tx, event).await.is_some() {
-                let _ = tx.rollback().await;
-                return Ok(None);
-            }
+        if self.call_group(&mut tx, events).await.is_some() {
+            let _ = tx.rollback().await;
+            return Ok(None);
         }
         let last = events.last().expect("a group has events").position;
         if !self.fenced_checkpoint(&mut tx, last).await? {
@@ -365,6 +379,14 @@ impl Lane {
                     }
                     continue;
                 }
+                Step::Stop => {
+                    match self.stop(event, attempt as i32, &error).await? {
+                        AfterHalt::Resumed => attempt = 0,
+                        AfterHalt::Skipped => return Ok(Handled::Done),
+                        AfterHalt::Stopped => return Ok(Handled::LostLease),
+                    }
+                    continue;
+                }
                 Step::Halt => OnExhausted::Halt,
                 Step::Skip => OnExhausted::Skip,
                 Step::Park => OnExhausted::Park,
@@ -382,7 +404,7 @@ impl Lane {
                     let k = key.as_deref().unwrap_or_default();
                     return self.park(event, k, &error, attempts).await;
                 }
-                Step::Retry(_) => unreachable!("handled above"),
+                Step::Retry(_) | Step::Stop => unreachable!("handled above"),
             }
         }
     }
@@ -394,6 +416,7 @@ impl Lane {
         match failure.action {
             Action::Skip => Step::Skip,
             Action::Park => Step::Park,
+            Action::Stop => Step::Stop,
             Action::Retry { after } if attempt <= retry.max_retries => {
                 Step::Retry(after.unwrap_or_else(|| retry.delay(attempt)))
             }
@@ -468,6 +491,24 @@ impl Lane {
         )
         .await?;
         self.set_state(LaneState::Halted, Some(event.position), attempts, Some(error)).await?;
+        self.wait_until_running(event).await
+    }
+
+    /// Stop (the handler said nothing can succeed until someone acts): records the failure,
+    /// stops the consumer with the error as its reason, and waits until it is started.
+    async fn stop(&mut self, event: &Event, attempts: i32, error: &str) -> Result<AfterHalt> {
+        let mut conn = self.shared.pool.acquire().await?;
+        self.record_failure(&mut conn, event, attempts, error, Outcome::Stop).await?;
+        drop(conn);
+        tracing::warn!(consumer = %self.spec.name, position = event.position, %error, "stopped by its handler; start it again once the cause is fixed");
+        store::consumer::stop(&self.shared.pool, &self.spec.name, Some(error)).await?;
+        self.set_state(LaneState::Stopped, Some(event.position), attempts, Some(error)).await?;
+        self.wait_until_running(event).await
+    }
+
+    /// After a halt or a stop at `event`: waits until the consumer runs again, and says whether
+    /// the event is to be tried again or was skipped meanwhile.
+    async fn wait_until_running(&mut self, event: &Event) -> Result<AfterHalt> {
         // Halted, then perhaps stopped: either way nothing runs until it runs again.
         while self.sync_state().await?.0 != ConsumerState::Running {
             self.sleep(HALTED_POLL).await;
@@ -534,8 +575,20 @@ impl Lane {
 
     /// Runs the handler in `tx`; a returned error or a panic is the failure.
     async fn call_handler(&self, tx: &mut PgConnection, event: &Event) -> Option<Failure> {
+        self.call(self.spec.operator.handle(tx, event)).await
+    }
+
+    /// Runs the handler on a group of events in `tx`, as [`call_handler`](Self::call_handler).
+    async fn call_group(&self, tx: &mut PgConnection, events: &[&Event]) -> Option<Failure> {
+        self.call(self.spec.operator.handle_group(tx, events)).await
+    }
+
+    async fn call(
+        &self,
+        handling: futures::future::BoxFuture<'_, std::result::Result<(), crate::OperatorError>>,
+    ) -> Option<Failure> {
         let started = std::time::Instant::now();
-        let outcome = AssertUnwindSafe(self.spec.operator.handle(tx, event)).catch_unwind().await;
+        let outcome = AssertUnwindSafe(handling).catch_unwind().await;
         metrics::histogram!("weir_consumer_handler_seconds", "consumer" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         match outcome {

@@ -144,6 +144,11 @@ pub const MIGRATIONS: &[weir_log::schema::Migration] = &[
         name: "subscriptions and re-splits",
         sql: include_str!("../migrations/0003_subscriptions.sql"),
     },
+    weir_log::schema::Migration {
+        version: 4,
+        name: "stopped reason",
+        sql: include_str!("../migrations/0004_stopped_reason.sql"),
+    },
 ];
 
 /// Creates or upgrades the consumer tables (idempotent).
@@ -161,7 +166,7 @@ pub async fn skip(pool: &sqlx::PgPool, name: &str) -> Result<i64> {
 /// Stops a consumer: its lanes finish their current event and wait; the checkpoints stay.
 /// Returns its state before.
 pub async fn stop(pool: &sqlx::PgPool, name: &str) -> Result<ConsumerState> {
-    store::consumer::stop(pool, name).await
+    store::consumer::stop(pool, name, None).await
 }
 
 /// Starts a stopped consumer from its checkpoints. Returns its state before (a consumer that

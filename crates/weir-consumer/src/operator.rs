@@ -83,6 +83,25 @@ pub trait Operator: Send + Sync + 'static {
         tx: &mut PgConnection,
         event: &Event,
     ) -> impl Future<Output = Result<(), OperatorError>> + Send;
+
+    /// Handles consecutive events of one lane (at most the spec's
+    /// [`group`](crate::ConsumerSpec::group)) inside one `tx`, in order. Defaults to
+    /// [`handle`](Self::handle) for each. An operator that can do better with several at once
+    /// (a sink that sends them in one request, or publishes them with many acknowledgements in
+    /// flight) overrides it; when it fails, the engine rolls the group back and handles its
+    /// events one at a time through `handle` and the retry policy, to isolate the failing one.
+    fn handle_group(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+    ) -> impl Future<Output = Result<(), OperatorError>> + Send {
+        async move {
+            for event in events {
+                self.handle(tx, event).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// How handling an event failed, and what to do about it. Any `std::error::Error` converts
@@ -94,6 +113,7 @@ pub trait Operator: Send + Sync + 'static {
 /// | [`retry_after`](Self::retry_after) | the same, after the given wait instead of the backoff (still counts against `max_retries`) |
 /// | [`skip`](Self::skip) | recorded as skipped; the consumer moves on at once |
 /// | [`park`](Self::park) | parked at once; the key's later events wait behind it (whatever `on_exhausted` says) until it is retried or discarded |
+/// | [`stop`](Self::stop) | the consumer stops with the error as its reason (a receiver that said it is gone); `start` tries the event again |
 #[derive(Debug)]
 pub struct OperatorError {
     pub(crate) error: BoxError,
@@ -106,6 +126,7 @@ pub(crate) enum Action {
     Retry { after: Option<Duration> },
     Skip,
     Park,
+    Stop,
 }
 
 impl OperatorError {
@@ -127,6 +148,13 @@ impl OperatorError {
     /// The event cannot succeed now: park it, and its key's later events behind it.
     pub fn park(error: impl Into<BoxError>) -> Self {
         Self { error: error.into(), action: Action::Park }
+    }
+
+    /// Nothing of this consumer can succeed until someone acts (a webhook receiver answered
+    /// `410 Gone`): stop the consumer with the error as the reason. The event stays unhandled;
+    /// starting the consumer again tries it again.
+    pub fn stop(error: impl Into<BoxError>) -> Self {
+        Self { error: error.into(), action: Action::Stop }
     }
 }
 
@@ -152,6 +180,11 @@ pub(crate) trait ErasedOperator: Send + Sync + 'static {
         tx: &'a mut PgConnection,
         event: &'a Event,
     ) -> BoxFuture<'a, Result<(), OperatorError>>;
+    fn handle_group<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [&'a Event],
+    ) -> BoxFuture<'a, Result<(), OperatorError>>;
 }
 
 impl<O: Operator> ErasedOperator for O {
@@ -170,5 +203,12 @@ impl<O: Operator> ErasedOperator for O {
         event: &'a Event,
     ) -> BoxFuture<'a, Result<(), OperatorError>> {
         Box::pin(Operator::handle(self, tx, event))
+    }
+    fn handle_group<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [&'a Event],
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(Operator::handle_group(self, tx, events))
     }
 }

@@ -4,13 +4,14 @@
 //! ```text
 //! consumer:  running ──(retries exhausted, on_exhausted = halt)──► halted
 //!            halted ──(weir resume | weir skip)──► running
-//!            running | halted ──(stop)──► stopped ──(start)──► running
+//!            running | halted ──(stop, or a handler's OperatorError::stop)──► stopped
+//!            stopped ──(start)──► running
 //!
 //! lane:      idle ◄──► running ──(handler failed)──► retrying ──(succeeded)──► running
 //!                                                   retrying ──(exhausted, halt)──► halted
 //!            every lane of a halted consumer reads as halted
 //!
-//! failure (weir.consumer_failures.outcome): retry | halt | skip | park
+//! failure (weir.consumer_failures.outcome): retry | halt | skip | park | stop
 //! ```
 //!
 //! The full state machine is drawn in `docs/consumers.md`.
@@ -127,6 +128,8 @@ text_enum! {
         Skip => "skip",
         /// It was parked: set aside with its key's later events, until retried or discarded.
         Park => "park",
+        /// The handler stopped the consumer (a receiver that is gone); starting it tries again.
+        Stop => "stop",
     }
 }
 

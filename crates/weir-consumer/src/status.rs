@@ -41,6 +41,9 @@ pub struct ConsumerStatus {
     pub halted: Option<serde_json::Value>,
     /// Parked events.
     pub parked: i64,
+    /// Why it is stopped, when its handler stopped it (a webhook receiver answered `410
+    /// Gone`); `None` when someone stopped it or it runs.
+    pub stopped_reason: Option<String>,
     /// Its lanes.
     pub lanes: Vec<LaneStatus>,
 }

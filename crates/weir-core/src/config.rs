@@ -80,7 +80,7 @@ pub struct Config {
 }
 
 /// `[[subscriptions]]`: a subscription over appended events or row changes, delivered to SSE
-/// and WebSocket clients attached by name. Its selector is checked when `weir run` (or
+/// and WebSocket clients attached by name, or to a webhook or NATS JetStream (`sink`). Its selector is checked when `weir run` (or
 /// `weir init`) starts; see `docs/streams.md` for each type's selector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +109,10 @@ pub struct SubscriptionConfig {
     /// Overrides `[consumers] on_exhausted`.
     #[serde(default)]
     pub on_exhausted: Option<OnExhausted>,
+    /// Where it delivers: `client` (the default: SSE and WebSocket clients), or a table
+    /// `[subscriptions.sink]` with `type = "webhook"` or `type = "nats"` (see `docs/sinks.md`).
+    #[serde(default)]
+    pub sink: Option<serde_json::Value>,
 }
 
 fn default_pool_size() -> u32 {

@@ -26,11 +26,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     n.checked_mul(ms).map(Duration::from_millis).ok_or_else(|| DurationError(s.into()))
 }
 
-pub(crate) mod serde_duration {
-    //! `Duration` as a human string in TOML.
+pub mod serde_duration {
+    //! `Duration` as a human string in TOML and JSON: `#[serde(with = "weir_core::serde_duration")]`.
     use std::time::Duration;
 
-    pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    /// Writes `15s`, `500ms`, `7d`.
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         let ms = d.as_millis();
         let text = if ms.is_multiple_of(86_400_000) && ms > 0 {
             format!("{}d", ms / 86_400_000)
@@ -42,9 +43,8 @@ pub(crate) mod serde_duration {
         s.serialize_str(&text)
     }
 
-    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Duration, D::Error> {
+    /// Reads what [`parse_duration`](super::parse_duration) reads.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = <String as serde::Deserialize>::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
     }

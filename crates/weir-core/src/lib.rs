@@ -23,7 +23,7 @@ pub use config::{
     OperatorConfig, Ordering, QueueConfig, RetryConfig, Secret, SourceConfig, StartFrom,
     SubscriptionConfig,
 };
-pub use duration::{DurationError, parse_duration};
+pub use duration::{DurationError, parse_duration, serde_duration};
 pub use event::{Event, Kind, Source};
 pub use failure::{BoxError, Chain, panic_message};
 pub use identity::ProcessId;

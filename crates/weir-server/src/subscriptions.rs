@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 use weir_consumer::status::Parked;
 use weir_streams::subscription::MAX_POOL_SIZE;
 use weir_streams::{
-    SinkKind, StartAt, Subscription, SubscriptionDef, SubscriptionOptions, SubscriptionUpdate,
+    Sink, StartAt, Subscription, SubscriptionDef, SubscriptionOptions, SubscriptionUpdate,
     subscriptions,
 };
 
@@ -102,10 +102,12 @@ pub(crate) struct NewSubscription {
     /// `{retry, on_exhausted, partition_by}`.
     #[serde(default)]
     options: Option<SubscriptionOptions>,
-    /// `client` (default: SSE and WebSocket clients attach) or `rust` (a handler registered
-    /// with `Weir::builder().subscription` in some process delivers).
+    /// `client` (default: SSE and WebSocket clients attach), `rust` (a handler registered with
+    /// `Weir::builder().subscription` in some process delivers), or a webhook or NATS sink:
+    /// `{"type": "webhook", "url": "https://…", "secret_env": "HOOK_SECRET"}`,
+    /// `{"type": "nats", "subject": "weir.{entity}.{kind}", "stream": "WEIR"}` (docs/sinks.md).
     #[serde(default)]
-    sink: Option<SinkKind>,
+    sink: Option<Sink>,
 }
 
 impl NewSubscription {
@@ -134,9 +136,13 @@ impl NewSubscription {
             pool_size,
             start_from,
             options: self.options.unwrap_or_default(),
-            sink: self.sink.unwrap_or(SinkKind::Client),
+            sink: self.sink.unwrap_or(Sink::Client),
         };
         def.validate()?;
+        // This process delivers it: a secret missing from its environment is refused now.
+        def.sink
+            .check_environment()
+            .map_err(|e| invalid(format!("subscription `{}`: {e}", def.name)))?;
         Ok(def)
     }
 }

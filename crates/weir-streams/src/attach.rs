@@ -78,10 +78,16 @@ impl Attachment {
     /// error.
     pub async fn attach(pool: &PgPool, name: &str, emitters: Option<&[i32]>) -> Result<Self> {
         let def = subscriptions::load(pool, name).await?;
-        if def.sink != SinkKind::Client {
+        let delivers_to = match def.sink.kind() {
+            SinkKind::Client => None,
+            SinkKind::Rust => Some("a Rust handler in the process that registered it"),
+            SinkKind::Webhook => Some("a webhook"),
+            SinkKind::Nats => Some("NATS JetStream"),
+        };
+        if let Some(to) = delivers_to {
             return Err(Error::InvalidSubscription(format!(
-                "subscription `{name}` delivers to a Rust handler in the process that \
-                 registered it; attach clients to a subscription with sink `client`"
+                "subscription `{name}` delivers to {to}; attach clients to a subscription with \
+                 sink `client`"
             )));
         }
         let matcher = def.matcher()?;

@@ -1,27 +1,31 @@
-//! In-process delivery: a subscription whose sink is a Rust [`Handler`] runs on the consumer
-//! engine — its emitters are the consumer's lanes, leased across the processes that register
-//! the handler, with the engine's retries, halt / skip / park and fenced checkpoints.
+//! Delivery on the consumer engine: a subscription whose sink is a Rust [`Handler`], a webhook
+//! or NATS JetStream runs as a consumer — its emitters are the consumer's lanes, leased across
+//! the processes that run it, with the engine's retries, halt / skip / park and fenced
+//! checkpoints.
 //!
 //! ```text
 //! SubscriptionCatalog (every supervisor tick): weir.subscriptions where sink = 'rust' and a
-//!   handler of that name is registered here ─► ConsumerSpec { lanes = pool_size,
-//!   generation } ─► lane: SQL filter (coarse selector) ─► Matcher ─► route by stream / key
-//!   ─► BEGIN; handler.handle(tx, event); checkpoint; COMMIT
+//!   handler of that name is registered here, or sink in (webhook, nats) when this process
+//!   delivers sinks and can build the sink (its secrets are in the environment)
+//!   ─► ConsumerSpec { lanes = pool_size, generation, group, linger }
+//!   ─► lane: SQL filter (coarse selector) ─► Matcher ─► route by stream / key
+//!   ─► BEGIN; handler.handle(tx, event) | sink.deliver(group) + count it; checkpoint; COMMIT
 //! ```
 //!
 //! The handler runs inside the checkpoint's transaction: its database writes land exactly once
-//! with the delivery. Effects outside the database are at least once (a crash between the
-//! effect and the commit repeats the event).
+//! with the delivery. Effects outside the database — a sink's deliveries among them — are at
+//! least once (a crash between the effect and the commit repeats the event, with the same id).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
 use weir_consumer::{Catalog, ConsumerSpec, Operator, OperatorError, Selector};
 use weir_core::{ConsumersConfig, Event, Ordering};
 
+use crate::sink::Sink;
 use crate::subscription::{Matcher, SubscriptionDef};
 use crate::subscriptions;
 
@@ -76,12 +80,19 @@ impl<H: Handler> ErasedHandler for H {
     }
 }
 
+/// Where an emitter delivers.
+#[derive(Clone)]
+enum Target {
+    Handler(Arc<dyn ErasedHandler>),
+    Sink(Arc<dyn weir_sinks::Delivery>),
+}
+
 /// A subscription as the engine sees it: an operator with the subscription's selector and
-/// routing, delivering to the handler.
+/// routing, delivering to the handler or the sink.
 struct Emitter {
     def: SubscriptionDef,
     matcher: Matcher,
-    handler: Arc<dyn ErasedHandler>,
+    target: Target,
 }
 
 impl Operator for Emitter {
@@ -98,27 +109,70 @@ impl Operator for Emitter {
     }
 
     async fn handle(&self, tx: &mut PgConnection, event: &Event) -> Result<(), OperatorError> {
-        self.handler.handle(tx, event).await
+        match &self.target {
+            Target::Handler(h) => h.handle(tx, event).await,
+            Target::Sink(_) => self.handle_group(tx, &[event]).await,
+        }
+    }
+
+    async fn handle_group(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+    ) -> Result<(), OperatorError> {
+        let sink = match &self.target {
+            Target::Handler(h) => {
+                for event in events {
+                    h.handle(tx, event).await?;
+                }
+                return Ok(());
+            }
+            Target::Sink(sink) => sink,
+        };
+        let (Some(first), Some(last)) = (events.first(), events.last()) else { return Ok(()) };
+        sink.deliver(events).await?;
+        // Counted in the checkpoint's transaction, on the emitter's own row.
+        let key = self.def.partition_key(first).unwrap_or_default();
+        let lane = weir_consumer::lane_of(&key, self.def.pool_size as i32);
+        subscriptions::record_delivery(tx, &self.def.name, lane, events.len(), last.position)
+            .await
+            .map_err(OperatorError::retry)?;
+        Ok(())
     }
 }
 
-/// The subscriptions this process delivers to Rust handlers, looked up in the database every
-/// supervisor tick (so an update, a stop or a re-split made anywhere reaches every process).
+/// The subscriptions this process delivers — to Rust handlers, and (with
+/// [`sinks`](Self::sinks)) to webhooks and NATS — looked up in the database every supervisor
+/// tick (so an update, a stop or a re-split made anywhere reaches every process).
 pub struct SubscriptionCatalog {
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     defaults: ConsumersConfig,
+    sinks: bool,
+    /// Sinks built, by subscription and generation: one HTTP client or NATS connection per
+    /// definition, kept across ticks.
+    built: Mutex<HashMap<String, (i64, Result<Arc<dyn weir_sinks::Delivery>, String>)>>,
 }
 
 impl std::fmt::Debug for SubscriptionCatalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SubscriptionCatalog").field("handlers", &self.handlers.keys()).finish()
+        f.debug_struct("SubscriptionCatalog")
+            .field("handlers", &self.handlers.keys())
+            .field("sinks", &self.sinks)
+            .finish()
     }
 }
 
 impl SubscriptionCatalog {
     /// An empty catalog; retries and failure policy default to `defaults`.
     pub fn new(defaults: ConsumersConfig) -> Self {
-        Self { handlers: HashMap::new(), defaults }
+        Self { handlers: HashMap::new(), defaults, sinks: false, built: Mutex::default() }
+    }
+
+    /// Whether this process delivers webhook and NATS subscriptions too (every process that
+    /// does shares their emitters).
+    pub fn sinks(mut self, deliver: bool) -> Self {
+        self.sinks = deliver;
+        self
     }
 
     /// Delivers subscription `name` (whose sink is `rust`) to `handler` in this process.
@@ -127,18 +181,61 @@ impl SubscriptionCatalog {
         self
     }
 
-    /// Whether no handler is registered.
+    /// Whether it runs nothing: no handler, and no sinks.
     pub fn is_empty(&self) -> bool {
-        self.handlers.is_empty()
+        self.handlers.is_empty() && !self.sinks
+    }
+
+    /// The sink of `def`, built once per generation; the error says why this process cannot
+    /// deliver it (recorded on the subscription, and logged once).
+    async fn sink(
+        &self,
+        pool: &PgPool,
+        def: &SubscriptionDef,
+        generation: i64,
+    ) -> crate::Result<Option<Arc<dyn weir_sinks::Delivery>>> {
+        let cached = self
+            .built
+            .lock()
+            .expect("built sinks")
+            .get(&def.name)
+            .and_then(|(g, b)| (*g == generation).then(|| b.clone()));
+        let built = match cached {
+            Some(b) => b,
+            None => {
+                let built: Result<Arc<dyn weir_sinks::Delivery>, String> = match &def.sink {
+                    Sink::Webhook(w) => weir_sinks::webhook::Webhook::new(&def.name, w)
+                        .map(|d| Arc::new(d) as Arc<dyn weir_sinks::Delivery>),
+                    Sink::Nats(n) => weir_sinks::nats::Nats::new(&def.name, n)
+                        .map(|d| Arc::new(d) as Arc<dyn weir_sinks::Delivery>),
+                    Sink::Client | Sink::Rust => return Ok(None),
+                };
+                if let Err(e) = &built {
+                    tracing::error!(subscription = %def.name, error = %e, "cannot deliver to the subscription's sink from this process; another process may");
+                }
+                subscriptions::record_sink_error(
+                    pool,
+                    &def.name,
+                    built.as_ref().err().map(String::as_str),
+                )
+                .await?;
+                self.built
+                    .lock()
+                    .expect("built sinks")
+                    .insert(def.name.clone(), (generation, built.clone()));
+                built
+            }
+        };
+        Ok(built.ok())
     }
 
     async fn current(&self, pool: &PgPool) -> crate::Result<Vec<ConsumerSpec>> {
-        if self.handlers.is_empty() {
+        if self.is_empty() {
             return Ok(Vec::new());
         }
         let names: Vec<String> = self.handlers.keys().cloned().collect();
         let mut specs = Vec::new();
-        for row in subscriptions::rust_rows(pool, &names).await? {
+        for row in subscriptions::engine_rows(pool, &names, self.sinks).await? {
             let def = match row.definition().and_then(|d| d.matcher().map(|m| (d, m))) {
                 Ok(d) => d,
                 Err(e) => {
@@ -147,12 +244,27 @@ impl SubscriptionCatalog {
                 }
             };
             let (def, matcher) = def;
-            let handler = self.handlers[&row.name].clone();
+            let target = match &def.sink {
+                Sink::Rust => match self.handlers.get(&row.name) {
+                    Some(h) => Target::Handler(h.clone()),
+                    None => continue,
+                },
+                Sink::Webhook(_) | Sink::Nats(_) => {
+                    match self.sink(pool, &def, row.generation).await? {
+                        Some(sink) => Target::Sink(sink),
+                        None => continue,
+                    }
+                }
+                Sink::Client => continue,
+            };
             let retry = def.options.retry.unwrap_or(self.defaults.retry);
             let on_exhausted = def.options.on_exhausted.unwrap_or(self.defaults.on_exhausted);
             let name = def.name.clone();
-            let emitter = Arc::new(Emitter { def, matcher, handler });
+            let (group, linger) = (def.sink.group(), def.sink.linger());
+            let emitter = Arc::new(Emitter { def, matcher, target });
             let mut spec = ConsumerSpec::new(name, emitter, &self.defaults);
+            spec.group = group;
+            spec.linger = linger;
             spec.ordering = Ordering::PerKey;
             spec.lanes = row.lanes as u32;
             spec.retry = retry;

@@ -20,6 +20,7 @@ pub mod append;
 pub mod attach;
 pub mod handler;
 pub mod read;
+pub mod sink;
 pub mod subscription;
 pub mod subscriptions;
 
@@ -30,6 +31,7 @@ pub use read::{
     list_streams, load_snapshot, read_log, read_stream, save_snapshot, stream_info,
     truncate_stream,
 };
+pub use sink::Sink;
 pub use subscription::{SinkKind, StartAt, SubscriptionDef, SubscriptionKind, SubscriptionOptions};
 pub use subscriptions::{Subscription, SubscriptionUpdate};
 
@@ -104,6 +106,11 @@ pub const MIGRATIONS: &[weir_log::schema::Migration] = &[
         version: 2,
         name: "subscriptions",
         sql: include_str!("../migrations/0002_subscriptions.sql"),
+    },
+    weir_log::schema::Migration {
+        version: 3,
+        name: "sinks",
+        sql: include_str!("../migrations/0003_sinks.sql"),
     },
 ];
 

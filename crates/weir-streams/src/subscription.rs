@@ -25,6 +25,7 @@ use serde_json::Value;
 use weir_consumer::Selector;
 use weir_core::{Event, Kind, OnExhausted, RetryConfig};
 
+use crate::sink::Sink;
 use crate::{Error, Result};
 
 /// Most emitters a subscription may have.
@@ -152,7 +153,7 @@ impl StartAt {
     }
 }
 
-/// How a subscription delivers.
+/// How a subscription delivers: the kind of its [`Sink`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
@@ -160,6 +161,22 @@ pub enum SinkKind {
     Client,
     /// To a Rust handler in the process that registered it (`Weir::builder().subscription`).
     Rust,
+    /// POSTed to a URL (Standard Webhooks).
+    Webhook,
+    /// Published to NATS JetStream.
+    Nats,
+}
+
+impl SinkKind {
+    /// The word stored in `weir.subscriptions.sink`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Rust => "rust",
+            Self::Webhook => "webhook",
+            Self::Nats => "nats",
+        }
+    }
 }
 
 /// Settings beyond the selector.
@@ -196,7 +213,7 @@ pub struct SubscriptionDef {
     /// Retries, failure policy, routing.
     pub options: SubscriptionOptions,
     /// How it delivers.
-    pub sink: SinkKind,
+    pub sink: Sink,
 }
 
 impl SubscriptionDef {
@@ -209,8 +226,14 @@ impl SubscriptionDef {
             pool_size: 1,
             start_from: StartAt::Beginning,
             options: SubscriptionOptions::default(),
-            sink: SinkKind::Client,
+            sink: Sink::Client,
         }
+    }
+
+    /// Delivering to `sink`.
+    pub fn sink(mut self, sink: Sink) -> Self {
+        self.sink = sink;
+        self
     }
 
     /// With `pool_size` emitters.
@@ -293,7 +316,12 @@ impl SubscriptionDef {
                 on_exhausted: c.on_exhausted,
                 partition_by: c.partition_by.clone(),
             },
-            sink: SinkKind::Client,
+            sink: match &c.sink {
+                None => Sink::Client,
+                Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                    Error::InvalidSubscription(format!("subscription `{}`: sink: {e}", c.name))
+                })?,
+            },
         };
         def.validate()?;
         Ok(def)

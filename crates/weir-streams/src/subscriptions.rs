@@ -21,9 +21,8 @@ use weir_consumer::status::LaneStatus;
 use weir_consumer::{ConsumerKind, ConsumerState};
 use weir_log::LogReader;
 
-use crate::subscription::{
-    SinkKind, StartAt, SubscriptionDef, SubscriptionKind, SubscriptionOptions,
-};
+use crate::sink::Sink;
+use crate::subscription::{StartAt, SubscriptionDef, SubscriptionKind, SubscriptionOptions};
 use crate::{Error, Result};
 
 /// A subscription as every surface shows it (reckon_db's shape, plus its state and emitters).
@@ -49,8 +48,17 @@ pub struct Subscription {
     pub checkpoint: i64,
     /// Retries, failure policy, routing.
     pub options: SubscriptionOptions,
-    /// `client` (SSE/WebSocket clients attached by name) or `rust` (an in-process handler).
-    pub sink: SinkKind,
+    /// `client` (SSE/WebSocket clients attached by name), `rust` (an in-process handler), or a
+    /// webhook or NATS sink's settings (`{"type": "webhook", ...}`; secrets appear only as the
+    /// names of the environment variables that hold them).
+    pub sink: Sink,
+    /// What a webhook or NATS sink delivered (`None` for client and rust sinks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<Deliveries>,
+    /// Why the last process that tried could not deliver to the sink (a secret's environment
+    /// variable not set there, say); cleared when one can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink_error: Option<String>,
     /// Where it started.
     #[schema(value_type = Object)]
     pub start_from: Value,
@@ -60,6 +68,9 @@ pub struct Subscription {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub halted: Option<Value>,
+    /// Why it stopped, when its sink stopped it (a webhook receiver answered `410 Gone`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_reason: Option<String>,
     /// Parked events.
     pub parked: i64,
     /// Each emitter: position, lag (events and seconds), state, owner, last error.
@@ -68,6 +79,25 @@ pub struct Subscription {
     pub created_at: DateTime<Utc>,
     /// When its definition last changed.
     pub updated_at: DateTime<Utc>,
+}
+
+/// What a webhook or NATS sink has delivered, over all its emitters.
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Deliveries {
+    /// Events delivered (acknowledged by the receiver and checkpointed).
+    pub delivered: i64,
+    /// The last delivered event's log position.
+    pub last_position: Option<i64>,
+    /// When the last delivery was checkpointed.
+    pub last_delivered_at: Option<DateTime<Utc>>,
+    /// Failed attempts that were retried.
+    pub retries: i64,
+    /// Events given up on (halted, skipped, parked or stopped on).
+    pub failed: i64,
+    /// The last failed attempt's error.
+    pub last_error: Option<String>,
+    /// When it failed.
+    pub last_error_at: Option<DateTime<Utc>>,
 }
 
 /// What an update changes; `None` keeps the current value.
@@ -85,7 +115,7 @@ pub struct SubscriptionUpdate {
     /// New options (replacing the old ones).
     pub options: Option<SubscriptionOptions>,
     /// A new sink.
-    pub sink: Option<SinkKind>,
+    pub sink: Option<Sink>,
 }
 
 /// Creates a subscription; a name taken by a subscription or an operator is
@@ -115,15 +145,17 @@ pub async fn create(pool: &PgPool, def: &SubscriptionDef) -> Result<Subscription
         e => e.into(),
     })?;
     let inserted = sqlx::query(
-        "insert into weir.subscriptions (name, type, selector, options, sink, start_from)
-         values ($1, $2, $3, $4, $5, $6)
+        "insert into weir.subscriptions (name, type, selector, options, sink, sink_config,
+                                         start_from)
+         values ($1, $2, $3, $4, $5, $6, $7)
          on conflict (name) do nothing",
     )
     .bind(&def.name)
     .bind(def.kind.as_str())
     .bind(&def.selector)
     .bind(sqlx::types::Json(&def.options))
-    .bind(sink_str(def.sink))
+    .bind(def.sink.kind().as_str())
+    .bind(def.sink.settings())
     .bind(def.start_from.to_value())
     .execute(&mut *tx)
     .await?
@@ -158,7 +190,7 @@ pub async fn ensure(pool: &PgPool, def: &SubscriptionDef) -> Result<Subscription
         selector: (current.selector != def.selector).then(|| def.selector.clone()),
         pool_size: (current.pool_size != def.pool_size).then_some(def.pool_size),
         options: (current.options != def.options).then(|| def.options.clone()),
-        sink: (current.sink != def.sink).then_some(def.sink),
+        sink: (current.sink != def.sink).then(|| def.sink.clone()),
     };
     if update == SubscriptionUpdate::default() {
         return get(pool, &def.name).await;
@@ -211,14 +243,16 @@ pub async fn update(pool: &PgPool, name: &str, update: SubscriptionUpdate) -> Re
     if definition_changed {
         sqlx::query(
             "update weir.subscriptions
-             set type = $2, selector = $3, options = $4, sink = $5, updated_at = now()
+             set type = $2, selector = $3, options = $4, sink = $5, sink_config = $6,
+                 sink_error = null, sink_error_at = null, updated_at = now()
              where name = $1",
         )
         .bind(name)
         .bind(next.kind.as_str())
         .bind(&next.selector)
         .bind(sqlx::types::Json(&next.options))
-        .bind(sink_str(next.sink))
+        .bind(next.sink.kind().as_str())
+        .bind(next.sink.settings())
         .execute(&mut *tx)
         .await?;
         let coarse = next.coarse_selector();
@@ -312,8 +346,9 @@ async fn load_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<Subscripti
 macro_rules! select_rows {
     ($rest:literal) => {
         concat!(
-            "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.start_from,
-                    s.created_at, s.updated_at, k.lanes, k.next_lanes, k.generation
+            "select s.id, s.name, s.type, s.selector, s.options, s.sink, s.sink_config,
+                    s.sink_error, s.start_from, s.created_at, s.updated_at, k.lanes,
+                    k.next_lanes, k.generation
              from weir.subscriptions s join weir.consumers k on k.name = s.name ",
             $rest
         )
@@ -334,6 +369,8 @@ pub(crate) struct Row {
     selector: Value,
     options: Value,
     sink: String,
+    sink_config: Option<Value>,
+    sink_error: Option<String>,
     start_from: Value,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -357,17 +394,100 @@ impl Row {
                     self.name
                 ))
             })?,
-            sink: parse_sink(&self.sink)?,
+            sink: self.sink()?,
+        })
+    }
+
+    fn sink(&self) -> Result<Sink> {
+        Sink::from_parts(&self.sink, self.sink_config.as_ref()).map_err(|e| {
+            Error::InvalidSubscription(format!("subscription `{}`: stored sink: {e}", self.name))
         })
     }
 }
 
-/// Rows of the subscriptions delivered by a Rust handler of one of `names`, for the catalog.
-pub(crate) async fn rust_rows(pool: &PgPool, names: &[String]) -> Result<Vec<Row>> {
-    Ok(sqlx::query_as(select_rows!("where s.sink = 'rust' and s.name = any($1)"))
-        .bind(names)
-        .fetch_all(pool)
-        .await?)
+/// Rows of the subscriptions the catalog runs: delivered by a Rust handler of one of
+/// `handlers`, and (with `sinks`) every webhook and NATS subscription.
+pub(crate) async fn engine_rows(
+    pool: &PgPool,
+    handlers: &[String],
+    sinks: bool,
+) -> Result<Vec<Row>> {
+    Ok(sqlx::query_as(select_rows!(
+        "where (s.sink = 'rust' and s.name = any($1))
+            or ($2 and s.sink in ('webhook', 'nats'))"
+    ))
+    .bind(handlers)
+    .bind(sinks)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Records why this process cannot deliver to `name`'s sink (`None`: it can), unless the
+/// definition changed since (`generation`).
+pub(crate) async fn record_sink_error(
+    pool: &PgPool,
+    name: &str,
+    error: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "update weir.subscriptions
+         set sink_error = $2, sink_error_at = case when $2::text is null then null else now() end
+         where name = $1 and sink_error is distinct from $2",
+    )
+    .bind(name)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Counts a delivery of `delivered` events up to `position` by emitter `lane`, in the
+/// transaction that moves its checkpoint.
+pub(crate) async fn record_delivery(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    lane: i32,
+    delivered: usize,
+    position: i64,
+) -> Result<()> {
+    sqlx::query(
+        "insert into weir.sink_deliveries
+             (subscription, lane, delivered, last_position, last_delivered_at)
+         values ($1, $2, $3, $4, now())
+         on conflict (subscription, lane) do update
+         set delivered = weir.sink_deliveries.delivered + excluded.delivered,
+             last_position = greatest(weir.sink_deliveries.last_position, excluded.last_position),
+             last_delivered_at = excluded.last_delivered_at",
+    )
+    .bind(name)
+    .bind(lane)
+    .bind(delivered as i64)
+    .bind(position)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn deliveries(pool: &PgPool, name: &str) -> Result<Deliveries> {
+    Ok(sqlx::query_as(
+        "select coalesce((select sum(delivered) from weir.sink_deliveries
+                          where subscription = $1), 0)::bigint as delivered,
+                (select max(last_position) from weir.sink_deliveries
+                 where subscription = $1) as last_position,
+                (select max(last_delivered_at) from weir.sink_deliveries
+                 where subscription = $1) as last_delivered_at,
+                (select count(*) from weir.consumer_failures
+                 where consumer = $1 and outcome = 'retry') as retries,
+                (select count(*) from weir.consumer_failures
+                 where consumer = $1 and outcome <> 'retry') as failed,
+                f.error as last_error, f.at as last_error_at
+         from (select 1) one
+         left join lateral (select error, at from weir.consumer_failures
+                            where consumer = $1 order by at desc limit 1) f on true",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?)
 }
 
 async fn assemble(pool: &PgPool, row: Row) -> Result<Subscription> {
@@ -375,6 +495,11 @@ async fn assemble(pool: &PgPool, row: Row) -> Result<Subscription> {
         .await?
         .ok_or_else(|| Error::UnknownSubscription(row.name.clone()))?;
     let checkpoint = status.lanes.iter().map(|l| l.position).min().unwrap_or(0);
+    let sink = row.sink()?;
+    let deliveries = match sink {
+        Sink::Webhook(_) | Sink::Nats(_) => Some(deliveries(pool, &row.name).await?),
+        Sink::Client | Sink::Rust => None,
+    };
     Ok(Subscription {
         id: row.id,
         kind: row.kind.parse()?,
@@ -384,10 +509,13 @@ async fn assemble(pool: &PgPool, row: Row) -> Result<Subscription> {
         pending_pool_size: row.next_lanes,
         checkpoint,
         options: serde_json::from_value(row.options).unwrap_or_default(),
-        sink: parse_sink(&row.sink)?,
+        sink,
+        deliveries,
+        sink_error: row.sink_error,
         start_from: row.start_from,
         state: status.state,
         halted: status.halted,
+        stopped_reason: status.stopped_reason,
         parked: status.parked,
         emitters: status.lanes,
         created_at: row.created_at,
@@ -444,21 +572,4 @@ async fn start_position(pool: &PgPool, start: &StartAt) -> Result<i64> {
             first.map_or(head, |p| p - 1)
         }
     })
-}
-
-fn sink_str(sink: SinkKind) -> &'static str {
-    match sink {
-        SinkKind::Client => "client",
-        SinkKind::Rust => "rust",
-    }
-}
-
-fn parse_sink(s: &str) -> Result<SinkKind> {
-    match s {
-        "client" => Ok(SinkKind::Client),
-        "rust" => Ok(SinkKind::Rust),
-        other => {
-            Err(Error::InvalidSubscription(format!("`{other}` is not a sink; use client or rust")))
-        }
-    }
 }

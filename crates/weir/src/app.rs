@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
 use weir_core::{Config, ProcessId};
 use weir_jobs::{JobRunner, PeriodicJob, RunningJobs, Worker};
-use weir_streams::{Handler, SinkKind, SubscriptionCatalog, SubscriptionDef};
+use weir_streams::{Handler, Sink, SubscriptionCatalog, SubscriptionDef};
 
 use crate::{Error, Result, db};
 
@@ -72,7 +72,7 @@ impl Weir {
             workers: Vec::new(),
             periodic: Vec::new(),
             subscriptions: Vec::new(),
-            catalog: SubscriptionCatalog::new(config.consumers.clone()),
+            catalog: SubscriptionCatalog::new(config.consumers.clone()).sinks(true),
             config,
         }
     }
@@ -102,7 +102,7 @@ impl WeirBuilder {
     /// registers a handler under its name: the emitters are shared among them). `start`
     /// creates it, or brings the stored one to `def` (a changed pool size re-splits).
     pub fn subscription(mut self, mut def: SubscriptionDef, handler: impl Handler) -> Self {
-        def.sink = SinkKind::Rust;
+        def.sink = Sink::Rust;
         self.catalog = self.catalog.handler(def.name.clone(), handler);
         self.subscriptions.push(def);
         self
@@ -125,6 +125,14 @@ impl WeirBuilder {
     /// (it runs only with at least one worker registered).
     pub fn periodic(mut self, job: PeriodicJob) -> Self {
         self.periodic.push(job);
+        self
+    }
+
+    /// Whether this process delivers webhook and NATS subscriptions (default: yes; every
+    /// process that does shares their emitters, and one without a sink's secrets in its
+    /// environment leaves that sink to the others).
+    pub fn deliver_sinks(mut self, deliver: bool) -> Self {
+        self.catalog = self.catalog.sinks(deliver);
         self
     }
 
@@ -162,7 +170,13 @@ impl WeirBuilder {
         weir_streams::migrate(&pool).await?;
         let mut subscriptions = Vec::new();
         for c in &config.subscriptions {
-            subscriptions.push(SubscriptionDef::from_config(c)?);
+            let def = SubscriptionDef::from_config(c)?;
+            // A sink this process cannot deliver (its secret not in the environment) is known
+            // now, not at the first event.
+            def.sink.check_environment().map_err(|e| {
+                weir_streams::Error::InvalidSubscription(format!("subscription `{}`: {e}", c.name))
+            })?;
+            subscriptions.push(def);
         }
         subscriptions.extend(self.subscriptions);
         for def in &subscriptions {

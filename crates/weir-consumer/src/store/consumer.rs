@@ -109,17 +109,20 @@ pub(crate) async fn state(pool: &PgPool, consumer: &str) -> Result<(ConsumerStat
         .ok_or_else(|| Error::UnknownConsumer(consumer.to_string()))
 }
 
-/// Stops a consumer (its lanes wait; checkpoints stay). Returns its state before.
-pub(crate) async fn stop(pool: &PgPool, name: &str) -> Result<ConsumerState> {
+/// Stops a consumer (its lanes wait; checkpoints stay), with the handler's `reason` when a
+/// handler stopped it. Returns its state before.
+pub(crate) async fn stop(pool: &PgPool, name: &str, reason: Option<&str>) -> Result<ConsumerState> {
     let before: Option<ConsumerState> = sqlx::query_scalar(
         "with old as (select name, state from weir.consumers where name = $1 for update),
               upd as (update weir.consumers c
                       set state = 'stopped', halted_lane = null, halted_position = null,
-                          halted_attempt = null, halted_error = null, halted_at = null
+                          halted_attempt = null, halted_error = null, halted_at = null,
+                          stopped_reason = $2
                       from old where c.name = old.name)
          select state from old",
     )
     .bind(name)
+    .bind(reason)
     .fetch_optional(pool)
     .await?;
     before.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
@@ -130,7 +133,7 @@ pub(crate) async fn stop(pool: &PgPool, name: &str) -> Result<ConsumerState> {
 pub(crate) async fn start(pool: &PgPool, name: &str) -> Result<ConsumerState> {
     let before: Option<ConsumerState> = sqlx::query_scalar(
         "with old as (select name, state from weir.consumers where name = $1 for update),
-              upd as (update weir.consumers c set state = 'running'
+              upd as (update weir.consumers c set state = 'running', stopped_reason = null
                       from old where c.name = old.name and old.state = 'stopped')
          select state from old",
     )

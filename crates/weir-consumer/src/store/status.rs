@@ -10,7 +10,7 @@ use crate::status::{ConsumerStatus, LaneStatus, Parked};
 pub(crate) async fn consumers(pool: &PgPool, name: Option<&str>) -> Result<Vec<ConsumerStatus>> {
     let rows: Vec<ConsumerRow> = sqlx::query_as(
         "select k.name, k.state, k.halted_lane, k.halted_position, k.halted_attempt, k.halted_error,
-                (select count(*) from weir.parked p where p.consumer = k.name)
+                (select count(*) from weir.parked p where p.consumer = k.name), k.stopped_reason
          from weir.consumers k
          where $1::text is null or k.name = $1
          order by k.name",
@@ -19,7 +19,7 @@ pub(crate) async fn consumers(pool: &PgPool, name: Option<&str>) -> Result<Vec<C
     .fetch_all(pool)
     .await?;
     let mut out = Vec::new();
-    for (name, state, lane, position, attempt, error, parked) in rows {
+    for (name, state, lane, position, attempt, error, parked, stopped_reason) in rows {
         let lanes: Vec<LaneStatus> = sqlx::query_as(
             "select c.lane,
                     -- a halted consumer halts all its lanes, whatever each last wrote; a
@@ -48,14 +48,22 @@ pub(crate) async fn consumers(pool: &PgPool, name: Option<&str>) -> Result<Vec<C
         let halted = position.map(|p| {
             serde_json::json!({"lane": lane, "position": p, "attempt": attempt, "error": error})
         });
-        out.push(ConsumerStatus { name, state, halted, parked, lanes });
+        out.push(ConsumerStatus { name, state, halted, parked, stopped_reason, lanes });
     }
     Ok(out)
 }
 
-/// name, state, halted lane, position, attempt, error, parked count.
-type ConsumerRow =
-    (String, ConsumerState, Option<i32>, Option<i64>, Option<i32>, Option<String>, i64);
+/// name, state, halted lane, position, attempt, error, parked count, stopped reason.
+type ConsumerRow = (
+    String,
+    ConsumerState,
+    Option<i32>,
+    Option<i64>,
+    Option<i32>,
+    Option<String>,
+    i64,
+    Option<String>,
+);
 
 /// Parked events of `consumer` (or of all), oldest first.
 pub(crate) async fn parked(pool: &PgPool, consumer: Option<&str>) -> Result<Vec<Parked>> {
