@@ -150,8 +150,11 @@ pub struct SubscriptionCatalog {
     sinks: bool,
     /// Sinks built, by subscription and generation: one HTTP client or NATS connection per
     /// definition, kept across ticks.
-    built: Mutex<HashMap<String, (i64, Result<Arc<dyn weir_sinks::Delivery>, String>)>>,
+    built: Mutex<HashMap<String, (i64, Built)>>,
 }
+
+/// A sink built for one generation of a subscription, or why this process cannot build it.
+type Built = Result<Arc<dyn weir_sinks::Delivery>, String>;
 
 impl std::fmt::Debug for SubscriptionCatalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,7 +206,7 @@ impl SubscriptionCatalog {
         let built = match cached {
             Some(b) => b,
             None => {
-                let built: Result<Arc<dyn weir_sinks::Delivery>, String> = match &def.sink {
+                let built: Built = match &def.sink {
                     Sink::Webhook(w) => weir_sinks::webhook::Webhook::new(&def.name, w)
                         .map(|d| Arc::new(d) as Arc<dyn weir_sinks::Delivery>),
                     Sink::Nats(n) => weir_sinks::nats::Nats::new(&def.name, n)
