@@ -21,9 +21,13 @@
 //! - `fanout`: SSE commit → client latency and memory per idle client of a `weir run` process,
 //!   against **commit → the append's `LISTEN weir_events` notification** (the floor a channel
 //!   builds on).
+//! - `sinks`: a subscription delivered by `weir run` to a webhook (a receiver in this process)
+//!   and to NATS JetStream, events/s with pool sizes 1 and 8, against **plain clients** (reqwest
+//!   posting the same signed bodies, async-nats publishing the same messages with 256 PubAcks in
+//!   flight) right after each; then commit → receiver latency at a steady rate.
 //!
 //! ```text
-//! main ── ingest / operators / jobs / fanout / streams  (one module per benchmark, its args and phases)
+//! main ── ingest / operators / jobs / fanout / streams / sinks  (one module per benchmark, its args and phases)
 //!           │ server      PgServer: the --url server or a private cluster; create/drop databases
 //!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
 //!           │ procfs      /proc readers: ticks, RSS, children, titles
@@ -33,9 +37,9 @@
 //! ```
 //!
 //! Run: `cargo run --release -p weir-bench -- <benchmark> --help`. A missed target is printed,
-//! not an error. `fanout` starts `weir run` as a child process: this executable's hidden `weir`
-//! command, which is the weir-cli library's, so the server measured is built from the same
-//! source as the benchmark.
+//! not an error. `fanout` and `sinks` start `weir run` as a child process: this executable's
+//! hidden `weir` command, which is the weir-cli library's, so the server measured is built from
+//! the same source as the benchmark.
 
 mod cpu;
 mod fanout;
@@ -46,6 +50,7 @@ mod percentile;
 mod procfs;
 mod report;
 mod server;
+mod sinks;
 mod streams;
 mod subscriber;
 mod thread;
@@ -78,10 +83,12 @@ enum Command {
     Fanout(fanout::Args),
     /// The event store: appends/s against plain inserts, delivery through subscriptions, latency.
     Streams(streams::Args),
+    /// Sinks: webhook and NATS JetStream delivery against plain clients, commit → receiver.
+    Sinks(sinks::Args),
     /// A process that only delivers one subscription, for the crash tests that kill it.
     #[command(hide = true)]
     Subscriber(subscriber::Args),
-    /// The `weir` command itself (weir-cli's), for the processes `fanout` starts.
+    /// The `weir` command itself (weir-cli's), for the processes `fanout` and `sinks` start.
     #[command(hide = true)]
     Weir {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -109,6 +116,7 @@ fn main() -> ExitCode {
             Command::Jobs(args) => jobs::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
             Command::Streams(args) => streams::run(args).await,
+            Command::Sinks(args) => sinks::run(args).await,
             Command::Subscriber(args) => subscriber::run(args).await,
             Command::Weir { .. } => unreachable!("handled above"),
         }
