@@ -570,7 +570,10 @@ async fn weir_webhook(
     pool_size: u32,
     problems: &mut Vec<String>,
 ) -> anyhow::Result<Rate> {
-    let sink = WebhookSink { batch_size: b.args.batch_size, ..WebhookSink::new(&b.receiver.url, SECRET_ENV) };
+    let sink = WebhookSink {
+        batch_size: b.args.batch_size,
+        ..WebhookSink::new(&b.receiver.url, SECRET_ENV)
+    };
     let def = SubscriptionDef::new(sub, SubscriptionKind::Stream, json!("d-*"))
         .pool_size(pool_size)
         .sink(Sink::Webhook(sink));
@@ -657,18 +660,24 @@ async fn caught_up(
             None
         };
         if let Some(reason) = reason {
-            return Ok(Err(stuck(b, sub, &reason, w, r).await));
+            return Ok(Err(stuck(b, sub, &reason, (w, b.head), r).await));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// What a stuck subscription shows: its watermark, what arrived, its errors, the child's log.
-async fn stuck(b: &Bench<'_>, sub: &str, reason: &str, watermark: i64, received: u64) -> String {
+async fn stuck(
+    b: &Bench<'_>,
+    sub: &str,
+    reason: &str,
+    (watermark, target): (i64, i64),
+    received: u64,
+) -> String {
     let mut s = format!(
         "gave up — {reason}: watermark {} of {}, {} received",
         thousands(watermark as f64),
-        thousands(b.head as f64),
+        thousands(target as f64),
         thousands(received as f64)
     );
     match subscriptions::get(b.pool, sub).await {
@@ -939,7 +948,9 @@ async fn latency(
     let t = Instant::now();
     while count() == 0 {
         if t.elapsed() > Duration::from_secs(b.args.stall_seconds) {
-            let why = stuck(b, sub, "the probe event never arrived", 0, 0).await;
+            let w = watermark(b.pool, sub).await?;
+            let why =
+                stuck(b, sub, "the probe event never arrived", (w, head(b.pool).await?), 0).await;
             println!("  {why}");
             println!();
             subscriptions::delete(b.pool, sub).await?;
@@ -970,7 +981,8 @@ async fn latency(
     let mut failed = None;
     while watermark(b.pool, sub).await? < last {
         if t.elapsed() > Duration::from_secs(b.args.stall_seconds) {
-            failed = Some(stuck(b, sub, "not all delivered", watermark(b.pool, sub).await?, count() as u64).await);
+            let w = watermark(b.pool, sub).await?;
+            failed = Some(stuck(b, sub, "not all delivered", (w, last), count() as u64).await);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -989,9 +1001,7 @@ async fn latency(
     let mut ms = Vec::with_capacity(writes.commits.len());
     let mut missing = 0;
     for (key, committed) in &writes.commits {
-        let at = position
-            .get(key)
-            .and_then(|p| arrived(&weir_sinks::message_id(sub, *p)));
+        let at = position.get(key).and_then(|p| arrived(&weir_sinks::message_id(sub, *p)));
         match at {
             Some(at) => ms.push(signed_ms(at, *committed)),
             None => missing += 1,
@@ -1283,10 +1293,7 @@ fn check_signature(
     body: &[u8],
 ) -> Result<(), String> {
     let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| format!("no {name} header"))
+        headers.get(name).and_then(|v| v.to_str().ok()).ok_or_else(|| format!("no {name} header"))
     };
     let id = header("webhook-id")?;
     let ts = header("webhook-timestamp")?;
@@ -1535,6 +1542,7 @@ impl WeirChild {
         let child = cmd
             .env(SECRET_ENV, secret)
             .env("WEIR_LOG", "info,pg_walstream=warn,sqlx=warn")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -1548,9 +1556,10 @@ impl WeirChild {
         self.child.lock().expect("child").try_wait().ok().flatten()
     }
 
+    /// Its log's last `lines` lines, each cut at 240 characters.
     fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
+        let all: Vec<String> = text.lines().map(|l| l.chars().take(240).collect()).collect();
         let tail = all[all.len().saturating_sub(lines)..].join("\n      ");
         if tail.is_empty() { "(empty)".into() } else { format!("\n      {tail}") }
     }
@@ -1592,20 +1601,22 @@ struct Report {
 
 impl Report {
     fn print(&self, args: &Args, cpus: usize) {
-        println!("== summary ({cpus} CPUs shared by weir run, PostgreSQL, nats-server and this process) ==");
+        println!(
+            "== summary ({cpus} CPUs shared by weir run, PostgreSQL, nats-server and this process) =="
+        );
         if !self.throughput.is_empty() {
-            println!("  | sink | pool size | weir | ceiling (plain client) | weir / ceiling (target ≥ 0.7×) |");
+            println!(
+                "  | sink | pool size | weir | ceiling (plain client) | weir / ceiling (target ≥ 0.7×) |"
+            );
             println!("  |---|---|---|---|---|");
             let rate = |r: &Rate| {
                 r.per_second.map_or("did not finish".into(), |x| format!("{} ev/s", thousands(x)))
             };
             for row in &self.throughput {
                 let r = match (row.weir.per_second, row.ceiling.per_second) {
-                    (Some(w), Some(c)) => format!(
-                        "{} ({})",
-                        ratio(w / c),
-                        verdict(w / c >= TARGET_CEILING_RATIO)
-                    ),
+                    (Some(w), Some(c)) => {
+                        format!("{} ({})", ratio(w / c), verdict(w / c >= TARGET_CEILING_RATIO))
+                    }
                     _ => "—".into(),
                 };
                 println!(
@@ -1677,12 +1688,13 @@ mod tests {
         let mut headers = axum::http::HeaderMap::new();
         headers.insert("webhook-id", "s:1".parse().unwrap());
         headers.insert("webhook-timestamp", ts.to_string().parse().unwrap());
-        headers
-            .insert("webhook-signature", secrets.sign("s:1", ts, body).parse().unwrap());
+        headers.insert("webhook-signature", secrets.sign("s:1", ts, body).parse().unwrap());
         assert_eq!(check_signature(&secrets, &headers, body), Ok(()));
         assert!(check_signature(&secrets, &headers, b"{}").is_err());
         headers.remove("webhook-signature");
-        assert!(check_signature(&secrets, &headers, body).unwrap_err().contains("no webhook-signature"));
+        assert!(
+            check_signature(&secrets, &headers, body).unwrap_err().contains("no webhook-signature")
+        );
     }
 
     #[test]
