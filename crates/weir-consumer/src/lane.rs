@@ -10,13 +10,14 @@
 //!                             hash(partition key) % lanes == this lane?
 //!     no  ─► pos moves past it
 //!     yes ─► group (≤ spec.group, 50 by default; a short one may wait spec.linger for more):
+//!            prepare (work outside the database: a sink's delivery, no transaction held)
 //!            BEGIN; handle_group; fenced checkpoint; COMMIT
 //!            a failure rolls the group back ─► its events one by one through Lane::handle
 //!   nothing selected up to the head ─► checkpoint := head (the watermark moves), wait
 //!
 //! Lane::handle(event):
 //!   its key parked earlier? ─► park it behind (same key, same lane, in order)
-//!   loop { attempt: BEGIN; handler; fenced checkpoint; COMMIT
+//!   loop { attempt: prepare; BEGIN; handler; fenced checkpoint; COMMIT
 //!          failure ─► policy(failure, attempt):
 //!            Retry(delay) ─► record, status retrying, sleep, again
 //!            Halt         ─► record, halt the consumer, wait for resume (again) or skip (done)
@@ -329,6 +330,9 @@ impl Lane {
 
     /// One transaction for several events; `None` when a handler failed (rolled back).
     async fn attempt_group(&self, events: &[&Event]) -> Result<Option<Handled>> {
+        if self.call(self.spec.operator.prepare(events)).await.is_some() {
+            return Ok(None);
+        }
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         if self.call_group(&mut tx, events).await.is_some() {
@@ -430,6 +434,9 @@ impl Lane {
 
     /// One attempt: the handler and the checkpoint in one transaction.
     async fn attempt(&self, event: &Event) -> Result<Attempted> {
+        if let Some(failure) = self.call(self.spec.operator.prepare(&[event])).await {
+            return Ok(Attempted::Failed(failure));
+        }
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         if let Some(failure) = self.call_handler(&mut tx, event).await {
@@ -617,9 +624,14 @@ impl Lane {
                 store::lane::unpark(&mut *pool.acquire().await?, &self.spec.name, position).await?;
                 continue;
             };
+            let prepared = self.call(self.spec.operator.prepare(&[&event])).await;
             let mut conn = pool.acquire().await?;
             let mut tx = conn.begin().await?;
-            match self.call_handler(&mut tx, &event).await {
+            let failed = match prepared {
+                Some(failure) => Some(failure),
+                None => self.call_handler(&mut tx, &event).await,
+            };
+            match failed {
                 None => {
                     store::lane::unpark(&mut tx, &self.spec.name, position).await?;
                     tx.commit().await?;

@@ -84,6 +84,18 @@ pub trait Operator: Send + Sync + 'static {
         event: &Event,
     ) -> impl Future<Output = Result<(), OperatorError>> + Send;
 
+    /// Work outside the database for consecutive events of one lane, done before the
+    /// transaction that handles them begins — so no transaction (nor its pooled connection)
+    /// is held while it waits on the network. A sink delivers here, and its
+    /// [`handle_group`](Self::handle_group) only records the delivery. An error fails the events
+    /// as a handler's error does; on success the events are handled (in one transaction, with
+    /// the checkpoint). If that transaction fails, `prepare` runs again for them: its effects
+    /// are at least once. Defaults to nothing.
+    fn prepare(&self, events: &[&Event]) -> impl Future<Output = Result<(), OperatorError>> + Send {
+        let _ = events;
+        async { Ok(()) }
+    }
+
     /// Handles consecutive events of one lane (at most the spec's
     /// [`group`](crate::ConsumerSpec::group)) inside one `tx`, in order. Defaults to
     /// [`handle`](Self::handle) for each. An operator that can do better with several at once
@@ -185,6 +197,7 @@ pub(crate) trait ErasedOperator: Send + Sync + 'static {
         tx: &'a mut PgConnection,
         events: &'a [&'a Event],
     ) -> BoxFuture<'a, Result<(), OperatorError>>;
+    fn prepare<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Result<(), OperatorError>>;
 }
 
 impl<O: Operator> ErasedOperator for O {
@@ -210,5 +223,8 @@ impl<O: Operator> ErasedOperator for O {
         events: &'a [&'a Event],
     ) -> BoxFuture<'a, Result<(), OperatorError>> {
         Box::pin(Operator::handle_group(self, tx, events))
+    }
+    fn prepare<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(Operator::prepare(self, events))
     }
 }

@@ -1,6 +1,7 @@
 //! The consumer engine against a real PostgreSQL, fed by appending events straight to the log:
 //! per-key order and exactly-once effects under random failures (a property test), halt and
-//! resume, skip, park (with retry and discard), the retry delays, process status, and lanes
+//! resume, skip, park (with retry and discard), a handler stopping its consumer, `prepare` before
+//! the transaction, the retry delays, process status, and lanes
 //! shared by two engines that survive one of them dying.
 
 use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
@@ -632,4 +633,95 @@ async fn two_processes_may_register_a_new_consumer_at_the_same_moment() {
         a.expect("first registration").stop().await.unwrap();
         b.expect("concurrent registration").stop().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_from_the_handler_stops_the_consumer_with_its_reason_and_start_tries_again() {
+    let db = weir_testkit::shared().database("stop_now").unwrap();
+    let mut log = Log::new(&db).await;
+    let cancel = CancellationToken::new();
+    // Position 2 answers "gone" once (a webhook receiver's 410), then succeeds.
+    let op = Recorder::answering("stopnow", OperatorError::stop, |e, attempt| {
+        (e.position == 2 && attempt <= 2).then(|| "the receiver is gone".into())
+    });
+    let engine =
+        start(&log, vec![spec("stopnow", op.clone(), 1, OnExhausted::Halt, 5)], &cancel).await;
+    log.append(&[1, 2, 3], 0).await;
+    weir_testkit::eventually("stopped with the reason", Duration::from_secs(20), || async {
+        let s = weir_consumer::status::consumer(&log.pool, "stopnow").await.unwrap().unwrap();
+        s.state == ConsumerState::Stopped
+            && s.stopped_reason.as_deref() == Some("the receiver is gone")
+    })
+    .await;
+    // Nothing after the event: it stays unhandled, and so does everything behind it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let handled: Vec<i64> = sqlx::query_scalar("select position from handled order by position")
+        .fetch_all(&log.pool)
+        .await
+        .unwrap();
+    assert_eq!(handled, vec![1], "only the event before the stop is handled");
+    let kinds: Vec<String> = outcomes_at(&log.pool, 2).await.into_iter().map(|(o, _)| o).collect();
+    assert_eq!(kinds, vec!["stop"], "stopped at once: no retries");
+    weir_consumer::start(&log.pool, "stopnow").await.unwrap();
+    wait(&log.pool, "handled", "select count(*) from handled", 3, Duration::from_secs(20)).await;
+    let s = weir_consumer::status::consumer(&log.pool, "stopnow").await.unwrap().unwrap();
+    assert_eq!((s.state, s.stopped_reason), (ConsumerState::Running, None), "start clears it");
+    assert_exactly_once_in_order(&log.pool, "stopnow", 3).await;
+    engine.stop().await.unwrap();
+}
+
+/// Records in `prepare` how many transactions of this database were open at that moment, and
+/// writes each event in `handle_group`.
+struct Prepared {
+    pool: PgPool,
+    open_during_prepare: Mutex<Vec<i64>>,
+    prepared: Mutex<Vec<i64>>,
+}
+
+impl Operator for Prepared {
+    fn selector(&self) -> Selector {
+        Selector { entities: vec!["items".into()], kinds: vec![] }
+    }
+    async fn prepare(&self, events: &[&Event]) -> Result<(), OperatorError> {
+        let open: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and state like 'idle in transaction%'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        self.open_during_prepare.lock().unwrap().push(open);
+        self.prepared.lock().unwrap().extend(events.iter().map(|e| e.position));
+        Ok(())
+    }
+    async fn handle(&self, tx: &mut PgConnection, e: &Event) -> Result<(), OperatorError> {
+        sqlx::query("insert into handled (consumer, k, position) values ('prepared', $1, $2)")
+            .bind(e.key["k"].as_i64().unwrap() as i32)
+            .bind(e.position)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_runs_for_every_event_before_its_transaction_begins() {
+    let db = weir_testkit::shared().database("prepare").unwrap();
+    let mut log = Log::new(&db).await;
+    let cancel = CancellationToken::new();
+    let op = Arc::new(Prepared {
+        pool: log.pool.clone(),
+        open_during_prepare: Mutex::default(),
+        prepared: Mutex::default(),
+    });
+    let mut s = spec("prepared", op.clone(), 1, OnExhausted::Halt, 5);
+    s.group = 4;
+    let engine = start(&log, vec![s], &cancel).await;
+    log.append(&(1..=10).collect::<Vec<_>>(), 0).await;
+    wait(&log.pool, "handled", "select count(*) from handled", 10, Duration::from_secs(20)).await;
+    engine.stop().await.unwrap();
+    assert_eq!(*op.prepared.lock().unwrap(), (1..=10).collect::<Vec<i64>>(), "each once, in order");
+    let open = op.open_during_prepare.lock().unwrap().clone();
+    assert_eq!(open.len(), 3, "groups of at most 4: 4 + 4 + 2");
+    assert!(open.iter().all(|n| *n == 0), "no transaction open while preparing: {open:?}");
+    assert_exactly_once_in_order(&log.pool, "prepared", 10).await;
 }

@@ -9,7 +9,8 @@
 //!   delivers sinks and can build the sink (its secrets are in the environment)
 //!   ─► ConsumerSpec { lanes = pool_size, generation, group, linger }
 //!   ─► lane: SQL filter (coarse selector) ─► Matcher ─► route by stream / key
-//!   ─► BEGIN; handler.handle(tx, event) | sink.deliver(group) + count it; checkpoint; COMMIT
+//!   ─► handler: BEGIN; handler.handle(tx, event); checkpoint; COMMIT
+//!      sink:    sink.deliver(group) (no transaction held); BEGIN; count it; checkpoint; COMMIT
 //! ```
 //!
 //! The handler runs inside the checkpoint's transaction: its database writes land exactly once
@@ -108,10 +109,18 @@ impl Operator for Emitter {
         Ok(self.def.partition_key(event)?)
     }
 
+    async fn prepare(&self, events: &[&Event]) -> Result<(), OperatorError> {
+        match &self.target {
+            // Delivered before the transaction: none is held while the receiver answers.
+            Target::Sink(sink) => sink.deliver(events).await,
+            Target::Handler(_) => Ok(()),
+        }
+    }
+
     async fn handle(&self, tx: &mut PgConnection, event: &Event) -> Result<(), OperatorError> {
         match &self.target {
             Target::Handler(h) => h.handle(tx, event).await,
-            Target::Sink(_) => self.handle_group(tx, &[event]).await,
+            Target::Sink(_) => self.record(tx, &[event]).await,
         }
     }
 
@@ -120,24 +129,28 @@ impl Operator for Emitter {
         tx: &mut PgConnection,
         events: &[&Event],
     ) -> Result<(), OperatorError> {
-        let sink = match &self.target {
+        match &self.target {
             Target::Handler(h) => {
                 for event in events {
                     h.handle(tx, event).await?;
                 }
-                return Ok(());
+                Ok(())
             }
-            Target::Sink(sink) => sink,
-        };
+            Target::Sink(_) => self.record(tx, events).await,
+        }
+    }
+}
+
+impl Emitter {
+    /// Counts a sink's delivery of `events` (delivered by `prepare`) in the checkpoint's
+    /// transaction, on the emitter's own row.
+    async fn record(&self, tx: &mut PgConnection, events: &[&Event]) -> Result<(), OperatorError> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else { return Ok(()) };
-        sink.deliver(events).await?;
-        // Counted in the checkpoint's transaction, on the emitter's own row.
         let key = self.def.partition_key(first).unwrap_or_default();
         let lane = weir_consumer::lane_of(&key, self.def.pool_size as i32);
         subscriptions::record_delivery(tx, &self.def.name, lane, events.len(), last.position)
             .await
-            .map_err(OperatorError::retry)?;
-        Ok(())
+            .map_err(OperatorError::retry)
     }
 }
 

@@ -21,6 +21,12 @@
 //!
 //! One cluster per test binary ([`shared`]), one database per test ([`Cluster::database`]);
 //! [`TestDatabase`] drops its replication slots and the database when dropped.
+//!
+//! With the `receiver` feature, `receiver` is a recording HTTP receiver for the webhook sink's
+//! tests (scripted answers: statuses, hangs, closed connections).
+
+#[cfg(feature = "receiver")]
+pub mod receiver;
 
 use std::fmt;
 use std::net::TcpListener;
