@@ -705,20 +705,22 @@ async fn stuck(
     s
 }
 
-/// A ceiling's bodies: the backlog's events enveloped under `name`, `batch` per body, each
-/// with the id its first event is delivered under.
+/// A ceiling's bodies: the backlog's events enveloped under `name`, `batch` per body, as the
+/// webhook sink makes them (one envelope with its id, or `{"subscription", "events"}` with the
+/// id `<name>:<first>-<last>`).
 fn bodies(events: &[Event], name: &str, batch: usize) -> anyhow::Result<Vec<(String, Bytes)>> {
     events
         .chunks(batch.max(1))
         .map(|chunk| {
-            let id = weir_sinks::message_id(name, chunk[0].position);
-            let body = if batch <= 1 {
-                serde_json::to_vec(&weir_sinks::envelope(name, &chunk[0]))?
+            let (id, body) = if batch <= 1 {
+                let e = &chunk[0];
+                (weir_sinks::message_id(name, e.position), weir_sinks::envelope(name, e))
             } else {
+                let (first, last) = (chunk[0].position, chunk[chunk.len() - 1].position);
                 let events: Vec<_> = chunk.iter().map(|e| weir_sinks::envelope(name, e)).collect();
-                serde_json::to_vec(&json!({ "events": events }))?
+                (format!("{name}:{first}-{last}"), json!({"subscription": name, "events": events}))
             };
-            Ok((id, Bytes::from(body)))
+            Ok((id, Bytes::from(serde_json::to_vec(&body)?)))
         })
         .collect()
 }
