@@ -478,7 +478,13 @@ impl Rate {
             None => format!("{what:<34} did not finish ({:.1} s", self.seconds),
         };
         if let Some(f) = self.first_after {
-            s.push_str(&format!("; first arrival after {:.0} ms", f * 1000.0));
+            s.push_str(&format!("; the first arrived after {:.0} ms", f * 1000.0));
+            if self.per_second.is_some() && self.seconds > f {
+                s.push_str(&format!(
+                    ", {} events/s from then",
+                    thousands(expected as f64 / (self.seconds - f))
+                ));
+            }
         }
         s.push(')');
         if self.received as i64 != expected || self.duplicates > 0 {
