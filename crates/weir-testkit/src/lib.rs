@@ -21,6 +21,12 @@
 //!
 //! One cluster per test binary ([`shared`]), one database per test ([`Cluster::database`]);
 //! [`TestDatabase`] drops its replication slots and the database when dropped.
+//!
+//! [`NatsServer`]: a private `nats-server -js` for the NATS sink's tests (module `nats`).
+
+mod nats;
+
+pub use nats::{NatsServer, find_nats_server};
 
 use std::fmt;
 use std::net::TcpListener;
@@ -41,6 +47,13 @@ pub enum Error {
          postgresql`) or set WEIR_PG_BIN to the directory holding initdb and pg_ctl"
     )]
     NoBinaries,
+    /// No `nats-server` binary was found.
+    #[error(
+        "no nats-server binary found (looked at $WEIR_NATS_SERVER, /usr/sbin/nats-server and \
+         $PATH); the NATS sink's tests start their own server: install it (e.g. `apt-get \
+         install nats-server`, as .ci/run does) or set WEIR_NATS_SERVER to its path"
+    )]
+    NoNatsServer,
     /// A command we ran failed.
     #[error("`{command}` failed ({status}): {output}")]
     Command {
