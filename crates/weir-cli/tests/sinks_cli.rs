@@ -370,3 +370,143 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
     assert_eq!(n, 0, "nothing stored");
     assert_eq!(sink_of(&pool, "rows").await.1.unwrap()["stream"], "ROWS", "nothing changed");
 }
+
+#[tokio::test]
+async fn doctor_checks_sinks_settings_secrets_and_receivers() {
+    let (db, pool) = setup("sinks_doctor").await;
+    // A receiver that accepts connections (never answered: the doctor sends no request), and
+    // a port where nothing listens.
+    let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open_port = open.local_addr().unwrap().port();
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let hook_url = format!("http://127.0.0.1:{closed_port}/hooks");
+    let nats_url = format!("nats://127.0.0.1:{open_port}");
+    subs(
+        &db,
+        &[
+            "create",
+            "hooked",
+            "--type",
+            "stream",
+            "--selector",
+            "x",
+            "--webhook",
+            &hook_url,
+            "--secret-env",
+            "DOCTOR_HOOK_SECRET",
+        ],
+    );
+    subs(
+        &db,
+        &[
+            "create",
+            "natty",
+            "--type",
+            "stream",
+            "--selector",
+            "x",
+            "--nats",
+            "--nats-url",
+            &nats_url,
+        ],
+    );
+    subs(&db, &["create", "plain", "--type", "stream", "--selector", "x"]);
+    sqlx::query(
+        "update weir.subscriptions set sink_error = 'DOCTOR_HOOK_SECRET is not set there',
+                sink_error_at = now() where name = 'hooked'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // Kept in the database: a missing secret is a warning, an unreachable receiver too.
+    let (ok, out) = output(weir(&db, &["doctor"]));
+    assert!(ok, "warnings only: {out}");
+    assert!(
+        out.contains("[warn] sink of hooked: the environment variable DOCTOR_HOOK_SECRET")
+            && out.contains("the processes that run weir need it"),
+        "{out}"
+    );
+    assert!(out.contains("set DOCTOR_HOOK_SECRET to the signing secret"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "[warn] sink of hooked: network: cannot connect from here to 127.0.0.1:{closed_port}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "[ok  ] sink of natty: network: 127.0.0.1:{open_port} accepts TCP connections"
+        )),
+        "{out}"
+    );
+    assert!(out.contains(&format!("[ok  ] sink of natty: nats {nats_url} subject")), "{out}");
+    assert!(
+        out.contains(
+            "[warn] sink of hooked: delivery: the last process that tried cannot deliver: \
+             DOCTOR_HOOK_SECRET is not set there"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("sink of plain"), "client sinks have no sink checks: {out}");
+
+    // The secret set here: fine.
+    let mut cmd = weir(&db, &["doctor"]);
+    cmd.env("DOCTOR_HOOK_SECRET", SECRET);
+    let (ok, out) = output(cmd);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("[ok  ] sink of hooked: webhook POST {hook_url}"))
+            && out.contains("$DOCTOR_HOOK_SECRET is set here"),
+        "{out}"
+    );
+    assert!(!out.contains(SECRET), "the secret itself is never printed: {out}");
+
+    // `[[subscriptions]]`: `weir run` would refuse to start without the secret, so a failure.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[subscriptions]]\nname = \"fromtoml\"\ntype = \"stream\"\nselector = \"x\"\n\
+             [subscriptions.sink]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{open_port}/h\"\n\
+             secret_env = \"DOCTOR_TOML_SECRET\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (ok, out) = output(weir(&db, &["--config", config, "doctor"]));
+    assert!(!ok, "a failure: {out}");
+    assert!(
+        out.contains("[FAIL] sink of fromtoml: the environment variable DOCTOR_TOML_SECRET")
+            && out.contains("`weir run` from this configuration would refuse to start"),
+        "{out}"
+    );
+    let mut cmd = weir(&db, &["--config", config, "doctor"]);
+    cmd.env("DOCTOR_TOML_SECRET", SECRET);
+    let (ok, out) = output(cmd);
+    assert!(ok, "{out}");
+    assert!(out.contains("[ok  ] subscription fromtoml: stream `\"x\"`, 1 emitter(s)"), "{out}");
+    assert!(out.contains("[ok  ] sink of fromtoml: webhook POST"), "{out}");
+    assert!(out.contains("[ok  ] sink of fromtoml: network"), "{out}");
+
+    // A wrong sink in weir.toml: the entry fails, naming the field.
+    std::fs::write(
+        dir.path().join("weir.toml"),
+        "[[subscriptions]]\nname = \"badtoml\"\ntype = \"stream\"\nselector = \"x\"\n\
+         [subscriptions.sink]\ntype = \"nats\"\nsubject = \"weir.{nope}\"\n",
+    )
+    .unwrap();
+    let (ok, out) = output(weir(&db, &["--config", config, "doctor"]));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(
+            "[FAIL] subscription badtoml: subscription `badtoml`: nats subject `weir.{nope}`"
+        ),
+        "{out}"
+    );
+    drop(open);
+}
