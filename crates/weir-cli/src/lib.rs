@@ -31,6 +31,7 @@ mod status;
 pub mod streams;
 pub mod subscriptions;
 mod tail;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,6 +107,9 @@ pub enum Command {
     /// Subscriptions: create, list, show, update, stop, start, delete.
     #[command(subcommand)]
     Subscriptions(subscriptions::SubscriptionsCommand),
+    /// Webhook signing secrets: make one, check a request's signature.
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
     /// Start a private PostgreSQL in ./.weir that survives restarts and print its URL.
     Dev {
         /// Directory for the cluster.
@@ -136,6 +140,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo { seconds } => return demo::run(seconds).await.map(|_| ExitCode::SUCCESS),
         Command::Dev { dir } => return dev::run(&dir).await.map(|_| ExitCode::SUCCESS),
+        Command::Webhooks(cmd) => {
+            return webhooks::run(cmd, &mut std::io::stdout(), std::io::stdin())
+                .map(|_| ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let config = load_config(cli.config.as_ref(), cli.database_url.as_deref())?;
@@ -158,7 +166,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tail { entity, kind, from, limit } => {
             tail::run(&config, entity, kind, from, limit).await?
         }
-        Command::Demo { .. } | Command::Dev { .. } => unreachable!("handled above"),
+        Command::Demo { .. } | Command::Dev { .. } | Command::Webhooks(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,12 @@
 //! `weir status [--json]`: the source's slot lag, last position, rate and delay, and each
 //! consumer's state and lanes (`weir::status`, `weir::consumer_status`); subscriptions are
-//! consumers too, shown as such with their emitters.
+//! consumers too, shown as such with their emitters — and, for a webhook or NATS sink, one line
+//! of what it delivered: how many, how long ago, the last error, the lag.
 
 use weir::Config;
+use weir_streams::{Sink, Subscription};
+
+use crate::subscriptions::age;
 
 pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     let pool = weir::db::connect(config).await?;
@@ -10,7 +14,7 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     let consumers = weir::consumer_status::consumers(&pool).await.unwrap_or_default();
     // Before the streams migration there are none.
     let subscriptions = weir_streams::subscriptions::list(&pool).await.unwrap_or_default();
-    let is_subscription = |name: &str| subscriptions.iter().any(|s| s.subscription_name == name);
+    let subscription = |name: &str| subscriptions.iter().find(|s| s.subscription_name == name);
     if json {
         let all = serde_json::json!({"source": s, "consumers": consumers,
                                      "subscriptions": subscriptions});
@@ -28,7 +32,7 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     for c in &consumers {
         println!();
-        let (what, lane) = if is_subscription(&c.name) {
+        let (what, lane) = if subscription(&c.name).is_some() {
             ("subscription", "emitter")
         } else {
             ("consumer", "lane")
@@ -43,10 +47,16 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
                 h["error"].as_str().unwrap_or("")
             );
         }
+        if let Some(r) = &c.stopped_reason {
+            print!(" by its sink: {r}");
+        }
         if c.parked > 0 {
             print!(", {} parked", c.parked);
         }
         println!();
+        if let Some(line) = subscription(&c.name).and_then(sink_line) {
+            println!("{line}");
+        }
         for l in &c.lanes {
             println!(
                 "  {lane} {:<3} {:<8} position {:<10} lag {} events / {:.1} s{}{}{}",
@@ -64,4 +74,27 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `  sink webhook: 120 delivered, the last 3 s ago; lag 4 events; last error 1 min ago: …`
+/// for a webhook or NATS subscription.
+fn sink_line(s: &Subscription) -> Option<String> {
+    if !matches!(s.sink, Sink::Webhook(_) | Sink::Nats(_)) {
+        return None;
+    }
+    let d = s.deliveries.as_ref()?;
+    let mut line = format!("  sink {}: {} delivered", s.sink.kind().as_str(), d.delivered);
+    if let Some(t) = d.last_delivered_at {
+        line.push_str(&format!(", the last {} ago", age(t)));
+    }
+    let lag = s.emitters.iter().map(|e| e.lag_events).max().unwrap_or(0);
+    line.push_str(&format!("; lag {lag} events"));
+    if let Some(e) = &d.last_error {
+        let at = d.last_error_at.map(|t| format!(" {} ago", age(t))).unwrap_or_default();
+        line.push_str(&format!("; last error{at}: {e}"));
+    }
+    if let Some(e) = &s.sink_error {
+        line.push_str(&format!("; cannot deliver: {e}"));
+    }
+    Some(line)
 }

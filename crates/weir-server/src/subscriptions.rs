@@ -159,8 +159,9 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<Subscription>>, 
     request_body = NewSubscription,
     security(("bearer" = [])),
     responses((status = 201, description = "Created", body = Subscription),
-              (status = 400, description = "An invalid definition (`invalid_subscription`) or a \
-                  malformed body", body = ErrorBody),
+              (status = 400, description = "An invalid definition (`invalid_subscription`: the \
+                  message names the field; a sink whose secret's environment variable is not set \
+                  in this process among them) or a malformed body", body = ErrorBody),
               (status = 409, description = "A subscription or an operator of that name exists \
                   (`duplicate`)", body = ErrorBody)))]
 async fn create(
@@ -186,19 +187,29 @@ async fn show(
 }
 
 /// Changes a subscription. A new pool size re-splits the emitters at a common position without
-/// loss or repetition; the answer shows `pending_pool_size` until that is done.
+/// loss or repetition; the answer shows `pending_pool_size` until that is done. A new `sink`
+/// replaces the old one as a whole, checked like a created one (its secret's environment
+/// variable must be set in this process); its emitters restart from their checkpoints.
 #[utoipa::path(patch, path = "/v1/subscriptions/{name}", tag = "subscriptions",
     params(("name" = String, Path, description = "Subscription name")),
     request_body = SubscriptionUpdate,
     security(("bearer" = [])),
     responses((status = 200, description = "Updated", body = Subscription),
-              (status = 400, description = "An invalid change (`invalid_subscription`)", body = ErrorBody),
+              (status = 400, description = "An invalid change (`invalid_subscription`), a sink \
+                  among them whose secret's environment variable is not set here", body = ErrorBody),
               (status = 404, description = "No such subscription", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<SubscriptionUpdate>,
 ) -> Result<Json<Subscription>, ApiError> {
+    if let Some(sink) = &body.sink {
+        require(&state, &name).await?;
+        // As at creation: this process delivers it, so a secret missing here is refused now.
+        sink.check_environment().map_err(|e| {
+            weir_streams::Error::InvalidSubscription(format!("subscription `{name}`: {e}"))
+        })?;
+    }
     let updated = subscriptions::update(state.pool(), &name, body).await?;
     tracing::info!(subscription = %name, "subscription updated over HTTP");
     Ok(Json(updated))

@@ -753,6 +753,169 @@ async fn websocket_acks_and_two_clients_never_hold_one_emitter() {
     env.stop().await;
 }
 
+/// Every `$ref` under `v`.
+fn refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get("$ref") {
+                out.push(r.clone());
+            }
+            o.values().for_each(|v| refs(v, out));
+        }
+        Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn webhook_and_nats_sinks_over_http() {
+    let env = Env::new("subs_sinks", 4096).await;
+    // A NATS sink needs no secret: created, answered with its settings as a table (defaults
+    // filled in) and deliveries at zero.
+    let created = env
+        .create(json!({"name": "rows", "type": "stream", "selector": "order-*",
+                       "sink": {"type": "nats", "url": "nats://127.0.0.1:1",
+                                "subject": "orders.{stream}.{type}", "stream": "ORDERS",
+                                "max_in_flight": 8}}))
+        .await;
+    let (status, shown) = env.get("/v1/subscriptions/rows").await;
+    assert_eq!(status, 200);
+    for v in [&created, &shown] {
+        assert_eq!(
+            v["sink"],
+            json!({"type": "nats", "url": "nats://127.0.0.1:1", "subject": "orders.{stream}.{type}",
+                   "stream": "ORDERS", "create_stream": false, "stream_subjects": [],
+                   "retention": "limits", "duplicate_window": "120s", "max_in_flight": 8,
+                   "ack_timeout": "10s"}),
+            "{v}"
+        );
+        assert_eq!(
+            v["deliveries"],
+            json!({"delivered": 0, "last_position": null, "last_delivered_at": null,
+                   "retries": 0, "failed": 0, "last_error": null, "last_error_at": null}),
+            "{v}"
+        );
+        assert!(v.get("sink_error").is_none() && v.get("stopped_reason").is_none(), "{v}");
+    }
+    let (_, list) = env.get("/v1/subscriptions").await;
+    assert_eq!(list[0]["sink"]["type"], "nats");
+
+    // Refused with the field named, nothing stored: a webhook whose secret's variable this
+    // process lacks (tests cannot set one: the workspace forbids unsafe code), and invalid
+    // settings.
+    let sub = |sink: Value| json!({"name": "bad", "type": "stream", "selector": "x", "sink": sink});
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            json!({"type": "webhook", "url": "https://example.com/h",
+                   "secret_env": "SUBS_TEST_UNSET_SECRET"}),
+            "invalid_subscription",
+            "the environment variable SUBS_TEST_UNSET_SECRET (the webhook's secret_env) is not \
+             set in this process",
+        ),
+        (
+            json!({"type": "nats", "token_env": "SUBS_TEST_UNSET_TOKEN"}),
+            "invalid_subscription",
+            "SUBS_TEST_UNSET_TOKEN (the NATS sink's token_env) is not set",
+        ),
+        (
+            json!({"type": "webhook", "url": "ftp://example.com/h", "secret_env": "S"}),
+            "invalid_subscription",
+            "subscription `bad`: webhook url `ftp://example.com/h`: the scheme is `ftp`",
+        ),
+        (
+            json!({"type": "nats", "subject": "weir.{nope}"}),
+            "invalid_subscription",
+            "nats subject `weir.{nope}`: `{nope}` is not a token",
+        ),
+        (json!({"type": "nats", "max_in_flight": 0}), "invalid_subscription", "max_in_flight 0"),
+        (
+            json!({"type": "webhook", "url": "https://example.com/h", "secret_env": "S",
+                   "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}),
+            "malformed_json",
+            "unknown field `secret`",
+        ),
+        (
+            json!({"type": "webhook", "url": "https://example.com/h"}),
+            "malformed_json",
+            "secret_env",
+        ),
+        (json!("kafka"), "malformed_json", "`kafka` is not a sink"),
+        (json!({"type": "kafka"}), "malformed_json", "`kafka` is not a sink type"),
+    ];
+    for (sink, code, message) in &cases {
+        let (status, v) = env.post("/v1/subscriptions", sub(sink.clone())).await;
+        assert_eq!((status, v["error"].as_str()), (400, Some(*code)), "{sink}: {v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.contains(message), "{sink}: `{m}` should say `{message}`");
+        assert!(!m.contains("MfKQ9r8"), "{sink}: a secret in the answer: {m}");
+        assert_eq!(env.count_subscriptions().await, 1, "{sink} stored something");
+    }
+
+    // PATCH: a new sink replaces the old one, checked as at creation.
+    let patch =
+        |body: Value| env.call(reqwest::Method::PATCH, "/v1/subscriptions/rows", Some(body));
+    for (sink, code, message) in &cases {
+        let (status, v) = patch(json!({"sink": sink})).await;
+        assert_eq!((status, v["error"].as_str()), (400, Some(*code)), "{sink}: {v}");
+        let m = v["message"].as_str().unwrap();
+        // The definition's own check prefixes the name; every message names the field.
+        assert!(m.contains(message.trim_start_matches("subscription `bad`: ")), "{sink}: `{m}`");
+    }
+    let (_, shown) = env.get("/v1/subscriptions/rows").await;
+    assert_eq!(shown["sink"]["subject"], "orders.{stream}.{type}", "nothing changed");
+    let (status, v) = patch(json!({"sink": {"type": "nats", "subject": "rows.{kind}"}})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["sink"]["subject"].as_str(), v["sink"]["stream"].as_str()),
+        (Some("rows.{kind}"), Some("WEIR"))
+    );
+    assert_eq!(v["deliveries"]["delivered"], 0);
+    let (status, v) = patch(json!({"sink": "client"})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["sink"], "client");
+    assert!(v.get("deliveries").is_none(), "no deliveries for a client sink: {v}");
+    let (status, v) = env
+        .call(reqwest::Method::PATCH, "/v1/subscriptions/nope", Some(json!({"sink": "client"})))
+        .await;
+    assert_eq!((status, v["error"].as_str()), (404, Some("unknown_subscription")), "{v}");
+
+    // The OpenAPI document describes the sink, the deliveries and the sink's states, and every
+    // reference in it resolves.
+    let (_, doc) = env.get("/v1/openapi.json").await;
+    let schemas = &doc["components"]["schemas"];
+    let props = &schemas["Subscription"]["properties"];
+    for field in ["sink", "deliveries", "sink_error", "stopped_reason"] {
+        assert!(props[field].is_object(), "Subscription.{field} is not documented: {props}");
+    }
+    let sink = &schemas["Sink"];
+    let kinds = sink["oneOf"].as_array().expect("Sink is one of several forms");
+    assert_eq!(kinds.len(), 3, "{sink}");
+    assert_eq!(kinds[0]["enum"], json!(["client", "rust"]));
+    for (form, kind, fields) in [
+        (&kinds[1], "webhook", &["url", "secret_env", "timeout", "batch_size", "linger"][..]),
+        (&kinds[2], "nats", &["url", "subject", "stream", "max_in_flight", "token_env"][..]),
+    ] {
+        assert_eq!(form["properties"]["type"]["enum"], json!([kind]), "{form}");
+        for f in fields {
+            assert!(form["properties"][f]["description"].is_string(), "{kind}.{f}: {form}");
+        }
+        assert!(form["required"].as_array().unwrap().contains(&json!("type")), "{form}");
+    }
+    for field in ["delivered", "last_position", "retries", "failed", "last_error"] {
+        assert!(schemas["Deliveries"]["properties"][field].is_object(), "Deliveries.{field}");
+    }
+    for body in ["NewSubscription", "SubscriptionUpdate"] {
+        assert!(schemas[body]["properties"]["sink"].to_string().contains("Sink"), "{body}.sink");
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    for r in &all {
+        let name = r.strip_prefix("#/components/schemas/").expect("schema references");
+        assert!(schemas[name].is_object(), "{r} does not resolve");
+    }
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_stopped_subscription_pauses_its_clients_and_start_resumes_them() {
     let env = Env::new("subs_pause", 4096).await;

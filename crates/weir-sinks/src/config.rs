@@ -178,6 +178,13 @@ impl WebhookSink {
     pub fn secrets(&self) -> Result<Secrets, String> {
         Secrets::from_env(&self.secret_env)
     }
+
+    /// The receiver's host and port (the scheme's default when the URL has none), for a
+    /// reachability check (`weir doctor`); `None` when the URL is not valid.
+    pub fn address(&self) -> Option<(String, u16)> {
+        let url = url::Url::parse(&self.url).ok()?;
+        Some((url.host_str()?.to_string(), url.port_or_known_default()?))
+    }
 }
 
 impl NatsSink {
@@ -242,6 +249,18 @@ impl NatsSink {
         Ok(())
     }
 
+    /// Each server's host and port (4222 when the URL has none), for a reachability check
+    /// (`weir doctor`); servers whose URL is not valid are left out.
+    pub fn addresses(&self) -> Vec<(String, u16)> {
+        self.url
+            .split(',')
+            .filter_map(|server| {
+                let url = url::Url::parse(server.trim()).ok()?;
+                Some((url.host_str()?.to_string(), url.port().unwrap_or(4222)))
+            })
+            .collect()
+    }
+
     /// The subjects a created stream takes: `stream_subjects`, or the template with each token
     /// replaced by `*`.
     pub fn subjects(&self) -> Vec<String> {
@@ -262,16 +281,41 @@ impl Default for NatsSink {
     }
 }
 
+/// `url` fit to print: a user and password (or a token) written into it (`nats://me:pw@host`)
+/// becomes `***` (`nats://***@host`); several servers separated by commas each so. Settings
+/// are printed by `weir subscriptions show`, `weir status` and `weir doctor`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|server| {
+            let Some(scheme_end) = server.find("://").map(|i| i + 3) else {
+                return server.to_string();
+            };
+            let rest = &server[scheme_end..];
+            let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+            match authority.rfind('@') {
+                Some(at) => format!("{}***{}", &server[..scheme_end], &rest[at..]),
+                None => server.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn validate_env_name(field: &str, name: &str) -> Result<(), String> {
+    // A secret pasted in place of the name is refused before it is stored or printed: one
+    // with `=` padding fails the characters, one without starts with the secrets' prefix.
     let ok = !name.is_empty()
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit());
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.to_ascii_lowercase().starts_with(crate::signature::PREFIX);
     if ok {
         Ok(())
     } else {
+        // Not echoed: what was written may be the secret itself.
         Err(format!(
-            "{field} `{name}` is not an environment variable name; it names the variable that \
-             holds the secret (such as ORDERS_WEBHOOK_SECRET), not the secret itself"
+            "{field} is not an environment variable name (letters, digits and `_`, not starting \
+             with a digit); it names the variable that holds the secret (such as \
+             ORDERS_WEBHOOK_SECRET), not the secret itself"
         ))
     }
 }
@@ -329,6 +373,11 @@ mod tests {
         assert!(WebhookSink::new("not a url", "S").validate().is_err());
         let e = WebhookSink::new("http://x", "whsec_abc=").validate().unwrap_err();
         assert!(e.contains("names the variable"), "{e}");
+        let e = WebhookSink::new("http://x", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("names the variable"), "a secret without padding too: {e}");
+        assert!(!e.contains("MfKQ9r8"), "the secret is not echoed: {e}");
         let big = WebhookSink { batch_size: 1001, ..ok.clone() };
         assert!(big.validate().unwrap_err().contains("batch_size"));
         let parsed: WebhookSink = serde_json::from_value(serde_json::json!({
@@ -363,5 +412,27 @@ mod tests {
         assert!(bad(|s| s.stream = "a.b".into()).contains("stream name"));
         assert!(bad(|s| s.retention = "forever".into()).contains("retention"));
         assert!(bad(|s| s.max_in_flight = 0).contains("max_in_flight"));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(redact_url("nats://me:pw@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            redact_url("nats://tok@a:4222, tls://b:4222"),
+            "nats://***@a:4222, tls://b:4222"
+        );
+        assert_eq!(redact_url("https://u:p@x.io/h?next=a@b"), "https://***@x.io/h?next=a@b");
+        assert_eq!(redact_url("https://x.io/h"), "https://x.io/h");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn addresses_for_reachability_checks() {
+        let w = WebhookSink::new("https://example.com/hooks", "S");
+        assert_eq!(w.address(), Some(("example.com".into(), 443)));
+        let w = WebhookSink::new("http://127.0.0.1:8080/h", "S");
+        assert_eq!(w.address(), Some(("127.0.0.1".into(), 8080)));
+        let n = NatsSink { url: "nats://a:1, tls://u:p@b".into(), ..NatsSink::new() };
+        assert_eq!(n.addresses(), vec![("a".into(), 1), ("b".into(), 4222)]);
     }
 }

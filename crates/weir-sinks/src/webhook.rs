@@ -263,7 +263,7 @@ enum Failure {
     Redirect { url: String, status: StatusCode, location: String, retry_after: Option<Duration> },
     #[error(
         "webhook {url} {} {status}{}{}",
-        if status.is_client_error() { "refused the event: it answered" } else { "answered" },
+        if refusal(*status) { "refused the event: it answered" } else { "answered" },
         if excerpt.is_empty() { String::new() } else { format!(": {excerpt}") },
         waiting(*retry_after)
     )]
@@ -297,6 +297,14 @@ impl Failure {
     }
 }
 
+/// A 4xx other than 408 Request Timeout and 429 Too Many Requests: the receiver refuses this
+/// event, rather than being busy.
+fn refusal(status: StatusCode) -> bool {
+    status.is_client_error()
+        && status != StatusCode::REQUEST_TIMEOUT
+        && status != StatusCode::TOO_MANY_REQUESTS
+}
+
 fn waiting(retry_after: Option<Duration>) -> String {
     retry_after.map(|d| format!(" (Retry-After: {}s)", d.as_secs())).unwrap_or_default()
 }
@@ -311,8 +319,10 @@ fn transport(url: String, e: hyper_util::client::legacy::Error) -> Failure {
         }
         root = next;
     }
-    let io = root.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
-    let what = match io {
+    let io = root.downcast_ref::<std::io::Error>();
+    let tls = is_tls(root);
+    let what = match io.map(std::io::Error::kind) {
+        _ if tls => "the TLS handshake failed",
         Some(std::io::ErrorKind::ConnectionRefused) => "the connection was refused",
         Some(std::io::ErrorKind::ConnectionReset) => "the connection was reset",
         Some(std::io::ErrorKind::TimedOut) => "connecting timed out",
@@ -323,6 +333,19 @@ fn transport(url: String, e: hyper_util::client::legacy::Error) -> Failure {
         _ => "the request failed",
     };
     Failure::Transport { url, what, cause: root.to_string(), source: e }
+}
+
+/// Whether `e` is (or wraps, in `io::Error`s) a rustls error: the TLS handshake failed.
+fn is_tls(mut e: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        match e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+            Some(inner) => e = inner,
+            None => return false,
+        }
+    }
 }
 
 /// A `Retry-After` header: seconds, or an HTTP date (as a wait from `now`), at most

@@ -133,6 +133,7 @@ async fn retry_after_asks_for_that_wait() {
     let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(90));
     rx.script(move |_| Answer::status(429).header("retry-after", &later));
     let e = deliver(&hook, &events(1..=1)).await.unwrap_err();
+    assert!(e.to_string().contains("answered 429 Too Many Requests (Retry-After: "), "{e}");
     let after = format!("{e:?}");
     assert!(after.contains("after: Some(8") || after.contains("after: Some(9"), "{after}");
     rx.script(|_| Answer::status(429).header("retry-after", "999999"));
@@ -236,4 +237,17 @@ fn secrets_come_from_the_environment_and_are_never_shown() {
     let ok = Webhook::with_secrets("orders", &WebhookSink::new("http://x/h", "S"), secrets);
     let shown = format!("{:?}", ok.unwrap());
     assert!(shown.contains("Secrets(1 redacted)"), "{shown}");
+}
+
+#[tokio::test]
+async fn https_goes_through_tls_and_a_failed_handshake_is_retried() {
+    // A plain-HTTP receiver behind an https:// URL: the TLS handshake (rustls, ring) fails.
+    let rx = Receiver::always(Answer::ok()).await;
+    let url = format!("https://{}/h", rx.addr());
+    let (hook, _) = webhook(&url, |s| s.timeout = Duration::from_secs(5));
+    let e = deliver(&hook, &events(1..=1)).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains(&url) && text.contains("the TLS handshake failed"), "{text}");
+    assert!(format!("{e:?}").contains("Retry { after: None }"), "{e:?}");
+    assert!(rx.exchanges().is_empty(), "no request was read as HTTP");
 }

@@ -167,6 +167,50 @@ impl Sink {
     }
 }
 
+/// The sink in words, fit to print: a webhook's URL and the name of its secret's variable, a
+/// NATS server, subject and stream — credentials written into a URL redacted
+/// ([`weir_sinks::config::redact_url`]), secrets never (only their variables' names).
+impl std::fmt::Display for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use weir_sinks::config::redact_url;
+        match self {
+            Self::Client => f.write_str("client"),
+            Self::Rust => f.write_str("rust"),
+            Self::Webhook(w) => {
+                write!(
+                    f,
+                    "webhook POST {} (signed with ${}; timeout {:?}",
+                    redact_url(&w.url),
+                    w.secret_env,
+                    w.timeout
+                )?;
+                if w.batch_size > 1 {
+                    write!(f, ", batches of up to {}", w.batch_size)?;
+                    if !w.linger.is_zero() {
+                        write!(f, " within {:?}", w.linger)?;
+                    }
+                }
+                f.write_str(")")
+            }
+            Self::Nats(n) => {
+                write!(
+                    f,
+                    "nats {} subject {} into stream {}{} ({} in flight",
+                    redact_url(&n.url),
+                    n.subject,
+                    n.stream,
+                    if n.create_stream { " (created if missing)" } else { "" },
+                    n.max_in_flight
+                )?;
+                if let Some(t) = &n.token_env {
+                    write!(f, "; token in ${t}")?;
+                }
+                f.write_str(")")
+            }
+        }
+    }
+}
+
 impl Serialize for Sink {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.to_value().serialize(s)
@@ -180,22 +224,57 @@ impl<'de> Deserialize<'de> for Sink {
     }
 }
 
+/// In the OpenAPI document: a word, or a webhook's or NATS sink's table — each field with its
+/// own description and default (from [`WebhookSink`] and [`NatsSink`]) plus the `type` tag.
 impl utoipa::PartialSchema for Sink {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+        let tagged = |kind: &str, settings: RefOr<Schema>, description: &str| {
+            let mut schema = match settings {
+                RefOr::T(Schema::Object(o)) => o,
+                _ => unreachable!("derived struct schemas are objects"),
+            };
+            schema.properties.insert(
+                "type".into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([kind]))
+                    .description(Some("The kind of sink"))
+                    .into(),
+            );
+            schema.required.insert(0, "type".into());
+            schema.title = Some(kind.into());
+            schema.description = Some(description.into());
+            schema
+        };
         OneOfBuilder::new()
             .item(
                 ObjectBuilder::new()
                     .schema_type(Type::String)
                     .enum_values(Some(["client", "rust"]))
-                    .description(Some("SSE/WebSocket clients, or a Rust handler")),
+                    .title(Some("client or rust"))
+                    .description(Some(
+                        "`client`: SSE/WebSocket clients attached by name; `rust`: a handler \
+                         registered in a process",
+                    )),
             )
-            .item(ObjectBuilder::new().schema_type(Type::Object).description(Some(
-                "{\"type\": \"webhook\", url, secret_env, timeout, batch_size, linger} or \
-                         {\"type\": \"nats\", url, subject, stream, create_stream, \
-                         stream_subjects, retention, duplicate_window, max_in_flight, \
-                         token_env, ack_timeout}; see docs/sinks.md",
-            )))
+            .item(tagged(
+                "webhook",
+                <WebhookSink as utoipa::PartialSchema>::schema(),
+                "POSTed to `url` with Standard Webhooks signatures; the secret is read from the \
+                 environment variable `secret_env` of each delivering process (docs/sinks.md)",
+            ))
+            .item(tagged(
+                "nats",
+                <NatsSink as utoipa::PartialSchema>::schema(),
+                "Published to NATS JetStream, one message per event with `Nats-Msg-Id` \
+                 (docs/sinks.md)",
+            ))
+            .description(Some(
+                "Where a subscription delivers: a word, or a table with a `type`. Secrets \
+                 appear only as the names of the environment variables that hold them.",
+            ))
             .into()
     }
 }
@@ -236,5 +315,30 @@ mod tests {
             let e = serde_json::from_value::<Sink>(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn in_words_without_secrets() {
+        let w: Sink = serde_json::from_value(json!({
+            "type": "webhook", "url": "https://me:pw@example.com/h", "secret_env": "HOOK",
+            "batch_size": 10, "linger": "50ms"
+        }))
+        .unwrap();
+        assert_eq!(
+            w.to_string(),
+            "webhook POST https://***@example.com/h (signed with $HOOK; timeout 15s, batches of \
+             up to 10 within 50ms)"
+        );
+        let n: Sink = serde_json::from_value(json!({
+            "type": "nats", "url": "nats://u:secret@n1:4222", "token_env": "NATS_TOKEN"
+        }))
+        .unwrap();
+        let words = n.to_string();
+        assert!(!words.contains("secret"), "{words}");
+        assert_eq!(
+            words,
+            "nats nats://***@n1:4222 subject weir.{entity}.{kind} into stream WEIR (256 in \
+             flight; token in $NATS_TOKEN)"
+        );
     }
 }

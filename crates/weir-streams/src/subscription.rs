@@ -276,6 +276,10 @@ impl SubscriptionDef {
                 self.name
             )));
         }
+        // The sink's settings too (not its environment: that is each delivering process's).
+        self.sink.validate().map_err(|e| {
+            Error::InvalidSubscription(format!("subscription `{}`: {e}", self.name))
+        })?;
         Ok(())
     }
 
@@ -788,5 +792,67 @@ mod tests {
         assert_eq!(StartAt::parse("42").unwrap(), StartAt::After(42));
         assert!(StartAt::parse("yesterday").is_err());
         assert!(matches!(StartAt::parse("2026-12-01T00:00:00Z").unwrap(), StartAt::Time(_)));
+    }
+
+    /// `[subscriptions.sink]` in weir.toml: a TOML table, kept as JSON by weir-core, read as a
+    /// [`Sink`] here — and a wrong one refused with the field named.
+    #[test]
+    fn sinks_in_weir_toml() {
+        use std::time::Duration;
+        let parse = |sink: &str| {
+            let text = format!(
+                "[[subscriptions]]\nname = \"orders\"\ntype = \"stream\"\nselector = \"order-*\"\n\
+                 {sink}"
+            );
+            let config = weir_core::Config::from_toml(&text, "weir.toml", []).unwrap();
+            SubscriptionDef::from_config(&config.subscriptions[0])
+        };
+        let def = parse(
+            "[subscriptions.sink]\ntype = \"webhook\"\nurl = \"https://example.com/hooks\"\n\
+             secret_env = \"ORDERS_SECRET\"\ntimeout = \"5s\"\nbatch_size = 20\nlinger = \"50ms\"\n",
+        )
+        .unwrap();
+        let Sink::Webhook(w) = &def.sink else { panic!("{:?}", def.sink) };
+        assert_eq!(w.url, "https://example.com/hooks");
+        assert_eq!(w.secret_env, "ORDERS_SECRET");
+        assert_eq!((w.timeout, w.batch_size), (Duration::from_secs(5), 20));
+        assert_eq!(w.linger, Duration::from_millis(50));
+        let def = parse(
+            "[subscriptions.sink]\ntype = \"nats\"\nurl = \"nats://n1:4222\"\n\
+             subject = \"orders.{type}\"\nstream = \"ORDERS\"\ncreate_stream = true\n\
+             stream_subjects = [\"orders.>\"]\nduplicate_window = \"5m\"\nmax_in_flight = 64\n\
+             token_env = \"NATS_TOKEN\"\n",
+        )
+        .unwrap();
+        let Sink::Nats(n) = &def.sink else { panic!("{:?}", def.sink) };
+        assert_eq!((n.url.as_str(), n.subject.as_str()), ("nats://n1:4222", "orders.{type}"));
+        assert_eq!((n.stream.as_str(), n.create_stream), ("ORDERS", true));
+        assert_eq!(n.stream_subjects, vec!["orders.>".to_string()]);
+        assert_eq!((n.duplicate_window, n.max_in_flight), (Duration::from_secs(300), 64));
+        assert_eq!(n.token_env.as_deref(), Some("NATS_TOKEN"));
+        assert_eq!(n.ack_timeout, Duration::from_secs(10), "the default");
+        assert_eq!(parse("sink = \"client\"\n").unwrap().sink, Sink::Client);
+        assert_eq!(parse("").unwrap().sink, Sink::Client, "the default");
+        for (sink, says) in [
+            (
+                "[subscriptions.sink]\ntype = \"webhook\"\nurl = \"https://x.io\"\n\
+                 secret_env = \"S\"\nsecret = \"whsec_abc\"\n",
+                "unknown field `secret`",
+            ),
+            (
+                "[subscriptions.sink]\ntype = \"nats\"\nsubject = \"weir.{nope}\"\n",
+                "nats subject `weir.{nope}`: `{nope}` is not a token",
+            ),
+            (
+                "[subscriptions.sink]\ntype = \"webhook\"\nurl = \"ftp://x.io\"\nsecret_env = \"S\"\n",
+                "webhook url `ftp://x.io`",
+            ),
+            ("[subscriptions.sink]\ntype = \"webhook\"\nurl = \"https://x.io\"\n", "secret_env"),
+            ("sink = \"kafka\"\n", "`kafka` is not a sink"),
+        ] {
+            let e = parse(sink).unwrap_err().to_string();
+            assert!(e.starts_with("subscription `orders`: "), "{e}");
+            assert!(e.contains(says), "{sink}: `{e}` should say `{says}`");
+        }
     }
 }

@@ -114,7 +114,8 @@ pub struct SubscriptionUpdate {
     pub pool_size: Option<u32>,
     /// New options (replacing the old ones).
     pub options: Option<SubscriptionOptions>,
-    /// A new sink.
+    /// A new sink, replacing the old one as a whole: `client`, `rust`, or a webhook's or NATS
+    /// sink's table, as at creation.
     pub sink: Option<Sink>,
 }
 

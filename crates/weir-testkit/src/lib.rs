@@ -24,9 +24,14 @@
 //!
 //! With the `receiver` feature, `receiver` is a recording HTTP receiver for the webhook sink's
 //! tests (scripted answers: statuses, hangs, closed connections).
+//!
+//! [`NatsServer`]: a private `nats-server -js` for the NATS sink's tests (module `nats`).
 
+mod nats;
 #[cfg(feature = "receiver")]
 pub mod receiver;
+
+pub use nats::{NatsServer, find_nats_server};
 
 use std::fmt;
 use std::net::TcpListener;
@@ -47,6 +52,13 @@ pub enum Error {
          postgresql`) or set WEIR_PG_BIN to the directory holding initdb and pg_ctl"
     )]
     NoBinaries,
+    /// No `nats-server` binary was found.
+    #[error(
+        "no nats-server binary found (looked at $WEIR_NATS_SERVER, /usr/sbin/nats-server and \
+         $PATH); the NATS sink's tests start their own server: install it (e.g. `apt-get \
+         install nats-server`, as .ci/run does) or set WEIR_NATS_SERVER to its path"
+    )]
+    NoNatsServer,
     /// A command we ran failed.
     #[error("`{command}` failed ({status}): {output}")]
     Command {

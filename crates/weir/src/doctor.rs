@@ -1,10 +1,20 @@
 //! `weir doctor`: checks the server and the database for everything ingestion needs, and
 //! prints, for each problem, the exact fix.
+//!
+//! Subscriptions with a webhook or NATS sink (in `[[subscriptions]]` and in the database) get
+//! three more: the settings and the secret's environment variable in this process (a failure
+//! for a `[[subscriptions]]` entry — `weir run` from this configuration would refuse to start —
+//! and a warning for one kept in the database, which the processes that run weir need, not
+//! necessarily this one); whether the receiver accepts a TCP connection (a warning: weir retries
+//! until it does; no request is sent); and what the last delivering process recorded (a sink it
+//! could not build, a stop by the receiver).
 
 use std::fmt;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use weir_core::Config;
+use weir_streams::{Sink, Subscription, SubscriptionDef};
 
 use crate::setup::split_table;
 use crate::{Result, db};
@@ -260,23 +270,39 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         }
     });
 
-    // `[[subscriptions]]`: refused by `weir run` at start when wrong; said here first.
+    // `[[subscriptions]]`: refused by `weir run` at start when wrong; said here first. Then
+    // the sinks of those and of the subscriptions kept in the database (none before the
+    // streams migration).
+    let stored = weir_streams::subscriptions::list(pool).await.unwrap_or_default();
     for c in &config.subscriptions {
         let name = format!("subscription {}", c.name);
-        out.push(match weir_streams::SubscriptionDef::from_config(c) {
-            Ok(def) => check(
-                &name,
-                Verdict::Ok,
-                format!("{} `{}`, {} emitter(s)", def.kind, def.selector, def.pool_size),
-                None,
-            ),
-            Err(e) => check(
+        match SubscriptionDef::from_config(c) {
+            Ok(def) => {
+                out.push(check(
+                    &name,
+                    Verdict::Ok,
+                    format!("{} `{}`, {} emitter(s)", def.kind, def.selector, def.pool_size),
+                    None,
+                ));
+                out.extend(sink_checks(&def.name, &def.sink, Origin::Config).await);
+            }
+            Err(e) => out.push(check(
                 &name,
                 Verdict::Fail,
                 e.to_string(),
                 Some("fix the entry in weir.toml".into()),
-            ),
-        });
+            )),
+        }
+        if let Some(s) = stored.iter().find(|s| s.subscription_name == c.name) {
+            out.extend(recorded(s));
+        }
+    }
+    for s in &stored {
+        if config.subscriptions.iter().any(|c| c.name == s.subscription_name) {
+            continue;
+        }
+        out.extend(sink_checks(&s.subscription_name, &s.sink, Origin::Database).await);
+        out.extend(recorded(s));
     }
 
     // Each watched table's replica identity.
@@ -316,6 +342,133 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         });
     }
     Ok(out)
+}
+
+/// Where a subscription is defined, which decides how bad a missing secret is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// `[[subscriptions]]`: `weir run` from this configuration refuses to start without it.
+    Config,
+    /// Kept in the database: the processes that run weir need it, maybe not this one.
+    Database,
+}
+
+/// How long a receiver has to accept a TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A webhook or NATS sink's settings, its secret's environment variable here, and whether its
+/// receiver accepts a TCP connection (nothing for client and rust sinks).
+async fn sink_checks(subscription: &str, sink: &Sink, origin: Origin) -> Vec<Check> {
+    let (addresses, variable) = match sink {
+        Sink::Webhook(w) => (w.address().into_iter().collect(), Some(w.secret_env.as_str())),
+        Sink::Nats(n) => (n.addresses(), n.token_env.as_deref()),
+        Sink::Client | Sink::Rust => return Vec::new(),
+    };
+    let name = format!("sink of {subscription}");
+    let fix_settings = match origin {
+        Origin::Config => "fix the `[subscriptions.sink]` table in weir.toml".to_string(),
+        Origin::Database => format!(
+            "`weir subscriptions update {subscription}` with the sink's flags (or --sink JSON)"
+        ),
+    };
+    if let Err(e) = sink.validate() {
+        return vec![check(&name, Verdict::Fail, e, Some(fix_settings))];
+    }
+    let mut out = vec![match (sink.check_environment(), origin) {
+        (Ok(()), _) => check(
+            &name,
+            Verdict::Ok,
+            match variable {
+                Some(v) => format!("{sink}; ${v} is set here"),
+                None => sink.to_string(),
+            },
+            None,
+        ),
+        (Err(e), Origin::Config) => check(
+            &name,
+            Verdict::Fail,
+            format!("{e}; `weir run` from this configuration would refuse to start"),
+            Some(env_fix(sink, "for `weir run`")),
+        ),
+        (Err(e), Origin::Database) => check(
+            &name,
+            Verdict::Warn,
+            format!("{e}; the processes that run weir need it (this one may not be one of them)"),
+            Some(env_fix(sink, "for every process that runs weir")),
+        ),
+    }];
+    let reached = futures::future::join_all(addresses.iter().map(|(host, port)| async move {
+        let address = format!("{host}:{port}");
+        let r =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&address)).await;
+        let problem = match r {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        };
+        (address, problem)
+    }))
+    .await;
+    let name = format!("sink of {subscription}: network");
+    let unreachable: Vec<String> =
+        reached.iter().filter_map(|(a, p)| p.as_ref().map(|p| format!("{a} ({p})"))).collect();
+    out.push(if unreachable.is_empty() {
+        let all: Vec<&str> = reached.iter().map(|(a, _)| a.as_str()).collect();
+        check(&name, Verdict::Ok, format!("{} accepts TCP connections", all.join(", ")), None)
+    } else {
+        check(
+            &name,
+            Verdict::Warn,
+            format!("cannot connect from here to {}", unreachable.join(", ")),
+            Some(
+                "check the URL, and that the receiver runs and is reachable from the processes \
+                 that run weir; until it is, deliveries are retried"
+                    .into(),
+            ),
+        )
+    });
+    out
+}
+
+/// How to set the variable a sink needs.
+fn env_fix(sink: &Sink, whom: &str) -> String {
+    match sink {
+        Sink::Webhook(w) => {
+            format!("set {} to the signing secret in the environment {whom}", w.secret_env)
+        }
+        Sink::Nats(n) => format!(
+            "set {} to the NATS server's token in the environment {whom}",
+            n.token_env.as_deref().unwrap_or("the token's variable")
+        ),
+        Sink::Client | Sink::Rust => String::new(),
+    }
+}
+
+/// What the processes delivering a subscription recorded: a sink one could not build, a stop
+/// by the receiver.
+fn recorded(s: &Subscription) -> Vec<Check> {
+    let name = format!("sink of {}: delivery", s.subscription_name);
+    let mut out = Vec::new();
+    if let Some(e) = &s.sink_error {
+        out.push(check(
+            &name,
+            Verdict::Warn,
+            format!("the last process that tried cannot deliver: {e}"),
+            Some("fix what it names in that process's environment and restart it".into()),
+        ));
+    }
+    if let Some(r) = &s.stopped_reason {
+        out.push(check(
+            &name,
+            Verdict::Warn,
+            format!("stopped by its sink: {r}"),
+            Some(format!(
+                "`weir subscriptions start {}` once the receiver takes deliveries again",
+                s.subscription_name
+            )),
+        ));
+    }
+    out
 }
 
 /// plugin, active, wal_status, retained bytes, confirmed LSN.
