@@ -433,9 +433,9 @@ fn stream_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool 
 /// `2m`, `90s`, `1500ms`: a duration as the nats CLI takes it.
 fn humantime(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 60_000 == 0 {
+    if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
