@@ -44,8 +44,8 @@
 //! and then later events are stored ahead of the lost ones. The sink logs it (`stored out of
 //! order`) when a PubAck shows it. `max_in_flight = 1` rules it out, at one round trip per event.
 //!
-//! Metrics, labelled `subscription` and `sink = "nats"`: `weir_sink_delivered_total` (events
-//! acknowledged), `weir_sink_failed_total` (failed deliveries), `weir_sink_request_seconds`
+//! Metrics, labelled `subscription` and `sink = "nats"`: `weir_sink_delivered_total` (events of
+//! groups wholly acknowledged), `weir_sink_failed_total` (failed deliveries), `weir_sink_request_seconds`
 //! (per group, first publish to last PubAck), `weir_sink_commit_to_ack_seconds` (per event, its
 //! commit to its PubAck).
 
@@ -371,8 +371,12 @@ impl Nats {
             }
         }
         metrics::histogram!("weir_sink_request_seconds", &labels).record(elapsed.as_secs_f64());
-        metrics::counter!("weir_sink_delivered_total", &labels).increment(acked as u64);
-        let Some((i, error)) = first_failure else { return Ok(()) };
+        let Some((i, error)) = first_failure else {
+            // Counted once the whole group is acknowledged (a failed group's acknowledged
+            // events come again, as duplicates, and are counted then).
+            metrics::counter!("weir_sink_delivered_total", &labels).increment(n as u64);
+            return Ok(());
+        };
         let event = events[i];
         let mut message = format!(
             "publishing the event at position {} to {} failed: {error}; {acked} of {n} \
@@ -433,9 +437,9 @@ fn stream_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool 
 /// `2m`, `90s`, `1500ms`: a duration as the nats CLI takes it.
 fn humantime(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 60_000 == 0 {
+    if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
