@@ -48,9 +48,10 @@
 //!      `weir_sinks::envelope` of the same logged events under a subscription name of the same
 //!      length (`cw1`), serialised before the clock starts, signed and sent with the same
 //!      `webhook-*` headers — to the same receiver, one request at a time per connection;
-//!    - NATS: one async-nats connection publishing the same messages (same subject layout, same
-//!      body size, a `Nats-Msg-Id` each) to the same stream, up to 256 PubAcks awaited in
-//!      flight per publisher.
+//!    - NATS: one async-nats connection publishing the same messages (same subject layout, the
+//!      sink's headers — `Nats-Msg-Id`, `weir-subscription`, `weir-position`, `weir-type` — and
+//!      the envelope as the body, under a name as long) to the same stream, a sliding window
+//!      of up to 256 PubAcks awaited in flight per publisher.
 //!
 //!    Target: weir ≥ 0.7× the ceiling.
 //! 2. **Latency**: a subscription of pool size 8 (type `stream` over `lw-*`, then `ln-*` for
@@ -803,13 +804,19 @@ async fn webhook_ceiling(
 
 async fn nats_ceiling(b: &Bench<'_>, name: &str, publishers: usize) -> anyhow::Result<Rate> {
     let nats = b.nats.expect("NATS phases run with a server");
-    let messages: Arc<Vec<(String, String, Bytes)>> = Arc::new(
+    // The sink's messages: its subject layout, its headers, the envelope as the body.
+    let messages: Arc<Vec<(String, async_nats::HeaderMap, Bytes)>> = Arc::new(
         b.events
             .iter()
             .map(|e| {
                 let subject = format!("bench.{name}.{}", stream_of(e));
-                let id = weir_sinks::message_id(name, e.position);
-                Ok((subject, id, Bytes::from(serde_json::to_vec(&weir_sinks::envelope(name, e))?)))
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", weir_sinks::message_id(name, e.position));
+                headers.insert("weir-subscription", name);
+                headers.insert("weir-position", e.position.to_string());
+                headers.insert("weir-type", weir_sinks::event_type(e));
+                let body = serde_json::to_vec(&weir_sinks::envelope(name, e))?;
+                Ok((subject, headers, Bytes::from(body)))
             })
             .collect::<anyhow::Result<_>>()?,
     );
@@ -827,11 +834,9 @@ async fn nats_ceiling(b: &Bench<'_>, name: &str, publishers: usize) -> anyhow::R
             let mut duplicates = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((subject, id, body)) = messages.get(i) else { break };
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", id.as_str());
+                let Some((subject, headers, body)) = messages.get(i) else { break };
                 in_flight.push_back(
-                    js.publish_with_headers(subject.clone(), headers, body.clone()).await?,
+                    js.publish_with_headers(subject.clone(), headers.clone(), body.clone()).await?,
                 );
                 if in_flight.len() >= NATS_WINDOW {
                     let ack = in_flight.pop_front().expect("full").await?;
