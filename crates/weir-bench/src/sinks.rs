@@ -61,7 +61,10 @@
 //!    writers); each records the instant its commit returned. The receiver (webhook) or a
 //!    JetStream ordered consumer of `bench.ntlat.>` in this process, on a thread of its own,
 //!    records the instant each id first arrives. Latency = arrival − commit, one clock (this
-//!    process's monotonic `Instant`), the first second left out. Target: p50 ≤ 15 ms.
+//!    process's monotonic `Instant`), the first second left out. Target: p50 ≤ 15 ms. The
+//!    **reference**, in the same phase: commit → logged, the instant the append that logged the
+//!    event was announced (`LISTEN weir_events` on a thread of its own; the append commits its
+//!    events and the NOTIFY together) — the floor any delivery from the log builds on.
 //!
 //! The receiver answers 200 at once; it counts each event of a body (`{"events": [...]}` is a
 //! batch), deduplicates by the envelope `id`, and verifies the signature of the first 100
@@ -884,6 +887,8 @@ type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 struct Latency {
     /// Arrival − commit, when events arrived.
     p: Option<Percentiles>,
+    /// The reference: the append's `NOTIFY weir_events` − commit (the event is in the log).
+    logged: Option<Percentiles>,
     expected: usize,
     missing: usize,
     achieved_rate: f64,
@@ -972,6 +977,7 @@ async fn latency(
             }
             return Ok(Latency {
                 p: None,
+                logged: None,
                 expected: 0,
                 missing: 0,
                 achieved_rate: 0.0,
@@ -984,6 +990,7 @@ async fn latency(
     }
     println!("  probe arrived {:.0} ms after its commit", t.elapsed().as_secs_f64() * 1000.0);
 
+    let listener = Logged::start(b.db_url).await?;
     let cpu = sampler(b);
     let writes = appends(b.db_url, prefix, args.rate, args.latency_seconds, args.writers)
         .await
@@ -1011,13 +1018,21 @@ async fn latency(
     .await?;
     let position: HashMap<(String, i64), i64> =
         positions.into_iter().map(|(p, s, v)| ((s, v), p)).collect();
+    let notes = listener.stop().await?;
     let mut ms = Vec::with_capacity(writes.commits.len());
+    let mut logged_ms = Vec::with_capacity(writes.commits.len());
     let mut missing = 0;
     for (key, committed) in &writes.commits {
-        let at = position.get(key).and_then(|p| arrived(&weir_sinks::message_id(sub, *p)));
-        match at {
+        let Some(&p) = position.get(key) else {
+            missing += 1;
+            continue;
+        };
+        match arrived(&weir_sinks::message_id(sub, p)) {
             Some(at) => ms.push(signed_ms(at, *committed)),
             None => missing += 1,
+        }
+        if let Some(at) = logged_at(&notes, p) {
+            logged_ms.push(signed_ms(at, *committed));
         }
     }
     subscriptions::delete(b.pool, sub).await?;
@@ -1028,6 +1043,7 @@ async fn latency(
     }
     let l = Latency {
         p: Percentiles::of(ms),
+        logged: Percentiles::of(logged_ms),
         expected: writes.commits.len(),
         missing,
         achieved_rate: writes.achieved_rate,
@@ -1052,6 +1068,13 @@ async fn latency(
             p.min
         ),
         None => println!("  no event arrived"),
+    }
+    if let Some(p) = &l.logged {
+        println!(
+            "  reference commit → logged (the append's NOTIFY weir_events): p50 {:.2} ms, p90 \
+             {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            p.p50, p.p90, p.p99, p.max
+        );
     }
     println!(
         "  writes: {} appends/s achieved ({} late by over 10 ms); {} of {} events never arrived",
@@ -1149,6 +1172,58 @@ fn appends(
         let elapsed = start.elapsed().as_secs_f64();
         Ok(Writes { commits, achieved_rate: count as f64 / elapsed.max(1e-9), late })
     })
+}
+
+/// The reference of the latency phases: every append's `NOTIFY weir_events` (its payload the
+/// append's last position) with the instant it arrived, on a thread of its own — when an event
+/// became visible in the log, the floor any delivery builds on.
+#[derive(Debug)]
+struct Logged {
+    cancel: CancellationToken,
+    done: tokio::sync::oneshot::Receiver<anyhow::Result<Vec<(i64, Instant)>>>,
+}
+
+impl Logged {
+    async fn start(url: &str) -> anyhow::Result<Self> {
+        let cancel = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let done = on_own_thread("bench-listener", {
+            let (url, cancel) = (url.to_string(), cancel.clone());
+            move || async move {
+                let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+                listener.listen(weir_log::NOTIFY_CHANNEL).await?;
+                let _ = ready_tx.send(());
+                let mut notes = Vec::new();
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        n = listener.recv() => {
+                            let at = Instant::now();
+                            if let Ok(p) = n?.payload().parse::<i64>() {
+                                notes.push((p, at));
+                            }
+                        }
+                    }
+                }
+                Ok(notes)
+            }
+        });
+        ready_rx.await.context("the LISTEN weir_events connection did not start")?;
+        Ok(Self { cancel, done })
+    }
+
+    /// The notifications, in the order they arrived.
+    async fn stop(self) -> anyhow::Result<Vec<(i64, Instant)>> {
+        self.cancel.cancel();
+        self.done.await.context("the listener's thread ended")?
+    }
+}
+
+/// When the event at `position` was logged: the first notification at or past it.
+fn logged_at(notes: &[(i64, Instant)], position: i64) -> Option<Instant> {
+    let i = notes.partition_point(|(p, _)| *p < position);
+    notes.get(i).map(|(_, at)| *at)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1644,24 +1719,27 @@ impl Report {
         if !self.latency.is_empty() {
             println!();
             println!(
-                "  | commit → receiver at {} events/s | p50 (target ≤ {TARGET_P50_MS} ms) | p90 | p99 | max |",
+                "  | commit → receiver at {} events/s | p50 (target ≤ {TARGET_P50_MS} ms) | p90 | \
+                 p99 | max | reference commit → logged p50 / p99 |",
                 thousands(args.rate as f64)
             );
-            println!("  |---|---|---|---|---|");
+            println!("  |---|---|---|---|---|---|");
             for (sink, l) in &self.latency {
                 match &l.p {
                     Some(p) => println!(
-                        "  | {}, pool size {} | {:.2} ms ({}) | {:.2} ms | {:.2} ms | {:.2} ms |",
+                        "  | {}, pool size {} | {:.2} ms ({}) | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
                         sink.label(),
                         args.latency_pool_size,
                         p.p50,
                         verdict(p.p50 <= TARGET_P50_MS),
                         p.p90,
                         p.p99,
-                        p.max
+                        p.max,
+                        l.logged
+                            .map_or("—".into(), |r| format!("{:.2} / {:.2} ms", r.p50, r.p99))
                     ),
                     None => println!(
-                        "  | {}, pool size {} | not measured | — | — | — |",
+                        "  | {}, pool size {} | not measured | — | — | — | — |",
                         sink.label(),
                         args.latency_pool_size
                     ),
@@ -1708,6 +1786,17 @@ mod tests {
         assert!(
             check_signature(&secrets, &headers, body).unwrap_err().contains("no webhook-signature")
         );
+    }
+
+    #[test]
+    fn an_event_is_logged_by_the_first_notification_past_it() {
+        let t = Instant::now();
+        let notes: Vec<(i64, Instant)> =
+            (1..=3u64).map(|i| (i as i64 * 10, t + Duration::from_millis(i))).collect();
+        assert_eq!(logged_at(&notes, 5), Some(notes[0].1));
+        assert_eq!(logged_at(&notes, 10), Some(notes[0].1));
+        assert_eq!(logged_at(&notes, 11), Some(notes[1].1));
+        assert_eq!(logged_at(&notes, 31), None);
     }
 
     #[test]
