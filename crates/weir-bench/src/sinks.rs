@@ -551,13 +551,40 @@ async fn throughput(
     Ok(ThroughputRow { sink, pool: pool_size, weir, ceiling })
 }
 
-/// Starts the CPU window of a phase: PostgreSQL, this process, `weir run`, nats-server.
-fn sampler(b: &Bench<'_>) -> CpuSampler {
-    let mut s = CpuSampler::start(b.pg.postmaster, |_| String::new()).watch("weir", b.weir.pid);
-    if let Some(pid) = b.nats.and_then(NatsServer::pid) {
-        s = s.watch("nats", pid);
+/// A phase's window: the CPU of PostgreSQL, this process, `weir run` and nats-server, and the
+/// write transactions PostgreSQL began (the next transaction id, read without taking one).
+struct Window {
+    cpu: CpuSampler,
+    xid: i64,
+}
+
+impl Window {
+    async fn start(b: &Bench<'_>) -> anyhow::Result<Self> {
+        let mut cpu =
+            CpuSampler::start(b.pg.postmaster, |_| String::new()).watch("weir", b.weir.pid);
+        if let Some(pid) = b.nats.and_then(NatsServer::pid) {
+            cpu = cpu.watch("nats", pid);
+        }
+        Ok(Self { cpu, xid: next_xid(b.pool).await? })
     }
-    s
+
+    /// The window's CPU line, with the write transactions per event of `events`.
+    async fn stop(self, b: &Bench<'_>, events: i64) -> anyhow::Result<String> {
+        let cpu = cpu_line(&self.cpu.stop());
+        let xacts = next_xid(b.pool).await? - self.xid;
+        Ok(format!(
+            "{cpu}\n    PostgreSQL: {} write transactions ({:.2} per event)",
+            thousands(xacts as f64),
+            xacts as f64 / events.max(1) as f64
+        ))
+    }
+}
+
+/// The next transaction id the cluster will assign (`xmax` of a snapshot: takes none).
+async fn next_xid(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        .fetch_one(pool)
+        .await?)
 }
 
 fn cpu_line(r: &CpuReport) -> String {
@@ -588,11 +615,11 @@ async fn weir_webhook(
         .pool_size(pool_size)
         .sink(Sink::Webhook(sink));
     b.receiver.take();
-    let cpu = sampler(b);
+    let cpu = Window::start(b).await?;
     let started = Instant::now();
     subscriptions::create(b.pool, &def).await?;
     let outcome = caught_up(b, sub, started, &|| b.receiver.distinct()).await?;
-    let cpu = cpu_line(&cpu.stop());
+    let cpu = cpu.stop(b, b.head).await?;
     let got = b.receiver.take();
     subscriptions::delete(b.pool, sub).await?;
     got.check_signatures(&format!("weir's webhook `{sub}`"), problems);
@@ -620,11 +647,11 @@ async fn weir_nats(b: &Bench<'_>, sub: &str, pool_size: u32) -> anyhow::Result<R
         .pool_size(pool_size)
         .sink(Sink::Nats(sink));
     let before = nats.stored().await?;
-    let cpu = sampler(b);
+    let cpu = Window::start(b).await?;
     let started = Instant::now();
     subscriptions::create(b.pool, &def).await?;
     let outcome = caught_up(b, sub, started, &|| 0).await?;
-    let cpu = cpu_line(&cpu.stop());
+    let cpu = cpu.stop(b, b.head).await?;
     subscriptions::delete(b.pool, sub).await?;
     let stored = nats.stored().await? - before;
     Ok(Rate {
@@ -754,7 +781,7 @@ async fn webhook_ceiling(
         .build()?;
     b.receiver.take();
     let next = Arc::new(AtomicUsize::new(0));
-    let cpu = sampler(b);
+    let cpu = Window::start(b).await?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
@@ -791,7 +818,7 @@ async fn webhook_ceiling(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_line(&cpu.stop());
+    let cpu = cpu.stop(b, b.head).await?;
     let got = b.receiver.take();
     got.check_signatures(&format!("the ceiling `{name}`"), problems);
     Ok(Rate {
@@ -827,7 +854,7 @@ async fn nats_ceiling(b: &Bench<'_>, name: &str, publishers: usize) -> anyhow::R
     let js = async_nats::jetstream::new(client.clone());
     let before = nats.stored().await?;
     let next = Arc::new(AtomicUsize::new(0));
-    let cpu = sampler(b);
+    let cpu = Window::start(b).await?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..publishers {
@@ -863,7 +890,7 @@ async fn nats_ceiling(b: &Bench<'_>, name: &str, publishers: usize) -> anyhow::R
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_line(&cpu.stop());
+    let cpu = cpu.stop(b, b.head).await?;
     client.flush().await?;
     let stored = nats.stored().await? - before;
     Ok(Rate {
@@ -991,11 +1018,11 @@ async fn latency(
     println!("  probe arrived {:.0} ms after its commit", t.elapsed().as_secs_f64() * 1000.0);
 
     let listener = Logged::start(b.db_url).await?;
-    let cpu = sampler(b);
+    let cpu = Window::start(b).await?;
     let writes = appends(b.db_url, prefix, args.rate, args.latency_seconds, args.writers)
         .await
         .context("the writers stopped")??;
-    let cpu = cpu_line(&cpu.stop());
+    let cpu = cpu.stop(b, (args.rate * args.latency_seconds) as i64).await?;
     let last = head(b.pool).await?;
     let t = Instant::now();
     let mut failed = None;
