@@ -70,7 +70,9 @@
 //! batch), deduplicates by the envelope `id`, and verifies the signature of the first 100
 //! requests of every phase with `Secrets::verify`: a signature that does not verify makes the
 //! command fail at the end, after every figure is printed. A missed target is printed, not an
-//! error. CPU per phase (weir run, PostgreSQL, nats-server, this process) shows where time went.
+//! error. Beside each phase, where the time went: the CPU of `weir run`, PostgreSQL,
+//! nats-server and this process, and the write transactions PostgreSQL began (the next
+//! transaction id before and after, read without taking one) per event.
 //!
 //! Run: `cargo run --release -p weir-bench -- sinks` (`--sinks webhook`, `--only throughput`,
 //! `--events 5000` for a quick run).
