@@ -419,7 +419,11 @@ fn details(s: &Subscription) -> String {
         s.parked,
     ));
     if let Some(h) = &s.halted {
-        out.push_str(&format!("  halted      {h}\n"));
+        out.push_str(&format!(
+            "  halted      {h}\n              `weir resume {0}` tries the event again (once the \
+             cause is fixed); `weir skip {0}` moves past it\n",
+            s.subscription_name
+        ));
     }
     for e in &s.emitters {
         out.push_str(&format!(

@@ -1,8 +1,8 @@
 //! The surfaces of webhook and NATS sinks, through the real `weir` binary on a real PostgreSQL
 //! (the binary, so that each case sets the environment it needs): `weir subscriptions
 //! create|update` with `--webhook`, `--nats` and `--sink`, what `show`, `list` and `status`
-//! print (deliveries, the last error, a sink error, a stop by the receiver; never a secret nor
-//! a password written into a URL), bad flags refused with one line naming the fix, and `weir
+//! print (deliveries, the last error, a sink error, a stop by the receiver; never a secret),
+//! a URL with credentials refused (they would be stored and shown), bad flags refused with one line naming the fix, and `weir
 //! doctor` on sinks: a secret's variable missing (a warning for a subscription kept in the
 //! database, a failure for a `[[subscriptions]]` entry), a receiver that does or does not
 //! accept a TCP connection, and what the last delivering process recorded.
@@ -97,7 +97,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
             "--selector",
             "order-*",
             "--webhook",
-            "https://me:pw@example.com/hooks",
+            "https://example.com/hooks",
             "--secret-env",
             "SINKS_CLI_HOOK_SECRET",
             "--timeout",
@@ -118,7 +118,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
     assert_eq!(kind, "webhook");
     assert_eq!(
         config.unwrap(),
-        serde_json::json!({"url": "https://me:pw@example.com/hooks",
+        serde_json::json!({"url": "https://example.com/hooks",
                            "secret_env": "SINKS_CLI_HOOK_SECRET", "timeout": "5s",
                            "batch_size": 10, "linger": "50ms"})
     );
@@ -156,7 +156,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
             "t",
             "--nats",
             "--nats-url",
-            "nats://user:hunter2@127.0.0.1:4222",
+            "nats://127.0.0.1:4222",
             "--subject",
             "rows.{entity}.{kind}",
             "--stream",
@@ -201,7 +201,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
     let out = subs(&db, &["show", "hooks"]);
     assert!(
         out.contains(
-            "sink        webhook POST https://***@example.com/hooks (signed with \
+            "sink        webhook POST https://example.com/hooks (signed with \
              $SINKS_CLI_HOOK_SECRET; timeout 5s, batches of up to 10 within 50ms)"
         ),
         "{out}"
@@ -212,7 +212,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
     let out = subs(&db, &["show", "rows"]);
     assert!(
         out.contains(
-            "nats nats://***@127.0.0.1:4222 subject rows.{entity}.{kind} into stream ROWS \
+            "nats nats://127.0.0.1:4222 subject rows.{entity}.{kind} into stream ROWS \
              (created if missing) (16 in flight; token in $SINKS_CLI_NATS_TOKEN)"
         ),
         "{out}"
@@ -228,7 +228,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
              (subscription, lane, delivered, last_position, last_delivered_at)
          values ('hooks', 0, 12, 345, now());
          insert into weir.consumer_failures (consumer, lane, position, attempt, error, outcome)
-         values ('hooks', 0, 346, 1, 'HTTP 503 from https://***@example.com/hooks', 'retry');
+         values ('hooks', 0, 346, 1, 'HTTP 503 from https://example.com/hooks', 'retry');
          update weir.subscriptions set sink_error = 'the environment variable \
              SINKS_CLI_HOOK_SECRET (the webhook''s secret_env) is not set in this process',
              sink_error_at = now() where name = 'hooks';
@@ -242,7 +242,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
     assert!(out.contains("subscription hooks — stopped"), "{out}");
     assert!(out.contains("delivered   12 events, the last at position 345, "), "{out}");
     assert!(out.contains("retries     1, failed 0"), "{out}");
-    assert!(out.contains("last error  HTTP 503 from https://***@example.com/hooks — "), "{out}");
+    assert!(out.contains("last error  HTTP 503 from https://example.com/hooks — "), "{out}");
     assert!(out.contains("sink error  the environment variable SINKS_CLI_HOOK_SECRET"), "{out}");
     assert!(
         out.contains("stopped by its sink: the receiver answered 410 Gone")
@@ -271,7 +271,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
     assert!(
         out.contains("  sink webhook: 12 delivered, the last ")
             && out.contains("; lag 0 events; last error ")
-            && out.contains(": HTTP 503 from https://***@example.com/hooks; cannot deliver: "),
+            && out.contains(": HTTP 503 from https://example.com/hooks; cannot deliver: "),
         "{out}"
     );
     assert!(out.contains("  sink nats: 0 delivered; lag 0 events\n"), "{out}");
@@ -322,6 +322,14 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
             "nats subject `weir.{nope}`: `{nope}` is not a token; use {subscription}",
         ),
         (create(&["--nats", "--nats-url", "http://n:4222"]), "use nats:// (or tls://)"),
+        (
+            create(&["--webhook", "https://me:hunter2@x.io/h", "--secret-env", "S"]),
+            "webhook url `https://***@x.io/h` holds credentials, which would be stored and shown",
+        ),
+        (
+            create(&["--nats", "--nats-url", "nats://user:hunter2@n:4222"]),
+            "nats url `nats://***@n:4222` holds a password, which would be stored and shown",
+        ),
         (create(&["--nats", "--max-in-flight", "0"]), "max_in_flight 0 is out of range"),
         (
             create(&[
@@ -340,7 +348,7 @@ async fn sinks_from_flags_shown_in_words_without_secrets() {
         assert!(out.contains(says), "{args:?}: `{out}` should say `{says}`");
         assert_eq!(out.trim().lines().count(), 1, "{args:?}: one line, got `{out}`");
         assert!(
-            !out.contains("whsec_x") && !out.contains(SECRET),
+            !out.contains("whsec_x") && !out.contains(SECRET) && !out.contains("hunter2"),
             "{args:?}: a secret was printed: {out}"
         );
     }

@@ -153,6 +153,24 @@ pub(crate) fn describe() {
     metrics::describe_gauge!("weir_channel_clients", "Connected realtime channel clients");
     metrics::describe_counter!("weir_channel_messages_total", "Messages queued to channel clients");
     metrics::describe_counter!("weir_channel_dropped_total", "Channel clients dropped");
+    metrics::describe_counter!(
+        "weir_sink_delivered_total",
+        "Events a sink delivered (a 2xx, a PubAck), by subscription and sink"
+    );
+    metrics::describe_counter!(
+        "weir_sink_failed_total",
+        "Failed sink deliveries (requests, groups of publishes), retried or not"
+    );
+    metrics::describe_histogram!(
+        "weir_sink_request_seconds",
+        metrics::Unit::Seconds,
+        "A webhook request, or a group's publishes until every PubAck"
+    );
+    metrics::describe_histogram!(
+        "weir_sink_commit_to_ack_seconds",
+        metrics::Unit::Seconds,
+        "From an event's commit to the receiver's acknowledgement"
+    );
 }
 
 /// `GET /metrics`.

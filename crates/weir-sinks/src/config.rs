@@ -148,6 +148,13 @@ impl WebhookSink {
                 url.scheme()
             ));
         }
+        if url.password().is_some() || !url.username().is_empty() {
+            return Err(format!(
+                "webhook url `{}` holds credentials, which would be stored and shown; leave them \
+                 out — the receiver knows weir by the signature (webhook-signature)",
+                redact_url(&self.url)
+            ));
+        }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(format!("webhook url `{}` has no host", self.url));
         }
@@ -200,6 +207,13 @@ impl NatsSink {
             let parsed = url::Url::parse(server).map_err(|e| {
                 format!("nats url `{server}` is not a URL ({e}); write it as nats://host:4222")
             })?;
+            if parsed.password().is_some() {
+                return Err(format!(
+                    "nats url `{}` holds a password, which would be stored and shown; put the \
+                     server's token in an environment variable and name it in token_env",
+                    redact_url(server)
+                ));
+            }
             if !matches!(parsed.scheme(), "nats" | "tls") {
                 return Err(format!(
                     "nats url `{server}`: the scheme is `{}`; use nats:// (or tls://)",
@@ -412,6 +426,10 @@ mod tests {
         assert!(bad(|s| s.stream = "a.b".into()).contains("stream name"));
         assert!(bad(|s| s.retention = "forever".into()).contains("retention"));
         assert!(bad(|s| s.max_in_flight = 0).contains("max_in_flight"));
+        let e = bad(|s| s.url = "nats://u:hunter2@h:4222".into());
+        assert!(e.contains("token_env") && !e.contains("hunter2"), "{e}");
+        let e = WebhookSink::new("https://u:hunter2@x.io/h", "S").validate().unwrap_err();
+        assert!(e.contains("credentials") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]
