@@ -152,7 +152,14 @@ impl Sink {
     /// checkpoint): a webhook's batch (or 50 single posts), NATS's publishes in flight.
     pub(crate) fn group(&self) -> usize {
         match self {
-            Self::Webhook(w) if w.batch_size > 1 => w.batch_size as usize,
+            // A lingering batch is its own group: the linger waits for one batch to fill.
+            Self::Webhook(w) if !w.linger.is_zero() => w.batch_size as usize,
+            // Otherwise as many whole batches as fit in 50 events (at least one): fewer
+            // checkpoint commits per request.
+            Self::Webhook(w) => {
+                let batch = w.batch_size.max(1) as usize;
+                batch * (50 / batch).max(1)
+            }
             Self::Nats(n) => n.max_in_flight as usize,
             _ => 50,
         }
@@ -305,6 +312,14 @@ mod tests {
         assert_eq!(Sink::from_parts("client", None).unwrap(), Sink::Client);
         let n: Sink = serde_json::from_value(json!({"type": "nats"})).unwrap();
         assert_eq!(n.group(), 256);
+        let batch = |batch_size: u32, linger_ms: u64| {
+            let mut w = weir_sinks::WebhookSink::new("http://x/h", "S");
+            w.batch_size = batch_size;
+            w.linger = std::time::Duration::from_millis(linger_ms);
+            Sink::Webhook(w).group()
+        };
+        assert_eq!((batch(1, 0), batch(10, 0), batch(30, 0), batch(100, 0)), (50, 50, 30, 100));
+        assert_eq!(batch(10, 20), 10, "a lingering batch is its own group");
         for (bad, says) in [
             (json!("webhook"), "needs its settings"),
             (json!("kafka"), "not a sink"),
