@@ -2,68 +2,13 @@
 //! process before and after an append), SIGKILL at random moments, standby takeover, and every
 //! bad-input case of the foundation (each a clear line and a non-zero exit).
 
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use weir_testkit::{Cluster, Options, TestDatabase, eventually};
+use weir_testkit::{Cluster, Options, eventually};
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
-
-/// A running `weir` process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn weir(db: &TestDatabase<'_>, args: &[&str]) -> Command {
-    let mut cmd = Command::new(WEIR);
-    cmd.args(args)
-        .env("DATABASE_URL", db.url())
-        .env("WEIR_SOURCE_SLOT", db.name())
-        .env("WEIR_HTTP_BIND", "127.0.0.1:0")
-        .env_remove("WEIR_FAULT")
-        .current_dir(std::env::temp_dir());
-    cmd
-}
-
-fn spawn(mut cmd: Command) -> Proc {
-    Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-}
-
-fn output(mut cmd: Command) -> (bool, String) {
-    let Output { status, stdout, stderr } = cmd.output().unwrap();
-    (
-        status.success(),
-        format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)),
-    )
-}
-
-fn sigkill(p: &Proc) {
-    Command::new("kill").args(["-9", &p.0.id().to_string()]).status().unwrap();
-}
-
-fn sigterm(p: &mut Proc) {
-    Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while p.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "weir did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-async fn setup(prefix: &str) -> (TestDatabase<'static>, PgPool) {
-    let db = weir_testkit::shared().database(prefix).unwrap();
-    db.psql("create table t (id int primary key, v text)").unwrap();
-    let (ok, out) = output(weir(&db, &["init"]));
-    assert!(ok, "weir init failed: {out}");
-    let pool = PgPool::connect(&db.url()).await.unwrap();
-    (db, pool)
-}
+mod support;
+use support::*;
 
 async fn head(pool: &PgPool) -> i64 {
     sqlx::query_scalar::<_, Option<i64>>("select max(position) from weir.source_state")

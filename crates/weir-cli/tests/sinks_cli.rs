@@ -10,12 +10,13 @@
 //! No engine delivers here: what a sink delivered is written into its tables the way the
 //! engine writes it, and only its presentation is tested.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use sqlx::PgPool;
 use weir_testkit::TestDatabase;
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+mod support;
+use support::*;
 
 /// A valid Standard Webhooks secret (24 bytes, their documentation's example).
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -38,15 +39,6 @@ fn weir(db: &TestDatabase<'_>, args: &[&str]) -> Command {
     cmd
 }
 
-/// Whether it succeeded, and what it printed (stdout then stderr).
-fn output(mut cmd: Command) -> (bool, String) {
-    let Output { status, stdout, stderr } = cmd.output().unwrap();
-    (
-        status.success(),
-        format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)),
-    )
-}
-
 /// `weir subscriptions <args>`, which must succeed; what it printed.
 fn subs(db: &TestDatabase<'_>, args: &[&str]) -> String {
     let mut all = vec!["subscriptions"];
@@ -63,15 +55,6 @@ fn refused(db: &TestDatabase<'_>, args: &[&str]) -> String {
     let (ok, out) = output(weir(db, &all));
     assert!(!ok, "weir {all:?} should fail: {out}");
     out
-}
-
-async fn setup(prefix: &str) -> (TestDatabase<'static>, PgPool) {
-    let db = weir_testkit::shared().database(prefix).unwrap();
-    db.psql("create table t (id int primary key, v text)").unwrap();
-    let (ok, out) = output(weir(&db, &["init"]));
-    assert!(ok, "weir init failed: {out}");
-    let pool = PgPool::connect(&db.url()).await.unwrap();
-    (db, pool)
 }
 
 async fn sink_of(pool: &PgPool, name: &str) -> (String, Option<serde_json::Value>) {

@@ -11,8 +11,7 @@
 //! Needs `nats-server` (CI installs it): it fails saying so when it is missing.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use serde_json::{Value, json};
@@ -20,47 +19,10 @@ use sqlx::PgPool;
 use weir_core::RetryConfig;
 use weir_sinks::NatsSink;
 use weir_streams::{Sink, SubscriptionDef, SubscriptionKind, SubscriptionOptions, subscriptions};
-use weir_testkit::{NatsServer, TestDatabase, eventually};
+use weir_testkit::{NatsServer, eventually};
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
-
-/// A running `weir` process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn weir(db: &TestDatabase<'_>, args: &[&str]) -> Command {
-    let mut cmd = Command::new(WEIR);
-    cmd.args(args)
-        .env("DATABASE_URL", db.url())
-        .env("WEIR_SOURCE_SLOT", db.name())
-        .env("WEIR_HTTP_BIND", "127.0.0.1:0")
-        .env_remove("WEIR_FAULT")
-        .current_dir(std::env::temp_dir());
-    cmd
-}
-
-fn spawn(mut cmd: Command) -> Proc {
-    Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-}
-
-fn sigkill(p: &Proc) {
-    Command::new("kill").args(["-9", &p.0.id().to_string()]).status().unwrap();
-}
-
-fn sigterm(p: &mut Proc) {
-    Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while p.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "weir did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+mod support;
+use support::*;
 
 async fn jetstream(url: &str) -> jetstream::Context {
     let client = tokio::time::timeout(Duration::from_secs(10), async_nats::connect(url))

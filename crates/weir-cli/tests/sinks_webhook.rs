@@ -16,7 +16,7 @@
 //! receiver sees what weir sent, not what weir says it sent.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,46 +30,14 @@ use weir_streams::{Sink, Subscription, SubscriptionDef, SubscriptionKind, Subscr
 use weir_testkit::receiver::{Answer, Exchange, Receiver};
 use weir_testkit::{TestDatabase, eventually};
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir");
-
-/// A running `weir` process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn weir(db: &TestDatabase<'_>, args: &[&str]) -> Command {
-    let mut cmd = Command::new(WEIR);
-    cmd.args(args)
-        .env("DATABASE_URL", db.url())
-        .env("WEIR_SOURCE_SLOT", db.name())
-        .env("WEIR_HTTP_BIND", "127.0.0.1:0")
-        .env_remove("WEIR_FAULT")
-        .current_dir(std::env::temp_dir());
-    cmd
-}
+mod support;
+use support::*;
 
 /// `weir run` with the sink's secret in `HOOK_SECRET`.
 fn run_with_secret(db: &TestDatabase<'_>, secret: &str) -> Proc {
     let mut cmd = weir(db, &["run"]);
     cmd.env("HOOK_SECRET", secret);
     Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-}
-
-fn output(mut cmd: Command) -> (bool, String) {
-    let Output { status, stdout, stderr } = cmd.output().unwrap();
-    (
-        status.success(),
-        format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)),
-    )
-}
-
-fn sigkill(p: &Proc) {
-    Command::new("kill").args(["-9", &p.0.id().to_string()]).status().unwrap();
 }
 
 async fn setup(prefix: &str) -> (TestDatabase<'static>, PgPool) {
