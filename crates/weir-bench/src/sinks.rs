@@ -102,6 +102,7 @@ use crate::cpu::{CpuReport, CpuSampler};
 use crate::percentile::Percentiles;
 use crate::report::{ratio, thousands, verdict};
 use crate::server::{PgServer, ServerArgs};
+use crate::streams::{head, watermark};
 use crate::thread::on_own_thread;
 
 const TARGET_CEILING_RATIO: f64 = 0.7;
@@ -411,22 +412,6 @@ async fn backlog(pool: &PgPool, events: u64) -> anyhow::Result<i64> {
         v = upto;
     }
     Ok(versions * BACKLOG_STREAMS as i64)
-}
-
-async fn head(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("select coalesce(max(position), 0) from weir.source_state")
-        .fetch_one(pool)
-        .await?)
-}
-
-/// Every selected event at or below it is delivered: the lowest emitter checkpoint.
-async fn watermark(pool: &PgPool, consumer: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "select coalesce(min(position), 0) from weir.checkpoints where consumer = $1",
-    )
-    .bind(consumer)
-    .fetch_one(pool)
-    .await?)
 }
 
 /// The backlog's events as the log holds them (the ceilings' bodies are made of them).

@@ -332,13 +332,15 @@ impl weir_streams::Handler for Count {
     }
 }
 
-async fn head(pool: &PgPool) -> anyhow::Result<i64> {
+/// The log head: the last position ingestion stored.
+pub(crate) async fn head(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("select coalesce(max(position), 0) from weir.source_state")
         .fetch_one(pool)
         .await?)
 }
 
-async fn watermark(pool: &PgPool, consumer: &str) -> anyhow::Result<i64> {
+/// Every selected event at or below it is handled: the lowest checkpoint of `consumer`.
+pub(crate) async fn watermark(pool: &PgPool, consumer: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "select coalesce(min(position), 0) from weir.checkpoints where consumer = $1",
     )
