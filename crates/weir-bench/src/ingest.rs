@@ -145,17 +145,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--pg-setting applies to the private cluster; configure the --url server yourself");
     }
     let server = PgServer::start(args.server.url.clone(), args.unix_socket, settings, None).await?;
-    let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
-    let fsync: String =
-        sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir-bench ingest");
-    println!("  server   {}", version.split(',').next().unwrap_or(&version));
-    println!(
-        "  where    {} (fsync={fsync}), {cpus} CPUs on this machine{}",
-        if server.cluster.is_some() { "private cluster started for this run" } else { "--url" },
-        if server.postmaster.is_some() { "" } else { "; server not local: no CPU breakdown" }
-    );
+    server
+        .print_header(
+            "ingest",
+            if server.postmaster.is_some() { "" } else { "; server not local: no CPU breakdown" },
+        )
+        .await?;
     println!(
         "  via      {}",
         if args.unix_socket {

@@ -174,16 +174,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let server = PgServer::start(url, args.unix_socket, Vec::new(), Some(BENCH_APP)).await?;
-    let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
-    let fsync: String =
-        sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir-bench operators");
-    println!("  server   {}", version.split(',').next().unwrap_or(&version));
-    println!(
-        "  where    {} (fsync={fsync}), {cpus} CPUs on this machine",
-        if server.cluster.is_some() { "private cluster started for this run" } else { "--url" }
-    );
+    server.print_header("operators", "").await?;
     println!(
         "  via      {}",
         if args.unix_socket {

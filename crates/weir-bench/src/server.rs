@@ -86,6 +86,27 @@ pub(crate) struct PgServer {
 }
 
 impl PgServer {
+    /// Prints a benchmark's header: its name, the server's version, and where it runs (a
+    /// private cluster or `--url`, `fsync`, the CPUs), `where_more` ending that line. Returns
+    /// the CPU count.
+    pub(crate) async fn print_header(
+        &self,
+        benchmark: &str,
+        where_more: &str,
+    ) -> anyhow::Result<usize> {
+        let version: String = sqlx::query_scalar("select version()").fetch_one(&self.admin).await?;
+        let fsync: String =
+            sqlx::query_scalar("select current_setting('fsync')").fetch_one(&self.admin).await?;
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        println!("weir-bench {benchmark}");
+        println!("  server   {}", version.split(',').next().unwrap_or(&version));
+        println!(
+            "  where    {} (fsync={fsync}), {cpus} CPUs on this machine{where_more}",
+            if self.cluster.is_some() { "private cluster started for this run" } else { "--url" }
+        );
+        Ok(cpus)
+    }
+
     /// Connects to `url`, or starts a private cluster with `settings` (see
     /// [`server_or_cluster`]). The admin pool's connections carry `application_name` when given.
     pub(crate) async fn start(

@@ -213,17 +213,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--sinks needs at least one of webhook, nats");
     }
     let pg = PgServer::start(args.server.url.clone(), false, Vec::new(), None).await?;
-    let version: String = sqlx::query_scalar("select version()").fetch_one(&pg.admin).await?;
-    let fsync: String =
-        sqlx::query_scalar("select current_setting('fsync')").fetch_one(&pg.admin).await?;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir-bench sinks");
-    println!("  server   {}", version.split(',').next().unwrap_or(&version));
-    println!(
-        "  where    {} (fsync={fsync}), {cpus} CPUs on this machine, shared by weir run, \
-         PostgreSQL, nats-server, the receiver and the ceilings' clients",
-        if pg.cluster.is_some() { "private cluster started for this run" } else { "--url" }
-    );
+    let cpus = pg
+        .print_header(
+            "sinks",
+            ", shared by weir run, PostgreSQL, nats-server, the receiver and the ceilings' clients",
+        )
+        .await?;
 
     let name = format!("weir_bench_sinks_{}", std::process::id());
     let db_url = pg.create_db(&name).await?;

@@ -137,16 +137,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--append-events, --writers and --batches must be at least 1");
     }
     let server = PgServer::start(args.server.url.clone(), false, Vec::new(), None).await?;
-    let version: String = sqlx::query_scalar("select version()").fetch_one(&server.admin).await?;
-    let fsync: String =
-        sqlx::query_scalar("select current_setting('fsync')").fetch_one(&server.admin).await?;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir-bench streams");
-    println!("  server   {}", version.split(',').next().unwrap_or(&version));
-    println!(
-        "  where    {} (fsync={fsync}), {cpus} CPUs on this machine",
-        if server.cluster.is_some() { "private cluster started for this run" } else { "--url" }
-    );
+    server.print_header("streams", "").await?;
     println!();
     let wants = |p: Phase| args.only.is_none_or(|o| o == p);
     if wants(Phase::Append) {
