@@ -288,7 +288,8 @@ pub struct OperatorConfig {
     pub name: String,
     /// Entities listened to (`posts`, `sales.orders`).
     pub entities: Vec<String>,
-    /// Kinds listened to. Defaults to insert, update, delete.
+    /// Kinds listened to. Defaults to insert, update, delete and read (rows loaded by a
+    /// backfill, which an operator recomputes like inserts).
     #[serde(default = "default_kinds")]
     pub kinds: Vec<crate::Kind>,
     /// Key column per entity (`comments = "post_id"`); others use their single-column primary key.
@@ -321,7 +322,7 @@ pub struct OperatorConfig {
 }
 
 fn default_kinds() -> Vec<crate::Kind> {
-    vec![crate::Kind::Insert, crate::Kind::Update, crate::Kind::Delete]
+    vec![crate::Kind::Insert, crate::Kind::Update, crate::Kind::Delete, crate::Kind::Read]
 }
 
 /// The queue jobs go to when they name none. Defaults to `default`.

@@ -20,6 +20,9 @@ pub enum Kind {
     Delete,
     /// The table was truncated (one event per table).
     Truncate,
+    /// A row that existed before capture, loaded by a backfill (`weir backfill`): its
+    /// `new_record` is the row as it was read, like an insert's.
+    Read,
     /// A `pg_logical_emit_message` with weir's prefix.
     Message,
     /// An event appended to a stream of the event store: an insert into
@@ -36,6 +39,7 @@ impl Kind {
             Kind::Update => "update",
             Kind::Delete => "delete",
             Kind::Truncate => "truncate",
+            Kind::Read => "read",
             Kind::Message => "message",
             Kind::Append => "append",
         }
@@ -48,6 +52,7 @@ impl Kind {
             "update" => Kind::Update,
             "delete" => Kind::Delete,
             "truncate" => Kind::Truncate,
+            "read" => Kind::Read,
             "message" => Kind::Message,
             "append" => Kind::Append,
             _ => return None,

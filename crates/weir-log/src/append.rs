@@ -25,6 +25,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use weir_core::{Change, Lsn, Position, Source, Transaction};
 
+use crate::backfill::ChunkStored;
 use crate::{NOTIFY_CHANNEL, Result};
 
 /// The source's persisted progress.
@@ -96,6 +97,17 @@ impl Appender {
     /// at or below the stored LSN are skipped. Only after this returns may the slot be
     /// acknowledged up to the returned LSN.
     pub async fn append(&mut self, txns: &[Transaction]) -> Result<SourceState> {
+        self.append_with(txns, &[]).await
+    }
+
+    /// [`append`](Self::append), storing the progress of the backfill chunks whose `read`
+    /// events `txns` carry in the same transaction (so a backfill resumes after exactly the
+    /// chunks that are in the log). Nothing is stored when every transaction was stored before.
+    pub async fn append_with(
+        &mut self,
+        txns: &[Transaction],
+        chunks: &[ChunkStored],
+    ) -> Result<SourceState> {
         let fresh: Vec<&Transaction> =
             txns.iter().filter(|t| t.commit_lsn > self.state.lsn).collect();
         let Some(last) = fresh.last() else {
@@ -152,6 +164,9 @@ impl Appender {
             }
         }
         rows.insert_events(&mut tx).await?;
+        for chunk in chunks {
+            chunk.store(&mut tx).await?;
+        }
         sqlx::query(
             "update weir.source_state set lsn = $2::pg_lsn, position = $3, updated_at = now()
              where slot = $1",
@@ -243,6 +258,16 @@ impl Appender {
             }
         };
         Ok(n.rows_affected())
+    }
+
+    /// The keys of `entity`'s rows among the staged changes of `xid` (a streamed transaction
+    /// that committed inside a backfill chunk's window).
+    pub async fn staged_keys(&mut self, xid: u32, entity: &str) -> Result<Vec<Value>> {
+        Ok(sqlx::query_scalar("select key from weir.staged_changes where xid = $1 and entity = $2")
+            .bind(i64::from(xid))
+            .bind(entity)
+            .fetch_all(&mut self.conn)
+            .await?)
     }
 
     /// Drops every staged change: at start the slot sends in-progress transactions again.

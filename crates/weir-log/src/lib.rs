@@ -22,6 +22,7 @@
 //! Other crates keep their own tables in the `weir` schema with [`schema::migrate`].
 
 mod append;
+pub mod backfill;
 mod read;
 mod retention;
 pub mod schema;
@@ -60,8 +61,11 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
 }
 
 /// The log's own numbered migrations.
-pub const MIGRATIONS: &[schema::Migration] = &[schema::Migration {
-    version: 1,
-    name: "log",
-    sql: include_str!("../migrations/0001_log.sql"),
-}];
+pub const MIGRATIONS: &[schema::Migration] = &[
+    schema::Migration { version: 1, name: "log", sql: include_str!("../migrations/0001_log.sql") },
+    schema::Migration {
+        version: 2,
+        name: "backfills",
+        sql: include_str!("../migrations/0002_backfills.sql"),
+    },
+];

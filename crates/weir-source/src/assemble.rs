@@ -85,6 +85,11 @@ struct OpenTxn {
     changes: Vec<Change>,
 }
 
+/// The prefix of the logical messages a backfill writes around each chunk it reads (its low
+/// and high watermarks). They always reach the log writer, whatever `message_prefix` is, and
+/// never become events.
+pub const WATERMARK_PREFIX: &str = "weir-backfill";
+
 /// Assembles decoded messages into transactions. One per replication connection.
 #[derive(Debug)]
 pub struct Assembler {
@@ -298,7 +303,9 @@ impl Assembler {
                 let ours = prefix == self.message_prefix
                     || prefix
                         .strip_prefix(&self.message_prefix)
-                        .is_some_and(|r| r.starts_with('.'));
+                        .is_some_and(|r| r.starts_with('.'))
+                    // A backfill's watermark: the log writer takes it out of the transaction.
+                    || (prefix == WATERMARK_PREFIX && transactional);
                 if !ours {
                     return Ok(());
                 }

@@ -41,6 +41,9 @@ pub enum Error {
     /// The server or the database is not set up for weir; the message says how to fix it.
     #[error("{0}")]
     Setup(String),
+    /// A backfill cannot be asked for or cannot go on; the message says why and what to do.
+    #[error("{0}")]
+    Backfill(String),
     /// A part of weir panicked (a bug: please report it with the message).
     #[error("{part} panicked: {message}")]
     Panicked {

@@ -30,9 +30,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use weir_core::{Backoff, Config, Lsn, ProcessId, Transaction};
 use weir_log::Appender;
+use weir_log::backfill::ChunkStored;
 use weir_source::assemble::{Assembler, Output, STAGE_CHUNK};
 use weir_source::stream::{Frame, ReplicationStream, StreamOptions};
 
+use crate::backfill::{self, Chunks, Observed};
 use crate::{Error, Result, db, fault};
 
 /// Work for the writer, in WAL order.
@@ -193,6 +195,7 @@ async fn session(
     let permits = Arc::new(Semaphore::new(budget as usize));
     let (persisted_tx, mut persisted) = watch::channel(start);
     let (received, received_rx) = watch::channel(start);
+    let chunks = Chunks::default();
     let mut writer = tokio::spawn(writer(
         appender,
         rx,
@@ -200,7 +203,12 @@ async fn session(
         config.source.batch_max_events,
         holder.to_string(),
         received_rx,
+        chunks.clone(),
     ));
+    // Backfills run while this session holds the slot, and stop with it.
+    let backfills = cancel.child_token();
+    let driver =
+        tokio::spawn(backfill::drive(pool.clone(), chunks, db_name.clone(), backfills.clone()));
 
     let mut outputs = Vec::new();
     let mut status_timer = tokio::time::interval(config.source.status_interval);
@@ -301,6 +309,8 @@ async fn session(
             }
         }
     };
+    backfills.cancel();
+    let _ = driver.await;
     // Let the writer store what is queued (graceful), then acknowledge it.
     drop(tx);
     if !writer.is_finished() {
@@ -325,8 +335,12 @@ async fn writer(
     max_events: usize,
     holder: String,
     received: watch::Receiver<Lsn>,
+    chunks: Chunks,
 ) -> Result<()> {
     let mut batch: Vec<Transaction> = Vec::new();
+    // Backfill chunks in the batch: their progress, stored with it, and who waits for it.
+    let mut stored: Vec<ChunkStored> = Vec::new();
+    let mut waiting = Vec::new();
     let mut idle = Lsn::ZERO;
     let mut behind_ms = 0i64;
     let mut last_heartbeat: Option<Instant> = None;
@@ -344,8 +358,22 @@ async fn writer(
             held.push(permit);
             match item {
                 Item::Commit(t) => {
-                    events += t.changes.len();
-                    batch.push(t);
+                    let lsn = t.commit_lsn;
+                    match chunks.observe(t, &mut appender).await? {
+                        Observed::Append(t) => {
+                            events += t.changes.len();
+                            batch.push(t);
+                        }
+                        Observed::Mark => idle = idle.max(lsn),
+                        Observed::Chunk(t, chunk, done) => {
+                            events += t.changes.len();
+                            metrics::counter!("weir_backfill_rows_total")
+                                .increment(t.changes.len() as u64);
+                            batch.push(t);
+                            stored.push(chunk);
+                            waiting.push(done);
+                        }
+                    }
                 }
                 Item::Stage { xid, first_seq, changes } => {
                     appender.stage(xid, &changes, first_seq).await?;
@@ -363,7 +391,11 @@ async fn writer(
         if let Some(newest) = batch.last().map(|t| t.commit_ts) {
             fault::point("before_append");
             let before = appender.state().position;
-            appender.append(&batch).await?;
+            appender.append_with(&batch, &stored).await?;
+            stored.clear();
+            for done in waiting.drain(..) {
+                let _ = done.send(());
+            }
             fault::point("after_append");
             metrics::counter!("weir_ingest_events_total")
                 .increment((appender.state().position - before).max(0) as u64);

@@ -31,6 +31,7 @@
 //! ```
 
 mod app;
+pub mod backfill;
 pub mod db;
 pub mod doctor;
 mod error;
