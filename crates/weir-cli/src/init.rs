@@ -1,5 +1,6 @@
 //! `weir init`: creates or updates the weir schema, the publication and the replication slot
-//! (`weir::setup::init`, idempotent), and says what it did.
+//! (`weir::setup::init`, idempotent), and says what it did — and which watched tables hold
+//! rows from before capture (`weir backfill` loads them; a table added later is backfilled).
 
 use weir::Config;
 
@@ -18,5 +19,35 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
         config.source.slot,
         if report.created_slot { "created" } else { "exists" }
     );
+    for (table, backfill) in &report.backfills {
+        match backfill {
+            Ok(id) => println!(
+                "`{table}` is watched from now on: backfill {id} loads its existing rows once `weir run` runs"
+            ),
+            Err(why) => println!(
+                "`{table}` is watched from now on; its existing rows are not backfilled: {why}"
+            ),
+        }
+    }
+    if report.created_publication {
+        // Rows written before the slot existed are not in the WAL to come.
+        for table in &report.tables {
+            let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+            let sql = format!(
+                "select exists (select 1 from \"{}\".\"{}\")",
+                schema.replace('"', "\"\""),
+                name.replace('"', "\"\"")
+            );
+            if sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(false)
+            {
+                println!(
+                    "`{table}` already holds rows, which capture will not see: `weir backfill {table}` loads them into the log"
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! error into one line and an exit code; the tests in `tests/` call [`run`] the same way.
 //!
 //! Where it sits: on top of everything. `init`, `run`, `status`, `tail`, `doctor`, `resume`,
-//! `skip`, `parked`, `jobs`, `streams` and `subscriptions` drive the `weir` library against the
+//! `skip`, `backfill`, `parked`, `jobs`, `streams` and `subscriptions` drive the `weir` library against the
 //! configured database; `dev` and `demo` first start a private PostgreSQL from the installed
 //! server binaries (weir-testkit).
 //!
@@ -18,6 +18,7 @@
 //! anyhow lives here and in the binary only: this is the binary's library, and each command
 //! adds the context a person at a terminal needs.
 
+pub mod backfill;
 mod demo;
 mod dev;
 mod doctor;
@@ -95,6 +96,9 @@ pub enum Command {
         /// The consumer's name.
         name: String,
     },
+    /// Load the rows a table held before capture into the log as `read` events (chunk by chunk,
+    /// no lock, capture goes on), and follow the progress; `--list`, `--cancel TABLE`.
+    Backfill(backfill::BackfillArgs),
     /// The job queue: enqueue, list, show, retry, cancel, stats.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
@@ -152,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init => init::run(&config).await?,
         Command::Run => run::run(config).await?,
         Command::Resume { name } => resume::run(&config, &name).await?,
+        Command::Backfill(args) => backfill::run(&config, args).await?,
         Command::Skip { name } => skip::run(&config, &name).await?,
         Command::Jobs(cmd) => jobs::run(cmd, weir::db::connect(&config).await?).await?,
         Command::Parked(cmd) => parked::run(&config, cmd).await?,

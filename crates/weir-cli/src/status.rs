@@ -1,4 +1,5 @@
-//! `weir status [--json]`: the source's slot lag, last position, rate and delay, and each
+//! `weir status [--json]`: the source's slot lag, last position, rate and delay, the backfills
+//! that run (and the last that ended), and each
 //! consumer's state and lanes (`weir::status`, `weir::consumer_status`); subscriptions are
 //! consumers too, shown as such with their emitters — and, for a webhook or NATS sink, one line
 //! of what it delivered: how many, how long ago, the last error, the lag.
@@ -15,9 +16,11 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     // Before the streams migration there are none.
     let subscriptions = weir_streams::subscriptions::list(&pool).await.unwrap_or_default();
     let subscription = |name: &str| subscriptions.iter().find(|s| s.subscription_name == name);
+    // Before the log's second migration there are none.
+    let backfills = weir_log::backfill::list(&pool, 3).await.unwrap_or_default();
     if json {
         let all = serde_json::json!({"source": s, "consumers": consumers,
-                                     "subscriptions": subscriptions});
+                                     "subscriptions": subscriptions, "backfills": backfills});
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
@@ -29,6 +32,9 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     match (&s.holder, s.heartbeat_age_seconds) {
         (Some(h), Some(age)) => println!("held by         {h} (heartbeat {age:.1} s ago)"),
         _ => println!("held by         nobody has run this slot yet"),
+    }
+    for b in &backfills {
+        println!("{}", crate::backfill::line(b));
     }
     for c in &consumers {
         println!();

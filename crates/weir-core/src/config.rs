@@ -319,6 +319,10 @@ pub struct OperatorConfig {
     /// Overrides `[consumers] on_exhausted`.
     #[serde(default)]
     pub on_exhausted: Option<OnExhausted>,
+    /// When the operator first starts (its consumer does not exist yet), backfill the rows its
+    /// entities already hold, so it computes them too. Defaults to false.
+    #[serde(default)]
+    pub backfill: bool,
 }
 
 fn default_kinds() -> Vec<crate::Kind> {
@@ -610,6 +614,9 @@ pub struct SourceConfig {
     /// is streamed before it commits (and staged in the database by weir), which bounds the
     /// memory one transaction costs. Defaults to `16MB`.
     pub decoding_work_mem: String,
+    /// When `weir init` adds a table to an existing publication, backfill the rows it already
+    /// holds (`read` events). Defaults to true.
+    pub backfill_added_tables: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -629,6 +636,7 @@ impl Default for SourceConfig {
             batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
             status_interval: Duration::from_secs(10),
             decoding_work_mem: "16MB".into(),
+            backfill_added_tables: true,
         }
     }
 }

@@ -25,6 +25,7 @@
 
 mod api;
 mod auth;
+mod backfills;
 pub mod channels;
 mod error;
 mod jobs;

@@ -7,6 +7,7 @@
 //! | metric | kind | from |
 //! |---|---|---|
 //! | `weir_ingest_events_total` | counter | ingestion, per appended event |
+//! | `weir_backfill_rows_total` | counter | ingestion, per `read` event a backfill appended |
 //! | `weir_source_slot_lag_bytes` | gauge | `pg_current_wal_lsn() - confirmed_flush_lsn`, every 5 s |
 //! | `weir_source_seconds_behind` | gauge | commit-to-log delay of the last append, every 5 s |
 //! | `weir_source_events_per_second` | gauge | events logged over the last 10 s, every 5 s |
@@ -102,6 +103,10 @@ pub fn install() -> Option<PrometheusHandle> {
 pub(crate) fn describe() {
     install();
     metrics::describe_counter!("weir_ingest_events_total", "Events appended to the log");
+    metrics::describe_counter!(
+        "weir_backfill_rows_total",
+        "Rows a backfill appended to the log as read events"
+    );
     metrics::describe_gauge!(
         "weir_source_slot_lag_bytes",
         "WAL between the server's position and what the slot confirmed"

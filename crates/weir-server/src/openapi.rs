@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, payload_too_large};
-use crate::{AppState, api, auth, channels, jobs, metrics, streams, subscriptions};
+use crate::{AppState, api, auth, backfills, channels, jobs, metrics, streams, subscriptions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -42,6 +42,7 @@ use crate::{AppState, api, auth, channels, jobs, metrics, streams, subscriptions
         (name = "channels", description = "Realtime channels over SSE and WebSocket"),
         (name = "subscriptions", description = "Subscriptions: definitions, state, parked \
             events, and clients attached over SSE and WebSocket that acknowledge"),
+        (name = "backfills", description = "Existing rows loaded into the log as `read` events"),
         (name = "metrics", description = "Prometheus metrics"),
     )
 )]
@@ -121,6 +122,7 @@ fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(jobs::routes())
         .merge(channels::routes())
         .merge(subscriptions::routes())
+        .merge(backfills::routes())
         .routes(routes!(metrics::render))
         .routes(routes!(openapi_json))
         .split_for_parts();

@@ -158,6 +158,9 @@ impl WeirBuilder {
         let mut consumers = self.consumers;
         for op in &config.operators {
             let prepared = SqlOperator::prepare(&pool, op).await?;
+            if op.backfill && self.ingest {
+                crate::backfill::for_new_operator(&pool, &config, op).await?;
+            }
             let mut spec =
                 ConsumerSpec::new(op.name.clone(), Arc::new(prepared), &config.consumers);
             spec.ordering = op.ordering.unwrap_or(spec.ordering);

@@ -95,6 +95,42 @@ pub async fn request(
     Ok(created)
 }
 
+/// For an operator with `backfill = true` that has never run (no consumer of its name yet):
+/// asks for backfills of its entities, so it computes the rows they already hold. A table with
+/// an active backfill already is left to it. An entity that cannot be backfilled refuses the
+/// start, naming it.
+pub(crate) async fn for_new_operator(
+    pool: &PgPool,
+    config: &Config,
+    op: &weir_core::OperatorConfig,
+) -> Result<()> {
+    weir_log::migrate(pool).await?;
+    let known: bool = sqlx::query_scalar(
+        "select to_regclass('weir.consumers') is not null
+            and exists (select 1 from weir.consumers where name = $1)",
+    )
+    .bind(&op.name)
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false);
+    if known {
+        return Ok(());
+    }
+    for entity in &op.entities {
+        let entity = entity_of(entity);
+        let key = check(pool, config, &entity).await.map_err(|e| {
+            Error::Backfill(format!("operator `{}` has `backfill = true`: {e}", op.name))
+        })?;
+        let by = format!("operator {}", op.name);
+        if let Requested::Created(b) =
+            store::request(pool, &entity, &key, &by, DEFAULT_CHUNK_SIZE).await?
+        {
+            tracing::info!(operator = %op.name, table = %entity, backfill = b.id, "backfill asked for: the operator is new");
+        }
+    }
+    Ok(())
+}
+
 /// Cancels the active backfill of `table`; returns it, or `None` when none was active. Chunks
 /// already stored stay in the log.
 pub async fn cancel(pool: &PgPool, table: &str) -> Result<Option<Backfill>> {
@@ -105,7 +141,7 @@ pub async fn cancel(pool: &PgPool, table: &str) -> Result<Option<Backfill>> {
 }
 
 fn already_active(b: &Backfill) -> Error {
-    Error::Backfill(format!(
+    Error::BackfillActive(format!(
         "a backfill of `{}` is already {} (id {}, {} of {} rows); wait for it (`weir backfill \
          --status`) or cancel it (`weir backfill --cancel {}`)",
         b.entity,
@@ -115,6 +151,38 @@ fn already_active(b: &Backfill) -> Error {
         b.rows_total.map_or("?".to_string(), |n| n.to_string()),
         b.entity
     ))
+}
+
+/// How fast a backfill goes and when it should end, from its stored progress.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    /// Rows read per second since it started (null before the first chunk).
+    pub rows_per_second: Option<f64>,
+    /// Seconds left at that rate (null when not running or not known).
+    pub seconds_left: Option<f64>,
+    /// Share of `rows_total` read, 0 to 1 (capped: live inserts can add rows).
+    pub fraction: Option<f64>,
+}
+
+impl Progress {
+    /// The progress of `b` as of its last stored chunk.
+    pub fn of(b: &Backfill) -> Self {
+        let fraction = b.rows_total.map(|total| {
+            if total > 0 { (b.rows_done as f64 / total as f64).min(1.0) } else { 1.0 }
+        });
+        let elapsed = b
+            .started_at
+            .map(|s| (b.finished_at.unwrap_or(b.updated_at) - s).num_milliseconds() as f64 / 1e3);
+        let rows_per_second =
+            elapsed.filter(|s| *s > 0.0 && b.rows_done > 0).map(|s| b.rows_done as f64 / s);
+        let seconds_left = match (b.state, rows_per_second, b.rows_total) {
+            (BackfillState::Running, Some(rate), Some(total)) => {
+                Some(((total - b.rows_done).max(0) as f64) / rate)
+            }
+            _ => None,
+        };
+        Self { rows_per_second, seconds_left, fraction }
+    }
 }
 
 /// `posts` and `public.posts` are one entity: `posts`.
@@ -617,11 +685,8 @@ async fn chunk(
             // The writer dropped the chunk (its session ended) or never got to it.
             Ok(Err(_)) => return Ok(Step::Stopped),
             Err(_) => {
-                return Err(Error::Backfill(format!(
-                    "the log writer did not store chunk after key {key:?} of `{}` within {}s",
-                    b.entity,
-                    STORE_TIMEOUT.as_secs()
-                )));
+                tracing::warn!(backfill = b.id, table = %b.entity, "the log writer did not store a chunk within {}s; reading it again", STORE_TIMEOUT.as_secs());
+                return Ok(Step::Stopped);
             }
         },
     }

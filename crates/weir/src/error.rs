@@ -44,6 +44,9 @@ pub enum Error {
     /// A backfill cannot be asked for or cannot go on; the message says why and what to do.
     #[error("{0}")]
     Backfill(String),
+    /// The table already has a pending or running backfill; the message names it.
+    #[error("{0}")]
+    BackfillActive(String),
     /// A part of weir panicked (a bug: please report it with the message).
     #[error("{part} panicked: {message}")]
     Panicked {

@@ -23,6 +23,9 @@ pub struct InitReport {
     pub created_slot: bool,
     /// Tables now in the publication (`schema.table`).
     pub tables: Vec<String>,
+    /// Tables this run added to an existing publication, each with the backfill asked for its
+    /// existing rows (its id) or why there is none (`[source] backfill_added_tables`).
+    pub backfills: Vec<(String, std::result::Result<i64, String>)>,
 }
 
 /// Creates or updates the schema, publication and slot.
@@ -31,10 +34,26 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
     weir_log::migrate(pool).await?;
     // Before the publication: it names the event store's table.
     weir_streams::migrate(pool).await?;
+    let before = publication_tables(pool, &config.source.publication).await?;
     let created_publication = ensure_publication(pool, config).await?;
     let created_slot = ensure_slot(pool, &config.source.slot).await?;
     let tables = publication_tables(pool, &config.source.publication).await?;
-    Ok(InitReport { created_publication, created_slot, tables })
+    let mut backfills = Vec::new();
+    if !created_publication {
+        // A table watched from now on: its existing rows are not in the WAL to come.
+        for added in tables.iter().filter(|t| !before.contains(t)) {
+            let answer = if config.source.backfill_added_tables {
+                crate::backfill::request(pool, config, &[added.clone()], "table added", None)
+                    .await
+                    .map(|b| b[0].id)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("[source] backfill_added_tables is off".into())
+            };
+            backfills.push((added.clone(), answer));
+        }
+    }
+    Ok(InitReport { created_publication, created_slot, tables, backfills })
 }
 
 pub(crate) async fn require_logical(pool: &PgPool) -> Result<()> {
