@@ -167,10 +167,10 @@ mod tests {
         );
         // A value kept as JSON keeps every digit.
         let big = "1234567890123456789012345678901234567890";
-        let Task::Keep { raw } =
-            from_value::<Task>(v(&format!(r#"{{"do": "keep", "raw": [{big}, 1.50, 0.1000000000000000000000000001]}}"#)))
-                .unwrap()
-        else {
+        let Task::Keep { raw } = from_value::<Task>(v(&format!(
+            r#"{{"do": "keep", "raw": [{big}, 1.50, 0.1000000000000000000000000001]}}"#
+        )))
+        .unwrap() else {
             panic!("keep");
         };
         assert_eq!(raw.to_string(), format!("[{big},1.50,0.1000000000000000000000000001]"));

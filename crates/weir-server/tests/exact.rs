@@ -37,10 +37,12 @@ impl Env {
     async fn start() -> Env {
         let db = weir_testkit::shared().database("exact").unwrap();
         let pool = PgPool::connect(&db.url()).await.unwrap();
-        sqlx::raw_sql("create table measures (id int primary key, j json, jb jsonb, n numeric, m numeric)")
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::raw_sql(
+            "create table measures (id int primary key, j json, jb jsonb, n numeric, m numeric)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
         let mut config = Config::default();
         config.database.url = Some(Secret::new(db.url()));
         config.source.slot = db.name().to_string();
@@ -49,7 +51,8 @@ impl Env {
         weir::setup::init(&pool, &config).await.unwrap();
         let running = weir::Weir::builder(config.clone()).pool(pool.clone()).start().await.unwrap();
         let cancel = running.cancel_token();
-        let server = Server::start(pool.clone(), config, running.wake(), cancel.clone()).await.unwrap();
+        let server =
+            Server::start(pool.clone(), config, running.wake(), cancel.clone()).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let c = cancel.clone();
@@ -66,8 +69,7 @@ impl Env {
     async fn events(&self, n: usize) -> Vec<Event> {
         let reader = LogReader::new(self.pool.clone()).await.unwrap();
         let read = || async { reader.read(0, 100, &EventFilter::default()).await.unwrap() };
-        eventually(&format!("{n} events logged"), WAIT, || async { read().await.len() >= n })
-            .await;
+        eventually(&format!("{n} events logged"), WAIT, || async { read().await.len() >= n }).await;
         read().await
     }
 
@@ -106,7 +108,9 @@ fn assert_exact_record(what: &str, r: &Value) {
 }
 
 /// One SSE `change` message's data.
-async fn next_change(stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin)) -> String {
+async fn next_change(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+) -> String {
     let mut buf = String::new();
     loop {
         while let Some(end) = buf.find("\n\n") {
@@ -179,9 +183,8 @@ async fn big_numbers_stay_exact_from_capture_to_every_reader() {
     assert_eq!(digits(&read["events"][0]["data"]["big"]), BIG);
     assert_eq!(digits(&read["events"][0]["data"]["small"]), SMALL);
     assert_eq!(digits(&read["events"][0]["metadata"]["scale"]), SMALL);
-    let rust = weir_streams::read_stream(&env.pool, "m-1", None, Default::default(), 10)
-        .await
-        .unwrap();
+    let rust =
+        weir_streams::read_stream(&env.pool, "m-1", None, Default::default(), 10).await.unwrap();
     assert_eq!(digits(&rust[0].data["big"]), BIG);
     assert_eq!(digits(&rust[0].data["list"][0]), BIG);
     assert_eq!(digits(&rust[0].data["small"]), SMALL);

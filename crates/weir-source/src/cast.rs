@@ -727,7 +727,8 @@ mod tests {
     /// never a failed append.
     #[test]
     fn json_numbers_beyond_numeric_keep_their_text() {
-        for text in ["1e131072", "1.0e-16383", "0e-16384", "0.0001e131076", "1e99999999999999999999"]
+        for text in
+            ["1e131072", "1.0e-16383", "0e-16384", "0.0001e131076", "1e99999999999999999999"]
         {
             let doc = format!(r#"{{"n": {text}}}"#);
             assert_eq!(cast(114, &doc), json!(doc), "{text}");

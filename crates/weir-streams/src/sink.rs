@@ -344,7 +344,10 @@ mod tests {
             let stored: Sink =
                 serde_json::from_value(serde_json::from_str::<Value>(text).unwrap()).unwrap();
             assert_eq!(direct, stored, "{text}");
-            assert_eq!(serde_json::from_value::<Sink>(serde_json::to_value(&direct).unwrap()).unwrap(), direct);
+            assert_eq!(
+                serde_json::from_value::<Sink>(serde_json::to_value(&direct).unwrap()).unwrap(),
+                direct
+            );
         }
         let e = serde_json::from_str::<Sink>(
             r#"{"type": "webhook", "url": "http://x/h", "secret_env": "S", "batch_size": 1.5}"#,

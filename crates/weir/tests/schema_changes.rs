@@ -264,8 +264,10 @@ async fn a_table_created_later_in_a_watched_schema_is_captured() {
     env.exec("create table later (id int primary key, v text)").await;
     env.exec("insert into later values (1, 'a')").await;
     // Created and written in one transaction.
-    env.exec("begin; create table at_once (id int primary key); insert into at_once values (7); commit;")
-        .await;
+    env.exec(
+        "begin; create table at_once (id int primary key); insert into at_once values (7); commit;",
+    )
+    .await;
     let e = env.events("later", 1).await;
     assert_eq!(e[0].kind, Kind::Insert);
     assert_eq!(e[0].new_record, Some(json!({"id": 1, "v": "a"})));

@@ -226,7 +226,10 @@ async fn buffered_args_get_numbers_as_jsonb_keeps_them() {
     .await;
     assert_eq!(
         *seen.lock().unwrap(),
-        [(1.5, "[1234567890123456789012345678901234567890,0.1000000000000000000000000001]".to_string())]
+        [(
+            1.5,
+            "[1234567890123456789012345678901234567890,0.1000000000000000000000000001]".to_string()
+        )]
     );
     running.stop(Duration::from_secs(5)).await.unwrap();
 }
