@@ -28,7 +28,9 @@
 //! `policy` applies the handler's own answer first ([`OperatorError`]: skip and park act at
 //! once, `retry_after` replaces the backoff's wait), then the consumer's: retries up to
 //! `max_retries` with [`RetryConfig::delay`](weir_core::RetryConfig::delay), then
-//! `on_exhausted`.
+//! `on_exhausted`. A retry whose cause is a failure of the statement itself (SQLSTATE class
+//! `42`, [`weir_log::sqlstate::is_statement_error`]: a dropped column, a type that no longer
+//! binds) halts at once, whatever `on_exhausted` says: it would fail every event alike.
 //!
 //! Parked keys: the events of a parked key must wait behind it. A lane checks each event's key
 //! against `weir.parked` (one query per event, and no grouping) only when it may have parked
@@ -70,12 +72,29 @@ enum Handled {
 struct Failure {
     error: String,
     action: Action,
+    /// The handler's statement itself failed ([`weir_log::sqlstate::is_statement_error`]): it
+    /// fails the same way for every event, so a retry halts at once.
+    statement: bool,
 }
 
 impl Failure {
     fn retry(error: String) -> Self {
-        Self { error, action: Action::Retry { after: None } }
+        Self { error, action: Action::Retry { after: None }, statement: false }
     }
+}
+
+/// The SQLSTATE of the first database error in `error`'s chain that says the statement
+/// cannot run at all ([`weir_log::sqlstate::is_statement_error`]).
+fn statement_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    std::iter::successors(Some(error), |e| e.source()).find_map(|e| {
+        match e.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => db
+                .code()
+                .filter(|c| weir_log::sqlstate::is_statement_error_code(c))
+                .map(std::borrow::Cow::into_owned),
+            _ => None,
+        }
+    })
 }
 
 /// One attempt's result.
@@ -421,6 +440,7 @@ impl Lane {
             Action::Skip => Step::Skip,
             Action::Park => Step::Park,
             Action::Stop => Step::Stop,
+            Action::Retry { .. } if failure.statement => Step::Halt,
             Action::Retry { after } if attempt <= retry.max_retries => {
                 Step::Retry(after.unwrap_or_else(|| retry.delay(attempt)))
             }
@@ -600,7 +620,19 @@ impl Lane {
             .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(Failure { error: e.error.to_string(), action: e.action }),
+            Ok(Err(e)) => Some(match (e.action, statement_error(&*e.error)) {
+                (Action::Retry { .. }, Some(code)) => Failure {
+                    error: format!(
+                        "{} (SQLSTATE {code}: the statement fails for every event, so the \
+                         consumer halted without retrying; fix the statement or the table, then \
+                         `weir resume {}`)",
+                        e.error, self.spec.name
+                    ),
+                    action: e.action,
+                    statement: true,
+                },
+                _ => Failure { error: e.error.to_string(), action: e.action, statement: false },
+            }),
             Err(panic) => Some(Failure::retry(format!(
                 "handler panicked: {}",
                 weir_core::panic_message(panic.as_ref())

@@ -988,6 +988,32 @@ mod tests {
         assert_eq!(c.log.retention, Duration::from_secs(2 * 86_400));
     }
 
+    /// The environment's overrides go through a TOML round trip of the whole configuration:
+    /// the JSON values in it (a subscription's selector and sink) keep their numbers, integers
+    /// beyond an `f64`'s 53 bits and fractions alike.
+    #[test]
+    fn environment_overrides_keep_the_numbers_of_json_values() {
+        let file = r#"
+[[subscriptions]]
+name = "big"
+type = "event_payload"
+selector = { total = 12.5, count = 3, id = 9007199254740993, nested = [0.25, -7] }
+
+[subscriptions.sink]
+type = "nats"
+max_in_flight = 100
+"#;
+        for vars in [env(&[]), env(&[("WEIR_SOURCE_SLOT", "b")])] {
+            let c = Config::from_toml(file, "f", vars).unwrap();
+            let s = &c.subscriptions[0];
+            assert_eq!(s.selector["total"].as_f64(), Some(12.5), "{}", s.selector);
+            assert_eq!(s.selector["count"].as_u64(), Some(3), "{}", s.selector);
+            assert_eq!(s.selector["id"].to_string(), "9007199254740993", "{}", s.selector);
+            assert_eq!(s.selector["nested"].to_string(), "[0.25,-7]");
+            assert_eq!(s.sink.as_ref().unwrap()["max_in_flight"].as_u64(), Some(100));
+        }
+    }
+
     #[test]
     fn bad_environment_value_names_the_variable() {
         let err =

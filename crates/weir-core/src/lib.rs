@@ -10,6 +10,7 @@ mod duration;
 mod event;
 mod failure;
 mod identity;
+pub mod json;
 mod lsn;
 
 pub use backoff::Backoff;

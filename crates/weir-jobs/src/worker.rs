@@ -259,8 +259,10 @@ impl<W: Worker> ErasedWorker for W {
         args: Value,
     ) -> BoxFuture<'_, std::result::Result<(), JobError>> {
         Box::pin(async move {
-            // Bad args fail the attempt with the reason; they never reach the worker.
-            let args: W::Args = serde_json::from_value(args).map_err(|e| {
+            // Bad args fail the attempt with the reason; they never reach the worker. Through
+            // weir_core::json: numbers written as jsonb keeps them (`1.50`) still reach args
+            // types that buffer (`#[serde(tag = …)]`, `untagged`, `flatten`).
+            let args: W::Args = weir_core::json::from_value(args).map_err(|e| {
                 JobError::retry(format!(
                     "args do not deserialize for kind `{}`: {e}",
                     <W::Args as JobArgs>::KIND

@@ -16,6 +16,13 @@
 //! | yes | I/O, TLS and protocol errors, pool time-outs; class `08` connection exception, `53` insufficient resources, `57` operator intervention (admin shutdown, crash recovery, cancel), `40` transaction rollback (serialization failure, deadlock) |
 //! | no | everything else: bad SQL (`42`), missing objects, permissions (`42501`), constraint violations (`23`), data exceptions (`22`) — retrying the same statement fails the same way |
 //!
+//! Within "stop", one more distinction for the consumer lanes: a failure of the statement
+//! itself ([`is_statement_error`], class `42`: a column or table that no longer exists, an
+//! operator or function that does not take the argument's type since `alter column … type`, a
+//! revoked permission) fails the same way for every event, so a lane halts its consumer at the
+//! first such failure instead of burning its retries on it — and a park or a skip would only
+//! set every later event aside for the same reason.
+//!
 //! SQLSTATE classes: <https://www.postgresql.org/docs/current/errcodes-appendix.html>
 
 /// Whether retrying the same work later may succeed.
@@ -36,6 +43,22 @@ pub fn is_transient_code(code: &str) -> bool {
     ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class))
 }
 
+/// Whether `e` says the statement cannot run at all, whatever its arguments: SQLSTATE class
+/// `42`, syntax error or access rule violation (`42703` undefined_column, `42P01`
+/// undefined_table, `42883` undefined_function, `42804` datatype_mismatch, `42501`
+/// insufficient_privilege, `42601` syntax_error…).
+pub fn is_statement_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| is_statement_error_code(&c)),
+        _ => false,
+    }
+}
+
+/// [`is_statement_error`] for a bare SQLSTATE code.
+pub fn is_statement_error_code(code: &str) -> bool {
+    code.starts_with("42")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +71,13 @@ mod tests {
         for code in ["42P01", "42501", "23505", "22023", "XX000"] {
             assert!(!is_transient_code(code), "{code}");
         }
+        for code in ["42703", "42P01", "42883", "42804", "42501", "42601"] {
+            assert!(is_statement_error_code(code), "{code}");
+        }
+        for code in ["22P02", "23505", "40001", "08006", "XX000"] {
+            assert!(!is_statement_error_code(code), "{code}");
+        }
+        assert!(!is_statement_error(&sqlx::Error::PoolTimedOut));
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
         assert!(!is_transient(&sqlx::Error::RowNotFound));
     }

@@ -318,12 +318,58 @@ fn cast_scalar(kind: Kind, text: &str) -> Value {
             .ok()
             .and_then(serde_json::Number::from_f64)
             .map_or_else(|| string(text), Value::Number),
-        Kind::Json => serde_json::from_str(text).unwrap_or_else(|_| string(text)),
+        Kind::Json => json(text).unwrap_or_else(|| string(text)),
         Kind::Timestamp => rfc3339(text, false).map_or_else(|| string(text), Value::String),
         Kind::Timestamptz => rfc3339(text, true).map_or_else(|| string(text), Value::String),
         Kind::Bytea => bytea_hex(text).map_or_else(|| string(text), Value::String),
         Kind::Numeric | Kind::Text | Kind::Array { .. } => string(text),
     }
+}
+
+/// A `json` or `jsonb` value with every number's digits kept (serde_json's
+/// `arbitrary_precision`, on for the whole workspace); `None` when it is not JSON, or when a
+/// number would not fit the log's `jsonb`: a `json` column holds any digits, but `jsonb` (and
+/// so `weir.events`) stores numbers as `numeric`. Such a value is kept whole as its text rather
+/// than failing every append of its transaction.
+fn json(text: &str) -> Option<Value> {
+    let value: Value = serde_json::from_str(text).ok()?;
+    fits_jsonb(&value).then_some(value)
+}
+
+/// Whether every number in `value` fits `numeric`, which `jsonb` stores numbers as.
+fn fits_jsonb(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => fits_numeric(n.as_str()),
+        Value::Array(items) => items.iter().all(fits_jsonb),
+        Value::Object(fields) => fields.values().all(fits_jsonb),
+        Value::Null | Value::Bool(_) | Value::String(_) => true,
+    }
+}
+
+/// Whether the JSON number `n` (`-12.5e-3`) fits `numeric`: at most 131072 digits before the
+/// decimal point once its exponent is applied, and a display scale (the digits written after
+/// the point, zeros too) of at most 16383 — the limits of `numeric_in`, checked against
+/// PostgreSQL 15 (`1e131071` fits, `1e131072` and `1.0e-16383` do not).
+fn fits_numeric(n: &str) -> bool {
+    let n = n.strip_prefix('-').unwrap_or(n);
+    let (mantissa, exponent) = match n.find(['e', 'E']) {
+        Some(at) => match n[at + 1..].parse::<i64>() {
+            // PostgreSQL refuses exponents from INT_MAX / 2 on, even for zero.
+            Ok(e) if e.abs() < 1_073_741_823 => (&n[..at], e),
+            _ => return false,
+        },
+        None => (n, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let scale = (frac.len() as i64).saturating_sub(exponent).max(0);
+    let digits = format!("{int}{frac}");
+    let leading_zeros = digits.len() - digits.trim_start_matches('0').len();
+    if leading_zeros == digits.len() {
+        // Zero: only its scale matters.
+        return scale <= 16_383;
+    }
+    let before = (int.len() as i64).saturating_add(exponent).saturating_sub(leading_zeros as i64);
+    before <= 131_072 && scale <= 16_383
 }
 
 /// `\x0A0b` → `0a0b`; `None` if not the hex format.
@@ -646,6 +692,74 @@ mod tests {
         assert_eq!(cast(114, "[1,2]"), json!([1, 2]));
         assert_eq!(cast(114, "\"s\""), json!("s"));
         assert_eq!(cast(114, "{not json"), json!("{not json"));
+    }
+
+    /// Every digit of a JSON number survives, in `json` and `jsonb` columns, at any depth and
+    /// in arrays; the text of the number is what the event carries.
+    #[test]
+    fn json_numbers_keep_every_digit() {
+        for text in [
+            "123456789012345678901234567890",
+            "-123456789012345678901234567890",
+            "0.1000000000000000000000000001",
+            // serde_json writes an exponent with its sign.
+            "1e+400",
+            "1.50",
+            "-0",
+            "18446744073709551616",
+        ] {
+            for oid in [114, 3802] {
+                let v = cast(oid, &format!(r#"{{"n": {text}, "a": [{text}]}}"#));
+                assert_eq!(v["n"].to_string(), text, "oid {oid}");
+                assert_eq!(v["a"][0].to_string(), text, "oid {oid}");
+                assert_eq!(
+                    serde_json::to_string(&v).unwrap(),
+                    format!(r#"{{"n":{text},"a":[{text}]}}"#)
+                );
+            }
+            assert_eq!(cast(3807, &format!("{{{text}}}"))[0].to_string(), text);
+        }
+        // Numbers that fit an f64 still read as one.
+        assert_eq!(cast(3802, r#"{"x": 2.5}"#)["x"].as_f64(), Some(2.5));
+    }
+
+    /// A `json` value whose number `jsonb` cannot hold stays the text it was, never rounded and
+    /// never a failed append.
+    #[test]
+    fn json_numbers_beyond_numeric_keep_their_text() {
+        for text in
+            ["1e131072", "1.0e-16383", "0e-16384", "0.0001e131076", "1e99999999999999999999"]
+        {
+            let doc = format!(r#"{{"n": {text}}}"#);
+            assert_eq!(cast(114, &doc), json!(doc), "{text}");
+        }
+        for text in ["1e131071", "1e-16383", "0e-16383", "0.0001e131075", "0.0e200000", "10e131070"]
+        {
+            let n = cast(114, text);
+            let n = n.as_number().unwrap_or_else(|| panic!("{text} stays a number"));
+            assert!(weir_core::json::same_number(n, &text.parse().unwrap()), "{text}: {n}");
+        }
+    }
+
+    /// The other numeric types: integers exact, `numeric` as its exact text, floats as the
+    /// double PostgreSQL wrote (with `extra_float_digits=3`, the shortest text that reads back
+    /// as the same double), non-finite values as strings.
+    #[test]
+    fn numbers_of_other_types_are_exact() {
+        assert_eq!(cast(20, "-9223372036854775808").to_string(), "-9223372036854775808");
+        assert_eq!(
+            cast(1700, "123456789012345678901234567890"),
+            json!("123456789012345678901234567890")
+        );
+        assert_eq!(
+            cast(1700, "0.1000000000000000000000000001"),
+            json!("0.1000000000000000000000000001")
+        );
+        assert_eq!(cast(1700, "-Infinity"), json!("-Infinity"));
+        assert_eq!(cast(701, "1.7976931348623157e+308").as_f64(), Some(f64::MAX));
+        assert_eq!(cast(701, "5e-324").as_f64(), Some(5e-324));
+        assert_eq!(cast(701, "0.30000000000000004").to_string(), "0.30000000000000004");
+        assert_eq!(cast(700, "-Infinity"), json!("-Infinity"));
     }
 
     #[test]

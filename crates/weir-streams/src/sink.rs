@@ -332,6 +332,31 @@ mod tests {
         }
     }
 
+    /// The word-or-table form reads through a `Value`: numbers as a request body or `jsonb`
+    /// writes them (serde_json keeps their text) still fill the integer settings.
+    #[test]
+    fn numbers_in_tables_as_text_and_as_stored() {
+        for text in [
+            r#"{"type": "webhook", "url": "http://x/h", "secret_env": "S", "batch_size": 10}"#,
+            r#"{"type": "nats", "max_in_flight": 100}"#,
+        ] {
+            let direct: Sink = serde_json::from_str(text).unwrap();
+            let stored: Sink =
+                serde_json::from_value(serde_json::from_str::<Value>(text).unwrap()).unwrap();
+            assert_eq!(direct, stored, "{text}");
+            assert_eq!(
+                serde_json::from_value::<Sink>(serde_json::to_value(&direct).unwrap()).unwrap(),
+                direct
+            );
+        }
+        let e = serde_json::from_str::<Sink>(
+            r#"{"type": "webhook", "url": "http://x/h", "secret_env": "S", "batch_size": 1.5}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("batch_size") || e.contains("invalid"), "{e}");
+    }
+
     #[test]
     fn in_words_without_secrets() {
         let w: Sink = serde_json::from_value(json!({

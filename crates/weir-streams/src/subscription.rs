@@ -599,8 +599,17 @@ pub fn contains(doc: &Value, pattern: &Value) -> bool {
             p.iter().all(|pv| d.iter().any(|dv| contains(dv, pv)))
         }
         // A top-level array contains a scalar element too (`'[1,2]' @> '1'`).
-        (Value::Array(d), p) if !p.is_object() => d.iter().any(|dv| dv == p),
-        (d, p) => d == p,
+        (Value::Array(d), p) if !p.is_object() => d.iter().any(|dv| same_scalar(dv, p)),
+        (d, p) => same_scalar(d, p),
+    }
+}
+
+/// Scalars compared as `jsonb` compares them: numbers by value with every digit
+/// ([`weir_core::json::same_number`]: `1.50` is `1.5`, `1e2` is `100`).
+fn same_scalar(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(a), Value::Number(b)) => weir_core::json::same_number(a, b),
+        (a, b) => a == b,
     }
 }
 
@@ -719,6 +728,20 @@ mod tests {
         assert!(Matcher::compile(SubscriptionKind::EventPattern, &json!("order.[ab]")).is_err());
     }
 
+    /// Options as a request body writes them and as `jsonb` gives them back (`1.50`) read the
+    /// same: numbers reach the retry policy whatever their text.
+    #[test]
+    fn options_read_their_numbers_as_written_and_as_stored() {
+        let text = r#"{"retry": {"min_restart_time": "1s", "backoff_multiplicator": 1.50,
+                      "max_restart_time": "1m", "max_retries": 3}, "on_exhausted": "park"}"#;
+        let direct: SubscriptionOptions = serde_json::from_str(text).unwrap();
+        let stored: SubscriptionOptions =
+            serde_json::from_value(serde_json::from_str::<Value>(text).unwrap()).unwrap();
+        assert_eq!(direct, stored);
+        let retry = direct.retry.unwrap();
+        assert_eq!((retry.backoff_multiplicator, retry.max_retries), (1.5, 3));
+    }
+
     #[test]
     fn payload_containment_follows_postgres() {
         let p = m(SubscriptionKind::EventPayload, json!({"customer": {"id": 7}, "items": [2]}));
@@ -726,6 +749,27 @@ mod tests {
         assert!(p.matches(&appended("s", "t", data, &[])));
         assert!(!p.matches(&appended("s", "t", json!({"customer": {"id": 8}, "items": [2]}), &[])));
         assert!(!p.matches(&appended("s", "t", json!({"customer": {"id": 7}}), &[])));
+        // Numbers by value, with every digit, as `@>` compares them.
+        let n = |selector: &str, data: &str| {
+            let p = m(SubscriptionKind::EventPayload, serde_json::from_str(selector).unwrap());
+            p.matches(&appended("s", "t", serde_json::from_str(data).unwrap(), &[]))
+        };
+        assert!(n(r#"{"x": 1.5}"#, r#"{"x": 1.50}"#));
+        assert!(n(r#"{"x": 100}"#, r#"{"x": 1e2}"#));
+        assert!(n(r#"{"x": 0.001}"#, r#"{"x": 1E-3}"#));
+        assert!(n(r#"{"x": -0}"#, r#"{"x": 0.0}"#));
+        assert!(n(r#"{"x": [2.0]}"#, r#"{"x": [1, 2]}"#));
+        assert!(n(
+            r#"{"x": 123456789012345678901234567890}"#,
+            r#"{"x": 123456789012345678901234567890.0}"#
+        ));
+        assert!(!n(
+            r#"{"x": 123456789012345678901234567890}"#,
+            r#"{"x": 123456789012345678901234567891}"#
+        ));
+        assert!(!n(r#"{"x": 0.1}"#, r#"{"x": 0.1000000000000000000000000001}"#));
+        assert!(!n(r#"{"x": -1}"#, r#"{"x": 1}"#));
+        assert!(!n(r#"{"x": 10}"#, r#"{"x": 1}"#));
         assert!(Matcher::compile(SubscriptionKind::EventPayload, &json!([1])).is_err());
         assert!(Matcher::compile(SubscriptionKind::EventPayload, &json!("x")).is_err());
         assert!(Matcher::compile(SubscriptionKind::EventPayload, &json!({})).is_err());

@@ -174,3 +174,62 @@ async fn unknown_kinds_wait_with_a_reason_and_bad_args_fail_the_attempt() {
     assert_eq!(state(&env.pool, nobody).await, "available");
     running.stop(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Args of an internally tagged enum (serde buffers it) with a float and raw JSON.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "do", rename_all = "snake_case")]
+enum Measure {
+    Scale { by: f64, raw: serde_json::Value },
+}
+
+impl weir_jobs::JobArgs for Measure {
+    const KIND: &'static str = "measure";
+}
+
+struct Measurer(std::sync::Arc<std::sync::Mutex<Vec<(f64, String)>>>);
+
+impl weir_jobs::Worker for Measurer {
+    type Args = Measure;
+    async fn work(
+        &self,
+        _ctx: weir_jobs::JobContext,
+        Measure::Scale { by, raw }: Measure,
+    ) -> Result<(), weir_jobs::JobError> {
+        self.0.lock().unwrap().push((by, raw.to_string()));
+        Ok(())
+    }
+}
+
+/// Numbers as `jsonb` keeps them (`1.50`, more digits than an `f64`) reach args that serde
+/// buffers (`#[serde(tag = …)]`): the float as its value, the raw JSON with every digit. (An
+/// integer of 65 to 128 bits there is refused: serde's buffer has no `u128`; see
+/// `weir_core::json`.)
+#[tokio::test]
+async fn buffered_args_get_numbers_as_jsonb_keeps_them() {
+    let env = setup("jobs_numbers").await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let running = JobRunner::new(env.pool.clone(), fast_config(1))
+        .register(Measurer(seen.clone()))
+        .start()
+        .await
+        .unwrap();
+    let id: i64 = sqlx::query_scalar(
+        r#"select weir.enqueue('default', 'measure',
+             '{"do": "scale", "by": 1.50, "raw": [1234567890123456789012345678901234567890, 0.1000000000000000000000000001]}')"#,
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    eventually("the job completes", Duration::from_secs(10), || async {
+        state(&env.pool, weir_jobs::JobId(id)).await == "completed"
+    })
+    .await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(
+            1.5,
+            "[1234567890123456789012345678901234567890,0.1000000000000000000000000001]".to_string()
+        )]
+    );
+    running.stop(Duration::from_secs(5)).await.unwrap();
+}
