@@ -117,7 +117,7 @@ impl Bar {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = done as f64 / secs;
         let left = if rate > 0.0 { (self.total - done) as f64 / rate } else { 0.0 };
-        let percent = if self.total == 0 { 100 } else { done * 100 / self.total };
+        let percent = (done * 100).checked_div(self.total).unwrap_or(100);
         format!(
             "{done}/{} keys ({percent}%), {rate:.0} keys/s, {} left",
             self.total,
