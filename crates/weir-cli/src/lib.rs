@@ -3,7 +3,8 @@
 //! error into one line and an exit code; the tests in `tests/` call [`run`] the same way.
 //!
 //! Where it sits: on top of everything. `init`, `run`, `status`, `tail`, `doctor`, `resume`,
-//! `skip`, `backfill`, `parked`, `jobs`, `streams` and `subscriptions` drive the `weir` library against the
+//! `skip`, `backfill`, `parked`, `operators`, `jobs`, `streams` and `subscriptions` drive the
+//! `weir` library against the
 //! configured database; `dev` and `demo` first start a private PostgreSQL from the installed
 //! server binaries (weir-testkit).
 //!
@@ -11,8 +12,8 @@
 //! Cli ──→ run(cli) ── demo / dev ────────────────────────→ their own private cluster
 //!                  └─ load_config(--config, --database-url, env) ──→ init / run / status / tail
 //!                                                                    doctor / resume / skip
-//!                                                                    parked / jobs / streams /
-//!                                                                    subscriptions
+//!                                                                    parked / operators / jobs /
+//!                                                                    streams / subscriptions
 //! ```
 //!
 //! anyhow lives here and in the binary only: this is the binary's library, and each command
@@ -24,6 +25,7 @@ mod dev;
 mod doctor;
 mod init;
 pub mod jobs;
+pub mod operators;
 pub mod parked;
 mod resume;
 mod run;
@@ -105,6 +107,9 @@ pub enum Command {
     /// The event store's streams: append, read, list, delete, truncate.
     #[command(subcommand)]
     Streams(streams::StreamsCommand),
+    /// The [[operators]] of weir.toml: list, rebuild a target table.
+    #[command(subcommand)]
+    Operators(operators::OperatorsCommand),
     /// Events set aside by consumers with `on_exhausted = "park"`.
     #[command(subcommand)]
     Parked(parked::ParkedCommand),
@@ -160,6 +165,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Skip { name } => skip::run(&config, &name).await?,
         Command::Jobs(cmd) => jobs::run(cmd, weir::db::connect(&config).await?).await?,
         Command::Parked(cmd) => parked::run(&config, cmd).await?,
+        Command::Operators(cmd) => operators::run(&config, cmd).await?,
         Command::Streams(cmd) => {
             let pool = weir::db::connect(&config).await?;
             streams::run(cmd, pool, &mut std::io::stdout()).await?

@@ -53,8 +53,11 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
                 h["error"].as_str().unwrap_or("")
             );
         }
-        if let Some(r) = &c.stopped_reason {
-            print!(" by its sink: {r}");
+        match (&c.stopped_reason, subscription(&c.name).is_some()) {
+            (Some(r), true) => print!(" by its sink: {r}"),
+            // An operator is stopped by a rebuild, whose reason says so.
+            (Some(r), false) => print!(", {r}"),
+            (None, _) => {}
         }
         if c.parked > 0 {
             print!(", {} parked", c.parked);

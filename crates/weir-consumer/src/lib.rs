@@ -38,6 +38,7 @@ mod lane;
 mod operator;
 mod pages;
 pub mod process;
+pub mod rebuild;
 mod route;
 mod sql_operator;
 pub mod state;
@@ -109,6 +110,29 @@ pub enum Error {
     /// No consumer by that name.
     #[error("no consumer named `{0}`; `weir status` lists them")]
     UnknownConsumer(String),
+    /// A rebuild that cannot start or go on; `problem` says why and what to do.
+    #[error("cannot rebuild `{consumer}`: {problem}")]
+    Rebuild {
+        /// The operator (consumer) name.
+        consumer: String,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+    /// The operator's statement failed for one key during a rebuild (it would fail the same
+    /// way live).
+    #[error(
+        "rebuilding `{consumer}`: the statement failed for key `{key}`; fix the cause and run \
+         the rebuild again, or `weir operators rebuild {consumer} --abort`"
+    )]
+    RebuildKey {
+        /// The operator (consumer) name.
+        consumer: String,
+        /// The key, as text.
+        key: String,
+        /// What the statement answered.
+        #[source]
+        source: BoxError,
+    },
 }
 
 impl Error {
@@ -148,6 +172,11 @@ pub const MIGRATIONS: &[weir_log::schema::Migration] = &[
         version: 4,
         name: "stopped reason",
         sql: include_str!("../migrations/0004_stopped_reason.sql"),
+    },
+    weir_log::schema::Migration {
+        version: 5,
+        name: "rebuilds",
+        sql: include_str!("../migrations/0005_rebuilds.sql"),
     },
 ];
 

@@ -213,6 +213,21 @@ impl SqlOperator {
         &self.name
     }
 
+    /// Each listened entity with the column holding its key (a rebuild reads the keys there).
+    pub fn key_columns(&self) -> &BTreeMap<String, String> {
+        &self.key_columns
+    }
+
+    /// Runs the statement for `key` (its text, as in a partition key) in `conn`, bound as a
+    /// live event's key is: what a rebuild does for every key (`rebuild.rs`).
+    pub async fn recompute(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+    ) -> std::result::Result<(), OperatorError> {
+        run(conn, &self.sql, self.key_type, &Value::String(key.to_string())).await
+    }
+
     fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, BoxError> {
         let column = self.key_columns.get(&event.entity).ok_or_else(|| {
             format!(

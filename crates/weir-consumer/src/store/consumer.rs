@@ -111,7 +111,11 @@ pub(crate) async fn state(pool: &PgPool, consumer: &str) -> Result<(ConsumerStat
 
 /// Stops a consumer (its lanes wait; checkpoints stay), with the handler's `reason` when a
 /// handler stopped it. Returns its state before.
-pub(crate) async fn stop(pool: &PgPool, name: &str, reason: Option<&str>) -> Result<ConsumerState> {
+pub(crate) async fn stop<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    name: &str,
+    reason: Option<&str>,
+) -> Result<ConsumerState> {
     let before: Option<ConsumerState> = sqlx::query_scalar(
         "with old as (select name, state from weir.consumers where name = $1 for update),
               upd as (update weir.consumers c
@@ -123,14 +127,14 @@ pub(crate) async fn stop(pool: &PgPool, name: &str, reason: Option<&str>) -> Res
     )
     .bind(name)
     .bind(reason)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     before.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
 }
 
 /// Starts a stopped consumer from its checkpoints. Returns its state before (unchanged unless
 /// it was stopped).
-pub(crate) async fn start(pool: &PgPool, name: &str) -> Result<ConsumerState> {
+pub(crate) async fn start<'c>(db: impl sqlx::PgExecutor<'c>, name: &str) -> Result<ConsumerState> {
     let before: Option<ConsumerState> = sqlx::query_scalar(
         "with old as (select name, state from weir.consumers where name = $1 for update),
               upd as (update weir.consumers c set state = 'running', stopped_reason = null
@@ -138,7 +142,7 @@ pub(crate) async fn start(pool: &PgPool, name: &str) -> Result<ConsumerState> {
          select state from old",
     )
     .bind(name)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     before.ok_or_else(|| Error::UnknownConsumer(name.to_string()))
 }

@@ -7,6 +7,7 @@
 //! weir.consumer_nodes     processes running consumers (heartbeats; lanes are shared among them)
 //! weir.consumer_failures  every failed attempt and its outcome (retry | halt | skip | park)
 //! weir.parked             events set aside, with their key; retried or discarded on request
+//! weir.rebuilds           a rebuild of an operator's target table in progress (or killed)
 //! ```
 //!
 //! - [`consumer`]: registering, halting, resuming and skipping a consumer.
@@ -14,6 +15,8 @@
 //! - [`lane`]: what a lane writes: fenced checkpoints, status, failures, parked events.
 //! - [`status`]: the reads behind `weir status` and the parked-event commands.
 //! - [`process`]: the reads behind process status and the `processed` channel.
+//! - [`rebuild`]: a rebuild's row (`weir.rebuilds`), lock and fence, and the statements on the
+//!   application's target table (the shadow, the swap).
 //!
 //! Every write a lane makes on behalf of an event is fenced by its lease (`owner = node and
 //! fence = f`), so a process that lost a lane cannot move its checkpoint.
@@ -22,6 +25,7 @@ pub(crate) mod consumer;
 pub(crate) mod lane;
 pub(crate) mod lease;
 pub(crate) mod process;
+pub(crate) mod rebuild;
 pub(crate) mod status;
 
 /// `42P01`: a table of weir's schema does not exist (yet: `weir init` or the first consumer
