@@ -609,6 +609,11 @@ pub struct SourceConfig {
     /// is streamed before it commits (and staged in the database by weir), which bounds the
     /// memory one transaction costs. Defaults to `16MB`.
     pub decoding_work_mem: String,
+    /// Whether `weir init` sets `REPLICA IDENTITY FULL` on a watched table whose operator or
+    /// subscription routes by a column its replica identity does not carry (a delete's old row
+    /// would lack it). With `false`, `weir init` changes nothing and says what is needed, and
+    /// `weir run` refuses to start such an operator. Defaults to `true`.
+    pub manage_replica_identity: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -628,6 +633,7 @@ impl Default for SourceConfig {
             batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
             status_interval: Duration::from_secs(10),
             decoding_work_mem: "16MB".into(),
+            manage_replica_identity: true,
         }
     }
 }

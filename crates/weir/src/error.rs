@@ -41,6 +41,11 @@ pub enum Error {
     /// The server or the database is not set up for weir; the message says how to fix it.
     #[error("{0}")]
     Setup(String),
+    /// Operators or subscriptions route watched tables by columns the tables' replica identity
+    /// leaves out of deleted and moved rows: they would halt at the first delete. Each names
+    /// the table, the column and the fix.
+    #[error("cannot start: {}", needs_message(.0))]
+    ReplicaIdentity(Vec<crate::replica_identity::Need>),
     /// A part of weir panicked (a bug: please report it with the message).
     #[error("{part} panicked: {message}")]
     Panicked {
@@ -68,6 +73,10 @@ impl Error {
             _ => false,
         }
     }
+}
+
+fn needs_message(needs: &[crate::replica_identity::Need]) -> String {
+    needs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// `Result` with the engine [`Error`].
