@@ -1,4 +1,5 @@
-//! `weir init`: creates or updates the weir schema, the publication and the replication slot
+//! `weir init`: creates or updates the weir schema, the publication, the replica identity of
+//! tables an operator routes by a non-key column, and the replication slot
 //! (`weir::setup::init`, idempotent), and says what it did — and which watched tables hold
 //! rows from before capture (`weir backfill` loads them; a table added later is backfilled).
 
@@ -14,6 +15,15 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
         report.tables.len(),
         report.tables.join(", ")
     );
+    for table in &report.identity_set {
+        println!(
+            "table {table}: replica identity set to full (an operator routes it by a column \
+             outside its primary key; deleted and moved rows now carry it)"
+        );
+    }
+    for need in &report.identity_needed {
+        println!("table {}: needs replica identity full, left as it is: {need}", need.table);
+    }
     println!(
         "slot `{}` {}",
         config.source.slot,

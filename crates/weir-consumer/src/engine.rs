@@ -84,6 +84,17 @@ impl ConsumerSpec {
         }
     }
 
+    /// The columns its operator routes by, as `(entity, column)` ([`Operator::key_columns`]):
+    /// what a watched table's replica identity must carry in deleted rows.
+    pub fn key_columns(&self) -> Vec<(String, String)> {
+        self.operator.key_columns()
+    }
+
+    /// What its operator listens to.
+    pub fn selector(&self) -> crate::Selector {
+        self.operator.selector()
+    }
+
     pub(crate) fn lane_count(&self) -> i32 {
         match self.ordering {
             Ordering::Global => 1,

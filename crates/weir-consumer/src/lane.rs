@@ -7,8 +7,9 @@
 //!   a re-split in progress? ─► read only up to its position; there, wait
 //!   read a page after pos (shared by the consumer's lanes in this process: pages.rs)
 //!                          ─► route each event the operator matches:
-//!                             hash(partition key) % lanes == this lane?
+//!                             hash(k) % lanes == this lane for one of its partition keys k?
 //!     no  ─► pos moves past it
+//!     several keys (a row whose key moved) ─► alone, through handle_keys(the keys it owns here)
 //!     yes ─► group (≤ spec.group, 50 by default; a short one may wait spec.linger for more):
 //!            prepare (work outside the database: a sink's delivery, no transaction held)
 //!            BEGIN; handle_group; fenced checkpoint; COMMIT
@@ -67,6 +68,18 @@ enum Handled {
     /// The lease is gone or the lane is stopping: stop without touching anything.
     LostLease,
 }
+
+/// An event's keys on this lane: those of its [`partition_keys`](crate::Operator::partition_keys)
+/// that route here, in the operator's order; `several` when it has more than one distinct key
+/// (an update that moved its row): it is then handled alone, for `mine`, through
+/// `handle_keys`, and never parked (it would be parked under two keys at once).
+struct Keys {
+    mine: Vec<String>,
+    several: bool,
+}
+
+/// This lane's keys of an event, or why it has none (it then fails on lane 0).
+type LaneKeys = std::result::Result<Keys, String>;
 
 /// A failed attempt: its message and what the handler asked for.
 struct Failure {
@@ -262,25 +275,17 @@ impl Lane {
                 }
                 last_seen = event.position;
                 // Not selected (beyond the SQL filter), or another lane's: not ours.
-                let key = self
-                    .spec
-                    .operator
-                    .matches(event)
-                    .then(|| self.spec.operator.partition_key(event));
-                let routed = match &key {
-                    Some(Ok(k)) => route(k, lanes),
-                    Some(Err(_)) => 0, // a key that cannot be computed fails on lane 0
-                    None => -1,
-                };
-                if routed != self.lane {
+                let Some(keys) = self.keys_here(event, lanes) else {
                     if group.is_empty() {
                         pos = event.position;
                     }
                     continue;
-                }
-                let key = key.expect("routed to this lane, so matched");
-                // Alone: an event without a key, or one that may have to wait behind its key.
-                let single = key.is_err() || self.checks_parked();
+                };
+                // Alone: an event without a key, one with several, or one that may have to
+                // wait behind its key.
+                let single = keys.as_ref().is_err()
+                    || keys.as_ref().is_ok_and(|k| k.several)
+                    || self.checks_parked();
                 if !single {
                     group.push(event);
                     if group.len() < self.spec.group.max(1) {
@@ -291,8 +296,7 @@ impl Lane {
                     return Ok(());
                 }
                 if single {
-                    let key = key.map_err(|e| e.to_string());
-                    if let Handled::LostLease = self.handle(event, key).await? {
+                    if let Handled::LostLease = self.handle(event, &keys).await? {
                         return Ok(());
                     }
                 }
@@ -323,6 +327,35 @@ impl Lane {
         }
     }
 
+    /// The keys of `event` this lane owns; `None` when it is not this lane's (not matched, or
+    /// every key routes elsewhere). A key that cannot be computed fails on lane 0.
+    fn keys_here(&self, event: &Event, lanes: i32) -> Option<LaneKeys> {
+        if !self.spec.operator.matches(event) {
+            return None;
+        }
+        let all = match self.spec.operator.partition_keys(event) {
+            Ok(all) if all.is_empty() => Err("the operator gave no partition key".to_string()),
+            Ok(all) => Ok(all),
+            Err(e) => Err(e.to_string()),
+        };
+        let all = match all {
+            Ok(all) => all,
+            Err(e) => return (self.lane == 0).then_some(Err(e)),
+        };
+        let mut distinct: Vec<&String> = Vec::with_capacity(all.len());
+        let mut mine = Vec::new();
+        for k in &all {
+            if distinct.contains(&k) {
+                continue;
+            }
+            distinct.push(k);
+            if route(k, lanes) == self.lane {
+                mine.push(k.clone());
+            }
+        }
+        (!mine.is_empty()).then(|| Ok(Keys { mine, several: distinct.len() > 1 }))
+    }
+
     /// Whether each event's key must be checked against the parked ones.
     fn checks_parked(&self) -> bool {
         self.has_parked || self.spec.on_exhausted == OnExhausted::Park
@@ -339,8 +372,11 @@ impl Lane {
             return Ok(handled);
         }
         for event in events {
-            let key = self.spec.operator.partition_key(event).map_err(|e| e.to_string());
-            if let Handled::LostLease = self.handle(event, key).await? {
+            // A group holds events of this lane with one key each.
+            let keys = self
+                .keys_here(event, self.spec.lane_count())
+                .unwrap_or_else(|| Err("the event no longer routes to this lane".into()));
+            if let Handled::LostLease = self.handle(event, &keys).await? {
                 return Ok(Handled::LostLease);
             }
         }
@@ -373,28 +409,69 @@ impl Lane {
         Ok(Some(Handled::Done))
     }
 
+    /// The first of `keys` with an earlier event parked (so this one must wait behind it).
+    async fn parked_key<'k>(&self, keys: &'k LaneKeys) -> Result<Option<&'k String>> {
+        if !self.checks_parked() {
+            return Ok(None);
+        }
+        let Ok(keys) = keys else { return Ok(None) };
+        for k in &keys.mine {
+            if store::lane::key_parked(&self.shared.pool, &self.spec.name, k).await? {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
     /// Handles one event: attempts until it is done, or the policy halts, skips or parks it.
-    async fn handle(&mut self, event: &Event, key: Result<String, String>) -> Result<Handled> {
-        if let (true, Ok(k)) = (self.checks_parked(), &key)
-            && store::lane::key_parked(&self.shared.pool, &self.spec.name, k).await?
-        {
-            return self.park(event, k, "an earlier event of this key is parked", 0).await;
+    /// An event with several keys is never parked (it would wait under two keys at once): where
+    /// it would be, the consumer halts at it instead.
+    async fn handle(&mut self, event: &Event, keys: &LaneKeys) -> Result<Handled> {
+        let several = keys.as_ref().is_ok_and(|k| k.several);
+        if !several && let Some(k) = self.parked_key(keys).await? {
+            let k = k.clone();
+            return self.park(event, &k, "an earlier event of this key is parked", 0).await;
         }
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let failure = match &key {
-                Ok(_) => match self.attempt(event).await? {
+            // Behind a parked key (checked again after every resume): halt, not park.
+            let blocked = match several {
+                true => self.parked_key(keys).await?.cloned(),
+                false => None,
+            };
+            let behind_parked = blocked.is_some();
+            let failure = match (keys, blocked) {
+                (_, Some(k)) => Failure {
+                    error: format!(
+                        "the event moves its row from one key to another, and an earlier event \
+                         of key `{k}` is parked; retry or discard the parked events of `{k}` \
+                         (`weir parked`), then `weir resume {}`",
+                        self.spec.name
+                    ),
+                    action: Action::Retry { after: None },
+                    statement: false,
+                },
+                (Ok(k), None) => match self.attempt(event, k).await? {
                     Attempted::Committed => return Ok(Handled::Done),
                     Attempted::LostLease => return Ok(Handled::LostLease),
                     Attempted::Failed(failure) => failure,
                 },
-                Err(e) => Failure::retry(format!("no partition key: {e}")),
+                (Err(e), None) => Failure::retry(format!("no partition key: {e}")),
             };
             metrics::counter!("weir_consumer_failures_total", "consumer" => self.spec.name.clone())
                 .increment(1);
-            let step = self.policy(&failure, attempt);
-            let error = failure.error;
+            let mut step = self.policy(&failure, attempt);
+            let mut error = failure.error;
+            if behind_parked {
+                step = Step::Halt;
+            } else if several && step == Step::Park {
+                step = Step::Halt;
+                error = format!(
+                    "{error} (an event that moves its row to another key is halted at, never \
+                     parked)"
+                );
+            }
             let outcome = match step {
                 Step::Retry(delay) => {
                     if !self.retry(event, attempt, &error, delay).await? {
@@ -424,7 +501,10 @@ impl Lane {
                 },
                 Step::Skip => return self.skip(event, attempts, &error).await,
                 Step::Park => {
-                    let k = key.as_deref().unwrap_or_default();
+                    let k = match keys {
+                        Ok(k) => k.mine.first().map(String::as_str).unwrap_or_default(),
+                        Err(_) => "",
+                    };
                     return self.park(event, k, &error, attempts).await;
                 }
                 Step::Retry(_) | Step::Stop => unreachable!("handled above"),
@@ -452,14 +532,19 @@ impl Lane {
         }
     }
 
-    /// One attempt: the handler and the checkpoint in one transaction.
-    async fn attempt(&self, event: &Event) -> Result<Attempted> {
+    /// One attempt: the handler (for this lane's keys when the event has several) and the
+    /// checkpoint in one transaction.
+    async fn attempt(&self, event: &Event, keys: &Keys) -> Result<Attempted> {
         if let Some(failure) = self.call(self.spec.operator.prepare(&[event])).await {
             return Ok(Attempted::Failed(failure));
         }
         let mut conn = self.shared.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        if let Some(failure) = self.call_handler(&mut tx, event).await {
+        let handled = match keys.several {
+            true => self.call(self.spec.operator.handle_keys(&mut tx, event, &keys.mine)).await,
+            false => self.call_handler(&mut tx, event).await,
+        };
+        if let Some(failure) = handled {
             let _ = tx.rollback().await;
             return Ok(Attempted::Failed(failure));
         }

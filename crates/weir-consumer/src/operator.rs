@@ -76,6 +76,24 @@ pub trait Operator: Send + Sync + 'static {
         Ok(event.key.to_string())
     }
 
+    /// Every key `event` belongs to, in the order it is to be handled for them. Defaults to
+    /// the one [`partition_key`](Self::partition_key). An update that moves a row from one key
+    /// to another (a comment moved to another post) answers both, old first: the event goes to
+    /// every lane one of its keys routes to, and each lane handles it through
+    /// [`handle_keys`](Self::handle_keys) for the keys it owns, in this order. Duplicates are
+    /// ignored; an empty list fails the event.
+    fn partition_keys(&self, event: &Event) -> Result<Vec<String>, BoxError> {
+        Ok(vec![self.partition_key(event)?])
+    }
+
+    /// The columns it routes by, as `(entity, column)` (`("comments", "post_id")`): a delete's
+    /// old row must carry them, so `weir run` refuses to start when a watched table's replica
+    /// identity does not (and `weir init` can set it to full). Defaults to none (routing by
+    /// the primary key, which every identity but `nothing` carries).
+    fn key_columns(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Handles one event inside `tx`. Do not commit or roll back `tx`. Any error (`?`) is
     /// retried with the consumer's backoff; [`OperatorError`] says otherwise.
     fn handle(
@@ -83,6 +101,21 @@ pub trait Operator: Send + Sync + 'static {
         tx: &mut PgConnection,
         event: &Event,
     ) -> impl Future<Output = Result<(), OperatorError>> + Send;
+
+    /// Handles an event with several [`partition_keys`](Self::partition_keys) on one lane,
+    /// for `keys`: those of its keys this lane owns, in the order `partition_keys` gave them
+    /// (all of them on a single lane, such as `ordering = "global"`). The engine calls it
+    /// only for such events, each alone in its transaction; defaults to
+    /// [`handle`](Self::handle), which suits an operator that never answers several keys.
+    fn handle_keys(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        keys: &[String],
+    ) -> impl Future<Output = Result<(), OperatorError>> + Send {
+        let _ = keys;
+        self.handle(tx, event)
+    }
 
     /// Work outside the database for consecutive events of one lane, done before the
     /// transaction that handles them begins — so no transaction (nor its pooled connection)
@@ -186,11 +219,18 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for OperatorError {
 pub(crate) trait ErasedOperator: Send + Sync + 'static {
     fn selector(&self) -> Selector;
     fn matches(&self, event: &Event) -> bool;
-    fn partition_key(&self, event: &Event) -> Result<String, BoxError>;
+    fn partition_keys(&self, event: &Event) -> Result<Vec<String>, BoxError>;
+    fn key_columns(&self) -> Vec<(String, String)>;
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
         event: &'a Event,
+    ) -> BoxFuture<'a, Result<(), OperatorError>>;
+    fn handle_keys<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        event: &'a Event,
+        keys: &'a [String],
     ) -> BoxFuture<'a, Result<(), OperatorError>>;
     fn handle_group<'a>(
         &'a self,
@@ -207,8 +247,11 @@ impl<O: Operator> ErasedOperator for O {
     fn matches(&self, event: &Event) -> bool {
         Operator::matches(self, event)
     }
-    fn partition_key(&self, event: &Event) -> Result<String, BoxError> {
-        Operator::partition_key(self, event)
+    fn partition_keys(&self, event: &Event) -> Result<Vec<String>, BoxError> {
+        Operator::partition_keys(self, event)
+    }
+    fn key_columns(&self) -> Vec<(String, String)> {
+        Operator::key_columns(self)
     }
     fn handle<'a>(
         &'a self,
@@ -216,6 +259,14 @@ impl<O: Operator> ErasedOperator for O {
         event: &'a Event,
     ) -> BoxFuture<'a, Result<(), OperatorError>> {
         Box::pin(Operator::handle(self, tx, event))
+    }
+    fn handle_keys<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        event: &'a Event,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(Operator::handle_keys(self, tx, event, keys))
     }
     fn handle_group<'a>(
         &'a self,

@@ -20,6 +20,13 @@
 //! each unmapped entity has a one-column primary key, the statements prepare, `$1`'s type is
 //! supported. A key that turns out null for an event fails that event (retry policy), never a
 //! silent skip.
+//!
+//! An update that changes the key column (a comment moved from post 1 to post 2) has two keys,
+//! the old one first: the statement runs for each, on the lane each routes to (for both, old
+//! first, when they share one). The old key comes from `old_record`, so the table's replica
+//! identity must carry the column ([`key_columns`](crate::Operator::key_columns) lets weir
+//! check that before it starts). For an entity in `delete_with`, the old key of such an update
+//! is a row gone: its target row is deleted.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -228,6 +235,40 @@ impl SqlOperator {
         run(conn, &self.sql, self.key_type, &Value::String(key.to_string())).await
     }
 
+    /// The key before an update, when the old row carries a value for the key column and it
+    /// differs from the new one (the row moved to another key).
+    fn moved_from(&self, event: &Event, new: &str) -> Option<String> {
+        if event.kind != Kind::Update {
+            return None;
+        }
+        let column = self.key_columns.get(&event.entity)?;
+        match event.old_record.as_ref()?.get(column)? {
+            Value::Null => None,
+            v => Some(key_text(v)).filter(|old| old != new),
+        }
+    }
+
+    /// Runs the statement for one of the event's keys: the delete statement for a deleted row
+    /// of a `delete_with` entity, or for the old key of one that moved.
+    async fn run_for(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        key: &str,
+        old: bool,
+    ) -> std::result::Result<(), OperatorError> {
+        let key = Value::String(key.to_string());
+        match &self.delete_sql {
+            Some((sql, ty))
+                if (old || event.kind == Kind::Delete)
+                    && self.delete_with.contains(&event.entity) =>
+            {
+                run(tx, sql, *ty, &key).await
+            }
+            _ => run(tx, &self.sql, self.key_type, &key).await,
+        }
+    }
+
     fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, BoxError> {
         let column = self.key_columns.get(&event.entity).ok_or_else(|| {
             format!(
@@ -249,6 +290,14 @@ impl SqlOperator {
             .into()),
             Some(v) => Ok(v),
         }
+    }
+}
+
+/// A key value as the text a partition key (and `$1`) is made of.
+fn key_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -292,10 +341,19 @@ impl Operator for SqlOperator {
     }
 
     fn partition_key(&self, event: &Event) -> std::result::Result<String, BoxError> {
-        Ok(match self.key_value(event)? {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+        Ok(key_text(self.key_value(event)?))
+    }
+
+    fn partition_keys(&self, event: &Event) -> std::result::Result<Vec<String>, BoxError> {
+        let new = self.partition_key(event)?;
+        Ok(match self.moved_from(event, &new) {
+            Some(old) => vec![old, new],
+            None => vec![new],
         })
+    }
+
+    fn key_columns(&self) -> Vec<(String, String)> {
+        self.key_columns.iter().map(|(e, c)| (e.clone(), c.clone())).collect()
     }
 
     async fn handle(
@@ -303,14 +361,21 @@ impl Operator for SqlOperator {
         tx: &mut PgConnection,
         event: &Event,
     ) -> std::result::Result<(), OperatorError> {
-        let key = self.key_value(event).map_err(OperatorError::retry)?.clone();
-        match &self.delete_sql {
-            Some((sql, ty))
-                if event.kind == Kind::Delete && self.delete_with.contains(&event.entity) =>
-            {
-                run(tx, sql, *ty, &key).await
-            }
-            _ => run(tx, &self.sql, self.key_type, &key).await,
+        let key = self.partition_key(event).map_err(OperatorError::retry)?;
+        self.run_for(tx, event, &key, false).await
+    }
+
+    async fn handle_keys(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        keys: &[String],
+    ) -> std::result::Result<(), OperatorError> {
+        let new = self.partition_key(event).map_err(OperatorError::retry)?;
+        let old = self.moved_from(event, &new);
+        for key in keys {
+            self.run_for(tx, event, key, old.as_ref() == Some(key)).await?;
         }
+        Ok(())
     }
 }

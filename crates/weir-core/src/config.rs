@@ -617,6 +617,11 @@ pub struct SourceConfig {
     /// When `weir init` adds a table to an existing publication, backfill the rows it already
     /// holds (`read` events). Defaults to true.
     pub backfill_added_tables: bool,
+    /// Whether `weir init` sets `REPLICA IDENTITY FULL` on a watched table whose operator or
+    /// subscription routes by a column its replica identity does not carry (a delete's old row
+    /// would lack it). With `false`, `weir init` changes nothing and says what is needed, and
+    /// `weir run` refuses to start such an operator. Defaults to `true`.
+    pub manage_replica_identity: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -637,6 +642,7 @@ impl Default for SourceConfig {
             status_interval: Duration::from_secs(10),
             decoding_work_mem: "16MB".into(),
             backfill_added_tables: true,
+            manage_replica_identity: true,
         }
     }
 }

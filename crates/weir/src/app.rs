@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! start: connect ─► check (schema migrated; publication and slot must exist) ─► prepare SQL
-//!        operators (fail fast)
+//!        operators (fail fast) ─► every routed column carried by its table's replica
+//!        identity (replica_identity.rs; else refused, naming the fix)
 //!        ─► ingest task (leader or standby) + consumer engine (lanes shared with other
 //!           processes) + retention (one process at a time)
 //!        ─► with workers: migrate the job tables, start the job runner (one ProcessId)
@@ -182,6 +183,15 @@ impl WeirBuilder {
             subscriptions.push(def);
         }
         subscriptions.extend(self.subscriptions);
+        // An operator or subscription routing a table by a column its replica identity leaves
+        // out of deleted rows would halt at the first delete: refused now.
+        let mut routed: Vec<_> =
+            consumers.iter().flat_map(crate::replica_identity::spec_columns).collect();
+        routed.extend(subscriptions.iter().flat_map(crate::replica_identity::subscription_columns));
+        let needs = crate::replica_identity::needs(&pool, &config, &routed).await?;
+        if !needs.is_empty() {
+            return Err(Error::ReplicaIdentity(needs));
+        }
         for def in &subscriptions {
             weir_streams::subscriptions::ensure(&pool, def).await?;
         }

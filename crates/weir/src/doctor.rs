@@ -305,11 +305,38 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         out.extend(recorded(s));
     }
 
-    // Each watched table's replica identity.
+    // Each watched table's replica identity, and whether it carries every column an operator
+    // or subscription routes it by.
+    let routed = crate::replica_identity::config_columns(pool, config).await?;
+    let needs = crate::replica_identity::needs(pool, config, &routed).await?;
     let watched: Vec<String> =
         if src.tables.is_empty() { tables.clone() } else { src.tables.clone() };
     for t in watched {
         let (schema, table) = split_table(&t);
+        let name = format!("table {schema}.{table}");
+        let unmet: Vec<_> =
+            needs.iter().filter(|n| n.table == format!("{schema}.{table}")).collect();
+        if let Some(first) = unmet.first() {
+            let who = unmet
+                .iter()
+                .map(|n| format!("{} `{}` routes it by `{}`", n.role, n.consumer, n.column))
+                .collect::<Vec<_>>()
+                .join(", ");
+            out.push(check(
+                &name,
+                Verdict::Fail,
+                format!(
+                    "replica identity {}: {who}, which deleted and moved rows would not carry \
+                     (it would halt at the first delete; `weir run` refuses to start it)",
+                    first.identity
+                ),
+                Some(format!(
+                    "`{}` (or `weir init` with `[source] manage_replica_identity = true`)",
+                    first.fix()
+                )),
+            ));
+            continue;
+        }
         let row: Option<(String, bool)> = sqlx::query_as(
             "select c.relreplident::text,
                     exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary)
@@ -320,7 +347,6 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         .bind(table)
         .fetch_optional(pool)
         .await?;
-        let name = format!("table {schema}.{table}");
         out.push(match row {
             None => check(&name, Verdict::Fail, "does not exist", Some("create it or remove it from `source.tables`".into())),
             Some((ident, has_pk)) => match (ident.as_str(), has_pk) {

@@ -47,6 +47,11 @@ pub enum Error {
     /// The table already has a pending or running backfill; the message names it.
     #[error("{0}")]
     BackfillActive(String),
+    /// Operators or subscriptions route watched tables by columns the tables' replica identity
+    /// leaves out of deleted and moved rows: they would halt at the first delete. Each names
+    /// the table, the column and the fix.
+    #[error("cannot start: {}", needs_message(.0))]
+    ReplicaIdentity(Vec<crate::replica_identity::Need>),
     /// A part of weir panicked (a bug: please report it with the message).
     #[error("{part} panicked: {message}")]
     Panicked {
@@ -74,6 +79,10 @@ impl Error {
             _ => false,
         }
     }
+}
+
+fn needs_message(needs: &[crate::replica_identity::Need]) -> String {
+    needs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// `Result` with the engine [`Error`].

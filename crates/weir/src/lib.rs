@@ -14,6 +14,8 @@
 //!
 //! - [`setup::init`] creates the schema, the publication and the slot (idempotent).
 //! - [`doctor::diagnose`] checks the server and prints the exact fix for each problem.
+//! - [`replica_identity`] finds the watched tables whose replica identity must be full for an
+//!   operator's key mapping to work (doctor fails them, init sets them, start refuses them).
 //! - [`ingest::run`] streams changes into the log until cancelled, reconnecting with backoff,
 //!   waiting as a standby while another process holds the slot.
 //! - [`status::source_status`] reports slot lag, position, rate and delay.
@@ -37,6 +39,7 @@ pub mod doctor;
 mod error;
 mod fault;
 pub mod ingest;
+pub mod replica_identity;
 pub mod setup;
 pub mod status;
 

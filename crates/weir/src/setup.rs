@@ -5,7 +5,11 @@
 //! 3. the publication: the configured tables, or every table of the configured schemas — never
 //!    weir's own bookkeeping tables — plus the event store's `weir.stream_events`, so appended
 //!    events reach the log through the WAL like row changes;
-//! 4. a permanent `pgoutput` replication slot.
+//! 4. replica identity: a watched table that an operator or subscription routes by a column
+//!    its identity leaves out of deleted rows gets `replica identity full` when
+//!    `[source] manage_replica_identity` (the default), else is reported as needing it
+//!    ([`crate::replica_identity`]);
+//! 5. a permanent `pgoutput` replication slot.
 //!
 //! Running it again reconciles the publication with the configuration and leaves the slot be.
 
@@ -26,6 +30,10 @@ pub struct InitReport {
     /// Tables this run added to an existing publication, each with the backfill asked for its
     /// existing rows (its id) or why there is none (`[source] backfill_added_tables`).
     pub backfills: Vec<(String, std::result::Result<i64, String>)>,
+    /// Tables whose replica identity was set to full now (`schema.table`).
+    pub identity_set: Vec<String>,
+    /// With `manage_replica_identity = false`: what still needs `replica identity full`.
+    pub identity_needed: Vec<crate::replica_identity::Need>,
 }
 
 /// Creates or updates the schema, publication and slot.
@@ -36,6 +44,14 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
     weir_streams::migrate(pool).await?;
     let before = publication_tables(pool, &config.source.publication).await?;
     let created_publication = ensure_publication(pool, config).await?;
+    // Before the slot: its first changes then carry whole old rows.
+    let routed = crate::replica_identity::config_columns(pool, config).await?;
+    let needs = crate::replica_identity::needs(pool, config, &routed).await?;
+    let (identity_set, identity_needed) = if config.source.manage_replica_identity {
+        (crate::replica_identity::apply(pool, &needs).await?, Vec::new())
+    } else {
+        (Vec::new(), needs)
+    };
     let created_slot = ensure_slot(pool, &config.source.slot).await?;
     let tables = publication_tables(pool, &config.source.publication).await?;
     let mut backfills = Vec::new();
@@ -53,7 +69,14 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
             backfills.push((added.clone(), answer));
         }
     }
-    Ok(InitReport { created_publication, created_slot, tables, backfills })
+    Ok(InitReport {
+        created_publication,
+        created_slot,
+        tables,
+        backfills,
+        identity_set,
+        identity_needed,
+    })
 }
 
 pub(crate) async fn require_logical(pool: &PgPool) -> Result<()> {
