@@ -25,9 +25,13 @@
 //!   and to NATS JetStream, events/s with pool sizes 1 and 8, against **plain clients** (reqwest
 //!   posting the same signed bodies, async-nats publishing the same messages with 256 PubAcks in
 //!   flight) right after each; then commit → receiver latency at a steady rate.
+//! - `backfill`: a table's existing rows into the log as `read` events (chunks, DBLog
+//!   watermarks) while live changes arrive, rows/s against **`copy (select * from t) to
+//!   stdout`** of the same table read through one client; the peak RSS of the ingesting
+//!   process, the rows dropped by windows, where the CPU went; a sweep of chunk sizes.
 //!
 //! ```text
-//! main ── ingest / operators / jobs / fanout / streams / sinks  (one module per benchmark, its args and phases)
+//! main ── ingest / operators / jobs / fanout / streams / sinks / backfill  (one module per benchmark, its args and phases)
 //!           │ server      PgServer: the --url server or a private cluster; create/drop databases
 //!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
 //!           │ procfs      /proc readers: ticks, RSS, children, titles
@@ -41,6 +45,7 @@
 //! hidden `weir` command, which is the weir-cli library's, so the server measured is built from
 //! the same source as the benchmark.
 
+mod backfill;
 mod cpu;
 mod fanout;
 mod ingest;
@@ -85,6 +90,8 @@ enum Command {
     Streams(streams::Args),
     /// Sinks: webhook and NATS JetStream delivery against plain clients, commit → receiver.
     Sinks(sinks::Args),
+    /// Backfill: existing rows into the log during live changes, against COPY of the table.
+    Backfill(backfill::Args),
     /// A process that only delivers one subscription, for the crash tests that kill it.
     #[command(hide = true)]
     Subscriber(subscriber::Args),
@@ -117,6 +124,7 @@ fn main() -> ExitCode {
             Command::Fanout(args) => fanout::run(args).await,
             Command::Streams(args) => streams::run(args).await,
             Command::Sinks(args) => sinks::run(args).await,
+            Command::Backfill(args) => backfill::run(args).await,
             Command::Subscriber(args) => subscriber::run(args).await,
             Command::Weir { .. } => unreachable!("handled above"),
         }
