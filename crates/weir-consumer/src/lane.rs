@@ -295,10 +295,8 @@ impl Lane {
                 if let Handled::LostLease = self.flush(&mut group).await? {
                     return Ok(());
                 }
-                if single {
-                    if let Handled::LostLease = self.handle(event, &keys).await? {
-                        return Ok(());
-                    }
+                if single && let Handled::LostLease = self.handle(event, &keys).await? {
+                    return Ok(());
                 }
                 pos = last_seen;
                 stored = pos;
@@ -353,7 +351,7 @@ impl Lane {
                 mine.push(k.clone());
             }
         }
-        (!mine.is_empty()).then(|| Ok(Keys { mine, several: distinct.len() > 1 }))
+        (!mine.is_empty()).then_some(Ok(Keys { mine, several: distinct.len() > 1 }))
     }
 
     /// Whether each event's key must be checked against the parked ones.

@@ -123,6 +123,7 @@ fn readme_operator() -> OperatorConfig {
         lanes: None,
         retry: None,
         on_exhausted: None,
+        backfill: false,
     }
 }
 

@@ -59,10 +59,16 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
         // A table watched from now on: its existing rows are not in the WAL to come.
         for added in tables.iter().filter(|t| !before.contains(t)) {
             let answer = if config.source.backfill_added_tables {
-                crate::backfill::request(pool, config, &[added.clone()], "table added", None)
-                    .await
-                    .map(|b| b[0].id)
-                    .map_err(|e| e.to_string())
+                crate::backfill::request(
+                    pool,
+                    config,
+                    std::slice::from_ref(added),
+                    "table added",
+                    None,
+                )
+                .await
+                .map(|b| b[0].id)
+                .map_err(|e| e.to_string())
             } else {
                 Err("[source] backfill_added_tables is off".into())
             };
