@@ -77,6 +77,238 @@ pub struct Config {
     /// `[[subscriptions]]`: subscriptions created (or brought up to date) at every start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<SubscriptionConfig>,
+    /// `[[workers]]`: job workers run by `weir run` (`sql`, `http` or `command`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerConfig>,
+    /// `[[periodic]]`: jobs enqueued on a cron schedule by the elected leader.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub periodic: Vec<PeriodicConfig>,
+}
+
+/// What a declared worker does with a job (`type` of `[[workers]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerType {
+    /// Runs one SQL statement with the job's args as `$1` (jsonb), in the transaction that
+    /// completes the job.
+    Sql,
+    /// POSTs the job to `url`, signed with Standard Webhooks headers.
+    Http,
+    /// Runs `command` with the job as JSON on stdin.
+    Command,
+}
+
+impl WorkerType {
+    /// The name written in `weir.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sql => "sql",
+            Self::Http => "http",
+            Self::Command => "command",
+        }
+    }
+}
+
+/// `[[workers]]`: a job worker declared in `weir.toml`, run by `weir run` for applications in
+/// any language. Exactly the fields of its `type` may be set (`sql`; `url`, `secret`,
+/// `headers`; `command`, `env`, `dir`).
+///
+/// ```toml
+/// [[workers]]
+/// kind = "send_mail"
+/// type = "http"
+/// url = "http://127.0.0.1:3000/jobs/send_mail"
+/// secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+/// timeout = "30s"
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The job kind this worker runs (one worker per kind).
+    pub kind: String,
+    /// `sql`, `http` or `command`.
+    #[serde(rename = "type")]
+    pub worker_type: WorkerType,
+    /// The queue its jobs are claimed from; it must be listed in `[jobs.queues]`. Defaults to
+    /// `default`.
+    #[serde(default = "default_worker_queue")]
+    pub queue: String,
+    /// Jobs of this kind running at once in this process, on slots of their own (not the
+    /// queue's). Defaults to sharing the queue's slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// The timeout of an attempt when the job sets none (1 ms to 24 h). Defaults to
+    /// `[jobs] default_timeout`, and for `http` and `command` to 5 minutes when that is unset
+    /// too.
+    #[serde(default, with = "optional_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Attempts a job of this kind may have at most, whatever it was enqueued with (1 to 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The wait before each retry. Defaults to `attempt⁴` seconds with jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<JobBackoffConfig>,
+    /// `sql`: the statement, with the job's args as `$1` (jsonb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    /// `http`: the application's URL the job is POSTed to (http or https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `http`: the Standard Webhooks signing secret (`whsec_` and base64). Unsigned when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// `http`: extra request headers.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `command`: the program and its arguments (no shell), e.g. `["python3", "mail.py"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// `command`: extra environment variables of the program.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// `command`: the working directory (defaults to `weir run`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// The line of the entry's `[[workers]]` header in its file, for error messages.
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+fn default_worker_queue() -> String {
+    DEFAULT_JOB_QUEUE.to_string()
+}
+
+impl WorkerConfig {
+    /// A worker of `worker_type` for `kind` on the default queue, every other field unset.
+    pub fn new(kind: impl Into<String>, worker_type: WorkerType) -> Self {
+        Self {
+            kind: kind.into(),
+            worker_type,
+            queue: default_worker_queue(),
+            concurrency: None,
+            timeout: None,
+            max_attempts: None,
+            backoff: None,
+            sql: None,
+            url: None,
+            secret: None,
+            headers: Default::default(),
+            command: Vec::new(),
+            env: Default::default(),
+            dir: None,
+            line: None,
+        }
+    }
+
+    /// How errors name this entry: `[[workers]] kind "send_mail" (line 12)`.
+    pub fn entry(&self) -> String {
+        entry_name("workers", &self.kind, self.line)
+    }
+}
+
+/// `backoff` of a `[[workers]]` entry: waits that start at `first` and grow by `multiplier`
+/// up to `max`, with ±10% jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobBackoffConfig {
+    /// The wait after the first failed attempt. Defaults to `1s`.
+    #[serde(with = "serde_duration")]
+    pub first: Duration,
+    /// Each wait is the previous one times this (at least 1). Defaults to 2.
+    pub multiplier: f64,
+    /// The longest wait. Defaults to `1h`.
+    #[serde(with = "serde_duration")]
+    pub max: Duration,
+}
+
+impl Default for JobBackoffConfig {
+    fn default() -> Self {
+        Self { first: Duration::from_secs(1), multiplier: 2.0, max: Duration::from_secs(3600) }
+    }
+}
+
+impl JobBackoffConfig {
+    /// The waits as a [`Backoff`](crate::Backoff) (without the jitter).
+    pub fn backoff(&self) -> crate::Backoff {
+        crate::Backoff { first: self.first, multiplier: self.multiplier, max: self.max }
+    }
+}
+
+/// `[[periodic]]`: a job enqueued at each time of a cron schedule, by the elected leader,
+/// exactly once per time across processes.
+///
+/// ```toml
+/// [[periodic]]
+/// name = "nightly_report"
+/// cron = "0 3 * * *"
+/// timezone = "Europe/Paris"
+/// kind = "report"
+/// args = { scope = "all" }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodicConfig {
+    /// Unique name; the schedule's progress is stored under it. Defaults to the kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The cron expression (5 fields, or 6 with seconds first, or `@daily` and the like).
+    pub cron: String,
+    /// The IANA time zone the expression is read in (`Europe/Paris`). Defaults to `UTC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The job's kind.
+    pub kind: String,
+    /// The job's args. Defaults to `{}`.
+    #[serde(default = "empty_args")]
+    pub args: serde_json::Value,
+    /// The queue. Defaults to `default`.
+    #[serde(default = "default_worker_queue")]
+    pub queue: String,
+    /// Attempts of each enqueued job. Defaults to the queue's default (25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The line of the entry's `[[periodic]]` header in its file, for error messages.
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+fn empty_args() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl PeriodicConfig {
+    /// The name its progress is stored under: `name`, else the kind.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.kind)
+    }
+
+    /// How errors name this entry: `[[periodic]] "nightly_report" (line 30)`.
+    pub fn entry(&self) -> String {
+        entry_name("periodic", self.name(), self.line)
+    }
+}
+
+fn entry_name(table: &str, name: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("[[{table}]] {name:?} (line {line})"),
+        None => format!("[[{table}]] {name:?}"),
+    }
+}
+
+/// The 1-based lines of the `[[name]]` headers of `text`, in order.
+fn header_lines(text: &str, name: &str) -> Vec<usize> {
+    let header = format!("[[{name}]]");
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let l = l.trim_start();
+            l.strip_prefix(&header).is_some_and(|rest| {
+                let rest = rest.trim_start();
+                rest.is_empty() || rest.starts_with('#')
+            })
+        })
+        .map(|(i, _)| i + 1)
+        .collect()
 }
 
 /// `[[subscriptions]]`: a subscription over appended events or row changes, delivered to SSE
@@ -785,6 +1017,19 @@ impl Config {
         } else if config.database.url.is_none() {
             config.database.url = database_url.map(Secret::new);
         }
+        // Errors found later (at start-up) name the entry's line.
+        let workers = header_lines(text, "workers");
+        if workers.len() == config.workers.len() {
+            for (w, line) in config.workers.iter_mut().zip(workers) {
+                w.line = Some(line);
+            }
+        }
+        let periodic = header_lines(text, "periodic");
+        if periodic.len() == config.periodic.len() {
+            for (p, line) in config.periodic.iter_mut().zip(periodic) {
+                p.line = Some(line);
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -879,6 +1124,7 @@ impl Config {
             }
         }
         self.jobs.validate()?;
+        self.validate_workers()?;
         let mut names = std::collections::HashSet::new();
         for op in &self.operators {
             if !names.insert(op.name.as_str()) {
@@ -912,6 +1158,141 @@ impl Config {
                         &format!("operator `{}` maps `{e}`, which is not in its entities", op.name),
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `[[workers]]` and `[[periodic]]`: what can be checked without a database. What needs
+    /// one (the statement prepares, the program exists, the cron parses) is checked when the
+    /// job runner starts.
+    fn validate_workers(&self) -> Result<(), ConfigError> {
+        let queues: Vec<&str> = self.jobs.queues.iter().map(|q| q.name.as_str()).collect();
+        let unknown_queue = |entry: String, queue: &str| ConfigError::Invalid {
+            field: "workers.queue",
+            problem: format!(
+                "of {entry}: queue {queue:?} is not in [jobs.queues] (listed: {}); add \
+                 `{queue} = 10` under [jobs.queues]",
+                queues.join(", ")
+            ),
+        };
+        let mut kinds: std::collections::HashMap<&str, String> = Default::default();
+        for w in &self.workers {
+            let entry = w.entry();
+            let bad = |field: &'static str, problem: String| {
+                Err(ConfigError::Invalid { field, problem: format!("of {entry}: {problem}") })
+            };
+            if w.kind.is_empty() || w.kind.chars().count() > 128 {
+                return bad("workers.kind", "must be 1 to 128 characters".into());
+            }
+            if let Some(first) = kinds.insert(&w.kind, entry.clone()) {
+                return bad(
+                    "workers.kind",
+                    format!("kind {:?} already has a worker: {first}; one worker per kind", w.kind),
+                );
+            }
+            if !queues.contains(&w.queue.as_str()) {
+                return Err(unknown_queue(entry, &w.queue));
+            }
+            if w.concurrency.is_some_and(|c| !(1..=10_000).contains(&c)) {
+                return bad("workers.concurrency", "must be 1 to 10000".into());
+            }
+            if let Some(t) = w.timeout
+                && (t.is_zero() || t > MAX_JOB_TIMEOUT)
+            {
+                return bad("workers.timeout", format!("must be 1 ms to 24 h, got {t:?}"));
+            }
+            if w.max_attempts.is_some_and(|m| !(1..=1000).contains(&m)) {
+                return bad("workers.max_attempts", "must be 1 to 1000".into());
+            }
+            if let Some(b) = w.backoff
+                && (b.first.is_zero()
+                    || b.max < b.first
+                    || !b.multiplier.is_finite()
+                    || b.multiplier < 1.0)
+            {
+                return bad(
+                    "workers.backoff",
+                    "needs first > 0, max ≥ first and a multiplier of at least 1".into(),
+                );
+            }
+            let t = w.worker_type.as_str();
+            let set: [(&str, bool, WorkerType); 7] = [
+                ("sql", w.sql.is_some(), WorkerType::Sql),
+                ("url", w.url.is_some(), WorkerType::Http),
+                ("secret", w.secret.is_some(), WorkerType::Http),
+                ("headers", !w.headers.is_empty(), WorkerType::Http),
+                ("command", !w.command.is_empty(), WorkerType::Command),
+                ("env", !w.env.is_empty(), WorkerType::Command),
+                ("dir", w.dir.is_some(), WorkerType::Command),
+            ];
+            for (field, present, owner) in set {
+                if present && owner != w.worker_type {
+                    return bad(
+                        "workers.type",
+                        format!("`{field}` belongs to type = \"{}\", not \"{t}\"", owner.as_str()),
+                    );
+                }
+            }
+            match w.worker_type {
+                WorkerType::Sql if w.sql.as_deref().is_none_or(|s| s.trim().is_empty()) => {
+                    return bad(
+                        "workers.sql",
+                        "type = \"sql\" needs `sql`, a statement with the job's args as $1".into(),
+                    );
+                }
+                WorkerType::Http => {
+                    let url = w.url.as_deref().unwrap_or("");
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return bad(
+                            "workers.url",
+                            format!(
+                                "type = \"http\" needs an http:// or https:// `url`, got {url:?}"
+                            ),
+                        );
+                    }
+                }
+                WorkerType::Command if w.command.first().is_none_or(|c| c.is_empty()) => {
+                    return bad(
+                        "workers.command",
+                        "type = \"command\" needs `command`, the program and its arguments \
+                         (e.g. [\"python3\", \"job.py\"])"
+                            .into(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.periodic {
+            let entry = p.entry();
+            if !names.insert(p.name()) {
+                return Err(ConfigError::Invalid {
+                    field: "periodic.name",
+                    problem: format!("of {entry}: the name is used twice; give each a `name`"),
+                });
+            }
+            if p.kind.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "periodic.kind",
+                    problem: format!("of {entry}: must not be empty"),
+                });
+            }
+            if !p.args.is_object() {
+                return Err(ConfigError::Invalid {
+                    field: "periodic.args",
+                    problem: format!(
+                        "of {entry}: must be a table (e.g. `args = {{ scope = \"all\" }}`)"
+                    ),
+                });
+            }
+            if p.max_attempts.is_some_and(|m| !(1..=1000).contains(&m)) {
+                return Err(ConfigError::Invalid {
+                    field: "periodic.max_attempts",
+                    problem: format!("of {entry}: must be 1 to 1000"),
+                });
             }
         }
         Ok(())
@@ -1096,5 +1477,65 @@ max_in_flight = 100
             .unwrap_err()
             .to_string();
         assert!(err.contains("WEIR_JOBS_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn workers_and_periodic_entries_are_checked_and_named_by_line() {
+        let text = r#"
+[jobs.queues]
+default = 4
+mail = 2
+
+[[workers]]
+kind = "send_mail"
+type = "http"
+queue = "mail"
+url = "http://127.0.0.1:3000/jobs"
+
+[[workers]]  # the report
+kind = "report"
+type = "sql"
+sql = "insert into reports (args) values ($1)"
+
+[[periodic]]
+cron = "0 3 * * *"
+kind = "report"
+"#;
+        let c = Config::from_toml(text, "weir.toml", env(&[])).unwrap();
+        assert_eq!(c.workers[0].line, Some(6));
+        assert_eq!(c.workers[1].line, Some(12));
+        assert_eq!(c.workers[1].queue, "default");
+        assert_eq!(c.periodic[0].line, Some(17));
+        assert_eq!(c.periodic[0].name(), "report");
+        assert_eq!(c.periodic[0].args, serde_json::json!({}));
+
+        let err =
+            |text: &str| Config::from_toml(text, "weir.toml", env(&[])).unwrap_err().to_string();
+        let e = err(
+            "[[workers]]\nkind = \"a\"\ntype = \"sql\"\nqueue = \"nope\"\nsql = \"select $1\"\n",
+        );
+        assert!(
+            e.contains("line 1") && e.contains("\"nope\"") && e.contains("[jobs.queues]"),
+            "{e}"
+        );
+        let e = err(
+            "[[workers]]\nkind = \"a\"\ntype = \"sql\"\nsql = \"select $1\"\n\n[[workers]]\nkind = \"a\"\ntype = \"command\"\ncommand = [\"true\"]\n",
+        );
+        assert!(
+            e.contains("line 6") && e.contains("already has a worker") && e.contains("line 1"),
+            "{e}"
+        );
+        let e = err("[[workers]]\nkind = \"a\"\ntype = \"http\"\nurl = \"ftp://x\"\n");
+        assert!(e.contains("http:// or https://"), "{e}");
+        let e = err(
+            "[[workers]]\nkind = \"a\"\ntype = \"sql\"\nsql = \"select $1\"\nurl = \"http://x\"\n",
+        );
+        assert!(e.contains("`url` belongs to type = \"http\""), "{e}");
+        let e = err("[[workers]]\nkind = \"a\"\ntype = \"shell\"\n");
+        assert!(e.contains("line 3") && e.contains("shell"), "{e}");
+        let e = err(
+            "[[periodic]]\ncron = \"* * * * *\"\nkind = \"a\"\n[[periodic]]\ncron = \"* * * * *\"\nkind = \"a\"\n",
+        );
+        assert!(e.contains("line 4") && e.contains("used twice"), "{e}");
     }
 }

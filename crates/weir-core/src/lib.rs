@@ -20,9 +20,9 @@ pub use config::{
     DEFAULT_JOB_CONCURRENCY, DEFAULT_JOB_HEARTBEAT_INTERVAL, DEFAULT_JOB_POLL_INTERVAL,
     DEFAULT_JOB_QUEUE, DEFAULT_JOB_RESCUE_AFTER, DEFAULT_JOB_SWEEP_INTERVAL,
     DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION,
-    DEFAULT_SLOT, DatabaseConfig, HttpConfig, JobsConfig, LogConfig, MAX_JOB_TIMEOUT, OnExhausted,
-    OperatorConfig, Ordering, QueueConfig, RetryConfig, Secret, SourceConfig, StartFrom,
-    SubscriptionConfig,
+    DEFAULT_SLOT, DatabaseConfig, HttpConfig, JobBackoffConfig, JobsConfig, LogConfig,
+    MAX_JOB_TIMEOUT, OnExhausted, OperatorConfig, Ordering, PeriodicConfig, QueueConfig,
+    RetryConfig, Secret, SourceConfig, StartFrom, SubscriptionConfig, WorkerConfig, WorkerType,
 };
 pub use duration::{DurationError, parse_duration, serde_duration};
 pub use event::{Event, Kind, Source};

@@ -84,10 +84,10 @@ async fn sample(shared: &Shared, conn: &mut sqlx::PgConnection) -> sqlx::Result<
 /// notifications may have been lost meanwhile.
 pub(crate) async fn listen(
     shared: Arc<Shared>,
-    wakes: HashMap<String, Arc<Notify>>,
+    wakes: HashMap<String, Vec<Arc<Notify>>>,
     stop: CancellationToken,
 ) {
-    let wake_all = || wakes.values().for_each(|w| w.notify_one());
+    let wake_all = || wakes.values().flatten().for_each(|w| w.notify_one());
     'connect: loop {
         let mut listener = match PgListener::connect_with(&shared.pool).await {
             Ok(l) => l,
@@ -115,7 +115,7 @@ pub(crate) async fn listen(
             };
             match next {
                 Ok(Some(n)) if n.channel() == WAKE_CHANNEL => {
-                    if let Some(w) = wakes.get(n.payload()) {
+                    for w in wakes.get(n.payload()).into_iter().flatten() {
                         w.notify_one();
                     }
                 }

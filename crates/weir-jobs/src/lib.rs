@@ -71,6 +71,7 @@
 pub mod admin;
 mod completer;
 mod cron;
+mod declared;
 mod heartbeat;
 mod job;
 mod maintenance;

@@ -42,6 +42,9 @@ use crate::worker::{JobContext, JobErrorKind};
 pub(crate) struct Producer {
     pub(crate) shared: Arc<Shared>,
     pub(crate) queue: String,
+    /// The kinds it claims, sorted: the queue's kinds with a worker here, or one kind whose
+    /// worker has slots of its own.
+    pub(crate) kinds: Vec<String>,
     pub(crate) concurrency: usize,
     pub(crate) wake: Arc<Notify>,
     pub(crate) stop: CancellationToken,
@@ -89,7 +92,7 @@ impl Producer {
             } else {
                 free
             };
-            if want && room > 0 && !self.shared.kinds.is_empty() {
+            if want && room > 0 && !self.kinds.is_empty() {
                 want = false;
                 let riding = std::mem::take(&mut done);
                 match self.claim(room, &riding).await {
@@ -98,7 +101,10 @@ impl Producer {
                         // A full claim means more may be waiting: refill as soon as a slot frees.
                         backlog = jobs.len() == room;
                         counters.claimed(jobs.len());
-                        for job in jobs {
+                        for mut job in jobs {
+                            if let Some(cap) = self.shared.workers[&job.kind].max_attempts() {
+                                job.max_attempts = job.max_attempts.min(cap as i32);
+                            }
                             let wait = Duration::from_micros(job.wait_us.max(0) as u64);
                             // Registered at once, so a cancel reaches a job still in the local queue.
                             let cancel = self.shared.hard.child_token();
@@ -176,7 +182,7 @@ impl Producer {
         store::claim(
             &mut conn,
             &self.queue,
-            &self.shared.kinds,
+            &self.kinds,
             free as i64,
             self.shared.process.as_str(),
             done,
@@ -225,6 +231,7 @@ impl Producer {
                 job.kind.clone(),
                 job.attempt as u32,
                 job.max_attempts as u32,
+                job.created_at,
                 shared.pool.clone(),
                 cancel.clone(),
                 shared.config.keep_completed,

@@ -67,6 +67,7 @@ pub struct JobRunner {
     config: Config,
     workers: Workers,
     duplicates: Vec<String>,
+    declared: Vec<weir_core::WorkerConfig>,
     periodic: Vec<PeriodicJob>,
     process_id: Option<ProcessId>,
 }
@@ -91,6 +92,7 @@ impl JobRunner {
             config,
             workers: Workers::new(),
             duplicates: Vec::new(),
+            declared: Vec::new(),
             periodic: Vec::new(),
             process_id: None,
         }
@@ -102,6 +104,14 @@ impl JobRunner {
         if self.workers.insert(kind.clone(), Arc::new(worker) as Arc<dyn ErasedWorker>).is_some() {
             self.duplicates.push(kind);
         }
+        self
+    }
+
+    /// Adds a worker declared in `weir.toml` (`[[workers]]`: `sql`, `http` or `command`). It is
+    /// built when the runner starts, which refuses an entry that cannot work (a statement that
+    /// does not prepare, a program that is not there), naming the entry and its line.
+    pub fn declare(mut self, entry: weir_core::WorkerConfig) -> Self {
+        self.declared.push(entry);
         self
     }
 
@@ -135,14 +145,54 @@ impl JobRunner {
             }
         }
         let process = self.process_id.unwrap_or_else(ProcessId::generate);
-        let mut kinds: Vec<String> = self.workers.keys().cloned().collect();
-        kinds.sort();
+        let mut workers = self.workers;
+        // Rust workers run on every queue; a declared worker on its own queue, with slots of
+        // its own when it sets `concurrency`.
+        let mut rust_kinds: Vec<String> = workers.keys().cloned().collect();
+        rust_kinds.sort();
+        let mut declared_info = Vec::new();
+        let mut lanes: Vec<(String, Vec<String>, u32)> = self
+            .config
+            .queues
+            .iter()
+            .map(|q| (q.name.clone(), rust_kinds.clone(), q.concurrency))
+            .collect();
+        for entry in &self.declared {
+            if workers.contains_key(&entry.kind) {
+                return Err(crate::declared::refused(
+                    entry,
+                    format!("kind {:?} already has a worker; one worker per kind", entry.kind),
+                ));
+            }
+            let Some(queue) = self.config.queues.iter().find(|q| q.name == entry.queue) else {
+                return Err(crate::declared::refused(
+                    entry,
+                    format!("queue {:?} is not in [jobs.queues]", entry.queue),
+                ));
+            };
+            let worker = crate::declared::build(entry, &self.config, &self.pool).await?;
+            workers.insert(entry.kind.clone(), worker);
+            match entry.concurrency {
+                Some(c) => lanes.push((entry.queue.clone(), vec![entry.kind.clone()], c)),
+                None => {
+                    let lane = lanes.iter_mut().find(|l| l.0 == entry.queue).expect("queue lane");
+                    lane.1.push(entry.kind.clone());
+                    lane.1.sort();
+                }
+            }
+            declared_info.push(serde_json::json!({
+                "kind": entry.kind,
+                "type": entry.worker_type.as_str(),
+                "queue": entry.queue,
+                "concurrency": entry.concurrency.unwrap_or(queue.concurrency),
+            }));
+        }
         let served = serde_json::Value::Array(
-            self.config
-                .queues
+            lanes
                 .iter()
-                .map(|q| {
-                    serde_json::json!({"queue": q.name, "kinds": kinds, "concurrency": q.concurrency})
+                .filter(|(_, kinds, _)| !kinds.is_empty())
+                .map(|(queue, kinds, concurrency)| {
+                    serde_json::json!({"queue": queue, "kinds": kinds, "concurrency": concurrency})
                 })
                 .collect(),
         );
@@ -150,34 +200,38 @@ impl JobRunner {
             let mut conn = self.pool.acquire().await?;
             store::register_process(&mut conn, process.as_str(), &served).await?;
         }
-        info!(%process, queues = %served, "job runner starting");
+        info!(%process, queues = %served, declared = %serde_json::Value::Array(declared_info), "job runner starting");
 
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),
             process,
             config: self.config.clone(),
-            workers: self.workers,
-            kinds,
+            workers,
             metrics: Metrics::new(self.config.queues.iter().map(|q| q.name.clone())),
             running: Mutex::new(HashMap::new()),
             hard: CancellationToken::new(),
         });
         let stop = CancellationToken::new();
-        let wakes: HashMap<String, Arc<Notify>> =
-            self.config.queues.iter().map(|q| (q.name.clone(), Arc::new(Notify::new()))).collect();
+        // One wake-up per producer; a queue's notification wakes all of its producers.
+        let mut wakes: HashMap<String, Vec<Arc<Notify>>> = HashMap::new();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
 
         let producers = TaskTracker::new();
-        for q in &self.config.queues {
+        for (queue, kinds, concurrency) in lanes {
             let producer = Producer {
                 shared: shared.clone(),
-                queue: q.name.clone(),
-                concurrency: q.concurrency as usize,
-                wake: wakes[&q.name].clone(),
+                queue: queue.clone(),
+                kinds,
+                concurrency: concurrency as usize,
+                wake: {
+                    let wake = Arc::new(Notify::new());
+                    wakes.entry(queue.clone()).or_default().push(wake.clone());
+                    wake
+                },
                 stop: stop.clone(),
                 done: done_tx.clone(),
             };
-            producers.spawn(producer.run().instrument(info_span!("producer", queue = %q.name)));
+            producers.spawn(producer.run().instrument(info_span!("producer", %queue)));
         }
         producers.close();
         drop(done_tx);
@@ -224,7 +278,7 @@ pub struct RunningJobs {
     producers: TaskTracker,
     services: TaskTracker,
     completer: Option<JoinHandle<()>>,
-    wakes: HashMap<String, Arc<Notify>>,
+    wakes: HashMap<String, Vec<Arc<Notify>>>,
 }
 
 impl RunningJobs {
@@ -240,7 +294,7 @@ impl RunningJobs {
 
     /// Makes the producers of every queue claim now (as a notification would).
     pub fn wake(&self) {
-        for w in self.wakes.values() {
+        for w in self.wakes.values().flatten() {
             w.notify_one();
         }
     }

@@ -29,8 +29,6 @@ pub(crate) struct Shared {
     pub(crate) process: ProcessId,
     pub(crate) config: Config,
     pub(crate) workers: Workers,
-    /// The kinds with a worker here, sorted (what claims ask for).
-    pub(crate) kinds: Vec<String>,
     pub(crate) metrics: Metrics,
     /// Running jobs' cancel tokens, for cancel requests.
     pub(crate) running: Mutex<HashMap<i64, CancellationToken>>,

@@ -92,6 +92,8 @@ pub(crate) struct Claimed {
     pub(crate) attempt: i32,
     pub(crate) max_attempts: i32,
     pub(crate) timeout_ms: Option<i32>,
+    /// When it was enqueued.
+    pub(crate) created_at: DateTime<Utc>,
     /// Microseconds between the moment it could run (`scheduled_at`) and the claim.
     pub(crate) wait_us: i64,
 }
@@ -136,14 +138,15 @@ pub(crate) async fn claim(
                from next
               where j.id = next.id
           returning j.id, j.queue, j.kind, j.args, j.attempt, j.max_attempts, j.timeout_ms,
-                    greatest(0, (extract(epoch from now() - j.scheduled_at) * 1000000))::bigint
+                    j.created_at, greatest(0, (extract(epoch from now() - j.scheduled_at) * 1000000))::bigint
                         as wait_us
          )
-         select true as claimed, id, queue, kind, args, attempt, max_attempts, timeout_ms, wait_us
+         select true as claimed, id, queue, kind, args, attempt, max_attempts, timeout_ms,
+                created_at, wait_us
            from claimed
          union all
          select false, d.id, null::text, null::text, null::jsonb, null::int, null::int,
-                null::int, null::bigint
+                null::int, null::timestamptz, null::bigint
            from done d
            -- The completion notification the job asked for (`notify`).
            left join lateral (
@@ -173,6 +176,7 @@ pub(crate) async fn claim(
                 attempt: row.try_get("attempt")?,
                 max_attempts: row.try_get("max_attempts")?,
                 timeout_ms: row.try_get("timeout_ms")?,
+                created_at: row.try_get("created_at")?,
                 wait_us: row.try_get("wait_us")?,
             });
         } else {

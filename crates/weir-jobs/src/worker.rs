@@ -142,6 +142,7 @@ struct ContextInner {
     kind: String,
     attempt: u32,
     max_attempts: u32,
+    enqueued_at: chrono::DateTime<chrono::Utc>,
     pool: PgPool,
     cancel: CancellationToken,
     keep_history: bool,
@@ -156,6 +157,7 @@ impl JobContext {
         kind: String,
         attempt: u32,
         max_attempts: u32,
+        enqueued_at: chrono::DateTime<chrono::Utc>,
         pool: PgPool,
         cancel: CancellationToken,
         keep_history: bool,
@@ -167,6 +169,7 @@ impl JobContext {
                 kind,
                 attempt,
                 max_attempts,
+                enqueued_at,
                 pool,
                 cancel,
                 keep_history,
@@ -198,6 +201,11 @@ impl JobContext {
     /// The attempts it may have (grows by one at each snooze).
     pub fn max_attempts(&self) -> u32 {
         self.inner.max_attempts
+    }
+
+    /// When the job was enqueued.
+    pub fn enqueued_at(&self) -> chrono::DateTime<chrono::Utc> {
+        self.inner.enqueued_at
     }
 
     /// The runner's pool.
@@ -250,6 +258,10 @@ pub(crate) trait ErasedWorker: Send + Sync {
     -> BoxFuture<'_, std::result::Result<(), JobError>>;
     fn timeout(&self) -> Option<Duration>;
     fn backoff(&self, attempt: u32) -> Duration;
+    /// The most attempts a job of this kind may have, whatever it was enqueued with.
+    fn max_attempts(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl<W: Worker> ErasedWorker for W {

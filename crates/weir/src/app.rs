@@ -242,13 +242,16 @@ async fn start_jobs(
     periodic: Vec<PeriodicJob>,
     process: ProcessId,
 ) -> Result<Option<RunningJobs>> {
-    if workers.is_empty() {
+    if workers.is_empty() && config.workers.is_empty() && config.periodic.is_empty() {
         return Ok(None);
     }
     weir_jobs::migrate(pool).await?;
     let mut runner = JobRunner::new(pool.clone(), config.jobs.clone()).process_id(process);
     for register in workers {
         runner = register(runner);
+    }
+    for entry in &config.workers {
+        runner = runner.declare(entry.clone());
     }
     for job in periodic {
         runner = runner.periodic(job);

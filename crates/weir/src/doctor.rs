@@ -164,15 +164,36 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
         )
     });
 
-    let migrated: bool =
-        sqlx::query_scalar("select exists (select 1 from weir.migrations where component = 'log')")
-            .fetch_one(pool)
+    // Every component `weir init` installs, at the version this binary carries.
+    let installed: Vec<(String, i32)> =
+        sqlx::query_as("select component, max(version) from weir.migrations group by component")
+            .fetch_all(pool)
             .await
-            .unwrap_or(false);
-    out.push(if migrated {
-        check("weir schema", Verdict::Ok, "installed", None)
+            .unwrap_or_default();
+    let components = [
+        ("log", weir_log::MIGRATIONS),
+        ("consumers", weir_consumer::MIGRATIONS),
+        ("streams", weir_streams::MIGRATIONS),
+        ("jobs", weir_jobs::MIGRATIONS),
+    ];
+    let mut missing = Vec::new();
+    for (component, migrations) in components {
+        let want = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+        match installed.iter().find(|(c, _)| c == component) {
+            Some((_, have)) if i64::from(*have) >= i64::from(want) => {}
+            Some((_, have)) => missing.push(format!("{component} at version {have} of {want}")),
+            None => missing.push(format!("{component} not installed")),
+        }
+    }
+    out.push(if missing.is_empty() {
+        check(
+            "weir schema",
+            Verdict::Ok,
+            "installed: the log, consumers, streams and jobs (weir.enqueue)",
+            None,
+        )
     } else {
-        check("weir schema", Verdict::Fail, "not installed", Some("run `weir init`".into()))
+        check("weir schema", Verdict::Fail, missing.join("; "), Some("run `weir init`".into()))
     });
 
     let publication: bool =

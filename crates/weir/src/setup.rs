@@ -42,6 +42,8 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
     weir_log::migrate(pool).await?;
     // Before the publication: it names the event store's table.
     weir_streams::migrate(pool).await?;
+    // Every component, so an application can enqueue (`weir.enqueue`) right after `init`.
+    weir_jobs::migrate(pool).await?;
     let before = publication_tables(pool, &config.source.publication).await?;
     let created_publication = ensure_publication(pool, config).await?;
     // Before the slot: its first changes then carry whole old rows.
@@ -270,6 +272,7 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
         }));
     }
     weir_streams::migrate(pool).await?;
+    weir_jobs::migrate(pool).await?;
     if !publishes_stream_events(pool, &config.source.publication).await? {
         return Err(Error::Setup(format!(
             "publication `{}` does not cover the event store's table weir.stream_events (it was \
