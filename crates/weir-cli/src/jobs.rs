@@ -33,6 +33,12 @@ pub enum JobsCommand {
         /// The job id.
         id: i64,
     },
+    /// The workers of the live processes: kind, type, queue, slots, running jobs, last error.
+    Workers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Figures per queue: queued, running, completed/s, discarded, oldest wait.
     Stats {
         /// Print JSON.
@@ -230,6 +236,32 @@ pub async fn run(cmd: JobsCommand, pool: PgPool) -> anyhow::Result<()> {
         JobsCommand::Cancel { id } => {
             let was = admin::cancel(&mut conn, JobId(id)).await?;
             println!("job {id} was {was}; it is cancelled");
+        }
+        JobsCommand::Workers { json } => {
+            let workers = admin::workers(&mut conn).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workers)?);
+            } else if workers.is_empty() {
+                println!("no live process runs workers (start `weir run` with [[workers]])");
+            } else {
+                println!(
+                    "{:<20} {:<8} {:<12} {:>6} {:>9} {:>8}  LAST ERROR",
+                    "KIND", "TYPE", "QUEUE", "SLOTS", "PROCESSES", "RUNNING"
+                );
+                for w in workers {
+                    let error = match (&w.last_error, w.last_error_at, w.last_error_job) {
+                        (Some(e), Some(at), Some(job)) => {
+                            let e: String = e.chars().take(120).collect();
+                            format!("{} (job {job}): {e}", at.format("%Y-%m-%d %H:%M:%S"))
+                        }
+                        _ => "-".into(),
+                    };
+                    println!(
+                        "{:<20} {:<8} {:<12} {:>6} {:>9} {:>8}  {error}",
+                        w.kind, w.worker_type, w.queue, w.concurrency, w.processes, w.running
+                    );
+                }
+            }
         }
         JobsCommand::Stats { json } => {
             let stats = admin::stats(&mut conn).await?;

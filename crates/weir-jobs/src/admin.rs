@@ -350,6 +350,70 @@ async fn finished_or_missing(conn: &mut PgConnection, id: JobId, action: &'stati
     }
 }
 
+/// A worker as the live processes serve it: one row per kind and type, every process
+/// together (`weir jobs workers`, `GET /v1/jobs/workers`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct WorkerInfo {
+    /// The job kind it runs.
+    pub kind: String,
+    /// `rust` (registered in code), `sql`, `http` or `command` (declared in `weir.toml`).
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub worker_type: String,
+    /// The queue it claims from.
+    pub queue: String,
+    /// Slots its jobs may use, summed over the processes (shared with the queue's other kinds
+    /// unless the worker has slots of its own).
+    pub concurrency: i64,
+    /// Live processes that serve it.
+    pub processes: i64,
+    /// Its jobs running now.
+    pub running: i64,
+    /// The last error of one of its jobs (unfinished, or finished in the last day).
+    pub last_error: Option<String>,
+    /// When that error happened.
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The job it happened to.
+    pub last_error_job: Option<i64>,
+}
+
+/// The workers of every live process (heartbeat in the last minute), by kind.
+pub async fn workers(conn: &mut PgConnection) -> Result<Vec<WorkerInfo>> {
+    Ok(sqlx::query_as(
+        "with lanes as (
+             select p.id as process, l->>'queue' as queue, (l->>'concurrency')::bigint as slots,
+                    k.kind, coalesce(l->'types'->>k.kind, 'rust') as type
+               from weir.job_processes p,
+                    jsonb_array_elements(p.queues) l,
+                    jsonb_array_elements_text(l->'kinds') k(kind)
+              where p.heartbeat_at > now() - interval '1 minute'
+         ), running as (
+             select kind, count(*) as n from weir.jobs where state = 'running' group by kind
+         ), failures as (
+             select distinct on (kind) kind, id, e->>'error' as error,
+                    (e->>'at')::timestamptz as at
+               from (select kind, id, errors->-1 as e from weir.jobs
+                      where jsonb_array_length(errors) > 0
+                     union all
+                     select kind, id, errors->-1 from weir.job_history
+                      where finished_at > now() - interval '1 day'
+                        and jsonb_array_length(errors) > 0) f
+              order by kind, (e->>'at')::timestamptz desc
+         )
+         select l.kind, l.type, l.queue, sum(l.slots)::bigint as concurrency,
+                count(distinct l.process) as processes, coalesce(max(r.n), 0) as running,
+                max(f.error) as last_error, max(f.at) as last_error_at,
+                max(f.id) as last_error_job
+           from lanes l
+           left join running r on r.kind = l.kind
+           left join failures f on f.kind = l.kind
+          group by l.kind, l.type, l.queue
+          order by l.kind, l.queue",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Database-wide figures of one queue.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct QueueStats {

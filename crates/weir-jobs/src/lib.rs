@@ -82,7 +82,7 @@ mod shared;
 mod store;
 mod worker;
 
-pub use admin::{JobInfo, JobState, ListFilter, QueueStats};
+pub use admin::{JobInfo, JobState, ListFilter, QueueStats, WorkerInfo};
 pub use cron::{Cron, CronError};
 pub use heartbeat::{CANCEL_CHANNEL, EVENTS_CHANNEL, WAKE_CHANNEL};
 pub use job::{

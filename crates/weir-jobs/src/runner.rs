@@ -150,7 +150,6 @@ impl JobRunner {
         // its own when it sets `concurrency`.
         let mut rust_kinds: Vec<String> = workers.keys().cloned().collect();
         rust_kinds.sort();
-        let mut declared_info = Vec::new();
         let mut lanes: Vec<(String, Vec<String>, u32)> = self
             .config
             .queues
@@ -164,12 +163,12 @@ impl JobRunner {
                     format!("kind {:?} already has a worker; one worker per kind", entry.kind),
                 ));
             }
-            let Some(queue) = self.config.queues.iter().find(|q| q.name == entry.queue) else {
+            if !self.config.queues.iter().any(|q| q.name == entry.queue) {
                 return Err(crate::declared::refused(
                     entry,
                     format!("queue {:?} is not in [jobs.queues]", entry.queue),
                 ));
-            };
+            }
             let worker = crate::declared::build(entry, &self.config, &self.pool).await?;
             workers.insert(entry.kind.clone(), worker);
             match entry.concurrency {
@@ -180,19 +179,23 @@ impl JobRunner {
                     lane.1.sort();
                 }
             }
-            declared_info.push(serde_json::json!({
-                "kind": entry.kind,
-                "type": entry.worker_type.as_str(),
-                "queue": entry.queue,
-                "concurrency": entry.concurrency.unwrap_or(queue.concurrency),
-            }));
         }
+        // What `weir jobs workers` shows: each lane with the type of its declared kinds
+        // (kinds without one are Rust workers).
+        let types: serde_json::Map<String, serde_json::Value> =
+            self.declared.iter().map(|e| (e.kind.clone(), e.worker_type.as_str().into())).collect();
         let served = serde_json::Value::Array(
             lanes
                 .iter()
                 .filter(|(_, kinds, _)| !kinds.is_empty())
                 .map(|(queue, kinds, concurrency)| {
-                    serde_json::json!({"queue": queue, "kinds": kinds, "concurrency": concurrency})
+                    let types: serde_json::Map<String, serde_json::Value> = kinds
+                        .iter()
+                        .filter_map(|k| types.get(k).map(|t| (k.clone(), t.clone())))
+                        .collect();
+                    serde_json::json!({
+                        "queue": queue, "kinds": kinds, "concurrency": concurrency, "types": types,
+                    })
                 })
                 .collect(),
         );
@@ -200,7 +203,7 @@ impl JobRunner {
             let mut conn = self.pool.acquire().await?;
             store::register_process(&mut conn, process.as_str(), &served).await?;
         }
-        info!(%process, queues = %served, declared = %serde_json::Value::Array(declared_info), "job runner starting");
+        info!(%process, queues = %served, "job runner starting");
 
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use weir_jobs::{Job, JobId, JobInfo, JobState, ListFilter, QueueStats, Unique};
+use weir_jobs::{Job, JobId, JobInfo, JobState, ListFilter, QueueStats, Unique, WorkerInfo};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
@@ -19,6 +19,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(enqueue, list))
         .routes(routes!(stats))
+        .routes(routes!(workers))
         .routes(routes!(show))
         .routes(routes!(cancel))
         .routes(routes!(retry))
@@ -165,6 +166,15 @@ async fn list(
 async fn stats(State(state): State<AppState>) -> Result<Json<Vec<QueueStats>>, ApiError> {
     let mut conn = state.pool().acquire().await?;
     Ok(Json(weir_jobs::admin::stats(&mut conn).await?))
+}
+
+/// The workers of every live process: kind, type (`rust`, `sql`, `http`, `command`), queue,
+/// slots, processes, running jobs and the last error of one of its jobs.
+#[utoipa::path(get, path = "/v1/jobs/workers", tag = "jobs",
+    responses((status = 200, description = "Workers by kind", body = Vec<WorkerInfo>)))]
+async fn workers(State(state): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, ApiError> {
+    let mut conn = state.pool().acquire().await?;
+    Ok(Json(weir_jobs::admin::workers(&mut conn).await?))
 }
 
 /// One job.
