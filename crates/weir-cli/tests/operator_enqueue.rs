@@ -1,7 +1,8 @@
 //! Jobs from changes and from SQL right after `weir init`, with real `weir run` processes:
 //! an operator whose statement calls `weir.enqueue(...)` enqueues exactly once per event
-//! across SIGKILLs (the enqueue commits with the operator's checkpoint), and `weir init`
-//! alone installs `weir.enqueue`.
+//! across SIGKILLs (the enqueue commits with the operator's checkpoint), `weir init` alone
+//! installs `weir.enqueue`, and `weir jobs workers` shows the declared workers of a live
+//! process with their last error.
 
 mod support;
 
@@ -124,4 +125,74 @@ async fn weir_init_alone_installs_the_job_queue_and_doctor_checks_it() {
     let (ok, out) = output(weir(&db, &["doctor"]));
     assert!(!ok, "{out}");
     assert!(out.contains("jobs not installed") && out.contains("weir init"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_jobs_workers_shows_each_declared_worker_with_its_last_error() {
+    let (db, pool) = support::setup("jobs_workers").await;
+    db.psql("create table sent (user_id bigint not null)").unwrap();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        r#"
+[source]
+tables = ["t"]
+
+[[workers]]
+kind = "welcome"
+type = "sql"
+sql = "insert into sent (user_id) values (($1->>'user_id')::bigint)"
+
+[[workers]]
+kind = "broken"
+type = "sql"
+concurrency = 2
+sql = "insert into sent (user_id) values (($1->>'user_id')::bigint / 0)"
+"#,
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = weir(&db, args);
+        c.arg("--config").arg(config.path());
+        c
+    };
+    sqlx::query("select weir.enqueue('default', 'welcome', '{\"user_id\": 7}')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let broken: i64 =
+        sqlx::query_scalar("select weir.enqueue('default', 'broken', '{\"user_id\": 1}')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let _run = spawn(cmd(&["run"]));
+    let workers = || {
+        let (ok, out) = output(cmd(&["jobs", "workers", "--json"]));
+        assert!(ok, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    eventually("the broken job's first failure", Duration::from_secs(30), || async {
+        workers()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["kind"] == "broken" && w["last_error"].is_string())
+    })
+    .await;
+    let all = workers();
+    let by_kind = |k: &str| all.as_array().unwrap().iter().find(|w| w["kind"] == k).unwrap();
+    let b = by_kind("broken");
+    assert_eq!(b["type"], "sql");
+    assert_eq!(b["concurrency"], 2, "its own slots");
+    assert_eq!(b["processes"], 1);
+    assert_eq!(b["last_error_job"], broken);
+    let error = b["last_error"].as_str().unwrap();
+    assert!(error.contains("division by zero") && error.contains("22012"), "{error}");
+    let w = by_kind("welcome");
+    assert_eq!((w["type"].as_str(), w["concurrency"].as_i64()), (Some("sql"), Some(10)));
+    assert!(w["last_error"].is_null());
+    let sent: i64 = sqlx::query_scalar("select count(*) from sent").fetch_one(&pool).await.unwrap();
+    assert_eq!(sent, 1, "the welcome statement ran once; the broken one rolled back");
+    let (ok, table) = output(cmd(&["jobs", "workers"]));
+    assert!(ok && table.contains("KIND") && table.contains("division by zero"), "{table}");
 }
