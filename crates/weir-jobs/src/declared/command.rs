@@ -296,9 +296,7 @@ fn answer(stdout: &str) -> Option<JobError> {
     let snooze = answer.get("snooze")?;
     let after = match snooze {
         Value::String(s) => weir_core::parse_duration(s).ok(),
-        Value::Number(n) => {
-            n.as_f64().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
-        }
+        Value::Number(n) => n.as_f64().and_then(|s| Duration::try_from_secs_f64(s).ok()),
         _ => None,
     };
     Some(match after {
