@@ -83,7 +83,7 @@ mod store;
 mod worker;
 
 pub use admin::{JobInfo, JobState, ListFilter, QueueStats};
-pub use cron::{Cron, CronError};
+pub use cron::{Cron, CronError, TimeZoneError};
 pub use heartbeat::{CANCEL_CHANNEL, EVENTS_CHANNEL, WAKE_CHANNEL};
 pub use job::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Enqueued, Job, JobArgs, JobId, MAX_ATTEMPTS_LIMIT,
@@ -128,6 +128,9 @@ pub enum Error {
     /// A cron expression did not parse.
     #[error(transparent)]
     Cron(#[from] CronError),
+    /// A time zone name is not in the IANA database.
+    #[error(transparent)]
+    TimeZone(#[from] TimeZoneError),
     /// A `[jobs]` setting is wrong (the error names the field).
     #[error(transparent)]
     Config(#[from] ConfigError),
