@@ -113,7 +113,9 @@ impl Cron {
             }
         }
         match parser().parse(text) {
-            Ok(schedule) => Ok(Self { source: expression.to_string(), timezone: Tz::UTC, schedule }),
+            Ok(schedule) => {
+                Ok(Self { source: expression.to_string(), timezone: Tz::UTC, schedule })
+            }
             Err(e) => {
                 let (column, problem) = locate(expression, &e);
                 Err(err(column, problem))
@@ -214,8 +216,7 @@ fn locate(expression: &str, error: &croner::errors::CronError) -> (usize, String
     };
     // Whether `part` parses alone in field `i`.
     let alone = |i: usize, part: &str| {
-        let probe: Vec<&str> =
-            (0..fields.len()).map(|j| if j == i { part } else { "*" }).collect();
+        let probe: Vec<&str> = (0..fields.len()).map(|j| if j == i { part } else { "*" }).collect();
         parser().parse(&probe.join(" ")).err()
     };
     for (i, (at, field)) in fields.iter().enumerate() {
@@ -323,8 +324,14 @@ mod tests {
         let c = Cron::parse("50/5 * * * *").unwrap();
         assert_eq!(c.next_after(at("2024-01-01T10:51:00Z")), Some(at("2024-01-01T10:55:00Z")));
         assert_eq!(c.next_after(at("2024-01-01T10:56:00Z")), Some(at("2024-01-01T11:50:00Z")));
-        assert_eq!(c.last_at_or_before(at("2024-01-01T10:55:00Z")), Some(at("2024-01-01T10:55:00Z")));
-        assert_eq!(c.last_at_or_before(at("2024-01-01T10:49:59Z")), Some(at("2024-01-01T09:55:00Z")));
+        assert_eq!(
+            c.last_at_or_before(at("2024-01-01T10:55:00Z")),
+            Some(at("2024-01-01T10:55:00Z"))
+        );
+        assert_eq!(
+            c.last_at_or_before(at("2024-01-01T10:49:59Z")),
+            Some(at("2024-01-01T09:55:00Z"))
+        );
     }
 
     #[test]

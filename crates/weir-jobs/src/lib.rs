@@ -7,6 +7,8 @@
 //! weir.jobs (unfinished jobs only) ◄── sweeper (leader): scheduled/retryable → available,
 //!    │                                  rescue of jobs whose process stopped heartbeating
 //!    │ claim: one statement, FOR UPDATE SKIP LOCKED, limit = free slots of the queue here
+//!    │        (a queue with [jobs.limits]: also what its global concurrency and rate leave,
+//!    │        under a lock on its row in weir.job_queue_limits)
 //!    ▼
 //! producer ─► worker tasks ─► completer: one fenced statement per batch of completions
 //!    │                          (or the worker's own transaction: ctx.complete(tx))
@@ -204,8 +206,14 @@ impl Error {
 }
 
 /// The job queue's numbered migrations (component `jobs` in `weir.migrations`).
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") },
+    Migration {
+        version: 2,
+        name: "queue_limits",
+        sql: include_str!("../migrations/0002_queue_limits.sql"),
+    },
+];
 
 /// Creates or upgrades the job queue's tables and functions (idempotent).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
