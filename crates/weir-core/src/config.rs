@@ -707,7 +707,7 @@ impl std::str::FromStr for Rate {
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.per.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}/{}s", self.jobs, ms / 1000)
         } else {
             write!(f, "{}/{ms}ms", self.jobs)
