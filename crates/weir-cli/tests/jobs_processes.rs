@@ -188,6 +188,8 @@ sql = "select record_run(($1->>'n')::int)"
     assert_eq!(processes, 2, "both processes ran jobs");
 }
 
+/// Two processes of 3 slots each, jobs of 0.3 s, at most 5 starts a second: both must claim to
+/// reach the rate, and together they must not pass it.
 #[tokio::test]
 async fn a_rate_limit_holds_across_two_processes() {
     let (db, pool) = setup("jobs_rate_limit").await;
@@ -197,7 +199,7 @@ async fn a_rate_limit_holds_across_two_processes() {
 poll_interval = "100ms"
 
 [jobs.queues]
-fast = 10
+fast = 3
 
 [jobs.limits.fast]
 rate = "5/1s"
@@ -206,7 +208,7 @@ rate = "5/1s"
 kind = "fast"
 queue = "fast"
 type = "sql"
-sql = "select 1"
+sql = "select pg_sleep(0.3)"
 "#,
     );
     let mut a = spawn(run.cmd(&db));
@@ -248,4 +250,6 @@ sql = "select 1"
     // 20 jobs, 5 a second: the last starts at least 3 s after the first, and not much later.
     assert!(span >= 3.0, "20 jobs started within {span:.2} s");
     assert!(span < 6.0, "20 jobs took {span:.2} s to start");
+    // 3 slots each, jobs of 0.3 s: one process alone cannot start 5 in a second.
+    assert_eq!(processes, 2, "both processes started jobs");
 }
