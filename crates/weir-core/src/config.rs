@@ -264,7 +264,7 @@ pub struct PeriodicConfig {
     /// The queue. Defaults to `default`.
     #[serde(default = "default_worker_queue")]
     pub queue: String,
-    /// Attempts of each enqueued job. Defaults to the queue's default (25).
+    /// Attempts of each enqueued job, 1 to 1000. Defaults to 5 (a job's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// The line of the entry's `[[periodic]]` header in its file, for error messages.
@@ -602,6 +602,10 @@ impl QueueConfig {
 /// [jobs.queues]        # queue name = jobs of it running at once in this process
 /// default = 10
 /// mail = 2
+///
+/// [jobs.limits.mail]   # across all processes
+/// global_concurrency = 3
+/// rate = "100/1m"
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -649,6 +653,79 @@ pub struct JobsConfig {
     /// claims for short jobs, at the price of jobs waiting here instead of in the table.
     /// 0 claims exactly the free slots; at most 10000. Defaults to 0.
     pub prefetch: u32,
+    /// `[jobs.limits.<queue>]`: limits of a queue across all processes, enforced by every
+    /// claim of the queue. Each process that works the queue must declare the same limits (a
+    /// process that does not declare them claims the queue unlimited). Defaults to none.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: std::collections::BTreeMap<String, QueueLimits>,
+}
+
+/// `[jobs.limits.<queue>]`: a queue's limits across all processes together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueLimits {
+    /// Jobs of the queue running at once across all processes, 1 to 10000 (each process also
+    /// keeps its own `[jobs.queues]` concurrency). Defaults to no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_concurrency: Option<u32>,
+    /// Jobs of the queue started per period across all processes, `"<jobs>/<period>"`:
+    /// `"100/1m"`, `"5/1s"`, `"5/s"`; at most that many start in any window of that length.
+    /// Jobs 1 to 10000, period 1 ms to 1 d. Defaults to no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+}
+
+/// A rate: at most `jobs` starts in any window of length `per`. Written `"100/1m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Starts allowed per window.
+    pub jobs: u32,
+    /// The window's length.
+    pub per: Duration,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("`{s}` is not a rate; write <jobs>/<period>, e.g. `100/1m`, `5/1s` or `5/s`")
+        };
+        let (jobs, per) = s.split_once('/').ok_or_else(bad)?;
+        let jobs: u32 = jobs.trim().parse().map_err(|_| bad())?;
+        let per = per.trim();
+        // `5/s` reads as `5/1s`.
+        let per = if per.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            format!("1{per}")
+        } else {
+            per.to_string()
+        };
+        let per = crate::duration::parse_duration(&per).map_err(|e| format!("{}: {e}", bad()))?;
+        Ok(Self { jobs, per })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.per.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}/{}s", self.jobs, ms / 1000)
+        } else {
+            write!(f, "{}/{ms}ms", self.jobs)
+        }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for JobsConfig {
@@ -667,6 +744,7 @@ impl Default for JobsConfig {
             completion_batch: 1000,
             maintenance: true,
             prefetch: 0,
+            limits: Default::default(),
         }
     }
 }
@@ -731,6 +809,53 @@ impl JobsConfig {
                 "jobs.completion_batch",
                 format!("must be 1 to 10000, got {}", self.completion_batch),
             );
+        }
+        for (queue, limits) in &self.limits {
+            if !names.contains(&queue) {
+                let listed: Vec<&str> = self.queues.iter().map(|q| q.name.as_str()).collect();
+                return invalid(
+                    "jobs.limits",
+                    format!(
+                        "[jobs.limits.{queue}]: queue {queue:?} is not in [jobs.queues] \
+                         (listed: {}); limits apply to the queues this process works",
+                        listed.join(", ")
+                    ),
+                );
+            }
+            if limits.global_concurrency.is_none() && limits.rate.is_none() {
+                return invalid(
+                    "jobs.limits",
+                    format!(
+                        "[jobs.limits.{queue}] sets no limit; give `global_concurrency = 3` \
+                         and/or `rate = \"100/1m\"`, or remove it"
+                    ),
+                );
+            }
+            if let Some(n) = limits.global_concurrency
+                && !(1..=10_000).contains(&n)
+            {
+                return invalid(
+                    "jobs.limits.global_concurrency",
+                    format!("[jobs.limits.{queue}]: must be 1 to 10000, got {n}"),
+                );
+            }
+            if let Some(r) = limits.rate {
+                if !(1..=10_000).contains(&r.jobs) {
+                    return invalid(
+                        "jobs.limits.rate",
+                        format!("[jobs.limits.{queue}]: jobs must be 1 to 10000, got {}", r.jobs),
+                    );
+                }
+                if r.per < Duration::from_millis(1) || r.per > Duration::from_secs(86_400) {
+                    return invalid(
+                        "jobs.limits.rate",
+                        format!(
+                            "[jobs.limits.{queue}]: the period must be 1 ms to 1 d, got {:?}",
+                            r.per
+                        ),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -1477,6 +1602,33 @@ max_in_flight = 100
             .unwrap_err()
             .to_string();
         assert!(err.contains("WEIR_JOBS_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn queue_limits() {
+        let file = "[jobs.queues]\ndefault = 4\nmail = 10\n\
+                    [jobs.limits.mail]\nglobal_concurrency = 3\nrate = \"100/1m\"\n\
+                    [jobs.limits.default]\nrate = \"5/s\"\n";
+        let c = Config::from_toml(file, "f", []).unwrap();
+        let mail = c.jobs.limits["mail"];
+        assert_eq!(mail.global_concurrency, Some(3));
+        assert_eq!(mail.rate, Some(Rate { jobs: 100, per: Duration::from_secs(60) }));
+        assert_eq!(mail.rate.unwrap().to_string(), "100/60s");
+        assert_eq!(c.jobs.limits["default"].rate.unwrap().per, Duration::from_secs(1));
+        for (limits, expect) in [
+            ("[jobs.limits.other]\nglobal_concurrency = 1", "\"other\" is not in [jobs.queues]"),
+            ("[jobs.limits.mail]\n", "sets no limit"),
+            ("[jobs.limits.mail]\nglobal_concurrency = 0", "jobs.limits.global_concurrency"),
+            ("[jobs.limits.mail]\nrate = \"0/1s\"", "jobs.limits.rate"),
+            ("[jobs.limits.mail]\nrate = \"5/2d\"", "1 ms to 1 d"),
+            ("[jobs.limits.mail]\nrate = \"5 per second\"", "write <jobs>/<period>"),
+            ("[jobs.limits.mail]\nrate = \"5/1x\"", "write <jobs>/<period>"),
+            ("[jobs.limits.mail]\nconcurrency = 3", "concurrency"),
+        ] {
+            let file = format!("[jobs.queues]\nmail = 10\n{limits}");
+            let err = Config::from_toml(&file, "f", []).unwrap_err().to_string();
+            assert!(err.contains(expect), "{limits}: {err}");
+        }
     }
 
     #[test]

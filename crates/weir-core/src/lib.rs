@@ -22,7 +22,8 @@ pub use config::{
     DEFAULT_MESSAGE_PREFIX, DEFAULT_PARTITION_SIZE, DEFAULT_PUBLICATION, DEFAULT_RETENTION,
     DEFAULT_SLOT, DatabaseConfig, HttpConfig, JobBackoffConfig, JobsConfig, LogConfig,
     MAX_JOB_TIMEOUT, OnExhausted, OperatorConfig, Ordering, PeriodicConfig, QueueConfig,
-    RetryConfig, Secret, SourceConfig, StartFrom, SubscriptionConfig, WorkerConfig, WorkerType,
+    QueueLimits, Rate, RetryConfig, Secret, SourceConfig, StartFrom, SubscriptionConfig,
+    WorkerConfig, WorkerType,
 };
 pub use duration::{DurationError, parse_duration, serde_duration};
 pub use event::{Event, Kind, Source};

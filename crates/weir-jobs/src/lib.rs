@@ -7,6 +7,8 @@
 //! weir.jobs (unfinished jobs only) ◄── sweeper (leader): scheduled/retryable → available,
 //!    │                                  rescue of jobs whose process stopped heartbeating
 //!    │ claim: one statement, FOR UPDATE SKIP LOCKED, limit = free slots of the queue here
+//!    │        (a queue with [jobs.limits]: also what its global concurrency and rate leave,
+//!    │        under a lock on its row in weir.job_queue_limits)
 //!    ▼
 //! producer ─► worker tasks ─► completer: one fenced statement per batch of completions
 //!    │                          (or the worker's own transaction: ctx.complete(tx))
@@ -83,7 +85,7 @@ mod store;
 mod worker;
 
 pub use admin::{JobInfo, JobState, ListFilter, QueueStats, WorkerInfo};
-pub use cron::{Cron, CronError};
+pub use cron::{Cron, CronError, TimeZoneError};
 pub use heartbeat::{CANCEL_CHANNEL, EVENTS_CHANNEL, WAKE_CHANNEL};
 pub use job::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Enqueued, Job, JobArgs, JobId, MAX_ATTEMPTS_LIMIT,
@@ -128,6 +130,9 @@ pub enum Error {
     /// A cron expression did not parse.
     #[error(transparent)]
     Cron(#[from] CronError),
+    /// A time zone name is not in the IANA database.
+    #[error(transparent)]
+    TimeZone(#[from] TimeZoneError),
     /// A `[jobs]` setting is wrong (the error names the field).
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -201,8 +206,14 @@ impl Error {
 }
 
 /// The job queue's numbered migrations (component `jobs` in `weir.migrations`).
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") },
+    Migration {
+        version: 2,
+        name: "queue_limits",
+        sql: include_str!("../migrations/0002_queue_limits.sql"),
+    },
+];
 
 /// Creates or upgrades the job queue's tables and functions (idempotent).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<()> {

@@ -187,6 +187,7 @@ impl Producer {
             self.shared.process.as_str(),
             done,
             self.shared.config.keep_completed,
+            self.shared.config.limits.get(&self.queue),
         )
         .await
     }

@@ -1,6 +1,7 @@
 //! Every SQL statement of the job queue, in one place.
 //!
-//! The tables are in `migrations/0001_jobs.sql`. Each statement that finishes a run is fenced on
+//! The tables are in `migrations/0001_jobs.sql`; the limits of queues across processes
+//! (`weir.job_queue_limits`, `weir.claim_limited`) in `migrations/0002_queue_limits.sql`. Each statement that finishes a run is fenced on
 //! `(id, attempt, state = 'running')`: the attempt number grows by one at every claim, so a run
 //! that was rescued, cancelled or timed out can never finish the job's newer attempt.
 //!
@@ -105,9 +106,36 @@ pub(crate) struct Completions {
     pub(crate) attempts: Vec<i32>,
 }
 
+/// What a claim returns after its `claimed` CTE: the claimed jobs, then the completed ones
+/// (with the completion notifications they asked for). Shared by both claims.
+macro_rules! claim_result {
+    () => {
+        "
+         select true as claimed, id, queue, kind, args, attempt, max_attempts, timeout_ms,
+                created_at, wait_us
+           from claimed
+         union all
+         select false, d.id, null::text, null::text, null::jsonb, null::int, null::int,
+                null::int, null::timestamptz, null::bigint
+           from done d
+           -- The completion notification the job asked for (`notify`).
+           left join lateral (
+               select pg_notify('weir_job_events', json_build_object(
+                   'id', d.id, 'queue', d.queue, 'kind', d.kind, 'state', 'completed',
+                   'attempt', d.attempt)::text)
+                where d.notify) n on true"
+    };
+}
+
 /// Completes `done` (fenced, as [`complete`]) and claims up to `demand` available jobs of `queue`
 /// whose kind this process can run, in one statement and one commit. Returns the claimed jobs
 /// and the ids actually completed.
+///
+/// A queue with `limits` (`[jobs.limits.<queue>]`) claims through `weir.claim_limited`
+/// (migration 0002): it locks the queue's row in `weir.job_queue_limits`, so the claims of that
+/// queue are serialised across processes, and claims at most what its global concurrency and
+/// rate leave. Other queues never touch that table.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn claim(
     conn: &mut PgConnection,
     queue: &str,
@@ -116,9 +144,10 @@ pub(crate) async fn claim(
     process: &str,
     done: &Completions,
     keep_history: bool,
+    limits: Option<&weir_core::QueueLimits>,
 ) -> sqlx::Result<(Vec<Claimed>, Vec<i64>)> {
     use sqlx::Row;
-    let rows = sqlx::query(concat!(
+    let unlimited = concat!(
         complete_ctes!("$5", "$6", "$7"),
         ", next as (
              select id
@@ -140,30 +169,38 @@ pub(crate) async fn claim(
           returning j.id, j.queue, j.kind, j.args, j.attempt, j.max_attempts, j.timeout_ms,
                     j.created_at, greatest(0, (extract(epoch from now() - j.scheduled_at) * 1000000))::bigint
                         as wait_us
-         )
-         select true as claimed, id, queue, kind, args, attempt, max_attempts, timeout_ms,
-                created_at, wait_us
-           from claimed
-         union all
-         select false, d.id, null::text, null::text, null::jsonb, null::int, null::int,
-                null::int, null::timestamptz, null::bigint
-           from done d
-           -- The completion notification the job asked for (`notify`).
-           left join lateral (
-               select pg_notify('weir_job_events', json_build_object(
-                   'id', d.id, 'queue', d.queue, 'kind', d.kind, 'state', 'completed',
-                   'attempt', d.attempt)::text)
-                where d.notify) n on true"
-    ))
-    .bind(queue)
-    .bind(kinds)
-    .bind(demand)
-    .bind(process)
-    .bind(&done.ids)
-    .bind(&done.attempts)
-    .bind(keep_history)
-    .fetch_all(conn)
-    .await?;
+         )",
+        claim_result!()
+    );
+    let limited = concat!(
+        complete_ctes!("$5", "$6", "$7"),
+        ", claimed as (
+             -- The last argument makes this statement's completions run first, so they no
+             -- longer count as running against the global concurrency.
+             select * from weir.claim_limited($1, $2, $3::int, $4, $8, $9, $10,
+                                              (select count(*) from done))
+         )",
+        claim_result!()
+    );
+    let query = match limits {
+        None => sqlx::query(unlimited),
+        Some(_) => sqlx::query(limited),
+    };
+    let mut query = query
+        .bind(queue)
+        .bind(kinds)
+        .bind(demand)
+        .bind(process)
+        .bind(&done.ids)
+        .bind(&done.attempts)
+        .bind(keep_history);
+    if let Some(l) = limits {
+        query = query
+            .bind(l.global_concurrency.map(|n| n as i32))
+            .bind(l.rate.map(|r| r.jobs as i32))
+            .bind(l.rate.map(|r| r.per.as_secs_f64()));
+    }
+    let rows = query.fetch_all(conn).await?;
     let mut claimed = Vec::with_capacity(rows.len());
     let mut completed = Vec::new();
     for row in rows {

@@ -23,8 +23,8 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir_consumer::{ConsumerSpec, Engine, ErrorReporter, Operator, SqlOperator, TracingReporter};
-use weir_core::{Config, ProcessId};
-use weir_jobs::{JobRunner, PeriodicJob, RunningJobs, Worker};
+use weir_core::{Config, PeriodicConfig, ProcessId};
+use weir_jobs::{Job, JobRunner, PeriodicJob, RunningJobs, Worker};
 use weir_streams::{Handler, Sink, SubscriptionCatalog, SubscriptionDef};
 
 use crate::{Error, Result, db};
@@ -147,6 +147,11 @@ impl WeirBuilder {
     /// validates every operator, and starts.
     pub async fn start(self) -> Result<Running> {
         let config = self.config;
+        // `[[periodic]]` entries whose cron or time zone does not parse stop the start here,
+        // before anything connects, naming the entry and its line.
+        let mut periodic =
+            config.periodic.iter().map(periodic_from_config).collect::<Result<Vec<_>>>()?;
+        periodic.extend(self.periodic);
         let pool = match self.pool {
             Some(p) => p,
             None => db::connect(&config).await?,
@@ -218,7 +223,7 @@ impl WeirBuilder {
             tokio::spawn(async move { crate::ingest::run(&config, &pool, &identity, cancel).await })
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
-        let started = start_jobs(&pool, &config, self.workers, self.periodic, identity).await;
+        let started = start_jobs(&pool, &config, self.workers, periodic, identity).await;
         let running = Running { cancel, pool, wake, ingest, engine, retention, jobs: None };
         match started {
             Ok(jobs) => Ok(Running { jobs, ..running }),
@@ -242,7 +247,7 @@ async fn start_jobs(
     periodic: Vec<PeriodicJob>,
     process: ProcessId,
 ) -> Result<Option<RunningJobs>> {
-    if workers.is_empty() && config.workers.is_empty() && config.periodic.is_empty() {
+    if workers.is_empty() && config.workers.is_empty() && periodic.is_empty() {
         return Ok(None);
     }
     weir_jobs::migrate(pool).await?;
@@ -257,6 +262,21 @@ async fn start_jobs(
         runner = runner.periodic(job);
     }
     Ok(Some(runner.start().await?))
+}
+
+/// A `[[periodic]]` entry as the job runner's periodic job: its kind, args, queue and attempts,
+/// its cron expression read in its time zone (UTC by default).
+fn periodic_from_config(entry: &PeriodicConfig) -> Result<PeriodicJob> {
+    let mut job = Job::raw(&entry.kind, entry.args.clone()).queue(&entry.queue);
+    if let Some(n) = entry.max_attempts {
+        job = job.max_attempts(n);
+    }
+    let named = |source| Error::Periodic { entry: entry.entry(), source };
+    let periodic = PeriodicJob::new(entry.name(), &entry.cron, job).map_err(named)?;
+    match &entry.timezone {
+        Some(tz) => periodic.timezone(tz).map_err(named),
+        None => Ok(periodic),
+    }
 }
 
 /// A running weir.

@@ -31,6 +31,16 @@ pub enum Error {
     /// The job queue failed (its migration, a `[jobs]` setting, the runner's start or stop).
     #[error(transparent)]
     Jobs(#[from] weir_jobs::Error),
+    /// A `[[periodic]]` entry cannot be scheduled: its cron expression or time zone does not
+    /// parse, or its job is out of range.
+    #[error("{entry} cannot be scheduled")]
+    Periodic {
+        /// The entry, as `[[periodic]] "name" (line N)`.
+        entry: String,
+        /// What is wrong with it.
+        #[source]
+        source: weir_jobs::Error,
+    },
     /// The event store or a subscription failed, or a `[[subscriptions]]` entry is wrong.
     #[error(transparent)]
     Streams(#[from] weir_streams::Error),

@@ -6,7 +6,8 @@
 //!     scheduler  scheduled/retryable jobs that are due → available (one NOTIFY per queue)
 //!     rescuer    (every rescue_after / 2) running jobs of processes silent for rescue_after
 //!                → available (or discarded)
-//!     periodic   each cron job due since its mark → advance the mark and enqueue, one
+//!     periodic   each cron job: one job per slot due since its mark (slots older than the
+//!                lease and two sweeps collapse into one), with the mark advanced, one
 //!                transaction
 //!     cleaner    (every minute) trim history past retention, in batches; drop expired unique
 //!                keys and processes long gone
@@ -43,6 +44,8 @@ pub(crate) async fn run(shared: Arc<Shared>, periodic: Vec<PeriodicJob>, stop: C
     let mut last_trim: Option<Instant> = None;
     let mut last_rescue: Option<Instant> = None;
     let rescue_every = (config.rescue_after / 2).max(config.sweep_interval);
+    // Periodic slots this old are still enqueued: a late round, or a handover (a lease).
+    let catch_up = ttl + config.sweep_interval * 2;
     let mut leader = false;
     let process = shared.process.as_str();
     loop {
@@ -67,7 +70,7 @@ pub(crate) async fn run(shared: Arc<Shared>, periodic: Vec<PeriodicJob>, stop: C
                 rescuer::rescue(&mut conn, config).await?;
             }
             for p in &periodic {
-                periodic::enqueue_periodic(&mut conn, p, Utc::now()).await?;
+                periodic::enqueue_periodic(&mut conn, p, Utc::now(), catch_up).await?;
             }
             if last_trim.is_none_or(|t| t.elapsed() >= cleaner::EVERY) {
                 last_trim = Some(Instant::now());

@@ -132,7 +132,7 @@ async fn bad_input_is_a_clear_error_and_loses_nothing() {
     // A bad cron expression is refused with its column.
     let err = weir_jobs::PeriodicJob::new("nightly", "0 25 * * *", task(Task::Ok)).unwrap_err();
     assert!(err.to_string().contains("column 3"), "{err}");
-    assert!(err.to_string().contains("hour 25 is out of range"), "{err}");
+    assert!(err.to_string().contains("`25` in the hour field (0-23)"), "{err}");
 }
 
 #[tokio::test]
