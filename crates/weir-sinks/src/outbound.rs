@@ -25,13 +25,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{
     CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT,
 };
-use hyper::{Request, StatusCode, Uri};
+use hyper::{Request, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::Secrets;
+
+/// The status of an [`Answer`] (hyper's).
+pub use hyper::StatusCode;
 
 /// The longest `Retry-After` honoured; a longer one waits this long.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -158,7 +161,8 @@ impl Outbound {
     }
 
     /// POSTs `body` (JSON) with `webhook-id: id` and reads the answer. Not bounded in time:
-    /// the caller wraps it in its timeout.
+    /// the caller wraps it in its timeout. `id` is one of weir's (a checked subscription name
+    /// and positions, a job id and attempt): printable ASCII, so always a valid header value.
     pub async fn post(&self, id: &str, body: Vec<u8>) -> Result<Answer, Transport> {
         let timestamp = chrono::Utc::now().timestamp();
         let mut request = Request::post(self.uri.clone())

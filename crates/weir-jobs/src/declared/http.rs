@@ -100,8 +100,9 @@ fn outcome(url: &str, answer: Answer) -> Result<(), JobError> {
                 match o["snooze"].as_str().and_then(|s| weir_core::parse_duration(s).ok()) {
                     Some(after) => Err(JobError::snooze(after)),
                     None => Err(JobError::retry(format!(
-                        "HTTP {status} from {url} asks to snooze for {}, which is not a \
+                        "HTTP {} from {url} asks to snooze for {}, which is not a \
                          duration; answer {{\"snooze\": \"30s\"}} (ms, s, m, h, d)",
+                        status.as_u16(),
                         o["snooze"]
                     ))),
                 }
@@ -132,5 +133,76 @@ fn outcome(url: &str, answer: Answer) -> Result<(), JobError> {
         Err(JobError::discard(error))
     } else {
         Err(JobError::retry(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_sinks::outbound::StatusCode;
+
+    use super::*;
+    use crate::worker::JobErrorKind;
+
+    fn answer(status: u16, retry_after: Option<u64>, body: &str) -> Answer {
+        Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            retry_after: retry_after.map(Duration::from_secs),
+            location: Some("/elsewhere".into()),
+            body: Some(body.to_string().into()),
+        }
+    }
+
+    /// What `outcome` decides, as text: `ok`, `snooze 1s`, `discard: …`, `retry: …`.
+    fn decide(status: u16, retry_after: Option<u64>, body: &str) -> String {
+        match outcome("http://app/jobs", answer(status, retry_after, body)) {
+            Ok(()) => "ok".into(),
+            Err(e) => match e.kind {
+                JobErrorKind::Snooze(d) => format!("snooze {d:?}"),
+                JobErrorKind::Discard(e) => format!("discard: {e}"),
+                JobErrorKind::Retry { error, after: None } => format!("retry: {error}"),
+                JobErrorKind::Retry { after: Some(_), .. } => unreachable!("no fixed retry"),
+            },
+        }
+    }
+
+    #[test]
+    fn each_answer_has_one_meaning() {
+        assert_eq!(decide(200, None, "done"), "ok");
+        assert_eq!(decide(204, None, ""), "ok");
+        assert_eq!(decide(200, None, r#"{"status": "sent"}"#), "ok");
+        assert_eq!(decide(200, None, r#"{"snooze": "30s"}"#), "snooze 30s");
+        assert_eq!(decide(202, Some(5), ""), "snooze 5s", "Retry-After on a 2xx");
+        assert_eq!(decide(429, Some(2), ""), "snooze 2s");
+        assert_eq!(decide(503, Some(2), "busy"), "snooze 2s");
+        assert_eq!(decide(400, Some(2), "later"), "snooze 2s", "on any answer");
+        assert_eq!(
+            decide(200, None, r#"{"discard": {"why": "gone"}}"#),
+            r#"discard: http://app/jobs discarded the job: {"why":"gone"}"#
+        );
+        assert!(
+            decide(200, None, r#"{"snooze": "soon"}"#)
+                .starts_with("retry: HTTP 200 from http://app/jobs asks to snooze for \"soon\""),
+            "{}",
+            decide(200, None, r#"{"snooze": "soon"}"#)
+        );
+        assert_eq!(
+            decide(404, None, "no such\n route"),
+            "discard: HTTP 404 from http://app/jobs: no such route"
+        );
+        assert_eq!(decide(422, None, ""), "discard: HTTP 422 from http://app/jobs");
+        for busy in [408, 409, 429, 500, 502, 503] {
+            assert_eq!(
+                decide(busy, None, "x"),
+                format!("retry: HTTP {busy} from http://app/jobs: x")
+            );
+        }
+        assert_eq!(
+            decide(302, None, ""),
+            "retry: HTTP 302 from http://app/jobs (a redirect to /elsewhere; not followed: the \
+             signed job goes only to `url`)"
+        );
+        let long = "x".repeat(2000);
+        let e = decide(500, None, &long);
+        assert_eq!(e.chars().filter(|c| *c == 'x').count(), EXCERPT_CHARS, "{e}");
     }
 }
