@@ -1,6 +1,6 @@
-//! The job queue over HTTP: enqueue, list, show, cancel, retry and per-queue figures. Thin
-//! handlers over `weir_jobs::{enqueue, admin}`; the rules (states, unique keys, limits) are
-//! the queue's own and its errors keep their meaning here (400, 404, 409).
+//! The job queue over HTTP: enqueue, list, show, cancel, retry, heartbeat and per-queue
+//! figures. Thin handlers over `weir_jobs::{enqueue, admin}`; the rules (states, unique keys,
+//! limits) are the queue's own and its errors keep their meaning here (400, 404, 409).
 
 use axum::Json;
 use axum::extract::State;
@@ -23,6 +23,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show))
         .routes(routes!(cancel))
         .routes(routes!(retry))
+        .routes(routes!(heartbeat))
 }
 
 impl From<weir_jobs::Error> for ApiError {
@@ -234,4 +235,74 @@ async fn retry(
     let mut conn = state.pool().acquire().await?;
     let previous_state = weir_jobs::admin::retry(&mut conn, JobId(id)).await?;
     Ok(Json(JobStateAnswer { id: JobId(id), previous_state, state: JobState::Available }))
+}
+
+/// Which attempt asks.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct HeartbeatQuery {
+    /// The attempt the caller works on (the job document's `attempt`, the end of its
+    /// `webhook-id`): `409` when the job runs another one. Defaults to whichever runs.
+    attempt: Option<i32>,
+}
+
+/// A running job's attempt, alive.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Alive {
+    /// The job.
+    id: JobId,
+    /// Always `running`.
+    state: JobState,
+    /// The attempt that runs.
+    attempt: i32,
+    /// The weir process running it (its heartbeat is the job's).
+    attempted_by: Option<String>,
+    /// When the attempt started.
+    attempted_at: Option<DateTime<Utc>>,
+}
+
+/// For the receiver of an `http` worker's job: is my attempt still the job's? A running job's
+/// liveness is its process's heartbeat, so this records nothing and extends nothing; it tells
+/// a long-working receiver whether to go on (`200`) or stop (`409`: the job finished, was
+/// cancelled, timed out, was rescued or runs another attempt — an answer now would not count).
+#[utoipa::path(post, path = "/v1/jobs/{id}/heartbeat", tag = "jobs",
+    params(("id" = i64, Path, description = "Job id"), HeartbeatQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The attempt runs and its process heartbeats", body = Alive),
+              (status = 400, description = "A bad id or attempt", body = ErrorBody),
+              (status = 401, description = "Token missing or wrong", body = ErrorBody),
+              (status = 404, description = "No such job", body = ErrorBody),
+              (status = 409, description = "Not running, another attempt, or its process stopped heartbeating", body = ErrorBody)))]
+async fn heartbeat(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<HeartbeatQuery>,
+) -> Result<Json<Alive>, ApiError> {
+    let mut conn = state.pool().acquire().await?;
+    let job = weir_jobs::admin::show(&mut conn, JobId(id)).await?;
+    let stop = |problem: String| ApiError::new(StatusCode::CONFLICT, "not_running", problem);
+    if job.state != JobState::Running {
+        return Err(stop(format!("job {id} is {}, not running: stop working on it", job.state)));
+    }
+    if let Some(given) = q.attempt
+        && given != job.attempt
+    {
+        return Err(stop(format!(
+            "job {id} runs attempt {}, not {given}: attempt {given} ended (timed out, rescued \
+             or retried); stop working on it",
+            job.attempt
+        )));
+    }
+    // A running job carries a note only when its process stopped heartbeating.
+    if let Some(note) = job.note {
+        return Err(stop(format!("job {id}: {note}")));
+    }
+    Ok(Json(Alive {
+        id: JobId(id),
+        state: job.state,
+        attempt: job.attempt,
+        attempted_by: job.attempted_by,
+        attempted_at: job.attempted_at,
+    }))
 }

@@ -16,10 +16,12 @@
 //! ids it has seen (JetStream does, within its duplicate window) gets each event exactly once.
 //!
 //! Modules: [`config`] (what a sink is configured with, validated), [`signature`] (Standard
-//! Webhooks signing and verifying), [`webhook`] and [`nats`] (the deliveries).
+//! Webhooks signing and verifying), [`outbound`] (the signed POST, shared with `http` job
+//! workers), [`webhook`] and [`nats`] (the deliveries).
 
 pub mod config;
 pub mod nats;
+pub mod outbound;
 pub mod signature;
 pub mod webhook;
 

@@ -25,7 +25,7 @@
 //! batch's events each carry their own `id` in the envelope). A receiver deduplicates by it.
 //!
 //! One HTTP client per [`Webhook`] (one per subscription and generation, built by the
-//! catalog): connections are kept alive and reused across deliveries. Redirects are never
+//! catalog; an [`Outbound`], the signed POST the `http` job workers send too): connections are kept alive and reused across deliveries. Redirects are never
 //! followed (hyper's client does not), so a signed body is only ever sent to the configured
 //! URL. https uses rustls with the `ring` provider (given to the connector, not installed
 //! process-wide) and the system's root certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` are
@@ -37,31 +37,18 @@
 //! receiver's 2xx). Each failed request logs one warning; neither the secret nor the signature
 //! is ever logged.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT};
-use hyper::{Request, StatusCode, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::StatusCode;
 use weir_consumer::OperatorError;
 use weir_core::Event;
 
+use crate::outbound::{self, Outbound};
 use crate::{Delivery, Secrets, WebhookSink, envelope, message_id};
 
-/// The longest `Retry-After` honoured; a longer one waits this long.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-/// How much of a failed answer's body is read (and at most 200 characters of it quoted).
-const EXCERPT_READ: usize = 16 * 1024;
+/// How much of a failed answer's body is quoted.
 const EXCERPT_CHARS: usize = 200;
-/// How long an idle connection is kept for the next delivery.
-const IDLE: Duration = Duration::from_secs(60);
-const AGENT: &str = concat!("weir/", env!("CARGO_PKG_VERSION"));
 
 const DELIVERED: &str = "weir_sink_delivered_total";
 const FAILED: &str = "weir_sink_failed_total";
@@ -72,9 +59,7 @@ const COMMIT_TO_ACK_SECONDS: &str = "weir_sink_commit_to_ack_seconds";
 pub struct Webhook {
     subscription: String,
     sink: WebhookSink,
-    uri: Uri,
-    secrets: Secrets,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    outbound: Outbound,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -82,8 +67,8 @@ impl std::fmt::Debug for Webhook {
         f.debug_struct("Webhook")
             .field("subscription", &self.subscription)
             .field("sink", &self.sink)
-            .field("secrets", &self.secrets)
-            .finish_non_exhaustive()
+            .field("outbound", &self.outbound)
+            .finish()
     }
 }
 
@@ -105,37 +90,13 @@ impl Webhook {
         secrets: Secrets,
     ) -> Result<Self, String> {
         sink.validate()?;
-        let uri: Uri = sink.url.parse().map_err(|e| {
-            format!("webhook url `{}` is not a URL ({e}); write it as https://host/path", sink.url)
-        })?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = hyper_rustls::HttpsConnectorBuilder::new();
-        let tls = if uri.scheme_str() == Some("https") {
-            tls.with_provider_and_native_roots(provider).map_err(|e| {
-                format!(
-                    "webhook url `{}` is https but this system's root certificates could not \
-                     be loaded ({e}); install them (the ca-certificates package) or point \
-                     SSL_CERT_FILE at a PEM bundle",
-                    sink.url
-                )
-            })?
-        } else {
-            // Never used for http://, but the connector wants a configuration.
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("the TLS configuration failed: {e}"))?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            tls.with_tls_config(config)
-        };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(sink.timeout));
-        http.set_keepalive(Some(IDLE));
-        http.set_nodelay(true);
-        let connector = tls.https_or_http().enable_http1().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(IDLE).build(connector);
-        Ok(Self { subscription: subscription.into(), sink: sink.clone(), uri, secrets, client })
+        let outbound =
+            Outbound::new(&sink.url, sink.timeout).map_err(|e| format!("webhook {e}"))?;
+        Ok(Self {
+            subscription: subscription.into(),
+            sink: sink.clone(),
+            outbound: outbound.signed(secrets),
+        })
     }
 
     /// The `webhook-id` and body of one request carrying `chunk`.
@@ -157,19 +118,9 @@ impl Webhook {
     /// POSTs one chunk; Ok on a 2xx.
     async fn post(&self, chunk: &[&Event]) -> Result<(), OperatorError> {
         let (id, body) = self.request_body(chunk);
-        let timestamp = chrono::Utc::now().timestamp();
-        let signature = self.secrets.sign(&id, timestamp, &body);
-        let request = Request::post(self.uri.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", timestamp)
-            .header("webhook-signature", signature)
-            .header(USER_AGENT, AGENT)
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| OperatorError::retry(format!("webhook {}: {e}", self.sink.url)))?;
-
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(self.sink.timeout, self.exchange(request)).await {
+        let outcome = match tokio::time::timeout(self.sink.timeout, self.exchange(&id, body)).await
+        {
             Ok(outcome) => outcome,
             Err(_) => {
                 Err(Failure::Timeout { url: self.sink.url.clone(), after: self.sink.timeout })
@@ -202,31 +153,28 @@ impl Webhook {
         }
     }
 
-    /// Sends `request` and reads the answer (within the caller's timeout).
-    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<(), Failure> {
+    /// Sends one request and classifies the answer (within the caller's timeout).
+    async fn exchange(&self, id: &str, body: Vec<u8>) -> Result<(), Failure> {
         let url = || self.sink.url.clone();
-        let response = self.client.request(request).await.map_err(|e| transport(url(), e))?;
-        let status = response.status();
-        let retry_after =
-            response.headers().get(RETRY_AFTER).and_then(|v| retry_after(v, SystemTime::now()));
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        // Read the body (a 2xx's too, so the connection can be reused); a failed answer's is
-        // quoted. One too long to read is left unread (and the connection closed).
-        let body = Limited::new(response.into_body(), EXCERPT_READ).collect().await;
+        let answer = self.outbound.post(id, body).await.map_err(|t| Failure::Transport {
+            url: url(),
+            what: t.what,
+            cause: t.cause,
+            source: t.source,
+        })?;
+        let status = answer.status;
         if status.is_success() {
             return Ok(());
         }
-        let excerpt = body.map(|b| excerpt(&b.to_bytes())).unwrap_or_default();
+        let retry_after = answer.retry_after;
+        let excerpt = answer.body.map(|b| outbound::excerpt(&b, EXCERPT_CHARS)).unwrap_or_default();
         Err(if status == StatusCode::GONE {
             Failure::Gone { url: url() }
         } else if status.is_redirection() {
             Failure::Redirect {
                 url: url(),
                 status,
-                location: location.unwrap_or_else(|| "(no Location header)".into()),
+                location: answer.location.unwrap_or_else(|| "(no Location header)".into()),
                 retry_after,
             }
         } else {
@@ -307,94 +255,4 @@ fn refusal(status: StatusCode) -> bool {
 
 fn waiting(retry_after: Option<Duration>) -> String {
     retry_after.map(|d| format!(" (Retry-After: {}s)", d.as_secs())).unwrap_or_default()
-}
-
-/// Classifies a failure to get an answer at all.
-fn transport(url: String, e: hyper_util::client::legacy::Error) -> Failure {
-    let mut root: &(dyn std::error::Error + 'static) = &e;
-    let mut hyper_error = None;
-    while let Some(next) = root.source() {
-        if let Some(h) = next.downcast_ref::<hyper::Error>() {
-            hyper_error = Some(h);
-        }
-        root = next;
-    }
-    let io = root.downcast_ref::<std::io::Error>();
-    let tls = is_tls(root);
-    let what = match io.map(std::io::Error::kind) {
-        _ if tls => "the TLS handshake failed",
-        Some(std::io::ErrorKind::ConnectionRefused) => "the connection was refused",
-        Some(std::io::ErrorKind::ConnectionReset) => "the connection was reset",
-        Some(std::io::ErrorKind::TimedOut) => "connecting timed out",
-        _ if hyper_error.is_some_and(hyper::Error::is_incomplete_message) => {
-            "the receiver closed the connection without answering"
-        }
-        _ if e.is_connect() => "could not connect",
-        _ => "the request failed",
-    };
-    Failure::Transport { url, what, cause: root.to_string(), source: e }
-}
-
-/// Whether `e` is (or wraps, in `io::Error`s) a rustls error: the TLS handshake failed.
-fn is_tls(mut e: &(dyn std::error::Error + 'static)) -> bool {
-    loop {
-        if e.is::<rustls::Error>() {
-            return true;
-        }
-        match e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
-            Some(inner) => e = inner,
-            None => return false,
-        }
-    }
-}
-
-/// A `Retry-After` header: seconds, or an HTTP date (as a wait from `now`), at most
-/// [`MAX_RETRY_AFTER`]. `None` when it is neither.
-pub fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    let wait = if let Ok(seconds) = text.parse::<u64>() {
-        Duration::from_secs(seconds)
-    } else {
-        let at = httpdate::parse_http_date(text).ok()?;
-        at.duration_since(now).unwrap_or(Duration::ZERO)
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
-}
-
-/// The start of a body, on one line, for an error message.
-fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match line.char_indices().nth(EXCERPT_CHARS) {
-        Some((cut, _)) => format!("{}…", &line[..cut]),
-        None => line,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_is_seconds_or_a_date_and_capped() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
-        let v = |s: &str| retry_after(&HeaderValue::from_str(s).unwrap(), now);
-        assert_eq!(v("2"), Some(Duration::from_secs(2)));
-        assert_eq!(v(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(v("86400"), Some(MAX_RETRY_AFTER));
-        // 1445412480 is Wed, 21 Oct 2015 07:28:00 GMT.
-        assert_eq!(v("Wed, 21 Oct 2015 07:28:30 GMT"), Some(Duration::from_secs(30)));
-        assert_eq!(v("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO), "a past date");
-        assert_eq!(v("soon"), None);
-        assert_eq!(v("-5"), None);
-    }
-
-    #[test]
-    fn excerpts_are_one_short_line() {
-        assert_eq!(excerpt(b"  no\n such\tthing "), "no such thing");
-        let long = "é".repeat(500);
-        let e = excerpt(long.as_bytes());
-        assert_eq!(e.chars().count(), EXCERPT_CHARS + 1);
-        assert!(e.ends_with('…'));
-    }
 }

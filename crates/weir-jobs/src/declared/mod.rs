@@ -79,7 +79,6 @@ impl Common {
 }
 
 /// The job as `http` and `command` workers hand it to the application.
-#[allow(dead_code)] // until the http and command types land
 pub(crate) fn job_document(job: &crate::worker::JobContext, args: &serde_json::Value) -> String {
     serde_json::json!({
         "id": job.id().0,
