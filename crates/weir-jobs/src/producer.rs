@@ -103,8 +103,8 @@ impl Producer {
                         // A full claim means more may be waiting: refill as soon as a slot
                         // frees (and the local queue once it is half empty). A short one took
                         // what there was; new jobs wake the producer by notification. (Claiming
-                        // on until a claim came back empty doubled the claims of a steady
-                        // trickle and cost the latency at 1,000 jobs/s.)
+                        // on until a claim came back empty made two claims per job of a steady
+                        // trickle.)
                         backlog = jobs.len() == room;
                         counters.claimed(jobs.len());
                         for mut job in jobs {
