@@ -418,22 +418,19 @@ async fn declared_phases(
     let mut http = weir_core::WorkerConfig::new(HTTP_KIND, weir_core::WorkerType::Http);
     http.queue = QUEUE.to_string();
     http.url = Some(hook.clone());
-    match declared_drain(pool, jobs, concurrency, http).await? {
-        Some(drain) => {
-            println!(
-                "weir     concurrency {concurrency:>3} (http    ): {} requests received       drain {drain:>9.0} jobs/s",
-                received.load(Ordering::Relaxed)
+    if let Some(drain) = declared_drain(pool, jobs, concurrency, http).await? {
+        println!(
+            "weir     concurrency {concurrency:>3} (http    ): {} requests received       drain {drain:>9.0} jobs/s",
+            received.load(Ordering::Relaxed)
+        );
+        if let Some(script) = script {
+            reference_line(
+                graphile(script, url, jobs, concurrency, "defaults", &hook),
+                concurrency,
+                "http",
+                drain,
             );
-            if let Some(script) = script {
-                reference_line(
-                    graphile(script, url, jobs, concurrency, "defaults", &hook),
-                    concurrency,
-                    "http",
-                    drain,
-                );
-            }
         }
-        None => {}
     }
     server.abort();
     Ok(())
