@@ -1,11 +1,13 @@
-// Drains JOBS no-op jobs with graphile-worker at CONCURRENCY; see run.sh.
+// Drains JOBS jobs with graphile-worker at CONCURRENCY; see run.sh. TASK is what each job
+// does: `noop`, `sql` (inserts its `n` into bench_out with its own query) or an http URL
+// (POSTs its payload there, as weir's http worker does).
 import { performance } from "node:perf_hooks";
 import pg from "pg";
 import { Logger, run, runMigrations } from "graphile-worker";
 
-const [url, jobsArg, concurrencyArg, mode = "defaults"] = process.argv.slice(2);
+const [url, jobsArg, concurrencyArg, mode = "defaults", task = "noop"] = process.argv.slice(2);
 if (!url || !jobsArg || !concurrencyArg) {
-  console.error("usage: bench.mjs DATABASE_URL JOBS CONCURRENCY [defaults|tuned]");
+  console.error("usage: bench.mjs DATABASE_URL JOBS CONCURRENCY [defaults|tuned] [noop|sql|URL]");
   process.exit(2);
 }
 const jobs = Number(jobsArg);
@@ -28,12 +30,30 @@ for (let left = jobs; left > 0; left -= 5000) {
   await pool.query(
     `select graphile_worker.add_jobs(array(
        select json_populate_record(null::graphile_worker.job_spec,
-                json_build_object('identifier', 'noop', 'payload', '{}'::json))
-         from generate_series(1, $1)))`,
-    [n],
+                json_build_object('identifier', 'bench', 'payload', json_build_object('n', $2::int + g)))
+         from generate_series(1, $1) g))`,
+    [n, jobs - left],
   );
 }
 const enqueueSecs = (performance.now() - t0) / 1000;
+
+const tasks = {
+  noop: async () => {},
+  sql: async (payload, helpers) => {
+    await helpers.withPgClient((client) =>
+      client.query("insert into bench_out (job_id) values ($1)", [payload.n]),
+    );
+  },
+  http: async (payload) => {
+    const res = await fetch(task, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(payload),
+    });
+    if (!res.ok) throw new Error(`http ${res.status}`);
+    await res.arrayBuffer();
+  },
+};
 
 let done = 0;
 let finish;
@@ -46,7 +66,7 @@ const runner = await run({
   pollInterval: 1000,
   logger,
   preset,
-  taskList: { noop: async () => {} },
+  taskList: { bench: tasks[task === "noop" || task === "sql" ? task : "http"] },
 });
 runner.events.on("job:complete", () => {
   if (++done === jobs) finish();
@@ -64,6 +84,7 @@ await pool.end();
 console.log(
   JSON.stringify({
     mode,
+    task,
     jobs,
     concurrency,
     enqueue_per_sec: jobs / enqueueSecs,

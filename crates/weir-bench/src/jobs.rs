@@ -5,6 +5,11 @@
 //!   drain    for each C and mode (defaults; tuned = a local queue of --prefetch jobs):
 //!            weir: enqueue N no-op jobs (bulk), drain them with C workers             → jobs/s
 //!            then graphile-worker (bench/graphile/run.sh) the same, same mode         → ratio
+//!   declared the workers of weir.toml (`[[workers]]`), same C, same reference:
+//!            sql:  --declared-jobs jobs, each inserting one row (effect and completion in one
+//!                  transaction; graphile-worker's task inserts with its own query)
+//!            http: --declared-jobs jobs, each POSTed to a receiver in this process (200 at
+//!                  once); skipped with a note while the http type refuses to start
 //!   latency  enqueue one job at a time at a steady rate, each in its own transaction
 //!            → enqueue call to worker start, p50 / p99
 //!   vacuum   rounds of enqueue + drain: jobs/s per round and the dead tuples left in weir.jobs
@@ -51,6 +56,9 @@ pub(crate) struct Args {
     /// Local queue of the tuned weir runs (`Config::prefetch`); 0 skips them.
     #[arg(long, default_value_t = 500)]
     pub(crate) prefetch: u32,
+    /// Jobs of each declared-worker phase (sql, http); 0 skips them.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) declared_jobs: usize,
     /// Do not run graphile-worker.
     #[arg(long)]
     pub(crate) skip_reference: bool,
@@ -146,7 +154,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                  {drain:>9.0} jobs/s"
             );
             let Some(script) = &script else { continue };
-            match graphile(script, &url, args.jobs, c, mode) {
+            match graphile(script, &url, args.jobs, c, mode, "noop") {
                 Ok(g) => println!(
                     "graphile concurrency {c:>3} ({mode:<8}): enqueue {:>9.0} jobs/s   drain \
                      {:>9.0} jobs/s   weir / graphile = {:.1}×",
@@ -156,6 +164,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 ),
                 Err(e) => println!("graphile concurrency {c} ({mode}): failed: {e:#}"),
             }
+        }
+    }
+
+    if args.declared_jobs > 0 {
+        for &c in &args.concurrency {
+            declared_phases(&pool, &url, script.as_ref(), args.declared_jobs, c).await?;
         }
     }
 
@@ -348,6 +362,141 @@ async fn vacuum_phase(
     Ok(())
 }
 
+/// The declared workers, each against graphile-worker doing the same from a JavaScript task.
+async fn declared_phases(
+    pool: &PgPool,
+    url: &str,
+    script: Option<&PathBuf>,
+    jobs: usize,
+    concurrency: u32,
+) -> anyhow::Result<()> {
+    // sql: each job inserts a row; the effect commits with the completion.
+    sqlx::query("create table if not exists bench_out (job_id bigint not null)")
+        .execute(pool)
+        .await?;
+    sqlx::query("truncate bench_out").execute(pool).await?;
+    let mut sql = weir_core::WorkerConfig::new(SQL_KIND, weir_core::WorkerType::Sql);
+    sql.queue = QUEUE.to_string();
+    sql.sql = Some("insert into bench_out (job_id) select ($1->>'n')::bigint".to_string());
+    if let Some(drain) = declared_drain(pool, jobs, concurrency, sql).await? {
+        let rows: i64 =
+            sqlx::query_scalar("select count(*) from bench_out").fetch_one(pool).await?;
+        if rows != jobs as i64 {
+            bail!("the sql worker inserted {rows} rows for {jobs} jobs");
+        }
+        println!(
+            "weir     concurrency {c:>3} (sql     ): {rows} rows inserted          drain {drain:>9.0} jobs/s",
+            c = concurrency
+        );
+        if let Some(script) = script {
+            sqlx::query("truncate bench_out").execute(pool).await?;
+            reference_line(
+                graphile(script, url, jobs, concurrency, "defaults", "sql"),
+                concurrency,
+                "sql",
+                drain,
+            );
+        }
+    }
+
+    // http: each job is POSTed to a receiver here that answers 200 at once.
+    let received = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = format!("http://{}/hook", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(n): axum::extract::State<Arc<AtomicU64>>| async move {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::OK
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut http = weir_core::WorkerConfig::new(HTTP_KIND, weir_core::WorkerType::Http);
+    http.queue = QUEUE.to_string();
+    http.url = Some(hook.clone());
+    if let Some(drain) = declared_drain(pool, jobs, concurrency, http).await? {
+        println!(
+            "weir     concurrency {concurrency:>3} (http    ): {} requests received       drain {drain:>9.0} jobs/s",
+            received.load(Ordering::Relaxed)
+        );
+        if let Some(script) = script {
+            reference_line(
+                graphile(script, url, jobs, concurrency, "defaults", &hook),
+                concurrency,
+                "http",
+                drain,
+            );
+        }
+    }
+    server.abort();
+    Ok(())
+}
+
+const SQL_KIND: &str = "weir_bench_sql";
+const HTTP_KIND: &str = "weir_bench_http";
+
+/// Enqueues `jobs` of the entry's kind (args `{"n": i}`), drains them with the entry declared;
+/// `None` (and a printed note) when the runner refuses the entry's type as not built yet.
+async fn declared_drain(
+    pool: &PgPool,
+    jobs: usize,
+    concurrency: u32,
+    entry: weir_core::WorkerConfig,
+) -> anyhow::Result<Option<f64>> {
+    clear(pool).await?;
+    let kind = entry.kind.clone();
+    let worker_type = entry.worker_type.as_str();
+    let mut conn = pool.acquire().await?;
+    for from in (0..jobs).step_by(5000) {
+        let batch: Vec<Job> = (from..jobs.min(from + 5000))
+            .map(|n| Job::raw(kind.clone(), serde_json::json!({ "n": n })).queue(QUEUE))
+            .collect();
+        weir_jobs::enqueue_many(&mut conn, &batch).await?;
+    }
+    drop(conn);
+    sqlx::query("analyze weir.jobs").execute(pool).await?;
+    let start = Instant::now();
+    let running = match JobRunner::new(pool.clone(), runner_config(concurrency, 0))
+        .declare(entry)
+        .start()
+        .await
+    {
+        Ok(running) => running,
+        Err(e @ weir_jobs::Error::Registration(_)) if e.to_string().contains("not built yet") => {
+            println!("weir     concurrency {concurrency:>3} ({worker_type:<8}): skipped — {e}");
+            clear(pool).await?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e).context(format!("starting the {worker_type} worker")),
+    };
+    while running.metrics().queues[0].completed < jobs as u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("draining {jobs} {worker_type} jobs took more than 10 minutes");
+        }
+    }
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    running.stop(Duration::from_secs(10)).await?;
+    Ok(Some(rate))
+}
+
+fn reference_line(g: anyhow::Result<GraphileResult>, c: u32, what: &str, drain: f64) {
+    match g {
+        Ok(g) => println!(
+            "graphile concurrency {c:>3} ({what:<8}): enqueue {:>9.0} jobs/s   drain {:>9.0} \
+             jobs/s   weir / graphile = {:.1}×",
+            g.enqueue_per_sec,
+            g.jobs_per_sec,
+            drain / g.jobs_per_sec
+        ),
+        Err(e) => println!("graphile concurrency {c} ({what}): failed: {e:#}"),
+    }
+}
+
 #[derive(Deserialize)]
 struct GraphileResult {
     enqueue_per_sec: f64,
@@ -374,10 +523,11 @@ fn graphile(
     jobs: usize,
     concurrency: u32,
     mode: &str,
+    task: &str,
 ) -> anyhow::Result<GraphileResult> {
     let out = Command::new("bash")
         .arg(script)
-        .args([url, &jobs.to_string(), &concurrency.to_string(), mode])
+        .args([url, &jobs.to_string(), &concurrency.to_string(), mode, task])
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {

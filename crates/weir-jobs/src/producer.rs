@@ -15,7 +15,9 @@
 //!
 //! Invariants:
 //! - Demand is remembered: a producer with free slots and no jobs fetches again on a wake-up,
-//!   on its poll timer, and at once when a slot frees while the last claim was full.
+//!   on its poll timer, and at once when a slot frees while the last claim was full (a
+//!   backlog). With a local queue and a backlog, it tops the queue up once it is half empty,
+//!   before it runs dry.
 //! - A successful run is written once: by the next claim of its producer when one follows at
 //!   once (backlog), else by the completer; both use the same fenced statement.
 //! - On stop, jobs of the local queue that never started go back as they were (`Unstarted`);
@@ -98,7 +100,11 @@ impl Producer {
                 match self.claim(room, &riding).await {
                     Ok((jobs, completed)) => {
                         self.count_completions(&riding, &completed, counters);
-                        // A full claim means more may be waiting: refill as soon as a slot frees.
+                        // A full claim means more may be waiting: refill as soon as a slot
+                        // frees (and the local queue once it is half empty). A short one took
+                        // what there was; new jobs wake the producer by notification. (Claiming
+                        // on until a claim came back empty made two claims per job of a steady
+                        // trickle.)
                         backlog = jobs.len() == room;
                         counters.claimed(jobs.len());
                         for mut job in jobs {

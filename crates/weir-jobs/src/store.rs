@@ -59,15 +59,26 @@ pub(crate) use {job_columns, moved_columns};
 macro_rules! complete_ctes {
     ($ids:literal, $attempts:literal, $keep:literal) => {
         concat!(
-            "with done as (
-                 delete from weir.jobs j
-                  using unnest(",
+            "with fenced as (
+                 -- The fence: only the attempt that runs the job may finish it. One primary-key
+                 -- lookup per run, locked: joined to weir.jobs directly, the planner scans every
+                 -- running row per run when the statistics say none run (after a bulk enqueue),
+                 -- quadratic in the jobs in flight.
+                 select j.id
+                   from unnest(",
             $ids,
             "::bigint[], ",
             $attempts,
             "::int[]) as c(id, attempt)
-                  -- The fence: only the attempt that runs the job may finish it.
-                  where j.id = c.id and j.attempt = c.attempt and j.state = 'running'
+                  cross join lateral (
+                      select id from weir.jobs j
+                       where j.id = c.id and j.attempt = c.attempt and j.state = 'running'
+                         for update
+                  ) j
+             ), done as (
+                 -- No other condition here: the rows are locked, and one would bring the
+                 -- estimate of running rows (and the scan) back.
+                 delete from weir.jobs j using fenced f where j.id = f.id
               returning j.*
              ), kept as (
                  insert into weir.job_history (",

@@ -7,4 +7,5 @@ mod edges;
 mod enqueue;
 mod exactly_once;
 mod fence;
+mod stall;
 mod wakeups;
