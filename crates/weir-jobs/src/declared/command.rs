@@ -42,7 +42,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 use weir_core::WorkerConfig;
 
-use super::{Common, job_document, refused};
+use super::{Common, Declared, DeclaredType, job_document, refused};
 use crate::Result;
 use crate::worker::{ErasedWorker, JobContext, JobError};
 
@@ -82,13 +82,13 @@ pub(super) async fn build(entry: &WorkerConfig, common: Common) -> Result<Arc<dy
     let (name, args) = entry.command.split_first().expect("validated: command is not empty");
     let program = resolve(name, dir.as_deref(), entry.env.get("PATH").map(String::as_str))
         .map_err(|problem| refused(entry, problem))?;
-    Ok(Arc::new(CommandWorker {
+    Ok(Arc::new(Declared(CommandWorker {
         program,
         args: args.to_vec(),
         env: entry.env.clone(),
         dir,
         common,
-    }))
+    })))
 }
 
 /// The program `name` names: a path (relative ones from `dir`, else from `weir run`'s working
@@ -136,8 +136,8 @@ fn executable(path: &Path) -> std::result::Result<(), String> {
     }
 }
 
-impl ErasedWorker for CommandWorker {
-    fn run(
+impl DeclaredType for CommandWorker {
+    fn attempt(
         &self,
         ctx: JobContext,
         args: Value,
@@ -194,16 +194,8 @@ impl ErasedWorker for CommandWorker {
         })
     }
 
-    fn timeout(&self) -> Option<Duration> {
-        self.common.timeout
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.common.backoff(attempt)
-    }
-
-    fn max_attempts(&self) -> Option<u32> {
-        self.common.max_attempts
+    fn common(&self) -> &Common {
+        &self.common
     }
 }
 

@@ -33,7 +33,7 @@ use weir_core::WorkerConfig;
 use weir_sinks::Secrets;
 use weir_sinks::outbound::{self, Answer, Outbound};
 
-use super::{Common, job_document, refused};
+use super::{Common, Declared, DeclaredType, job_document, refused};
 use crate::Result;
 use crate::worker::{ErasedWorker, JobContext, JobError};
 
@@ -58,11 +58,11 @@ pub(super) async fn build(entry: &WorkerConfig, common: Common) -> Result<Arc<dy
     for (name, value) in &entry.headers {
         outbound = outbound.header(name, value).map_err(|e| refused(entry, e))?;
     }
-    Ok(Arc::new(HttpWorker { outbound, common }))
+    Ok(Arc::new(Declared(HttpWorker { outbound, common })))
 }
 
-impl ErasedWorker for HttpWorker {
-    fn run(&self, ctx: JobContext, args: Value) -> BoxFuture<'_, Result<(), JobError>> {
+impl DeclaredType for HttpWorker {
+    fn attempt(&self, ctx: JobContext, args: Value) -> BoxFuture<'_, Result<(), JobError>> {
         Box::pin(async move {
             let id = format!("{}-{}", ctx.id().0, ctx.attempt());
             let body = job_document(&ctx, &args).into_bytes();
@@ -74,16 +74,8 @@ impl ErasedWorker for HttpWorker {
         })
     }
 
-    fn timeout(&self) -> Option<Duration> {
-        self.common.timeout
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.common.backoff(attempt)
-    }
-
-    fn max_attempts(&self) -> Option<u32> {
-        self.common.max_attempts
+    fn common(&self) -> &Common {
+        &self.common
     }
 }
 

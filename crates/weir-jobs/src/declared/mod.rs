@@ -19,10 +19,12 @@ mod sql;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use serde_json::Value;
 use sqlx::PgPool;
 use weir_core::{JobBackoffConfig, WorkerConfig, WorkerType};
 
-use crate::worker::{ErasedWorker, default_backoff};
+use crate::worker::{ErasedWorker, JobContext, JobError, default_backoff};
 use crate::{Config, Error, Result};
 
 /// The timeout of an `http` or `command` attempt when neither the job, the entry nor
@@ -47,6 +49,36 @@ pub(crate) async fn build(
 /// A start-up error that names the entry.
 pub(crate) fn refused(entry: &WorkerConfig, problem: impl std::fmt::Display) -> Error {
     Error::Registration(format!("{}: {problem}", entry.entry()))
+}
+
+/// What differs between the declared types: how an attempt runs. [`Declared`] makes one an
+/// [`ErasedWorker`], answering the runner's other questions from its [`Common`] part.
+pub(crate) trait DeclaredType: Send + Sync + 'static {
+    /// Runs one attempt.
+    fn attempt(&self, ctx: JobContext, args: Value) -> BoxFuture<'_, Result<(), JobError>>;
+    /// Its timeout, backoff and attempts.
+    fn common(&self) -> &Common;
+}
+
+/// A declared type as the runner holds it.
+pub(crate) struct Declared<T>(pub(crate) T);
+
+impl<T: DeclaredType> ErasedWorker for Declared<T> {
+    fn run(&self, ctx: JobContext, args: Value) -> BoxFuture<'_, Result<(), JobError>> {
+        self.0.attempt(ctx, args)
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.0.common().timeout
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        self.0.common().backoff(attempt)
+    }
+
+    fn max_attempts(&self) -> Option<u32> {
+        self.0.common().max_attempts
+    }
 }
 
 /// What every declared worker answers the runner the same way: timeout, backoff, attempts.

@@ -46,7 +46,7 @@ use sqlx::postgres::{PgDatabaseError, PgRow, PgTypeInfo};
 use sqlx::{Column, Executor, PgPool, Row, Statement, TypeInfo};
 use weir_core::WorkerConfig;
 
-use super::{Common, refused};
+use super::{Common, Declared, DeclaredType, refused};
 use crate::worker::{ErasedWorker, JobContext, JobError};
 use crate::{Error, Result};
 
@@ -126,7 +126,7 @@ pub(super) async fn build(
             _ => {}
         }
     }
-    Ok(Arc::new(SqlWorker { sql, takes_args: params == 1, answers, common }))
+    Ok(Arc::new(Declared(SqlWorker { sql, takes_args: params == 1, answers, common })))
 }
 
 impl SqlWorker {
@@ -179,8 +179,8 @@ fn failed(e: sqlx::Error) -> JobError {
     ))
 }
 
-impl ErasedWorker for SqlWorker {
-    fn run(
+impl DeclaredType for SqlWorker {
+    fn attempt(
         &self,
         ctx: JobContext,
         args: Value,
@@ -228,15 +228,7 @@ impl ErasedWorker for SqlWorker {
         })
     }
 
-    fn timeout(&self) -> Option<std::time::Duration> {
-        self.common.timeout
-    }
-
-    fn backoff(&self, attempt: u32) -> std::time::Duration {
-        self.common.backoff(attempt)
-    }
-
-    fn max_attempts(&self) -> Option<u32> {
-        self.common.max_attempts
+    fn common(&self) -> &Common {
+        &self.common
     }
 }
