@@ -55,6 +55,9 @@ const POLL: Duration = Duration::from_secs(1);
 /// How long a chunk may take from its high watermark to being stored before the driver
 /// gives up on this session (the writer is stuck or gone).
 const STORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait, after a low watermark, for transactions that were committing as it was
+/// written to become visible (see [`settle`]).
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// Asks for backfills of `tables` (`posts`, `sales.orders`). Every table is checked first —
 /// it exists, weir watches it, it has a primary key, no backfill of it is active — and nothing
@@ -637,6 +640,7 @@ async fn chunk(
     cancel: &CancellationToken,
 ) -> Result<Step> {
     emit(pool, nonce, "low").await?;
+    settle(pool).await?;
     let rows: Vec<Vec<Option<String>>> = match last_key.as_ref() {
         None => {
             sqlx::query_scalar(sqlx::AssertSqlSafe(first.to_string()))
@@ -696,6 +700,40 @@ async fn chunk(
         Ok(Step::Done)
     } else {
         Ok(Step::More)
+    }
+}
+
+/// Waits until the transactions running when the low watermark was committed are visible (or
+/// `SETTLE` passed), before the chunk's select takes its snapshot.
+///
+/// A transaction's commit record reaches the WAL before the transaction becomes visible (it
+/// waits for the flush in between). One whose commit record precedes the low watermark is
+/// outside the chunk's window, yet a select run at once may not see it yet: the chunk would
+/// then carry the row as it was before, appended after the change — an older row overwriting a
+/// newer one in the log. Such a transaction becomes visible within a flush; one still running
+/// after `SETTLE` has not written its commit record, so its changes fall inside the window and
+/// drop the rows they touch.
+async fn settle(pool: &PgPool) -> Result<()> {
+    let running: Vec<String> =
+        sqlx::query_scalar("select x::text from pg_snapshot_xip(pg_current_snapshot()) x")
+            .fetch_all(pool)
+            .await?;
+    if running.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let still: i64 = sqlx::query_scalar(
+            "select count(*) from unnest($1::text[]) x
+              where not pg_visible_in_snapshot(x::xid8, pg_current_snapshot())",
+        )
+        .bind(&running)
+        .fetch_one(pool)
+        .await?;
+        if still == 0 || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
