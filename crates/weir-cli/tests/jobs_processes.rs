@@ -28,6 +28,17 @@ impl Run {
     fn cmd(&self, db: &TestDatabase<'_>) -> std::process::Command {
         weir(db, &["run", "--config", self.path.to_str().unwrap()])
     }
+
+    /// Two `weir run` processes, once both have registered their job runners.
+    async fn two(&self, db: &TestDatabase<'_>, pool: &PgPool) -> (Proc, Proc) {
+        let a = spawn(self.cmd(db));
+        let b = spawn(self.cmd(db));
+        eventually("both processes registered", Duration::from_secs(30), || async {
+            scalar(pool, "select count(*) from weir.job_processes").await == 2
+        })
+        .await;
+        (a, b)
+    }
 }
 
 async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
@@ -59,12 +70,7 @@ timezone = "Europe/Paris"
 kind = "tick"
 "#,
     );
-    let mut a = spawn(run.cmd(&db));
-    let mut b = spawn(run.cmd(&db));
-    eventually("both processes registered", Duration::from_secs(30), || async {
-        scalar(&pool, "select count(*) from weir.job_processes").await == 2
-    })
-    .await;
+    let (mut a, mut b) = run.two(&db, &pool).await;
     let first = scalar(&pool, "select count(*) from weir.all_jobs").await;
     // About five seconds of slots with both processes running.
     eventually("five more periodic jobs", Duration::from_secs(20), || async {
@@ -152,12 +158,7 @@ type = "sql"
 sql = "select record_run(($1->>'n')::int)"
 "#,
     );
-    let mut a = spawn(run.cmd(&db));
-    let mut b = spawn(run.cmd(&db));
-    eventually("both processes registered", Duration::from_secs(30), || async {
-        scalar(&pool, "select count(*) from weir.job_processes").await == 2
-    })
-    .await;
+    let (mut a, mut b) = run.two(&db, &pool).await;
     db.psql("select weir.enqueue('slow', 'slow', jsonb_build_object('n', g)) from generate_series(1, 30) g")
         .unwrap();
     eventually("30 runs", Duration::from_secs(60), || async {
@@ -211,12 +212,7 @@ type = "sql"
 sql = "select pg_sleep(0.3)"
 "#,
     );
-    let mut a = spawn(run.cmd(&db));
-    let mut b = spawn(run.cmd(&db));
-    eventually("both processes registered", Duration::from_secs(30), || async {
-        scalar(&pool, "select count(*) from weir.job_processes").await == 2
-    })
-    .await;
+    let (mut a, mut b) = run.two(&db, &pool).await;
     db.psql("select weir.enqueue('fast', 'fast') from generate_series(1, 20)").unwrap();
     eventually("20 completed jobs", Duration::from_secs(60), || async {
         scalar(&pool, "select count(*) from weir.job_history where state = 'completed'").await == 20
