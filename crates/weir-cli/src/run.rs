@@ -40,7 +40,11 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
                 running.cancel_token(),
             )
             .await?;
-            tracing::info!(bind = %http.bind, "serving HTTP: /v1, /v1/channels, /metrics");
+            if http.console {
+                tracing::info!(bind = %http.bind, "serving HTTP: the console at http://{}/, /v1, /v1/channels, /metrics", http.bind);
+            } else {
+                tracing::info!(bind = %http.bind, "serving HTTP: /v1, /v1/channels, /metrics");
+            }
             let cancel = running.cancel_token();
             Some(tokio::spawn(async move { server.serve(listener, cancel).await }))
         }

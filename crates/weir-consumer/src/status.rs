@@ -82,6 +82,28 @@ pub async fn parked(pool: &PgPool, consumer: Option<&str>) -> Result<Vec<Parked>
     store::status::parked(pool, consumer).await
 }
 
+/// A failed attempt, as recorded (`weir.consumer_failures`).
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Failure {
+    /// The lane that failed.
+    pub lane: i32,
+    /// The event's log position.
+    pub position: i64,
+    /// The attempt, from 1.
+    pub attempt: i32,
+    /// The error.
+    pub error: String,
+    /// What became of it: `retry`, `halt`, `skip`, `park` or `stop`.
+    pub outcome: String,
+    /// When.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `consumer`'s latest failed attempts, newest first, at most `limit`.
+pub async fn failures(pool: &PgPool, consumer: &str, limit: i64) -> Result<Vec<Failure>> {
+    store::status::failures(pool, consumer, limit).await
+}
+
 /// Asks for parked events to be retried (all of `consumer`'s, or one position). Returns how many.
 pub async fn retry_parked(pool: &PgPool, consumer: &str, position: Option<i64>) -> Result<u64> {
     store::status::request_retry(pool, consumer, position).await

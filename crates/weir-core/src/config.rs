@@ -366,6 +366,8 @@ pub struct HttpConfig {
     /// Require the token for reads and channels too (not for `/v1/health` and `/v1/ready`).
     /// Defaults to `false`.
     pub protect_reads: bool,
+    /// Serve the console (the web page at `/`, `docs/console.md`). Defaults to `true`.
+    pub console: bool,
     /// Largest request body in bytes; larger bodies get 413. Defaults to 1048576 (1 MiB).
     pub max_body_bytes: usize,
     /// Longest time to produce a response (streams excepted); then 503. Defaults to `60s`.
@@ -386,6 +388,7 @@ impl Default for HttpConfig {
             bind: "127.0.0.1:7070".into(),
             token: None,
             protect_reads: false,
+            console: true,
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(60),
             max_wait: Duration::from_secs(30),

@@ -433,6 +433,13 @@ pub struct QueueStats {
     pub discarded_last_hour: i64,
     /// Seconds the oldest available job has been waiting.
     pub oldest_available_secs: Option<f64>,
+    /// Attempts started in the last minute, per second.
+    pub started_per_sec: f64,
+    /// Median wait, in seconds, from the time an attempt could run (`scheduled_at`) to its
+    /// start, over the attempts started in the last minute; none when none started.
+    pub wait_p50_secs: Option<f64>,
+    /// The 95th percentile of the same waits.
+    pub wait_p95_secs: Option<f64>,
 }
 
 /// Figures per queue, from the tables (every process together).
@@ -455,14 +462,36 @@ pub async fn stats(conn: &mut PgConnection) -> Result<Vec<QueueStats>> {
                from weir.job_history
               where finished_at > now() - interval '1 hour'
               group by queue
+         ), starts as (
+             -- Attempts started in the last minute: running now, or finished since (a finished
+             -- attempt started before it finished, so this over-counts by at most its run).
+             select queue, attempted_at - scheduled_at as wait
+               from weir.jobs
+              where state = 'running' and attempted_at > now() - interval '1 minute'
+             union all
+             select queue, attempted_at - scheduled_at
+               from weir.job_history
+              where finished_at > now() - interval '1 minute'
+                and attempted_at > now() - interval '1 minute'
+         ), waits as (
+             select queue, count(*) as started,
+                    percentile_cont(0.5) within group (
+                        order by greatest(extract(epoch from wait), 0)) as p50,
+                    percentile_cont(0.95) within group (
+                        order by greatest(extract(epoch from wait), 0)) as p95
+               from starts group by queue
          )
-         select coalesce(l.queue, d.queue) as queue,
+         select coalesce(l.queue, d.queue, w.queue) as queue,
                 coalesce(l.available, 0) as available, coalesce(l.scheduled, 0) as scheduled,
                 coalesce(l.retryable, 0) as retryable, coalesce(l.running, 0) as running,
                 coalesce(d.completed, 0)::float8 / 60 as completed_per_sec,
                 coalesce(d.discarded, 0) as discarded_last_hour,
-                l.oldest as oldest_available_secs
-           from live l full join done d on d.queue = l.queue
+                l.oldest as oldest_available_secs,
+                coalesce(w.started, 0)::float8 / 60 as started_per_sec,
+                w.p50::float8 as wait_p50_secs, w.p95::float8 as wait_p95_secs
+           from live l
+           full join done d on d.queue = l.queue
+           full join waits w on w.queue = coalesce(l.queue, d.queue)
           order by 1",
     )
     .fetch_all(conn)

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use weir_consumer::status::{ConsumerStatus, Parked};
+use weir_consumer::status::{ConsumerStatus, Failure, Parked};
 use weir_core::{Event, Kind};
 use weir_log::{EventFilter, LogReader};
 
@@ -30,6 +30,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(skip))
         .routes(routes!(all_parked))
         .routes(routes!(consumer_parked))
+        .routes(routes!(consumer_failures))
         .routes(routes!(retry_parked))
         .routes(routes!(discard_parked))
         .routes(routes!(process_entity))
@@ -211,6 +212,34 @@ async fn consumer_parked(
 ) -> Result<Json<Vec<Parked>>, ApiError> {
     find(&state, &name).await?;
     Ok(Json(weir_consumer::status::parked(state.pool(), Some(&name)).await?))
+}
+
+/// How many failures to list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FailuresQuery {
+    /// At most this many, newest first (1 to 1000, default 50).
+    limit: Option<i64>,
+}
+
+/// A consumer's latest failed attempts, newest first: retried, halted on, skipped or parked.
+#[utoipa::path(get, path = "/v1/consumers/{name}/failures", tag = "consumers",
+    params(("name" = String, Path, description = "Consumer name"), FailuresQuery),
+    responses((status = 200, description = "Failed attempts", body = Vec<Failure>),
+              (status = 400, description = "A bad limit", body = ErrorBody),
+              (status = 404, description = "No such consumer", body = ErrorBody)))]
+async fn consumer_failures(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FailuresQuery>,
+) -> Result<Json<Vec<Failure>>, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit {limit} is not from 1 to 1000")));
+    }
+    find(&state, &name).await?;
+    Ok(Json(weir_consumer::status::failures(state.pool(), &name, limit).await?))
 }
 
 /// Which parked events: one position, or all of the consumer's when absent.

@@ -1,5 +1,6 @@
 //! The bearer token: required for every state-changing request, and for reads and channels when
-//! `http.protect_reads` is set. Health, readiness and the OpenAPI document stay open.
+//! `http.protect_reads` is set. Health, readiness, `/v1/access`, the OpenAPI document and the
+//! console's files (`/`, `/console/…`: they hold no data) stay open.
 //!
 //! ```text
 //! request ─► open path? ─yes─► handler
@@ -25,7 +26,7 @@ use crate::AppState;
 use crate::error::ApiError;
 
 /// Paths anyone may read.
-pub(crate) const OPEN: &[&str] = &["/v1/health", "/v1/ready", "/v1/openapi.json"];
+pub(crate) const OPEN: &[&str] = &["/v1/health", "/v1/ready", "/v1/access", "/v1/openapi.json"];
 
 /// The middleware.
 pub(crate) async fn require_token(
@@ -34,7 +35,7 @@ pub(crate) async fn require_token(
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    if OPEN.contains(&path) {
+    if OPEN.contains(&path) || crate::console::is_page(path) {
         return next.run(req).await;
     }
     let http = &state.config().http;

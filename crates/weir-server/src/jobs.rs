@@ -20,6 +20,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(enqueue, list))
         .routes(routes!(stats))
         .routes(routes!(workers))
+        .routes(routes!(periodic))
         .routes(routes!(show))
         .routes(routes!(cancel))
         .routes(routes!(retry))
@@ -176,6 +177,70 @@ async fn stats(State(state): State<AppState>) -> Result<Json<Vec<QueueStats>>, A
 async fn workers(State(state): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, ApiError> {
     let mut conn = state.pool().acquire().await?;
     Ok(Json(weir_jobs::admin::workers(&mut conn).await?))
+}
+
+/// A periodic job: its schedule, the last time it was enqueued for and the next.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct PeriodicInfo {
+    /// Its name (`[[periodic]] name`, or its kind).
+    name: String,
+    /// The kind it enqueues; none for a periodic job this process does not declare.
+    kind: Option<String>,
+    /// Its queue; none when not declared here.
+    queue: Option<String>,
+    /// The cron expression; none when not declared here.
+    cron: Option<String>,
+    /// The IANA time zone the expression is read in.
+    timezone: Option<String>,
+    /// The last time (slot) a job was enqueued for; none before the first.
+    last_at: Option<DateTime<Utc>>,
+    /// The next time it is due; none when not declared here or never matching.
+    next_at: Option<DateTime<Utc>>,
+}
+
+/// The periodic jobs: those in this process's `[[periodic]]` with their next time, and any
+/// other the database has enqueued for (declared by another process or in Rust).
+#[utoipa::path(get, path = "/v1/jobs/periodic", tag = "jobs",
+    responses((status = 200, description = "Periodic jobs by name", body = Vec<PeriodicInfo>)))]
+async fn periodic(State(state): State<AppState>) -> Result<Json<Vec<PeriodicInfo>>, ApiError> {
+    let marks: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as("select name, last_at from weir.job_periodic order by name")
+            .fetch_all(state.pool())
+            .await?;
+    let mut marks: std::collections::BTreeMap<String, DateTime<Utc>> = marks.into_iter().collect();
+    let now = Utc::now();
+    let mut out: Vec<PeriodicInfo> = state
+        .config()
+        .periodic
+        .iter()
+        .map(|p| {
+            let timezone = p.timezone.clone().unwrap_or_else(|| "UTC".into());
+            // Parsed and refused at start-up already; a failure here only hides `next_at`.
+            let next_at =
+                weir_jobs::Cron::parse_in(&p.cron, &timezone).ok().and_then(|c| c.next_after(now));
+            let name = p.name().to_string();
+            PeriodicInfo {
+                last_at: marks.remove(&name),
+                name,
+                kind: Some(p.kind.clone()),
+                queue: Some(p.queue.clone()),
+                cron: Some(p.cron.clone()),
+                timezone: Some(timezone),
+                next_at,
+            }
+        })
+        .collect();
+    out.extend(marks.into_iter().map(|(name, last_at)| PeriodicInfo {
+        name,
+        kind: None,
+        queue: None,
+        cron: None,
+        timezone: None,
+        last_at: Some(last_at),
+        next_at: None,
+    }));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(out))
 }
 
 /// One job.

@@ -27,6 +27,7 @@ mod api;
 mod auth;
 mod backfills;
 pub mod channels;
+mod console;
 mod error;
 mod jobs;
 pub mod metrics;

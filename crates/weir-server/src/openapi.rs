@@ -20,7 +20,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, payload_too_large};
-use crate::{AppState, api, auth, backfills, channels, jobs, metrics, streams, subscriptions};
+use crate::{
+    AppState, api, auth, backfills, channels, console, jobs, metrics, streams, subscriptions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -123,6 +125,7 @@ fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(channels::routes())
         .merge(subscriptions::routes())
         .merge(backfills::routes())
+        .merge(console::routes())
         .routes(routes!(metrics::render))
         .routes(routes!(openapi_json))
         .split_for_parts();
@@ -148,7 +151,10 @@ async fn openapi_json() -> Response {
 pub(crate) fn router(state: AppState) -> Router {
     let http = &state.config().http;
     let limit = http.max_body_bytes;
-    let (routes, _) = build();
+    let (mut routes, _) = build();
+    if http.console {
+        routes = routes.merge(console::page_routes());
+    }
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -595,6 +595,14 @@ async fn tokens_guard_writes_and_optionally_reads() {
     assert_eq!(status("/v1/health", None).await, StatusCode::OK);
     assert_eq!(status("/v1/ready", None).await, StatusCode::OK);
     assert_eq!(status("/v1/openapi.json", None).await, StatusCode::OK);
+    // The console's page and `/v1/access` are open (the page asks for the token); what the
+    // page reads is not.
+    assert_eq!(status("/v1/access", None).await, StatusCode::OK);
+    assert_eq!(status("/", None).await, StatusCode::OK);
+    assert_eq!(status("/console/app.js", None).await, StatusCode::OK);
+    assert_eq!(status("/v1/overview", None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/v1/overview/live", None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/v1/overview", Some(ODD)).await, StatusCode::OK);
     cancel.cancel();
 }
 
@@ -654,4 +662,113 @@ async fn the_openapi_document_matches_the_routes() {
     }
     assert!(checked.contains("POST /v1/consumers/{name}/resume"), "{checked:?}");
     h.stop().await;
+}
+
+/// The console's files at `/` and `/console/…` (with a Content-Security-Policy), every module
+/// the page imports among them; `/v1/access`, `/v1/overview` (a halted consumer in it), its
+/// live stream, a consumer's failures and the periodic jobs; `[http] console = false` turns the
+/// page off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_and_its_endpoints_answer() {
+    let h = Harness::start("api_console", Some(TOKEN), true).await;
+    let response = h.router.clone().oneshot(Request::get("/").body(Body::empty()).unwrap()).await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let csp = response.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+    let (_, index) = h.get("/").await;
+    let index = index.as_str().unwrap().to_string();
+    assert!(index.contains("<title>weir console</title>"), "{index}");
+    // Every file the page names, and every module those import, is served.
+    let mut files: Vec<String> =
+        index.split("/console/").skip(1).map(|s| s[..s.find('"').unwrap()].to_string()).collect();
+    let mut seen = BTreeSet::new();
+    while let Some(file) = files.pop() {
+        if !seen.insert(file.clone()) {
+            continue;
+        }
+        let (status, body) = h.get(&format!("/console/{file}")).await;
+        assert_eq!(status, StatusCode::OK, "/console/{file}");
+        let text = body.as_str().map(str::to_string).unwrap_or_default();
+        for import in text.split(" from \"./").skip(1) {
+            files.push(import[..import.find('"').unwrap()].to_string());
+        }
+    }
+    assert!(seen.len() >= 10, "{seen:?}");
+    let (status, body) = h.get("/console/nothing.js").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let (status, access) = h.get("/v1/access").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(access, json!({"token_configured": true, "protect_reads": false}));
+
+    h.insert(1, "poison").await;
+    h.logged(1).await;
+    let last = std::sync::Mutex::new(Value::Null);
+    eventually("the overview shows the halt", Duration::from_secs(20), || async {
+        let (status, o) = h.get("/v1/overview").await;
+        assert_eq!(status, StatusCode::OK, "{o}");
+        let halted = o["consumers"][0]["state"] == "halted";
+        *last.lock().unwrap() = o;
+        halted
+    })
+    .await;
+    let o = last.into_inner().unwrap();
+    assert_eq!(o["log"]["head"], 1, "{o}");
+    assert_eq!(o["log"]["oldest"], 1, "{o}");
+    assert_eq!(o["log"]["entities"], json!(["posts"]), "{o}");
+    assert_eq!(o["log"]["retention_seconds"], 7 * 86_400, "{o}");
+    assert_eq!(o["source"]["position"], 1, "{o}");
+    assert_eq!(o["consumers"][0]["halted"]["position"], 1, "{o}");
+    assert!(o["jobs"].is_array() && o["subscriptions"].is_array(), "{o}");
+
+    let (status, failures) = h.get("/v1/consumers/gate/failures?limit=5").await;
+    assert_eq!(status, StatusCode::OK, "{failures}");
+    let failures = failures.as_array().unwrap();
+    assert_eq!(failures[0]["outcome"], "halt", "{failures:?}");
+    assert_eq!(failures[0]["position"], 1);
+    assert!(failures[0]["error"].as_str().unwrap().contains("poison title"), "{failures:?}");
+    let (status, body) = h.get("/v1/consumers/nobody/failures").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = h.get("/v1/consumers/gate/failures?limit=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, periodic) = h.get("/v1/jobs/periodic").await;
+    assert_eq!((status, periodic), (StatusCode::OK, json!([])));
+
+    // The live overview: a first comment, then the same JSON as GET /v1/overview.
+    let response = reqwest::get(format!("{}/v1/overview/live", h.base)).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("event: overview\ndata: ") || !text.ends_with("\n\n") {
+        let chunk =
+            tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut body));
+        text.push_str(std::str::from_utf8(&chunk.await.unwrap().unwrap().unwrap()).unwrap());
+    }
+    assert!(text.starts_with(": ok\n\n"), "{text}");
+    let data = text.split("data: ").nth(1).unwrap().trim();
+    let live: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(live["consumers"][0]["state"], "halted", "{live}");
+    h.stop().await;
+
+    // Off: no page, the API as before.
+    let db = weir_testkit::shared().database("api_console_off").unwrap();
+    let pool = PgPool::connect(&db.url()).await.unwrap();
+    let mut config = Config::default();
+    config.database.url = Some(Secret::new(db.url()));
+    config.http.console = false;
+    weir_log::migrate(&pool).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (wake, _) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
+    let server = Server::start(pool, config, wake, cancel.clone()).await.unwrap();
+    let status = |uri: &'static str| {
+        let router = server.router();
+        async move {
+            router.oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap().status()
+        }
+    };
+    assert_eq!(status("/").await, StatusCode::NOT_FOUND);
+    assert_eq!(status("/console/app.js").await, StatusCode::NOT_FOUND);
+    assert_eq!(status("/v1/health").await, StatusCode::OK);
+    cancel.cancel();
 }

@@ -78,6 +78,25 @@ pub(crate) async fn parked(pool: &PgPool, consumer: Option<&str>) -> Result<Vec<
     .await?)
 }
 
+/// The latest failures of `consumer`.
+pub(crate) async fn failures(
+    pool: &PgPool,
+    consumer: &str,
+    limit: i64,
+) -> Result<Vec<crate::status::Failure>> {
+    Ok(sqlx::query_as(
+        "select lane, position, attempt, error, outcome, at
+         from weir.consumer_failures
+         where consumer = $1
+         order by id desc
+         limit $2",
+    )
+    .bind(consumer)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Asks for parked events to be retried (the lane that parked them picks the request up).
 pub(crate) async fn request_retry(
     pool: &PgPool,
