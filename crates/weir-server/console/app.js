@@ -1,0 +1,227 @@
+// The console's shell: sign-in, the live overview stream every page reads from, the banner for
+// halted consumers, the connection indicator, and the router (`#/…` hashes, so the server
+// serves one page).
+
+import { ApiError, get, setToken, stream, token } from "./api.js";
+import { Series } from "./charts.js";
+import { fill, h } from "./dom.js";
+import { jobsPage } from "./jobs.js";
+import { livePage } from "./live.js";
+import { consumerPage, overviewPage, processPage, streamPage, streamsPage } from "./views.js";
+
+const main = document.getElementById("main");
+const banner = document.getElementById("banner");
+const connection = document.getElementById("connection");
+const accessBox = document.getElementById("access");
+const toast = document.getElementById("toast");
+
+/** What every page shares. */
+const ctx = {
+  access: { token_configured: false, protect_reads: false },
+  overview: null,
+  history: { source: new Series(1), lag: new Map(), jobs: new Series(2), wait: new Series(2) },
+  say,
+  /** Actions are possible: a token is configured (the server says whether the one given is right). */
+  get canAct() {
+    return this.access.token_configured;
+  },
+  /** Runs an action; shows its refusal (401 wrong token, 403 no token, 409 …) as the server says it. */
+  async act(label, action) {
+    try {
+      const answer = await action();
+      say(`${label}: done`, "ok");
+      refresh();
+      return answer;
+    } catch (e) {
+      const why = e instanceof ApiError ? e.message : String(e);
+      say(`${label} refused: ${why}`, "error");
+      return undefined;
+    }
+  },
+};
+
+let toastTimer;
+/** A message in the status area (read by screen readers), kept until the next or for 10 s. */
+export function say(message, kind = "info") {
+  fill(toast, message);
+  toast.dataset.kind = kind;
+  toast.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => {
+    toast.hidden = true;
+  }, 10000);
+}
+
+function setConnection(state, detail) {
+  connection.dataset.state = state;
+  const text = {
+    live: "live",
+    retrying: "disconnected, retrying…",
+    refused: `refused: ${detail ?? ""}`,
+    connecting: "connecting…",
+  }[state];
+  fill(connection, h("span", { class: "dot", "aria-hidden": "true" }), text);
+  connection.title = detail ?? "";
+}
+
+function renderAccess() {
+  const { token_configured, protect_reads } = ctx.access;
+  if (!token_configured) {
+    fill(accessBox, h("span", { class: "note", "data-testid": "read-only" },
+      "Read-only: no token is configured ([http] token), so actions are off."));
+    return;
+  }
+  if (token()) {
+    fill(accessBox, h("span", { class: "note" }, "Signed in"),
+      h("button", { type: "button", onclick: () => { setToken(null); location.reload(); } }, "Sign out"));
+    return;
+  }
+  const input = h("input", { id: "token", type: "password", autocomplete: "current-password", required: true });
+  const form = h("form", {
+    class: "login",
+    onsubmit: (e) => {
+      e.preventDefault();
+      setToken(input.value.trim());
+      location.reload();
+    },
+  },
+  h("label", { for: "token" }, protect_reads ? "Token (needed to read and act)" : "Token (needed to act)"),
+  input,
+  h("button", { type: "submit" }, "Sign in"));
+  fill(accessBox, form);
+}
+
+function renderBanner() {
+  const halted = (ctx.overview?.consumers ?? []).filter((c) => c.state === "halted");
+  if (!halted.length) {
+    banner.hidden = true;
+    banner.replaceChildren();
+    return;
+  }
+  banner.hidden = false;
+  const subs = new Set((ctx.overview?.subscriptions ?? []).map((s) => s.subscription_name));
+  fill(banner, halted.map((c) => {
+    const where = c.halted ?? {};
+    const page = subs.has(c.name) ? `#/subscriptions/${encodeURIComponent(c.name)}` : `#/consumers/${encodeURIComponent(c.name)}`;
+    return h("p", { "data-testid": "halted-banner" },
+      h("strong", {}, `${subs.has(c.name) ? "Subscription" : "Operator"} ${c.name} is halted`),
+      ` at event ${where.position ?? "?"} (lane ${where.lane ?? "?"}, attempt ${where.attempt ?? "?"}): `,
+      h("span", { class: "error-text" }, where.error ?? ""),
+      " ",
+      h("a", { href: page }, "Open"));
+  }));
+}
+
+function record(o) {
+  // The page's clock: samples are a second apart as they arrive.
+  const t = Date.now() / 1000;
+  const { history } = ctx;
+  history.source.push(t, [o.source.events_per_second]);
+  for (const c of o.consumers) {
+    if (!history.lag.has(c.name)) history.lag.set(c.name, new Series(2));
+    const lagEvents = Math.max(0, ...c.lanes.map((l) => l.lag_events));
+    const lagSeconds = Math.max(0, ...c.lanes.map((l) => l.lag_seconds));
+    history.lag.get(c.name).push(t, [lagEvents, lagSeconds]);
+  }
+  const sum = (f) => o.jobs.reduce((a, q) => a + (q[f] ?? 0), 0);
+  const max = (f) => {
+    const v = o.jobs.map((q) => q[f]).filter((x) => x !== null && x !== undefined);
+    return v.length ? Math.max(...v) : null;
+  };
+  history.jobs.push(t, [sum("completed_per_sec"), sum("started_per_sec")]);
+  history.wait.push(t, [max("wait_p50_secs"), max("wait_p95_secs")]);
+}
+
+const routes = [
+  [/^#?\/?$/, () => overviewPage(ctx)],
+  [/^#\/consumers\/(.+)$/, (m) => consumerPage(ctx, "consumers", decodeURIComponent(m[1]))],
+  [/^#\/subscriptions\/(.+)$/, (m) => consumerPage(ctx, "subscriptions", decodeURIComponent(m[1]))],
+  [/^#\/jobs$/, () => jobsPage(ctx)],
+  [/^#\/log$/, () => livePage(ctx)],
+  [/^#\/process$/, () => processPage(ctx)],
+  [/^#\/streams$/, () => streamsPage(ctx)],
+  [/^#\/streams\/(.+)$/, (m) => streamPage(ctx, decodeURIComponent(m[1]))],
+];
+
+let page = null;
+
+function route() {
+  page?.destroy?.();
+  page = null;
+  const hash = location.hash || "#/";
+  for (const a of document.querySelectorAll("nav a")) {
+    const here = a.getAttribute("href") === hash || (hash.startsWith(a.getAttribute("href")) && a.getAttribute("href") !== "#/");
+    if (here) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  for (const [re, make] of routes) {
+    const m = hash.match(re);
+    if (m) {
+      main.replaceChildren();
+      page = make(m);
+      main.append(page.element);
+      if (ctx.overview) page.update?.(ctx.overview);
+      return;
+    }
+  }
+  fill(main, h("h1", {}, "Not found"), h("p", {}, `The console has no page ${hash}. `, h("a", { href: "#/" }, "Back to the overview")));
+}
+
+/** Asks the current page to read again (after an action). */
+function refresh() {
+  if (ctx.overview) page?.update?.(ctx.overview, { force: true });
+}
+
+function setupTheme() {
+  const button = document.getElementById("theme");
+  const saved = localStorage.getItem("weir.theme");
+  if (saved) document.documentElement.dataset.theme = saved;
+  button.addEventListener("click", () => {
+    const dark = document.documentElement.dataset.theme
+      ? document.documentElement.dataset.theme === "dark"
+      : matchMedia("(prefers-color-scheme: dark)").matches;
+    const next = dark ? "light" : "dark";
+    document.documentElement.dataset.theme = next;
+    localStorage.setItem("weir.theme", next);
+  });
+}
+
+async function start() {
+  setupTheme();
+  setConnection("connecting");
+  for (;;) {
+    try {
+      ctx.access = await get("/v1/access");
+      break;
+    } catch (e) {
+      setConnection("retrying", e.message);
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+  }
+  renderAccess();
+  if (ctx.access.protect_reads && !token()) {
+    setConnection("refused", "sign in to read");
+    fill(main, h("h1", {}, "Sign in"), h("p", { "data-testid": "needs-token" },
+      "This weir protects reads ([http] protect_reads): enter its token above to see anything."));
+    return;
+  }
+  window.addEventListener("hashchange", route);
+  route();
+  stream("/v1/overview/live", (type, data) => {
+    if (type === "overview") {
+      ctx.overview = data;
+      record(data);
+      renderBanner();
+      page?.update?.(data);
+    } else if (type === "problem") {
+      setConnection("retrying", data.message);
+    }
+  }, (state, detail, status) => {
+    setConnection(state, detail);
+    if (state === "refused" && status === 401) {
+      say(`${detail} — sign out and sign in with the right token`, "error");
+    }
+  });
+}
+
+start();
