@@ -91,6 +91,8 @@ pub(crate) async fn run(seconds: u64) -> anyhow::Result<()> {
             .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
+    println!("the console: {base}/ (open it in a browser while the demo runs)");
+    println!();
     let serve_cancel = cancel.clone();
     tokio::spawn(async move { server.serve(listener, serve_cancel).await });
     let sse_received = Arc::new(AtomicU64::new(0));

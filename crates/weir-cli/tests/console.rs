@@ -4,7 +4,8 @@
 //! live log shows an insert within a second, and a huge event is cut with "show all"; an
 //! action without the token (or with a wrong one) is refused with the server's reason; a
 //! server that goes away shows "disconnected, retrying" and the page recovers; an unknown
-//! consumer in the URL says so; without a token the page says it is read-only. No page has an
+//! consumer in the URL says so; without a token the page says it is read-only; process status
+//! turns to "processed" for an LSN; an appended stream shows with its events. No page has an
 //! uncaught error. Screenshots go to `target/tmp/console-screenshots/`.
 
 #[path = "support/console.rs"]
@@ -177,6 +178,49 @@ async fn the_page_survives_a_server_that_goes_away_and_says_what_it_cannot_show(
     let resume = b.wait_for("[data-action=resume]", WAIT).await;
     assert!(!resume.is_enabled().await.unwrap(), "Resume is off without a token");
     b.screenshot("read-only-phone").await;
+    b.assert_no_errors().await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn process_status_and_the_streams_pages_answer_in_dark_mode_too() {
+    let c = Console::start("console_process", true).await;
+    let b = Browser::start().await;
+    b.goto(&c.url("#/process")).await;
+    b.click("#theme").await;
+    let dark = b.eval("return document.documentElement.dataset.theme;").await;
+    assert_eq!(dark, json!("dark"));
+
+    // An LSN read right after a write: processed once both operators have handled it.
+    c.sql("insert into posts (title) values ('seen')").await;
+    let lsn = c.scalar("select pg_current_wal_insert_lsn()::text").await.unwrap();
+    b.wait_for("#watermark", WAIT).await.send_keys(&lsn).await.unwrap();
+    b.click("form.inline button[type=submit]").await;
+    let said = b.wait_text("[data-testid=process-answer]", "is processed", WAIT).await;
+    assert!(said.contains(&lsn), "{said}");
+    b.screenshot("process-status-dark").await;
+    let field = b.wait_for("#watermark", WAIT).await;
+    field.clear().await.unwrap();
+    field.send_keys("nonsense").await.unwrap();
+    b.click("form.inline button[type=submit]").await;
+    let said = b.wait_text("[data-testid=process-error]", "", WAIT).await;
+    assert!(!said.is_empty(), "a malformed value is refused with the server's reason");
+
+    // A stream appended over HTTP shows in the list and with its events.
+    let appended = reqwest::Client::new()
+        .post(format!("http://{}/v1/streams/order-1", c.addr))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(r#"{"events":[{"type":"order.placed","data":{"total":42}}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(appended.status().as_u16(), 201, "append: {}", c.logs());
+    b.goto(&c.url("#/streams")).await;
+    b.click("[data-testid=streams] a").await;
+    let events = b.wait_text("[data-testid=stream-events]", "order.placed", WAIT).await;
+    assert!(events.contains('1'), "{events}");
+    b.screenshot("stream-dark").await;
     b.assert_no_errors().await;
     b.close().await;
 }
