@@ -234,10 +234,7 @@ async fn consumer_failures(
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<FailuresQuery>,
 ) -> Result<Json<Vec<Failure>>, ApiError> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit {limit} is not from 1 to 1000")));
-    }
+    let limit = crate::error::page_limit(q.limit, 50)?;
     find(&state, &name).await?;
     Ok(Json(weir_consumer::status::failures(state.pool(), &name, limit).await?))
 }
@@ -465,10 +462,7 @@ async fn log(
     ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Json<LogPage>, ApiError> {
     let after = q.after.unwrap_or(0);
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit {limit} is not from 1 to 1000")));
-    }
+    let limit = crate::error::page_limit(q.limit, 100)?;
     let list = |s: &Option<String>| -> Vec<String> {
         s.as_deref()
             .map(|s| {

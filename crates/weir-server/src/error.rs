@@ -74,6 +74,15 @@ impl ApiError {
     }
 }
 
+/// A list's `limit` query parameter: `default` when absent, else 1 to 1000 or `400`.
+pub(crate) fn page_limit(given: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    let limit = given.unwrap_or(default);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit {limit} is not from 1 to 1000")));
+    }
+    Ok(limit)
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)

@@ -153,10 +153,7 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<JobInfo>>, ApiError> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit {limit} is not from 1 to 1000")));
-    }
+    let limit = crate::error::page_limit(q.limit, 50)?;
     let filter = ListFilter { state: q.state, queue: q.queue, kind: q.kind, limit };
     let mut conn = state.pool().acquire().await?;
     Ok(Json(weir_jobs::admin::list(&mut conn, &filter).await?))
