@@ -41,7 +41,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
             )
             .await?;
             if http.console {
-                tracing::info!(bind = %http.bind, "serving HTTP: the console at http://{}/, /v1, /v1/channels, /metrics", http.bind);
+                tracing::info!(bind = %http.bind, "serving HTTP: the console at /, /v1, /v1/channels, /metrics");
             } else {
                 tracing::info!(bind = %http.bind, "serving HTTP: /v1, /v1/channels, /metrics");
             }

@@ -118,7 +118,15 @@ async fn the_live_log_shows_an_insert_within_a_second_and_cuts_a_huge_event() {
 
     let huge = "x".repeat(200_000);
     c.sql(&format!("insert into posts (title, body) values ('huge', '{huge}')")).await;
+    let logged = Instant::now();
+    weir_testkit::eventually("the huge event is logged", WAIT, || async {
+        c.scalar("select max(position)::text from weir.events").await.as_deref() == Some("3")
+    })
+    .await;
+    let logged = logged.elapsed();
+    let shown = Instant::now();
     b.wait_count("[data-testid=live-events] tbody tr", 2, WAIT).await;
+    eprintln!("the huge event: logged after {logged:?}, shown {:?} later", shown.elapsed());
     b.click("[data-testid=live-events] tbody tr:first-child").await;
     let shown = b.wait_text("[data-testid=live-detail]", "Show all", WAIT).await;
     assert!(shown.len() < 20_000, "a huge event is cut: {} characters shown", shown.len());

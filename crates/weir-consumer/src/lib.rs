@@ -178,6 +178,11 @@ pub const MIGRATIONS: &[weir_log::schema::Migration] = &[
         name: "rebuilds",
         sql: include_str!("../migrations/0005_rebuilds.sql"),
     },
+    weir_log::schema::Migration {
+        version: 6,
+        name: "recent failures",
+        sql: include_str!("../migrations/0006_recent_failures.sql"),
+    },
 ];
 
 /// Creates or upgrades the consumer tables (idempotent).

@@ -94,7 +94,7 @@ pub struct Failure {
     /// The error.
     pub error: String,
     /// What became of it: `retry`, `halt`, `skip`, `park` or `stop`.
-    pub outcome: String,
+    pub outcome: crate::state::Outcome,
     /// When.
     pub at: chrono::DateTime<chrono::Utc>,
 }

@@ -414,6 +414,13 @@ pub async fn workers(conn: &mut PgConnection) -> Result<Vec<WorkerInfo>> {
     .await?)
 }
 
+/// Each periodic job's mark: the last time (slot) it was enqueued for, by name.
+pub async fn periodic_marks(conn: &mut PgConnection) -> Result<Vec<(String, DateTime<Utc>)>> {
+    Ok(sqlx::query_as("select name, last_at from weir.job_periodic order by name")
+        .fetch_all(conn)
+        .await?)
+}
+
 /// Database-wide figures of one queue.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct QueueStats {
@@ -463,11 +470,14 @@ pub async fn stats(conn: &mut PgConnection) -> Result<Vec<QueueStats>> {
               where finished_at > now() - interval '1 hour'
               group by queue
          ), starts as (
-             -- Attempts started in the last minute: running now, or finished since (a finished
-             -- attempt started before it finished, so this over-counts by at most its run).
-             select queue, attempted_at - scheduled_at as wait
+             -- Attempts started in the last minute, whatever became of them since: those
+             -- still in weir.jobs (running, or waiting again after a failure) and those that
+             -- finished. A job that waits again had its scheduled_at moved for the retry, so
+             -- its wait is unknown (null; the percentiles skip it) but it counts as started.
+             select queue,
+                    case when state = 'running' then attempted_at - scheduled_at end as wait
                from weir.jobs
-              where state = 'running' and attempted_at > now() - interval '1 minute'
+              where attempted_at > now() - interval '1 minute'
              union all
              select queue, attempted_at - scheduled_at
                from weir.job_history

@@ -81,6 +81,21 @@ impl LogReader {
         Ok(head.unwrap_or(0))
     }
 
+    /// The entities the log has seen (`posts`, `sales.orders`, `weir.stream_events`), by name:
+    /// one per table in `weir.relations`, whatever versions of its columns it went through.
+    pub async fn entities(&self) -> Result<Vec<String>> {
+        let tables: Vec<(String, String)> = sqlx::query_as(
+            "select distinct schema_name, table_name from weir.relations order by 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut names: Vec<String> =
+            tables.iter().map(|(s, t)| weir_core::Event::entity_name(s, t)).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     /// The oldest position still retained, if any.
     pub async fn oldest(&self) -> Result<Option<Position>> {
         Ok(sqlx::query_scalar("select min(position) from weir.events")

@@ -58,21 +58,29 @@ export async function request(method, path, body) {
 }
 
 export const get = (path) => request("GET", path);
+
+/** Keeps an error of the page's own code where the tests look (`errors.js`), and logs it. */
+function reportError(e) {
+  window.weirErrors?.push(String(e?.stack ?? e));
+  console.error(e);
+}
 export const post = (path, body) => request("POST", path, body);
 
 /**
  * Reads `path` as Server-Sent Events until `stop()`: `onEvent(type, data, id)` for each event,
  * `onState("live" | "retrying" | "refused", detail)` as the connection changes. Reconnects
  * after a break (1 s, growing to 5 s), with `Last-Event-ID` when the stream gave ids; a 4xx
- * answer other than 408/429 is not retried (`refused`, with the server's message).
+ * answer other than 408/429 is not retried (`refused`, with the server's message). A stream
+ * silent for `idleMs` (a connection that died without closing) is dropped and reopened.
  */
-export function stream(path, onEvent, onState) {
-  const abort = new AbortController();
+export function stream(path, onEvent, onState, { idleMs = 45000 } = {}) {
+  let abort = new AbortController();
   let lastId = null;
   let delay = 1000;
   let stopped = false;
 
   async function once() {
+    abort = new AbortController();
     const extra = { Accept: "text/event-stream" };
     if (lastId !== null) extra["Last-Event-ID"] = lastId;
     const response = await fetch(path, { headers: headers(extra), signal: abort.signal, cache: "no-store" });
@@ -90,8 +98,21 @@ export function stream(path, onEvent, onState) {
     delay = 1000;
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
+    let idle;
+    const quiet = () => {
+      clearTimeout(idle);
+      const mine = abort;
+      idle = setTimeout(() => mine.abort(), idleMs);
+    };
     for (;;) {
-      const { value, done } = await reader.read();
+      quiet();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } finally {
+        clearTimeout(idle);
+      }
+      const { value, done } = chunk;
       if (done) return;
       buffer += value;
       let end;
@@ -118,7 +139,12 @@ export function stream(path, onEvent, onState) {
         } catch {
           parsed = data.join("\n");
         }
-        onEvent(type, parsed, id);
+        try {
+          onEvent(type, parsed, id);
+        } catch (e) {
+          // A page's bug must not pass for a broken connection (and skip the event on resume).
+          reportError(e);
+        }
       }
     }
   }

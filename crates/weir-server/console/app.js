@@ -15,9 +15,9 @@ const connection = document.getElementById("connection");
 const accessBox = document.getElementById("access");
 const toast = document.getElementById("toast");
 
-/** What every page shares. */
+/** What every page shares. Pages get `update(overview)` once a second from the live stream. */
 const ctx = {
-  access: { token_configured: false, protect_reads: false },
+  access: { token_configured: false, protect_reads: false, max_wait_seconds: 30 },
   overview: null,
   history: { source: new Series(1), lag: new Map(), jobs: new Series(2), wait: new Series(2) },
   say,
@@ -52,12 +52,18 @@ export function say(message, kind = "info") {
   }, 10000);
 }
 
+let shownConnection = "";
 function setConnection(state, detail) {
+  // Only a change is written: the element is a live region, read out on every change.
+  const key = `${state}\n${detail ?? ""}`;
+  if (key === shownConnection) return;
+  shownConnection = key;
   connection.dataset.state = state;
   const text = {
     live: "live",
     retrying: "disconnected, retrying…",
     refused: `refused: ${detail ?? ""}`,
+    problem: `a read failed: ${detail ?? ""}`,
     connecting: "connecting…",
   }[state];
   fill(connection, h("span", { class: "dot", "aria-hidden": "true" }), text);
@@ -67,7 +73,7 @@ function setConnection(state, detail) {
 function renderAccess() {
   const { token_configured, protect_reads } = ctx.access;
   if (!token_configured) {
-    fill(accessBox, h("span", { class: "note", "data-testid": "read-only" },
+    fill(accessBox, h("span", { class: "note", id: "read-only-note", "data-testid": "read-only" },
       "Read-only: no token is configured ([http] token), so actions are off."));
     return;
   }
@@ -91,8 +97,13 @@ function renderAccess() {
   fill(accessBox, form);
 }
 
+let shownBanner = "";
 function renderBanner() {
   const halted = (ctx.overview?.consumers ?? []).filter((c) => c.state === "halted");
+  // An alert is announced whenever it changes: rewrite it only when what it says changes.
+  const key = JSON.stringify(halted.map((c) => [c.name, c.halted]));
+  if (key === shownBanner) return;
+  shownBanner = key;
   if (!halted.length) {
     banner.hidden = true;
     banner.replaceChildren();
@@ -144,11 +155,14 @@ const routes = [
 ];
 
 let page = null;
+let routed = false;
 
 function route() {
+  const hash = location.hash || "#/";
+  // `#main` (the skip link) and other in-page anchors are not pages.
+  if (!hash.startsWith("#/")) return;
   page?.destroy?.();
   page = null;
-  const hash = location.hash || "#/";
   for (const a of document.querySelectorAll("nav a")) {
     const here = a.getAttribute("href") === hash || (hash.startsWith(a.getAttribute("href")) && a.getAttribute("href") !== "#/");
     if (here) a.setAttribute("aria-current", "page");
@@ -156,14 +170,22 @@ function route() {
   }
   for (const [re, make] of routes) {
     const m = hash.match(re);
-    if (m) {
-      main.replaceChildren();
+    if (!m) continue;
+    try {
       page = make(m);
-      main.append(page.element);
-      if (ctx.overview) page.update?.(ctx.overview);
-      return;
+    } catch (e) {
+      // A malformed address (`%` not followed by two hex digits) is not a page.
+      if (!(e instanceof URIError)) throw e;
+      break;
     }
+    main.replaceChildren(page.element);
+    document.title = `${page.element.querySelector("h1")?.textContent ?? "weir"} — weir console`;
+    if (routed) main.focus();
+    routed = true;
+    if (ctx.overview) page.update?.(ctx.overview);
+    return;
   }
+  document.title = "Not found — weir console";
   fill(main, h("h1", {}, "Not found"), h("p", {}, `The console has no page ${hash}. `, h("a", { href: "#/" }, "Back to the overview")));
 }
 
@@ -183,6 +205,8 @@ function setupTheme() {
     const next = dark ? "light" : "dark";
     document.documentElement.dataset.theme = next;
     localStorage.setItem("weir.theme", next);
+    // Charts take their colours when drawn: draw the page again.
+    route();
   });
 }
 
@@ -207,21 +231,34 @@ async function start() {
   }
   window.addEventListener("hashchange", route);
   route();
+  let wasLive = false;
   stream("/v1/overview/live", (type, data) => {
     if (type === "overview") {
+      setConnection("live");
       ctx.overview = data;
       record(data);
       renderBanner();
       page?.update?.(data);
     } else if (type === "problem") {
-      setConnection("retrying", data.message);
+      setConnection("problem", data.message);
     }
   }, (state, detail, status) => {
     setConnection(state, detail);
+    if (state === "live" && wasLive) {
+      // Back after a break: the server may have restarted with another token setup.
+      get("/v1/access").then((access) => {
+        if (JSON.stringify(access) !== JSON.stringify(ctx.access)) {
+          ctx.access = access;
+          renderAccess();
+          route();
+        }
+      }, () => {});
+    }
+    if (state === "live") wasLive = true;
     if (state === "refused" && status === 401) {
       say(`${detail} — sign out and sign in with the right token`, "error");
     }
-  });
+  }, { idleMs: 10000 });
 }
 
 start();

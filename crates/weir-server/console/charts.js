@@ -55,8 +55,25 @@ export function lineChart(el, series, labels, { height = 160, format = (v) => v 
     series.data,
     el,
   );
-  new ResizeObserver(() => fit(plot, el, height)).observe(el);
-  return { update: () => plot.setData(series.data), destroy: () => plot.destroy() };
+  const resize = new ResizeObserver(() => fit(plot, el, height));
+  resize.observe(el);
+  el.setAttribute("role", "img");
+  const describe = () => {
+    const last = series.data.map((column) => column[column.length - 1]);
+    const now = labels.map((label, i) => `${label} ${last[i + 1] === null || last[i + 1] === undefined ? "–" : format(last[i + 1])}`);
+    el.setAttribute("aria-label", `Chart of the last five minutes; now: ${now.join(", ")}`);
+  };
+  describe();
+  return {
+    update: () => {
+      plot.setData(series.data);
+      describe();
+    },
+    destroy: () => {
+      resize.disconnect();
+      plot.destroy();
+    },
+  };
 }
 
 /** A small line without axes, for a table cell. */

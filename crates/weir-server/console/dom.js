@@ -22,6 +22,17 @@ function append(el, children) {
   }
 }
 
+/**
+ * Runs `render` (which refills `container`) and gives the focus back to the element with the
+ * same `data-key` if one inside had it: a table refreshed every second keeps the keyboard's place.
+ */
+export function keepFocus(container, render) {
+  const focused = document.activeElement;
+  const key = container.contains(focused) ? focused?.dataset?.key : undefined;
+  render();
+  if (key) container.querySelector(`[data-key="${CSS.escape(key)}"]`)?.focus();
+}
+
 /** Replaces `el`'s children. */
 export function fill(el, ...children) {
   el.replaceChildren();

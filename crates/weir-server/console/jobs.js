@@ -1,10 +1,12 @@
 // The jobs page: counts per queue and state, throughput and wait charts from the live overview,
 // the jobs themselves filtered by state, queue and kind (Retry, Cancel), the periodic jobs with
-// their next run, and the workers of the live processes.
+// their next run, and the workers of the live processes. `update(overview)` comes once a second
+// from `app.js`; the lists are read again every 2 s, with the filter last applied.
 
 import { get, post } from "./api.js";
 import { lineChart } from "./charts.js";
-import { badge, fill, formatNumber, formatSeconds, h, jsonView, table, time } from "./dom.js";
+import { badge, fill, formatNumber, formatSeconds, h, jsonView, keepFocus, table, time } from "./dom.js";
+import { actionButton, onDemand } from "./views.js";
 
 const STATES = ["", "scheduled", "available", "running", "retryable", "completed", "discarded", "cancelled"];
 const FINISHED = new Set(["completed", "discarded", "cancelled"]);
@@ -20,7 +22,7 @@ export function jobsPage(ctx) {
   const state = h("select", { id: "job-state", name: "state" }, STATES.map((s) => h("option", { value: s }, s || "any")));
   const queue = h("input", { id: "job-queue", name: "queue", autocomplete: "off", placeholder: "any" });
   const kind = h("input", { id: "job-kind", name: "kind", autocomplete: "off", placeholder: "any" });
-  const filters = h("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); loadJobs(); } },
+  const filters = h("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); apply(); } },
     h("label", { for: "job-state" }, "State"), state,
     h("label", { for: "job-queue" }, "Queue"), queue,
     h("label", { for: "job-kind" }, "Kind"), kind,
@@ -29,25 +31,35 @@ export function jobsPage(ctx) {
     h("section", { class: "card" }, h("h2", {}, "Queues"), counts),
     h("div", { class: "cards" },
       h("section", { class: "card" }, h("h2", {}, "Throughput (jobs/s)"), throughput),
-      h("section", { class: "card" }, h("h2", {}, "Wait from available to start"), wait)),
+      h("section", { class: "card" }, h("h2", {}, "Wait from available to start (slowest queue, last minute)"), wait)),
     h("section", { class: "card" }, h("h2", {}, "Jobs"), filters, list),
     h("section", { class: "card" }, h("h2", {}, "Periodic jobs"), periodic),
     h("section", { class: "card" }, h("h2", {}, "Workers"), workers));
   let charts = null;
   let lastList = "";
   let lastRead = 0;
+  // The filter of the last Filter press (not what is being typed), and the newest read: an
+  // older answer arriving late is dropped.
+  let applied = {};
+  let reads = 0;
+
+  function apply() {
+    applied = { state: state.value, queue: queue.value.trim(), kind: kind.value.trim() };
+    loadJobs(true);
+  }
 
   const act = (label, id, what) => ctx.act(`${label} job ${id}`, () => post(`/v1/jobs/${id}/${what}`)).then(() => loadJobs(true));
 
   async function loadJobs(force) {
     const q = new URLSearchParams({ limit: "100" });
-    if (state.value) q.set("state", state.value);
-    if (queue.value.trim()) q.set("queue", queue.value.trim());
-    if (kind.value.trim()) q.set("kind", kind.value.trim());
+    for (const [k, v] of Object.entries(applied)) if (v) q.set(k, v);
+    const mine = ++reads;
     let rows;
     try {
       rows = await get(`/v1/jobs?${q}`);
+      if (mine !== reads) return;
     } catch (e) {
+      if (mine !== reads) return;
       fill(list, h("p", { class: "error-text", "data-testid": "jobs-error" }, e.message));
       lastList = "";
       return;
@@ -63,10 +75,10 @@ export function jobsPage(ctx) {
       ["Attempts", (j) => `${j.attempt} / ${j.max_attempts}`],
       ["Scheduled", (j) => time(j.scheduled_at)],
       ["Note", (j) => (j.note ? h("span", { class: FINISHED.has(j.state) || j.state === "retryable" ? "error-text" : "" }, j.note) : "–")],
-      ["Args and errors", (j) => h("details", {}, h("summary", {}, "Show"), jsonView({ args: j.args, errors: j.errors }, `job ${j.id}`))],
+      ["Args and errors", (j) => onDemand(`Show job ${j.id}`, () => jsonView({ args: j.args, errors: j.errors }, `job ${j.id}`))],
       ["", (j) => h("span", { class: "actions", "data-job": String(j.id) },
-        j.state !== "running" && j.state !== "available" ? h("button", { type: "button", "data-action": "retry-job", onclick: () => act("Retry", j.id, "retry") }, "Retry") : null,
-        !FINISHED.has(j.state) ? h("button", { type: "button", class: "danger", "data-action": "cancel-job", onclick: () => confirm(`Cancel job ${j.id} (${j.kind})?`) && act("Cancel", j.id, "cancel") }, "Cancel") : null)],
+        j.state !== "running" && j.state !== "available" ? actionButton(ctx, { "data-action": "retry-job", "aria-label": `Retry job ${j.id}`, onclick: () => act("Retry", j.id, "retry") }, "Retry") : null,
+        !FINISHED.has(j.state) ? actionButton(ctx, { class: "danger", "data-action": "cancel-job", "aria-label": `Cancel job ${j.id}`, onclick: () => confirm(`Cancel job ${j.id} (${j.kind})?`) && act("Cancel", j.id, "cancel") }, "Cancel") : null)],
     ], rows, "No jobs match."));
   }
 
@@ -105,18 +117,18 @@ export function jobsPage(ctx) {
     element,
     update(o, { force } = {}) {
       const byState = ["available", "scheduled", "retryable", "running"];
-      fill(counts, table("Jobs per queue and state", [
-        ["Queue", (q) => h("button", { type: "button", class: "link", onclick: () => { queue.value = q.queue; loadJobs(true); } }, q.queue)],
+      keepFocus(counts, () => fill(counts, table("Jobs per queue and state", [
+        ["Queue", (q) => h("button", { type: "button", class: "link", "data-key": `queue:${q.queue}`, "aria-label": `Show the jobs of queue ${q.queue}`, onclick: () => { queue.value = q.queue; apply(); } }, q.queue)],
         ...byState.map((s) => [s[0].toUpperCase() + s.slice(1), (q) => formatNumber(q[s])]),
         ["Completed/s", (q) => formatNumber(q.completed_per_sec)],
         ["Discarded (1 h)", (q) => formatNumber(q.discarded_last_hour)],
         ["Oldest wait", (q) => formatSeconds(q.oldest_available_secs)],
         ["Wait p95 (1 min)", (q) => formatSeconds(q.wait_p95_secs)],
-      ], o.jobs, "No jobs yet."));
+      ], o.jobs, "No jobs yet.")));
       if (!charts) {
         charts = [
           lineChart(throughput, ctx.history.jobs, ["completed/s", "started/s"], { format: formatNumber }),
-          lineChart(wait, ctx.history.wait, ["p50", "p95"], { format: formatSeconds }),
+          lineChart(wait, ctx.history.wait, ["p50 (slowest queue)", "p95 (slowest queue)"], { format: formatSeconds }),
         ];
       }
       charts.forEach((c) => c.update());

@@ -16,7 +16,7 @@ export function livePage(ctx) {
   const jump = h("input", { id: "live-jump", name: "position", inputmode: "numeric", pattern: "[0-9]+", placeholder: "position", autocomplete: "off" });
   const state = h("p", { class: "muted", role: "status", "data-testid": "live-state" }, "Connecting…");
   const rows = h("tbody", {});
-  const detail = h("div", { class: "detail", "data-testid": "live-detail" }, h("p", { class: "muted" }, "Click an event to see all of it."));
+  const detail = h("div", { class: "detail", id: "live-detail", "aria-live": "polite", "data-testid": "live-detail" }, h("p", { class: "muted" }, "Click an event to see all of it."));
   const element = h("section", {}, h("h1", {}, "Live log"),
     h("div", { class: "inline" },
       h("label", { for: "live-entity" }, "Entity"), entity,
@@ -37,19 +37,18 @@ export function livePage(ctx) {
   let lastPosition = null;
   let paused = false;
   let buffered = [];
+  let dropped = 0;
+  // Showing a page read by Jump to, not the live tail: Resume starts the list afresh.
+  let jumped = false;
 
   function matches(e) {
     return (!entity.value || e.entity === entity.value) && (!kind.value || e.kind === kind.value);
   }
 
   function row(e) {
-    const tr = h("tr", {
-      tabindex: "0",
-      "data-position": String(e.position),
-      onclick: () => show(e),
-      onkeydown: (k) => { if (k.key === "Enter" || k.key === " ") { k.preventDefault(); show(e); } },
-    },
-    h("td", {}, String(e.position)),
+    // The row answers a click anywhere; the position is a button for the keyboard.
+    const tr = h("tr", { "data-position": String(e.position), onclick: () => show(e) },
+    h("td", {}, h("button", { type: "button", class: "link", "aria-controls": "live-detail", "aria-label": `Show event ${e.position}` }, String(e.position))),
     h("td", {}, e.commit_ts ? parseTime(e.commit_ts).toLocaleTimeString() : "–"),
     h("td", {}, e.entity),
     h("td", {}, e.kind),
@@ -57,8 +56,10 @@ export function livePage(ctx) {
     return tr;
   }
 
-  function show(e) {
-    fill(detail, h("h2", {}, `Event ${e.position}`), jsonView(e, `event ${e.position}`));
+  function show(e, focus = true) {
+    const title = h("h2", { tabindex: "-1" }, `Event ${e.position}`);
+    fill(detail, title, jsonView(e, `event ${e.position}`));
+    if (focus) title.focus();
   }
 
   function redraw() {
@@ -68,7 +69,11 @@ export function livePage(ctx) {
   function add(list) {
     if (paused) {
       buffered.push(...list);
-      fill(state, `Paused: ${buffered.length} new events waiting.`);
+      if (buffered.length > KEEP) {
+        dropped += buffered.length - KEEP;
+        buffered = buffered.slice(-KEEP);
+      }
+      fill(state, `Paused: ${buffered.length} new events waiting${dropped ? ` (${dropped} older ones will not be shown)` : ""}.`);
       return;
     }
     for (const e of list) {
@@ -125,11 +130,12 @@ export function livePage(ctx) {
       pause.setAttribute("aria-pressed", "true");
       pause.textContent = "Resume";
       events = page.events.slice().reverse();
+      jumped = true;
       redraw();
       fill(state, page.events.length
         ? `Showing positions ${page.events[0].position}–${page.events[page.events.length - 1].position} (paused; Resume goes back to live).`
         : `Nothing at or after position ${position} (the head is ${page.head}).`);
-      if (page.events.length) show(page.events[0]);
+      if (page.events.length) show(page.events[0], false);
     } catch (e) {
       fill(state, e.message);
     }
@@ -142,6 +148,12 @@ export function livePage(ctx) {
     if (!paused) {
       const waiting = buffered;
       buffered = [];
+      dropped = 0;
+      if (jumped) {
+        jumped = false;
+        events = [];
+        redraw();
+      }
       add(waiting);
       fill(state, "Live.");
     } else {

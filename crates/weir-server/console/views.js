@@ -1,10 +1,13 @@
 // The pages of what runs: the overview (source, log, operators, subscriptions, queues), one
 // consumer's page (lanes or emitters, the halted event, parked events, failures), process
-// status, and the event store's streams.
+// status, and the event store's streams. Each page is `{element, update(overview), destroy}`:
+// `app.js` calls `update` once a second from the live overview stream, and after an action
+// with `{force: true}`; what the overview does not carry (parked events, failures, streams)
+// is read here, throttled.
 
 import { ApiError, get, post } from "./api.js";
 import { lineChart, sparkline } from "./charts.js";
-import { badge, figure, fill, formatBytes, formatNumber, formatSeconds, h, jsonView, table, time } from "./dom.js";
+import { badge, figure, fill, formatBytes, formatNumber, formatSeconds, h, jsonView, keepFocus, table, time } from "./dom.js";
 
 const enc = encodeURIComponent;
 
@@ -15,21 +18,55 @@ function lagOf(c) {
   };
 }
 
-/** Re-reads `load` at most every `ms` (and at once when forced), keeping one read in flight. */
-function throttled(load, ms = 2000) {
+/**
+ * Re-reads `load` at most every `ms` (at once when forced), one read in flight: a forced call
+ * during a read runs again when it ends, so an action's effect is never hidden by an older read.
+ */
+export function throttled(load, ms = 2000) {
   let last = 0;
   let busy = false;
-  return async (force) => {
+  let again = false;
+  const run = async (force) => {
     const now = Date.now();
-    if (busy || (!force && now - last < ms)) return;
+    if (busy) {
+      again ||= force;
+      return;
+    }
+    if (!force && now - last < ms) return;
     busy = true;
     last = now;
     try {
       await load();
     } finally {
       busy = false;
+      if (again) {
+        again = false;
+        run(true);
+      }
     }
   };
+  return run;
+}
+
+/** A button for an action: off, saying why, when no token is configured. */
+export function actionButton(ctx, attrs, label) {
+  const off = !ctx.canAct;
+  return h("button", {
+    type: "button",
+    ...attrs,
+    disabled: off,
+    "aria-describedby": off ? "read-only-note" : undefined,
+    title: off ? "No token is configured ([http] token), so actions are off" : attrs.title,
+  }, label);
+}
+
+/** A `<details>` that reads its content when first opened. */
+export function onDemand(summary, make) {
+  const details = h("details", {}, h("summary", {}, summary));
+  details.addEventListener("toggle", () => {
+    if (details.open && details.children.length === 1) details.append(make());
+  });
+  return details;
 }
 
 export function overviewPage(ctx) {
@@ -61,7 +98,7 @@ export function overviewPage(ctx) {
 
   function consumerTable(caption, rows, kind) {
     return table(caption, [
-      ["Name", (c) => h("a", { href: `#/${kind}/${enc(c.name)}` }, c.name)],
+      ["Name", (c) => h("a", { href: `#/${kind}/${enc(c.name)}`, "data-key": `${kind}:${c.name}` }, c.name)],
       ["State", (c) => badge(c.state)],
       ["Lag (events)", (c) => formatNumber(lagOf(c).events)],
       ["Lag (seconds)", (c) => formatSeconds(lagOf(c).seconds)],
@@ -91,8 +128,8 @@ export function overviewPage(ctx) {
       const subNames = new Set(o.subscriptions.map((x) => x.subscription_name));
       sparks.forEach((x) => x.plot?.destroy());
       sparks.clear();
-      fill(operators, consumerTable("Operators", o.consumers.filter((c) => !subNames.has(c.name)), "consumers"));
-      fill(subs, consumerTable("Subscriptions", o.consumers.filter((c) => subNames.has(c.name)), "subscriptions"));
+      keepFocus(operators, () => fill(operators, consumerTable("Operators", o.consumers.filter((c) => !subNames.has(c.name)), "consumers")));
+      keepFocus(subs, () => fill(subs, consumerTable("Subscriptions", o.consumers.filter((c) => subNames.has(c.name)), "subscriptions")));
       for (const [name, s] of sparks) s.plot = sparkline(s.el, s.series, `lag of ${name}, events`);
       fill(queues, table("Job queues", [
         ["Queue", (q) => q.queue],
@@ -118,7 +155,7 @@ async function eventAt(position) {
   return e && e.position === position ? e : null;
 }
 
-function eventBlock(position, label) {
+export function eventBlock(position, label) {
   const box = h("div", { "data-testid": "event-json" }, h("p", { class: "muted" }, `Reading event ${position}…`));
   eventAt(position).then(
     (e) => fill(box, e ? jsonView(e, label) : h("p", { class: "muted" }, `Event ${position} is no longer in the log (retention).`)),
@@ -136,10 +173,11 @@ export function consumerPage(ctx, kind, name) {
   const lanes = h("div", { "data-testid": "lanes" });
   const parked = h("div", { "data-testid": "parked" });
   const failures = h("div", { "data-testid": "failures" });
-  const element = h("section", {}, title, status, halted,
+  const parts = [title, status, halted,
     h("section", { class: "card" }, h("h2", {}, kind === "subscriptions" ? "Emitters" : "Lanes"), lanes),
     h("section", { class: "card" }, h("h2", {}, "Parked events"), parked),
-    h("section", { class: "card" }, h("h2", {}, "Recent failures"), failures));
+    h("section", { class: "card" }, h("h2", {}, "Recent failures"), failures)];
+  const element = h("section", {}, parts);
   let haltedAt = null;
   let parkedKey = "";
   let missing = false;
@@ -151,6 +189,7 @@ export function consumerPage(ctx, kind, name) {
       rows = await get(`${base}/parked`);
     } catch (e) {
       fill(parked, h("p", { class: "error-text" }, e.message));
+      parkedKey = "";
       return;
     }
     const key = JSON.stringify(rows);
@@ -158,8 +197,8 @@ export function consumerPage(ctx, kind, name) {
     parkedKey = key;
     const all = rows.length
       ? h("p", { class: "actions" },
-        h("button", { type: "button", "data-action": "retry-all", onclick: () => act("Retry all parked", "/parked/retry") }, `Retry all (${rows.length})`),
-        h("button", { type: "button", class: "danger", "data-action": "discard-all", onclick: () => confirm(`Discard all ${rows.length} parked events of ${name}? They are not handled again.`) && act("Discard all parked", "/parked/discard") }, "Discard all"))
+        actionButton(ctx, { "data-action": "retry-all", onclick: () => act("Retry all parked", "/parked/retry") }, `Retry all (${rows.length})`),
+        actionButton(ctx, { class: "danger", "data-action": "discard-all", onclick: () => confirm(`Discard all ${rows.length} parked events of ${name}? They are not handled again.`) && act("Discard all parked", "/parked/discard") }, "Discard all"))
       : null;
     fill(parked, all, table("Parked events", [
       ["Position", (p) => String(p.position)],
@@ -168,9 +207,9 @@ export function consumerPage(ctx, kind, name) {
       ["Attempts", (p) => String(p.attempts)],
       ["Error", (p) => h("span", { class: "error-text" }, p.error)],
       ["", (p) => p.retry_requested ? "retry pending" : h("span", { class: "actions" },
-        h("button", { type: "button", "data-action": "retry", onclick: () => act(`Retry ${p.position}`, "/parked/retry", { position: p.position }) }, "Retry"),
-        h("button", { type: "button", class: "danger", "data-action": "discard", onclick: () => confirm(`Discard parked event ${p.position}?`) && act(`Discard ${p.position}`, "/parked/discard", { position: p.position }) }, "Discard"))],
-      ["Event", (p) => h("details", {}, h("summary", {}, "Show"), eventBlock(p.position, `parked event ${p.position}`))],
+        actionButton(ctx, { "data-action": "retry", "aria-label": `Retry parked event ${p.position}`, onclick: () => act(`Retry ${p.position}`, "/parked/retry", { position: p.position }) }, "Retry"),
+        actionButton(ctx, { class: "danger", "data-action": "discard", "aria-label": `Discard parked event ${p.position}`, onclick: () => confirm(`Discard parked event ${p.position}?`) && act(`Discard ${p.position}`, "/parked/discard", { position: p.position }) }, "Discard"))],
+      ["Event", (p) => onDemand(`Show event ${p.position}`, () => eventBlock(p.position, `parked event ${p.position}`))],
     ], rows, "No parked events."));
   });
 
@@ -196,6 +235,11 @@ export function consumerPage(ctx, kind, name) {
     element,
     update(o, { force } = {}) {
       const c = o.consumers.find((x) => x.name === name);
+      if (c && missing) {
+        // It exists now (a subscription created after the page opened).
+        missing = false;
+        fill(element, parts);
+      }
       if (!c) {
         if (!missing) {
           missing = true;
@@ -230,14 +274,12 @@ export function consumerPage(ctx, kind, name) {
         if (at === null) {
           fill(halted);
         } else {
-          const readOnly = !ctx.canAct;
-          const why = readOnly ? "no token is configured, so actions are off" : undefined;
           fill(halted, h("section", { class: "card halted", "aria-labelledby": "halted-title" },
             h("h2", { id: "halted-title" }, `Halted at event ${at}`),
             h("p", {}, `Lane ${c.halted.lane}, attempt ${c.halted.attempt}: `, h("span", { class: "error-text" }, c.halted.error)),
             h("p", { class: "actions" },
-              h("button", { type: "button", "data-action": "resume", disabled: readOnly, title: why, onclick: () => act("Resume", "/resume") }, "Resume (retry this event)"),
-              h("button", { type: "button", class: "danger", "data-action": "skip", disabled: readOnly, title: why, onclick: () => confirm(`Skip event ${at}? ${name} will never handle it.`) && act("Skip", "/skip") }, "Skip this event")),
+              actionButton(ctx, { "data-action": "resume", onclick: () => act("Resume", "/resume") }, "Resume (retry this event)"),
+              actionButton(ctx, { class: "danger", "data-action": "skip", onclick: () => confirm(`Skip event ${at}? ${name} will never handle it.`) && act("Skip", "/skip") }, "Skip this event")),
             eventBlock(at, `halted event ${at}`)));
         }
       }
@@ -248,17 +290,19 @@ export function consumerPage(ctx, kind, name) {
 }
 
 /** "Has this write been processed?" for `posts/<µs>` or an LSN, live (long-polls until yes). */
-export function processPage() {
+export function processPage(ctx) {
   const input = h("input", { id: "watermark", name: "watermark", placeholder: "posts/1422057007123000 or 0/16B3748", autocomplete: "off", spellcheck: "false" });
   const answer = h("div", { "data-testid": "process-answer", role: "status", "aria-live": "polite" });
   let run = 0;
   async function check(value) {
     const mine = ++run;
-    const param = /^[0-9A-Fa-f]+\/[0-9A-Fa-f]+$/.test(value) ? `lsn=${enc(value)}` : `entity_timestamp=${enc(value)}`;
+    // An LSN is two 32-bit halves in hex (`0/16B3748`); an entity timestamp has 16 digits of µs.
+    const param = /^[0-9A-Fa-f]{1,8}\/[0-9A-Fa-f]{1,8}$/.test(value) ? `lsn=${enc(value)}` : `entity_timestamp=${enc(value)}`;
+    const wait = Math.max(1, Math.min(10, ctx.access.max_wait_seconds ?? 10));
     fill(answer, h("p", {}, "Checking…"));
     for (;;) {
       try {
-        await get(`/v1/process/wait?${param}&timeout=10s`);
+        await get(`/v1/process/wait?${param}&timeout=${wait}s`);
         if (mine === run) fill(answer, h("p", { class: "ok-text", "data-testid": "processed" }, `${value} is processed: every consumer listening has handled it.`));
         return;
       } catch (e) {
@@ -267,7 +311,7 @@ export function processPage() {
           fill(answer, h("p", { class: "warn-text", "data-testid": "not-processed" }, `${value} is not processed yet (425 Too Early); still watching…`));
           continue;
         }
-        if (e instanceof ApiError && e.status === 0) {
+        if (e instanceof ApiError && (e.status === 0 || e.status === 503)) {
           fill(answer, h("p", { class: "warn-text" }, "Disconnected, retrying…"));
           await new Promise((r) => setTimeout(r, 2000));
           continue;
@@ -329,7 +373,7 @@ export function streamPage(ctx, name) {
         ["Position", (e) => (e.position === null || e.position === undefined ? "–" : String(e.position))],
         ["Type", (e) => e.type],
         ["Recorded", (e) => time(e.created_at ?? e.recorded_at)],
-        ["Data", (e) => h("details", {}, h("summary", {}, "Show"), jsonView(e, `event ${e.version}`))],
+        ["Data", (e) => onDemand(`Show version ${e.version}`, () => jsonView(e, `event ${e.version}`))],
       ], page.events, "No events."));
     } catch (e) {
       fill(list, h("p", { class: "error-text", "data-testid": "stream-error" }, e.message));

@@ -112,6 +112,8 @@ pub(crate) struct Access {
     token_configured: bool,
     /// Reads and channels need the token too (`http.protect_reads`).
     protect_reads: bool,
+    /// The longest wait a long-poll may ask for (`http.max_wait`), in seconds.
+    max_wait_seconds: u64,
 }
 
 /// Whether a token is configured and whether reads need it. Open, like `/v1/health`.
@@ -119,7 +121,11 @@ pub(crate) struct Access {
     responses((status = 200, description = "What requests need", body = Access)))]
 async fn access(State(state): State<AppState>) -> Json<Access> {
     let http = &state.config().http;
-    Json(Access { token_configured: http.token.is_some(), protect_reads: http.protect_reads })
+    Json(Access {
+        token_configured: http.token.is_some(),
+        protect_reads: http.protect_reads,
+        max_wait_seconds: http.max_wait.as_secs(),
+    })
 }
 
 /// The log at a glance.
@@ -155,15 +161,9 @@ pub(crate) struct Overview {
 async fn read_overview(state: &AppState) -> Result<Overview, ApiError> {
     let pool = state.pool();
     let source = weir::status::source_status(pool, state.config()).await?;
-    let oldest: Option<i64> =
-        sqlx::query_scalar("select min(position) from weir.events").fetch_one(pool).await?;
-    let relations: Vec<(String, String)> =
-        sqlx::query_as("select distinct schema_name, table_name from weir.relations order by 1, 2")
-            .fetch_all(pool)
-            .await?;
-    let mut entities: Vec<String> =
-        relations.iter().map(|(s, t)| weir_core::Event::entity_name(s, t)).collect();
-    entities.dedup();
+    let reader = weir_log::LogReader::new(pool.clone()).await?;
+    let oldest = reader.oldest().await?;
+    let entities = reader.entities().await?;
     let log = LogInfo {
         head: source.position,
         oldest,

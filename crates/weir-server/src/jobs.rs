@@ -200,11 +200,9 @@ pub(crate) struct PeriodicInfo {
 #[utoipa::path(get, path = "/v1/jobs/periodic", tag = "jobs",
     responses((status = 200, description = "Periodic jobs by name", body = Vec<PeriodicInfo>)))]
 async fn periodic(State(state): State<AppState>) -> Result<Json<Vec<PeriodicInfo>>, ApiError> {
-    let marks: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as("select name, last_at from weir.job_periodic order by name")
-            .fetch_all(state.pool())
-            .await?;
-    let mut marks: std::collections::BTreeMap<String, DateTime<Utc>> = marks.into_iter().collect();
+    let mut conn = state.pool().acquire().await?;
+    let mut marks: std::collections::BTreeMap<String, DateTime<Utc>> =
+        weir_jobs::admin::periodic_marks(&mut conn).await?.into_iter().collect();
     let now = Utc::now();
     let mut out: Vec<PeriodicInfo> = state
         .config()

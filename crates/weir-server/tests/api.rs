@@ -700,7 +700,10 @@ async fn the_console_is_served_and_its_endpoints_answer() {
 
     let (status, access) = h.get("/v1/access").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(access, json!({"token_configured": true, "protect_reads": false}));
+    assert_eq!(
+        access,
+        json!({"token_configured": true, "protect_reads": false, "max_wait_seconds": 20})
+    );
 
     h.insert(1, "poison").await;
     h.logged(1).await;

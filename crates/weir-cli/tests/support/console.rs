@@ -281,7 +281,12 @@ impl Browser {
             if found >= n {
                 return;
             }
-            assert!(Instant::now() < deadline, "{found} of {n} `{css}` after {timeout:?}");
+            if Instant::now() >= deadline {
+                let page = self
+                    .eval("return [document.querySelector('main').innerText.slice(0, 2000), window.weirErrors];")
+                    .await;
+                panic!("{found} of {n} `{css}` after {timeout:?}; the page: {page}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -316,9 +321,21 @@ impl Browser {
         }
     }
 
-    /// Clicks the first element matching `css` (waited for, at most 10 s).
+    /// Clicks the first element matching `css` (waited for, at most 10 s; found again when the
+    /// page redrew it between finding and clicking).
     pub(crate) async fn click(&self, css: &str) {
-        self.wait_for(css, Duration::from_secs(10)).await.click().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let el = self.wait_for(css, Duration::from_secs(10)).await;
+            match el.click().await {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("clicking `{css}`: {e}"),
+            }
+        }
     }
 
     /// Clicks `css`, then accepts the confirmation it asks for.
