@@ -6,7 +6,8 @@
 //!
 //! GET /v1/access         open: is a token configured, are reads protected? (the login form)
 //! GET /v1/overview       source, log, consumers, subscriptions, queues: one snapshot
-//! GET /v1/overview/live  SSE: that snapshot every second (`event: overview`)
+//! GET /v1/overview/live  SSE: that snapshot every second (`event: overview`), read once for
+//!                        all the process's watchers (`LiveOverview`)
 //!                                   │
 //! the page ──fetch, Authorization: Bearer (session storage, never a URL)──► every /v1 route
 //! ```
@@ -17,6 +18,7 @@
 //! styles and connections, so an event's data can never run as code in the page.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -27,7 +29,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::Serialize;
+use tokio::sync::watch;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -184,46 +188,89 @@ async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiEr
     Ok(Json(read_overview(&state).await?))
 }
 
-/// How often the live overview is sent.
+/// How often the live overview is read.
 const LIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The live overview of one process: one reader task, started by the first watcher and gone
+/// with the last, so a hundred open consoles cost one read a second, and none costs nothing.
+#[derive(Debug, Default)]
+pub(crate) struct LiveOverview {
+    /// The last chunk read (`event: overview` or `event: problem`), for every watcher.
+    latest: std::sync::OnceLock<watch::Sender<Option<Bytes>>>,
+    /// A reader task runs.
+    reading: AtomicBool,
+}
+
+impl LiveOverview {
+    fn sender(&self) -> &watch::Sender<Option<Bytes>> {
+        self.latest.get_or_init(|| watch::channel(None).0)
+    }
+
+    /// A watcher; starts the reader when none runs.
+    fn watch(&self, state: &AppState) -> watch::Receiver<Option<Bytes>> {
+        let mut rx = self.sender().subscribe();
+        // The last read goes out at once (when there is one), not a second later.
+        rx.mark_changed();
+        if !self.reading.swap(true, Ordering::SeqCst) {
+            tokio::spawn(read_every_second(state.clone()));
+        }
+        rx
+    }
+}
+
+async fn read_every_second(state: AppState) {
+    let live = &state.0.overview;
+    let tx = live.sender();
+    loop {
+        if tx.receiver_count() == 0 {
+            live.reading.store(false, Ordering::SeqCst);
+            // A watcher that came just now saw `reading` still set and started nothing.
+            if tx.receiver_count() == 0 || live.reading.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
+        let chunk = match read_overview(&state).await {
+            Ok(o) => match serde_json::to_string(&o) {
+                Ok(json) => format!("event: overview\ndata: {json}\n\n"),
+                Err(e) => problem(&e.to_string()),
+            },
+            // A database error is logged where it is made (`ApiError::internal`).
+            Err(e) => problem(e.message()),
+        };
+        tx.send_replace(Some(Bytes::from(chunk)));
+        tokio::select! {
+            _ = tokio::time::sleep(LIVE_EVERY) => {}
+            _ = state.0.cancel.cancelled() => {
+                live.reading.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
 
 /// The overview every second over Server-Sent Events: `event: overview` with the same JSON as
 /// `GET /v1/overview`; `event: problem` with `{message}` when one read fails (the stream goes
-/// on); it ends at shutdown.
+/// on); it ends at shutdown. Every watcher of a process gets the same reads.
 #[utoipa::path(get, path = "/v1/overview/live", tag = "source",
     responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = String)))]
 async fn live(State(state): State<AppState>) -> Response {
     let cancel = state.0.cancel.clone();
-    let stream = futures::stream::unfold((state, 0u64), move |(state, n)| {
-        let cancel = cancel.clone();
-        async move {
-            if n == 0 {
-                return Some((
-                    Ok::<Bytes, Infallible>(Bytes::from_static(b": ok\n\n")),
-                    (state, 1),
-                ));
+    let rx = state.0.overview.watch(&state);
+    let first =
+        futures::stream::once(async { Ok::<Bytes, Infallible>(Bytes::from_static(b": ok\n\n")) });
+    let updates = futures::stream::unfold((rx, cancel), |(mut rx, cancel)| async move {
+        loop {
+            tokio::select! {
+                changed = rx.changed() => changed.ok()?,
+                _ = cancel.cancelled() => return None,
             }
-            if n > 1 {
-                tokio::select! {
-                    _ = tokio::time::sleep(LIVE_EVERY) => {}
-                    _ = cancel.cancelled() => return None,
-                }
+            let chunk = rx.borrow_and_update().clone();
+            if let Some(chunk) = chunk {
+                return Some((Ok(chunk), (rx, cancel)));
             }
-            if cancel.is_cancelled() {
-                return None;
-            }
-            let chunk = match read_overview(&state).await {
-                Ok(o) => match serde_json::to_string(&o) {
-                    Ok(json) => format!("event: overview\ndata: {json}\n\n"),
-                    Err(e) => problem(&e.to_string()),
-                },
-                // A database error is logged where it is made (`ApiError::internal`).
-                Err(e) => problem(e.message()),
-            };
-            Some((Ok(Bytes::from(chunk)), (state, n + 1)))
         }
     });
-    let mut response = Body::from_stream(stream).into_response();
+    let mut response = Body::from_stream(first.chain(updates)).into_response();
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

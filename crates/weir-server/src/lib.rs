@@ -60,6 +60,8 @@ struct Inner {
     wake: weir_log::Wake,
     /// Stops every stream (channels and attached subscription clients).
     cancel: CancellationToken,
+    /// The live overview: read once a second for every console watching, none when none is.
+    overview: console::LiveOverview,
 }
 
 impl AppState {
@@ -102,7 +104,10 @@ impl Server {
         weir_streams::migrate(&pool).await?;
         let hub = channels::Hub::start(pool.clone(), &config, wake.clone(), cancel.clone()).await?;
         metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel.clone());
-        Ok(Server { state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel })) })
+        let overview = console::LiveOverview::default();
+        Ok(Server {
+            state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel, overview })),
+        })
     }
 
     /// The shared state.
