@@ -7,7 +7,7 @@ import { Series } from "./charts.js";
 import { fill, h } from "./dom.js";
 import { jobsPage } from "./jobs.js";
 import { livePage } from "./live.js";
-import { consumerPage, overviewPage, processPage, streamPage, streamsPage } from "./views.js";
+import { consumerPage, lagOf, overviewPage, processPage, streamPage, streamsPage } from "./views.js";
 
 const main = document.getElementById("main");
 const banner = document.getElementById("banner");
@@ -130,9 +130,8 @@ function record(o) {
   history.source.push(t, [o.source.events_per_second]);
   for (const c of o.consumers) {
     if (!history.lag.has(c.name)) history.lag.set(c.name, new Series(2));
-    const lagEvents = Math.max(0, ...c.lanes.map((l) => l.lag_events));
-    const lagSeconds = Math.max(0, ...c.lanes.map((l) => l.lag_seconds));
-    history.lag.get(c.name).push(t, [lagEvents, lagSeconds]);
+    const lag = lagOf(c);
+    history.lag.get(c.name).push(t, [lag.events, lag.seconds]);
   }
   const sum = (f) => o.jobs.reduce((a, q) => a + (q[f] ?? 0), 0);
   const max = (f) => {

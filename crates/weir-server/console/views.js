@@ -11,7 +11,8 @@ import { badge, figure, fill, formatBytes, formatNumber, formatSeconds, h, jsonV
 
 const enc = encodeURIComponent;
 
-function lagOf(c) {
+/** A consumer's lag: its furthest-behind lane's. */
+export function lagOf(c) {
   return {
     events: Math.max(0, ...c.lanes.map((l) => l.lag_events)),
     seconds: Math.max(0, ...c.lanes.map((l) => l.lag_seconds)),
@@ -155,7 +156,7 @@ async function eventAt(position) {
   return e && e.position === position ? e : null;
 }
 
-export function eventBlock(position, label) {
+function eventBlock(position, label) {
   const box = h("div", { "data-testid": "event-json" }, h("p", { class: "muted" }, `Reading event ${position}…`));
   eventAt(position).then(
     (e) => fill(box, e ? jsonView(e, label) : h("p", { class: "muted" }, `Event ${position} is no longer in the log (retention).`)),

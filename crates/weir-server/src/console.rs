@@ -25,7 +25,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
@@ -270,13 +270,7 @@ async fn live(State(state): State<AppState>) -> Response {
             }
         }
     });
-    let mut response = Body::from_stream(first.chain(updates)).into_response();
-    *response.status_mut() = StatusCode::OK;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    crate::channels::event_stream(first.chain(updates))
 }
 
 fn problem(message: &str) -> String {

@@ -82,12 +82,21 @@ pub(crate) async fn sse(
         let chunk = render_messages(&mut backlog, CHUNK_BUDGET);
         Some((Ok(chunk), (session, backlog, false)))
     });
+    Ok(event_stream(stream))
+}
+
+/// A `text/event-stream` answer of `stream`, never cached nor buffered by a proxy: every SSE
+/// route's (channels, attached subscription clients, the live overview).
+pub(crate) fn event_stream<S>(stream: S) -> Response
+where
+    S: futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
     let mut response = Body::from_stream(stream).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    response
 }
 
 /// Takes messages from the front of `backlog` and renders them into one chunk of at most
