@@ -171,6 +171,10 @@ pub(crate) struct Shared {
     pub(crate) reader: LogReader,
     /// Full pages of the log, read once for all the lanes of a consumer.
     pub(crate) pages: Arc<crate::pages::PageCache>,
+    /// The consumers' rows, read once for all the lanes of a consumer (view.rs).
+    pub(crate) view: Arc<crate::view::View>,
+    /// Lanes' watermark moves, written together (marks.rs).
+    pub(crate) marks: Arc<crate::marks::Marks>,
     pub(crate) wake: Wake,
     /// This process's identity: the owner of its leases.
     pub(crate) node: String,
@@ -218,6 +222,8 @@ impl Engine {
             pool,
             reader,
             pages: Arc::default(),
+            view: Arc::default(),
+            marks: Arc::default(),
             wake,
             node: process.as_str().to_string(),
             reporter,

@@ -3,8 +3,10 @@
 //! ```text
 //! loop (Lane::run):
 //!   retry requested parked events            (only while the lane has parked events)
-//!   consumer halted or stopped? ─► wait
+//!   consumer halted or stopped? ─► wait     (its row as read for all lanes here: view.rs)
 //!   a re-split in progress? ─► read only up to its position; there, wait
+//!   head := the Wake's (told by the appender in this process, or NOTIFY; from the log at
+//!           start and after a wait no wake-up ended)
 //!   read a page after pos (shared by the consumer's lanes in this process: pages.rs)
 //!                          ─► route each event the operator matches:
 //!                             hash(k) % lanes == this lane for one of its partition keys k?
@@ -14,7 +16,8 @@
 //!            prepare (work outside the database: a sink's delivery, no transaction held)
 //!            BEGIN; handle_group; fenced checkpoint; COMMIT
 //!            a failure rolls the group back ─► its events one by one through Lane::handle
-//!   nothing selected up to the head ─► checkpoint := head (the watermark moves), wait
+//!   nothing selected up to the head ─► checkpoint := head (the watermark moves, written with
+//!                                       the other lanes' here: marks.rs), wait
 //!
 //! Lane::handle(event):
 //!   its key parked earlier? ─► park it behind (same key, same lane, in order)
@@ -36,8 +39,15 @@
 //! Parked keys: the events of a parked key must wait behind it. A lane checks each event's key
 //! against `weir.parked` (one query per event, and no grouping) only when it may have parked
 //! keys: always for an `on_exhausted = "park"` consumer, otherwise while the lane has parked
-//! rows — known from one `exists` query per page and set the moment the lane parks an event
-//! (a handler's [`OperatorError::park`]). A lane that never parked pays one query per page.
+//! rows — known from one `exists` query when the lane starts (it holds the lane's lease: no
+//! one else parks its events), set the moment the lane parks an event (a handler's
+//! [`OperatorError::park`]), and looked up again per page while true (a discard or a retry
+//! elsewhere clears it). A lane that never parked pays one query when it starts.
+//!
+//! At a live rate every lane wakes for every event, and most only move past it: such a lane
+//! reads nothing alone (the page, the consumer's row and the head are shared) and writes only
+//! its watermark, batched with the others'; its status stays `idle`, and a lane handling a
+//! steady stream stays `running` until nothing came for a poll interval.
 //!
 //! [`OperatorError`]: crate::OperatorError
 //! [`OperatorError::park`]: crate::OperatorError::park
@@ -169,19 +179,25 @@ impl Lane {
         let mut wake = self.shared.wake.clone();
         // When the lane first saw a group that is not full (see `ConsumerSpec::linger`).
         let mut linger_since: Option<std::time::Instant> = None;
+        // Whether the head this process knows may be behind (at start, and after a wait that
+        // no wake-up ended: a notification may have been lost); then it is read from the log.
+        let mut stale_head = true;
+        // Only this lane parks its events, so after one look it knows, until it parks.
+        let mut parked_known = false;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
             }
-            if self.spec.on_exhausted != OnExhausted::Park {
+            if self.spec.on_exhausted != OnExhausted::Park && (!parked_known || self.has_parked) {
                 self.has_parked =
                     store::lane::lane_has_parked(&self.shared.pool, &self.spec.name, self.lane)
                         .await?;
+                parked_known = true;
             }
             if self.checks_parked() {
                 self.retry_parked().await?;
             }
-            let (state, drain_to) = self.sync_state().await?;
+            let (state, drain_to) = self.sync_state(false).await?;
             match state {
                 ConsumerState::Halted => {
                     self.set_state(LaneState::Halted, None, 0, None).await?;
@@ -195,8 +211,14 @@ impl Lane {
                 }
                 ConsumerState::Running => {}
             }
+            // The head: as this process was told of it (committed, so everything up to it can
+            // be read), or from the log when that may be behind.
+            if stale_head {
+                wake.advance(self.shared.reader.head().await?);
+                stale_head = false;
+            }
+            let mut head = wake.head();
             // A re-split in progress: nothing past its position until the lanes are re-split.
-            let mut head = self.shared.reader.head().await?;
             if let Some(d) = drain_to {
                 head = head.min(d);
                 if pos >= d {
@@ -220,6 +242,7 @@ impl Lane {
                     &self.spec.name,
                     self.spec.generation,
                     pos,
+                    head,
                     PAGE,
                     &filter,
                 )
@@ -241,10 +264,15 @@ impl Lane {
                     stored = head;
                 }
                 pos = pos.max(head);
-                self.set_state(LaneState::Idle, None, 0, None).await?;
-                tokio::select! {
+                let seen = tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(()),
-                    _ = wake.wait_past(pos, self.spec.poll_interval) => {}
+                    seen = wake.wait_past(pos, self.spec.poll_interval) => seen,
+                };
+                // Idle once nothing came for a poll interval: a lane at a steady rate stays
+                // running rather than writing its status twice per event.
+                stale_head = seen <= pos;
+                if stale_head {
+                    self.set_state(LaneState::Idle, None, 0, None).await?;
                 }
                 continue;
             }
@@ -262,7 +290,6 @@ impl Lane {
                 }
             }
             linger_since = None;
-            self.set_state(LaneState::Running, None, 0, None).await?;
             // Consecutive events of this lane are handled in one transaction with one fenced
             // checkpoint (a group); `pos` only moves past events that are done or not ours.
             let mut group: Vec<&Event> = Vec::new();
@@ -281,6 +308,9 @@ impl Lane {
                     }
                     continue;
                 };
+                // Running only while it has events of its own (moving past the others' is
+                // what an idle lane does too).
+                self.set_state(LaneState::Running, None, 0, None).await?;
                 // Alone: an event without a key, one with several, or one that may have to
                 // wait behind its key.
                 let single = keys.as_ref().is_err()
@@ -311,8 +341,7 @@ impl Lane {
             }
             if short
                 && !self.cancel.is_cancelled()
-                && store::consumer::state(&self.shared.pool, &self.spec.name).await?.0
-                    == ConsumerState::Running
+                && self.sync_state(false).await?.0 == ConsumerState::Running
             {
                 pos = pos.max(head);
             }
@@ -620,7 +649,7 @@ impl Lane {
     /// the event is to be tried again or was skipped meanwhile.
     async fn wait_until_running(&mut self, event: &Event) -> Result<AfterHalt> {
         // Halted, then perhaps stopped: either way nothing runs until it runs again.
-        while self.sync_state().await?.0 != ConsumerState::Running {
+        while self.sync_state(true).await?.0 != ConsumerState::Running {
             self.sleep(HALTED_POLL).await;
             if self.cancel.is_cancelled() {
                 return Ok(AfterHalt::Stopped);
@@ -811,10 +840,16 @@ impl Lane {
     }
 
     /// The fenced checkpoint alone, moving past events this lane does not handle (nothing
-    /// handled to undo, so a re-split's drain position does not matter here).
+    /// handled to undo, so a re-split's drain position does not matter here): written with the
+    /// other lanes' of this process (marks.rs).
     async fn checkpoint_alone(&self, position: i64) -> Result<bool> {
-        let mut conn = self.shared.pool.acquire().await?;
-        self.checkpoint_row(&mut conn, position).await
+        let mark = crate::marks::Mark {
+            consumer: self.spec.name.clone(),
+            lane: self.lane,
+            fence: self.fence,
+            position,
+        };
+        self.shared.marks.advance(&self.shared.pool, &self.shared.node, mark).await
     }
 
     async fn checkpoint_row(&self, conn: &mut PgConnection, position: i64) -> Result<bool> {
@@ -833,10 +868,14 @@ impl Lane {
         self.shared.halted.lock().expect("halted set").contains(&self.spec.name)
     }
 
-    /// Reads the consumer's state (and the drain position of a re-split in progress) from the
-    /// database, and whether it is halted into the shared set.
-    async fn sync_state(&self) -> Result<(ConsumerState, Option<i64>)> {
-        let (state, drain_to) = store::consumer::state(&self.shared.pool, &self.spec.name).await?;
+    /// The consumer's state (and the drain position of a re-split in progress), as read for
+    /// this process's lanes within the last [`view::FRESH`](crate::view::FRESH), or from the
+    /// database when `fresh`; whether it is halted goes into the shared set.
+    async fn sync_state(&self, fresh: bool) -> Result<(ConsumerState, Option<i64>)> {
+        if fresh {
+            self.shared.view.forget(&self.spec.name).await;
+        }
+        let (state, drain_to) = self.shared.view.state(&self.shared.pool, &self.spec.name).await?;
         let halted = state == ConsumerState::Halted;
         let mut set = self.shared.halted.lock().expect("halted set");
         if halted {

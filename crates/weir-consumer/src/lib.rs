@@ -35,6 +35,7 @@
 
 mod engine;
 mod lane;
+mod marks;
 mod operator;
 mod pages;
 pub mod process;
@@ -45,6 +46,7 @@ pub mod state;
 pub mod status;
 mod store;
 mod supervisor;
+mod view;
 
 pub use engine::{
     Catalog, ConsumerSpec, Engine, ErrorReporter, TracingReporter, register_consumer,

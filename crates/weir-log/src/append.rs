@@ -50,6 +50,8 @@ pub struct Appender {
     /// the address cannot be reused while cached).
     relations: HashMap<usize, (Arc<Source>, i32)>,
     head: watch::Sender<Position>,
+    /// The readers of this process, told of each append as its commit returns.
+    readers: Option<crate::Wake>,
 }
 
 impl Appender {
@@ -80,6 +82,7 @@ impl Appender {
             partition_upper,
             relations: HashMap::new(),
             head,
+            readers: None,
         })
     }
 
@@ -91,6 +94,13 @@ impl Appender {
     /// A receiver of the last appended position, updated after every commit.
     pub fn subscribe(&self) -> watch::Receiver<Position> {
         self.head.subscribe()
+    }
+
+    /// Tells `wake` of every append as soon as its commit returns, so readers in this process
+    /// (the lanes of `weir run`) do not wait for the `NOTIFY` to come back from the server.
+    pub fn wake_readers(&mut self, wake: crate::Wake) {
+        wake.advance(self.state.position);
+        self.readers = Some(wake);
     }
 
     /// Appends `txns` (in commit order) in one transaction; returns the new state. Transactions
@@ -186,6 +196,9 @@ impl Appender {
         tx.commit().await?;
         self.state = SourceState { lsn: last_lsn, position };
         self.head.send_replace(position);
+        if let Some(readers) = &self.readers {
+            readers.advance(position);
+        }
         Ok(self.state)
     }
 

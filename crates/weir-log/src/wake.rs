@@ -1,8 +1,20 @@
-//! Wake-ups for readers: after each append the appender updates an in-process watch channel
-//! and sends `NOTIFY weir_events, '<position>'` in the append transaction, so readers in other
-//! processes learn of new events at commit. Readers still poll on a timer as a fallback (a
-//! notification can be lost across a reconnect).
+//! Wake-ups for readers: a [`Wake`] holds the last log head this process knows of.
+//!
+//! ```text
+//! appender in this process ──(after COMMIT: Wake::advance)──────────────┐
+//! appender anywhere ──(NOTIFY weir_events, '<position>', at commit)──► listener ──► Wake ──► lanes,
+//!                                                                                   channels, tail
+//! ```
+//!
+//! The appender sends `NOTIFY` in its append transaction, so readers in other processes learn
+//! of new events at commit; readers in the appender's own process are told directly after the
+//! commit returns ([`crate::Appender::wake_readers`]), without the notification's round trip
+//! through the server. Both feed the same [`Wake`], which only moves forward. The head a
+//! `Wake` holds was always committed before it was seen, so everything up to it is readable.
+//! Readers still poll on a timer as a fallback (a notification can be lost across a
+//! reconnect; the listener reads the head again after each).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -14,21 +26,35 @@ use weir_core::Position;
 /// The channel the appender notifies on.
 pub const NOTIFY_CHANNEL: &str = "weir_events";
 
-/// A receiver of the log head. `changed()` resolves after an append.
+/// The log head as this process knows it, and a way to wait for it to move. Clones share it.
 #[derive(Debug, Clone)]
 pub struct Wake {
+    tx: Arc<watch::Sender<Position>>,
     rx: watch::Receiver<Position>,
 }
 
+impl Default for Wake {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
 impl Wake {
-    /// Wraps a receiver (e.g. [`crate::Appender::subscribe`]).
-    pub fn new(rx: watch::Receiver<Position>) -> Self {
-        Self { rx }
+    /// A wake at `head` that moves only through [`advance`](Self::advance) (no listener).
+    pub fn new(head: Position) -> Self {
+        let (tx, rx) = watch::channel(head);
+        Self { tx: Arc::new(tx), rx }
     }
 
     /// The last head seen.
     pub fn head(&self) -> Position {
         *self.rx.borrow()
+    }
+
+    /// Moves the head to `head` if that is further, waking every waiter. Only a committed
+    /// position may be given.
+    pub fn advance(&self, head: Position) {
+        self.tx.send_if_modified(|h| bump(h, head));
     }
 
     /// Waits until the head moves past `position`, or `timeout` passes. Returns the head.
@@ -44,13 +70,14 @@ pub fn listen_for_appends(
     pool: PgPool,
     cancel: CancellationToken,
 ) -> (Wake, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(0);
+    let wake = Wake::new(0);
+    let feed = wake.clone();
     let task = tokio::spawn(async move {
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            if let Err(e) = listen_once(&pool, &tx, &cancel).await {
+            if let Err(e) = listen_once(&pool, &feed, &cancel).await {
                 tracing::debug!(error = %e, "log listener reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -59,26 +86,26 @@ pub fn listen_for_appends(
             }
         }
     });
-    (Wake::new(rx), task)
+    (wake, task)
 }
 
 async fn listen_once(
     pool: &PgPool,
-    tx: &watch::Sender<Position>,
+    wake: &Wake,
     cancel: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(NOTIFY_CHANNEL).await?;
     let head: Option<i64> =
         sqlx::query_scalar("select max(position) from weir.source_state").fetch_one(pool).await?;
-    tx.send_if_modified(|h| bump(h, head.unwrap_or(0)));
+    wake.advance(head.unwrap_or(0));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             n = listener.recv() => {
                 let n = n?;
                 if let Ok(p) = n.payload().parse::<i64>() {
-                    tx.send_if_modified(|h| bump(h, p));
+                    wake.advance(p);
                 }
             }
         }

@@ -205,3 +205,27 @@ async fn a_long_running_reader_blocks_neither_appends_nor_other_readers() {
     .unwrap();
     assert_eq!(parts, 2);
 }
+
+#[tokio::test]
+async fn readers_are_woken_in_process_when_the_append_returns_and_elsewhere_by_notify() {
+    let (db, pool) = setup("log_wake").await;
+    let rel = source();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // A reader elsewhere: only the NOTIFY reaches it.
+    let (mut elsewhere, listener) = weir_log::listen_for_appends(pool.clone(), cancel.clone());
+    // Readers in the appender's process: told directly, no listener at all.
+    let local = weir_log::Wake::new(0);
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 1000).await.unwrap();
+    app.wake_readers(local.clone());
+    let state =
+        app.append(&[txn(100, vec![insert(&rel, 1, "a"), insert(&rel, 2, "b")])]).await.unwrap();
+    assert_eq!(state.position, 2);
+    assert_eq!(local.head(), 2, "the local readers know the head as the append returns");
+    let seen = elsewhere.wait_past(0, std::time::Duration::from_secs(10)).await;
+    assert_eq!(seen, 2, "the NOTIFY carries the head to other processes");
+    // The head only moves forward, whoever tells it.
+    local.advance(1);
+    assert_eq!(local.head(), 2);
+    cancel.cancel();
+    listener.await.unwrap();
+}

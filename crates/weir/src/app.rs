@@ -219,8 +219,10 @@ impl WeirBuilder {
         );
         let ingest = self.ingest.then(|| {
             let (config, pool, cancel) = (config.clone(), pool.clone(), cancel.clone());
-            let identity = identity.clone();
-            tokio::spawn(async move { crate::ingest::run(&config, &pool, &identity, cancel).await })
+            let (identity, readers) = (identity.clone(), Some(wake.clone()));
+            tokio::spawn(async move {
+                crate::ingest::run_waking(&config, &pool, &identity, readers, cancel).await
+            })
         });
         let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
         let started = start_jobs(&pool, &config, self.workers, periodic, identity).await;

@@ -86,6 +86,18 @@ pub async fn run(
     holder: &ProcessId,
     cancel: CancellationToken,
 ) -> Result<()> {
+    run_waking(config, pool, holder, None, cancel).await
+}
+
+/// [`run`], telling `readers` (the lanes of this process) of each append as its commit returns
+/// instead of through the `NOTIFY` round trip ([`weir_log::Appender::wake_readers`]).
+pub async fn run_waking(
+    config: &Config,
+    pool: &PgPool,
+    holder: &ProcessId,
+    readers: Option<weir_log::Wake>,
+    cancel: CancellationToken,
+) -> Result<()> {
     let backoff = Backoff::RECONNECT;
     let mut attempt = 0u32;
     while !cancel.is_cancelled() {
@@ -95,7 +107,7 @@ pub async fn run(
                 return Ok(());
             };
             tracing::info!(slot = %config.source.slot, %holder, "holding the source lease");
-            session(config, pool, lease, holder.as_str(), &cancel).await
+            session(config, pool, lease, holder.as_str(), readers.clone(), &cancel).await
         }
         .await;
         match result {
@@ -167,11 +179,15 @@ async fn session(
     pool: &PgPool,
     mut lease: PgConnection,
     holder: &str,
+    readers: Option<weir_log::Wake>,
     cancel: &CancellationToken,
 ) -> Result<()> {
     let options = db::connect_options(config)?;
     let mut appender =
         Appender::open(&options, &config.source.slot, config.log.partition_size).await?;
+    if let Some(wake) = readers {
+        appender.wake_readers(wake);
+    }
     // In-progress transactions are sent again from their start after a reconnect.
     appender.clear_staged().await?;
     let start = appender.state().lsn;

@@ -188,7 +188,7 @@ pub(crate) async fn begin_resplit(conn: &mut PgConnection, name: &str, lanes: i3
     if exists.is_none() {
         return Err(Error::UnknownConsumer(name.to_string()));
     }
-    sqlx::query("select 1 from weir.checkpoints where consumer = $1 for update")
+    sqlx::query("select 1 from weir.checkpoints where consumer = $1 order by lane for update")
         .bind(name)
         .execute(&mut *tx)
         .await?;

@@ -16,6 +16,16 @@ pub(crate) async fn checkpoint_position(pool: &PgPool, consumer: &str, lane: i32
     .await?)
 }
 
+/// A condition, true for every row, that makes the statement's transaction commit without
+/// waiting for its WAL to reach the disk (`synchronous_commit = off` for that transaction
+/// alone): for writes whose loss in a crash costs nothing but redoing them. Evaluated for the
+/// rows the statement changes, which are the only reason its commit would wait.
+macro_rules! no_flush_wait {
+    () => {
+        "set_config('synchronous_commit', 'off', true) is not null"
+    };
+}
+
 /// The fenced checkpoint: moves the lane to `position` only while this process holds the lease
 /// with `fence`. Returns false when the lease is gone (the caller must roll back).
 pub(crate) async fn checkpoint(
@@ -45,6 +55,52 @@ pub(crate) async fn checkpoint(
         == 1)
 }
 
+/// [`checkpoint`] for several lanes in one statement (`marks.rs`): each moves to its position
+/// (never backwards) while `node` holds it with its fence. The rows are locked in
+/// (consumer, lane) order, the order a re-split locks them in, so the two cannot deadlock.
+/// Returns the (consumer, lane) pairs moved; a lane missing from them lost its lease.
+///
+/// Committed without waiting for the WAL flush (`no_flush_wait!`): these moves pass only
+/// events the lane does not handle, so no effect depends on them; one lost in a crash is made
+/// again when the lane reads past those events once more.
+pub(crate) async fn advance_marks(
+    pool: &PgPool,
+    node: &str,
+    marks: &[&crate::marks::Mark],
+) -> Result<Vec<(String, i32)>> {
+    let consumers: Vec<&str> = marks.iter().map(|m| m.consumer.as_str()).collect();
+    let lanes: Vec<i32> = marks.iter().map(|m| m.lane).collect();
+    let fences: Vec<i64> = marks.iter().map(|m| m.fence).collect();
+    let positions: Vec<i64> = marks.iter().map(|m| m.position).collect();
+    Ok(sqlx::query_as(concat!(
+        "with m as (
+             select * from unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                 as m(consumer, lane, fence, position)
+         ), held as (
+             select c.consumer, c.lane, m.position from weir.checkpoints c
+             join m on m.consumer = c.consumer and m.lane = c.lane and m.fence = c.fence
+             where c.owner = $1 and ",
+        no_flush_wait!(),
+        "
+             order by c.consumer, c.lane
+             for update of c
+         )
+         update weir.checkpoints c
+         set position = greatest(c.position, held.position), attempt = 0, last_error = null,
+             current_position = null, updated_at = now()
+         from held
+         where c.consumer = held.consumer and c.lane = held.lane
+         returning c.consumer, c.lane",
+    ))
+    .bind(node)
+    .bind(consumers)
+    .bind(lanes)
+    .bind(fences)
+    .bind(positions)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Live status of a lane (outside the handler's transaction).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn set_status(
@@ -57,13 +113,17 @@ pub(crate) async fn set_status(
     attempt: i32,
     error: Option<&str>,
 ) -> Result<()> {
-    sqlx::query(
+    // Without waiting for the WAL flush (`no_flush_wait!`): the status is for people to read,
+    // and the lane writes it again as it runs; what must survive a crash (failures, halts,
+    // checkpoints of handled events) is written elsewhere, durably.
+    sqlx::query(concat!(
         "update weir.checkpoints
          -- the last error stays visible until an event is handled
          set status = $4, current_position = $5, attempt = $6,
              last_error = coalesce($7, last_error), updated_at = now()
-         where consumer = $1 and lane = $2 and fence = $3",
-    )
+         where consumer = $1 and lane = $2 and fence = $3 and ",
+        no_flush_wait!(),
+    ))
     .bind(consumer)
     .bind(lane)
     .bind(fence)

@@ -43,8 +43,11 @@ pub(crate) async fn heartbeat(
 /// Releases every lane `node` holds and forgets the process (a graceful stop).
 pub(crate) async fn leave(pool: &PgPool, node: &str) -> Result<()> {
     sqlx::query(
-        "update weir.checkpoints set owner = null, lease_until = null, status = $2
-         where owner = $1",
+        // Rows locked in (consumer, lane) order, as every statement that locks several lanes does.
+        "with l as (select consumer, lane from weir.checkpoints where owner = $1
+                    order by consumer, lane for update)
+         update weir.checkpoints c set owner = null, lease_until = null, status = $2
+         from l where c.consumer = l.consumer and c.lane = l.lane",
     )
     .bind(node)
     .bind(LaneState::Idle)

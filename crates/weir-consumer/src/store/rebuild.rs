@@ -172,10 +172,15 @@ pub(crate) async fn record(
 /// stand still from this commit on. The holders see their lease lost and take the lane again
 /// under a new fence, and then see the consumer stopped.
 pub(crate) async fn fence_lanes(conn: &mut PgConnection, consumer: &str) -> Result<()> {
-    sqlx::query("update weir.checkpoints set fence = fence + 1 where consumer = $1")
-        .bind(consumer)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        // Rows locked in lane order, as every statement that locks several lanes does.
+        "with l as (select lane from weir.checkpoints where consumer = $1 order by lane for update)
+         update weir.checkpoints c set fence = fence + 1 from l
+         where c.consumer = $1 and c.lane = l.lane",
+    )
+    .bind(consumer)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
