@@ -37,6 +37,31 @@ pub(crate) fn human_bytes(b: i64) -> String {
     }
 }
 
+/// One figure of a benchmark against its same-run reference, for `weir-bench all`'s table.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) benchmark: &'static str,
+    pub(crate) figure: String,
+    pub(crate) measured: String,
+    pub(crate) reference: String,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) target: Option<String>,
+    pub(crate) met: Option<bool>,
+}
+
+static ROWS: std::sync::Mutex<Vec<Row>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a row (a process-wide list; printing is up to the caller).
+pub(crate) fn record(row: Row) {
+    ROWS.lock().expect("rows").push(row);
+}
+
+/// Every row recorded so far, in order.
+#[allow(dead_code)]
+pub(crate) fn recorded() -> Vec<Row> {
+    ROWS.lock().expect("rows").clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
