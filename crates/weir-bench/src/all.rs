@@ -77,7 +77,7 @@ const QUICK_BUDGET: Duration = Duration::from_secs(300);
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut times = Vec::new();
-    let mut failed = Vec::new();
+    let mut failed: Vec<(&str, String)> = Vec::new();
     for &(name, quick) in QUICK {
         let argv: &[&str] = if args.quick { quick } else { &[] };
         let command: Vec<&str> = [name].iter().chain(argv).copied().collect();
@@ -94,7 +94,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 target: None,
                 met: Some(false),
             });
-            failed.push(name);
+            failed.push((name, format!("{e:#}")));
         }
         times.push((name, t.elapsed()));
         println!();
@@ -126,8 +126,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if args.quick && total > QUICK_BUDGET {
         println!("note: over the {} that --quick should take", minutes(QUICK_BUDGET));
     }
+    // The table cuts long cells; the errors in full.
+    for (name, error) in &failed {
+        println!("failed: {name}: {error}");
+    }
     if !failed.is_empty() {
-        bail!("{} of {} benchmarks failed: {}", failed.len(), QUICK.len(), failed.join(", "));
+        let names: Vec<&str> = failed.iter().map(|(n, _)| *n).collect();
+        bail!("{} of {} benchmarks failed: {}", failed.len(), QUICK.len(), names.join(", "));
     }
     Ok(())
 }

@@ -195,11 +195,11 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "| benchmark | figure                           | measured | reference                  | ratio | target  | verdict |",
-                "| --------- | -------------------------------- | -------- | -------------------------- | ----: | ------- | ------- |",
-                "| ingest    | 100-row transactions, changes/s  | 54,172/s | 106,096/s (pg_recvlogical) | 0.51x | ≥ 0.80x | MISSED  |",
-                "| jobs      | vacuum: last round / first       | 54,172/s | 106,096/s (pg_recvlogical) | 1.00x |         |         |",
-                "| fanout    | a \\| in a figure and a newline | 54,172/s |                            |       | ≥ 0.80x | met     |",
+                "| benchmark | figure                          | measured | reference                  | ratio | target  | verdict |",
+                "| --------- | ------------------------------- | -------- | -------------------------- | ----: | ------- | ------- |",
+                "| ingest    | 100-row transactions, changes/s | 54,172/s | 106,096/s (pg_recvlogical) | 0.51x | ≥ 0.80x | MISSED  |",
+                "| jobs      | vacuum: last round / first      | 54,172/s | 106,096/s (pg_recvlogical) | 1.00x |         |         |",
+                "| fanout    | a \\| in a figure and a newline  | 54,172/s |                            |       | ≥ 0.80x | met     |",
             ]
         );
         // Every line is as wide as the header, in characters (`≥` is one).
