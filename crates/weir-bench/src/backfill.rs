@@ -52,7 +52,7 @@ use weir_log::backfill::BackfillState;
 
 use crate::cpu::{CpuReport, CpuSampler, auxiliary};
 use crate::procfs::status_kib;
-use crate::report::{human_bytes, ratio, thousands, verdict};
+use crate::report::{self, Row, human_bytes, ratio, thousands, verdict};
 use crate::server::{PgServer, ServerArgs};
 use crate::thread::on_own_thread;
 
@@ -120,6 +120,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     server.drop_db(&name).await?;
     let summary = result?;
     summary.print();
+    summary.record();
     server.admin.close().await;
     Ok(())
 }
@@ -638,6 +639,34 @@ struct Summary {
 }
 
 impl Summary {
+    /// The summary's ratios and targets, for `weir-bench all`'s table: per chunk size, rows/s
+    /// against the copy ceiling and the peak RSS.
+    fn record(&self) {
+        for r in &self.rounds {
+            let b = &r.backfill;
+            let c = thousands(r.chunk_size as f64);
+            let x = b.rate() / r.copy.rate();
+            report::record(Row {
+                benchmark: "backfill",
+                figure: format!("chunks of {c}, rows/s"),
+                measured: format!("{}/s", thousands(b.rate())),
+                reference: format!("{}/s (copy to stdout)", thousands(r.copy.rate())),
+                ratio: Some(x),
+                target: Some(format!("≥ {TARGET_RATIO:.2}x")),
+                met: Some(x >= TARGET_RATIO),
+            });
+            report::record(Row {
+                benchmark: "backfill",
+                figure: format!("chunks of {c}, peak RSS ({:.0} MB before)", b.baseline_mb),
+                measured: format!("{:.0} MB", b.peak_mb),
+                reference: String::new(),
+                ratio: None,
+                target: Some(format!("≤ {TARGET_RSS_MB:.0} MB")),
+                met: Some(b.peak_mb <= TARGET_RSS_MB),
+            });
+        }
+    }
+
     fn print(&self) {
         println!("== summary (one run; the machine is shared: compare ratios within it) ==");
         println!("{:<48} {:>14} {:>16} {:>8}", "figure", "value", "target", "");

@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cpu::{CpuReport, CpuSampler};
 use crate::percentile::Percentiles;
 use crate::procfs::status_kib;
-use crate::report::{ratio, thousands, verdict};
+use crate::report::{self, Row, ratio, thousands, verdict};
 use crate::server::{PgServer, ServerArgs};
 use crate::thread::on_own_thread;
 
@@ -241,6 +241,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     stop_listen.cancel();
     listen_task.await??;
     print_summary(&args, &results, cpus);
+    record_summary(&args, &results);
 
     pool.close().await;
     pg.drop_db(&name).await?;
@@ -1314,6 +1315,50 @@ fn raise_open_files(needed: u64) -> anyhow::Result<u64> {
 
 // ---------------------------------------------------------------------------------------------
 // Summary
+
+/// The summary's targets and its ratio to the reference, for `weir-bench all`'s table: per
+/// phase, idle memory per client, the writes achieved, and commit → client p99 against commit →
+/// logged p99 (ratio reference / measured: higher is better).
+fn record_summary(args: &Args, results: &[PhaseResult]) {
+    for r in results {
+        let phase = r.phase.map_or("", Phase::label);
+        let row = |figure: String, measured: String| Row {
+            benchmark: "fanout",
+            figure: format!("{phase}, {} clients: {figure}", thousands(r.asked as f64)),
+            measured,
+            reference: String::new(),
+            ratio: None,
+            target: None,
+            met: None,
+        };
+        report::record(Row {
+            target: Some(format!("≤ {TARGET_IDLE_KIB} KiB")),
+            met: Some(r.per_client_kib() <= TARGET_IDLE_KIB),
+            ..row("idle memory per client".into(), format!("{:.1} KiB", r.per_client_kib()))
+        });
+        report::record(Row {
+            target: Some(format!("≥ 95% of {}/s", thousands(args.rate as f64))),
+            met: Some(r.achieved_rate >= 0.95 * args.rate as f64),
+            ..row("writes achieved".into(), format!("{}/s", thousands(r.achieved_rate)))
+        });
+        let p99 = row(
+            "commit → client p99".into(),
+            r.latency.map_or("no deliveries".into(), |p| format!("{:.2} ms", p.p99)),
+        );
+        report::record(Row {
+            reference: r
+                .floor
+                .map_or(String::new(), |f| format!("{:.2} ms (commit → logged p99)", f.p99)),
+            ratio: match (r.latency, r.floor) {
+                (Some(l), Some(f)) if l.p99 > 0.0 => Some(f.p99 / l.p99),
+                _ => None,
+            },
+            target: Some(format!("≤ {TARGET_P99_MS} ms")),
+            met: r.latency.map(|p| p.p99 <= TARGET_P99_MS),
+            ..p99
+        });
+    }
+}
 
 fn print_summary(args: &Args, results: &[PhaseResult], cpus: usize) {
     println!(

@@ -67,7 +67,7 @@ use weir_core::Secret;
 use crate::cpu::{CpuReport, CpuSampler, auxiliary};
 use crate::percentile::{Percentiles, median};
 use crate::procfs::status_kib;
-use crate::report::{human_bytes, ratio, thousands, verdict};
+use crate::report::{self, Row, human_bytes, ratio, thousands, verdict};
 use crate::server::{PgServer, ServerArgs};
 use crate::thread::on_own_thread;
 
@@ -189,6 +189,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         summary.latency = Some(latency(&server, &args).await.context("latency phase")?);
     }
     summary.print(&args);
+    summary.record(&args);
     server.admin.close().await;
     drop(server);
     Ok(())
@@ -1038,6 +1039,68 @@ impl Summary {
         }
         if !self.throughput.is_empty() {
             self.print_throughput_notes(args);
+        }
+    }
+
+    /// The summary's ratios and targets, for `weir-bench all`'s table.
+    fn record(&self, args: &Args) {
+        let row = |figure: String, measured: String, target: String, met: bool| Row {
+            benchmark: "ingest",
+            figure,
+            measured,
+            reference: String::new(),
+            ratio: None,
+            target: Some(target),
+            met: Some(met),
+        };
+        for t in &self.throughput {
+            report::record(Row {
+                benchmark: "ingest",
+                figure: format!(
+                    "{}-row transactions, changes/s{}",
+                    t.txn_size,
+                    if t.partial() { " (partial drain)" } else { "" }
+                ),
+                measured: format!("{}/s", thousands(t.weir_rate())),
+                reference: format!("{}/s (pg_recvlogical)", thousands(t.recv_rate())),
+                ratio: Some(t.ratio()),
+                target: Some(format!("≥ {TARGET_RATIO:.2}x")),
+                met: Some(t.ratio() >= TARGET_RATIO),
+            });
+        }
+        if let Some(l) = &self.latency {
+            report::record(row(
+                "latency phase, rows/s achieved".into(),
+                format!("{}/s", thousands(l.achieved_rate)),
+                format!("{}/s", thousands(args.rate as f64)),
+                l.achieved_rate >= l.target_rate as f64 * 0.95,
+            ));
+            report::record(row(
+                format!("commit → logged p50 at {}/s", thousands(args.rate as f64)),
+                format!("{:.2} ms", l.p50),
+                format!("≤ {TARGET_P50_MS} ms"),
+                l.p50 <= TARGET_P50_MS,
+            ));
+            report::record(row(
+                format!("commit → logged p99 at {}/s", thousands(args.rate as f64)),
+                format!("{:.2} ms", l.p99),
+                format!("≤ {TARGET_P99_MS} ms"),
+                l.p99 <= TARGET_P99_MS,
+            ));
+        }
+        if let Some(h) = &self.huge {
+            report::record(row(
+                format!("peak RSS, {}-row transaction", thousands(h.rows as f64)),
+                format!("{:.0} MB", h.peak_mb),
+                format!("≤ {TARGET_RSS_MB:.0} MB"),
+                h.peak_mb <= TARGET_RSS_MB,
+            ));
+            report::record(row(
+                "huge transaction: log complete and gap-free".into(),
+                if h.gap_free { "yes".into() } else { format!("no ({} events)", h.count) },
+                "yes".into(),
+                h.gap_free,
+            ));
         }
     }
 

@@ -31,6 +31,7 @@ use weir_jobs::{
     Config, Histogram, Job, JobArgs, JobContext, JobError, JobRunner, QueueConfig, Worker,
 };
 
+use crate::report::{self, Row, thousands};
 use crate::server::{PgServer, ServerArgs};
 
 /// `weir-bench jobs` options.
@@ -130,9 +131,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // so that every ratio compares neighbours in time (the machine is noisy).
     let script = if args.skip_reference {
         println!("graphile-worker: skipped (--skip-reference)");
+        record_skipped("--skip-reference");
         None
     } else if !has("node") || !has("npm") {
         println!("graphile-worker: skipped — node and npm are needed for the reference");
+        record_skipped("node and npm are needed");
         None
     } else {
         let found = graphile_script(&args);
@@ -140,6 +143,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             println!(
                 "graphile-worker: skipped — bench/graphile/run.sh not found (pass --graphile-dir)"
             );
+            record_skipped("bench/graphile/run.sh not found (pass --graphile-dir)");
         }
         found
     };
@@ -154,7 +158,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                  {drain:>9.0} jobs/s"
             );
             let Some(script) = &script else { continue };
-            match graphile(script, &url, args.jobs, c, mode, "noop") {
+            let g = graphile(script, &url, args.jobs, c, mode, "noop");
+            match &g {
                 Ok(g) => println!(
                     "graphile concurrency {c:>3} ({mode:<8}): enqueue {:>9.0} jobs/s   drain \
                      {:>9.0} jobs/s   weir / graphile = {:.1}×",
@@ -164,6 +169,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 ),
                 Err(e) => println!("graphile concurrency {c} ({mode}): failed: {e:#}"),
             }
+            record_ratio(format!("drain, {c} workers, {mode}, jobs/s"), drain, &g);
         }
     }
 
@@ -358,6 +364,15 @@ async fn vacuum_phase(
     running.stop(Duration::from_secs(10)).await?;
     if let (Some(first), Some(last)) = (rates.first(), rates.last()) {
         println!("weir     vacuum: last round / first round = {:.2}", last / first);
+        report::record(Row {
+            benchmark: "jobs",
+            figure: format!("vacuum rounds ({rounds} × {jobs} jobs), jobs/s: last / first"),
+            measured: format!("{}/s", thousands(*last)),
+            reference: format!("{}/s (first round)", thousands(*first)),
+            ratio: Some(last / first),
+            target: None,
+            met: None,
+        });
     }
     Ok(())
 }
@@ -468,6 +483,15 @@ async fn declared_drain(
         Ok(running) => running,
         Err(e @ weir_jobs::Error::Registration(_)) if e.to_string().contains("not built yet") => {
             println!("weir     concurrency {concurrency:>3} ({worker_type:<8}): skipped — {e}");
+            report::record(Row {
+                benchmark: "jobs",
+                figure: format!("drain, {concurrency} workers, `{worker_type}` worker"),
+                measured: format!("skipped: {e}"),
+                reference: String::new(),
+                ratio: None,
+                target: None,
+                met: None,
+            });
             clear(pool).await?;
             return Ok(None);
         }
@@ -485,6 +509,7 @@ async fn declared_drain(
 }
 
 fn reference_line(g: anyhow::Result<GraphileResult>, c: u32, what: &str, drain: f64) {
+    record_ratio(format!("drain, {c} workers, `{what}` worker, jobs/s"), drain, &g);
     match g {
         Ok(g) => println!(
             "graphile concurrency {c:>3} ({what:<8}): enqueue {:>9.0} jobs/s   drain {:>9.0} \
@@ -495,6 +520,40 @@ fn reference_line(g: anyhow::Result<GraphileResult>, c: u32, what: &str, drain: 
         ),
         Err(e) => println!("graphile concurrency {c} ({what}): failed: {e:#}"),
     }
+}
+
+/// A drain's row for `weir-bench all`: weir's jobs/s against graphile-worker's, or why there
+/// is no ratio.
+fn record_ratio(figure: String, drain: f64, g: &anyhow::Result<GraphileResult>) {
+    let (reference, ratio) = match g {
+        Ok(g) => (
+            format!("{}/s (graphile-worker)", thousands(g.jobs_per_sec)),
+            Some(drain / g.jobs_per_sec),
+        ),
+        Err(e) => (format!("graphile-worker failed: {e:#}"), None),
+    };
+    report::record(Row {
+        benchmark: "jobs",
+        figure,
+        measured: format!("{}/s", thousands(drain)),
+        reference,
+        ratio,
+        target: None,
+        met: None,
+    });
+}
+
+/// The row saying that no drain has a ratio, and why.
+fn record_skipped(why: &str) {
+    report::record(Row {
+        benchmark: "jobs",
+        figure: "graphile-worker reference".into(),
+        measured: format!("skipped: {why}"),
+        reference: String::new(),
+        ratio: None,
+        target: None,
+        met: None,
+    });
 }
 
 #[derive(Deserialize)]

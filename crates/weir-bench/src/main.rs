@@ -29,6 +29,11 @@
 //!   watermarks) while live changes arrive, rows/s against **`copy (select * from t) to
 //!   stdout`** of the same table read through one client; the peak RSS of the ingesting
 //!   process, the rows dropped by windows, where the CPU went; a sweep of chunk sizes.
+//! - `all [--quick]`: the regression run — every benchmark above in sequence in this process,
+//!   then **one table of every ratio and target** they recorded (benchmark, figure, measured,
+//!   reference, ratio, target, verdict) and the time each took; a benchmark that fails is a
+//!   row and the run goes on. `--quick` (small sizes, under 5 minutes on two cores) is the run
+//!   to compare a change against (`docs/benchmarks.md` has its last table).
 //!
 //! ```text
 //! main ── ingest / operators / jobs / fanout / streams / sinks / backfill  (one module per benchmark, its args and phases)
@@ -36,8 +41,9 @@
 //!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
 //!           │ procfs      /proc readers: ticks, RSS, children, titles
 //!           │ percentile  nearest-rank percentiles, medians
-//!           │ report      thousands, ratios, verdicts beside targets
+//!           │ report      thousands, ratios, verdicts beside targets; the rows for `all`
 //!           └ thread      writers and listeners on threads of their own (clocks not delayed)
+//! main ── all ── each benchmark above in turn, then report::table of the rows they recorded
 //! ```
 //!
 //! Run: `cargo run --release -p weir-bench -- <benchmark> --help`. A missed target is printed,
@@ -45,6 +51,7 @@
 //! hidden `weir` command, which is the weir-cli library's, so the server measured is built from
 //! the same source as the benchmark.
 
+mod all;
 mod backfill;
 mod cpu;
 mod fanout;
@@ -92,6 +99,8 @@ enum Command {
     Sinks(sinks::Args),
     /// Backfill: existing rows into the log during live changes, against COPY of the table.
     Backfill(backfill::Args),
+    /// Every benchmark in sequence, then one table of every ratio and target (`--quick`: < 5 min).
+    All(all::Args),
     /// A process that only delivers one subscription, for the crash tests that kill it.
     #[command(hide = true)]
     Subscriber(subscriber::Args),
@@ -125,6 +134,7 @@ fn main() -> ExitCode {
             Command::Streams(args) => streams::run(args).await,
             Command::Sinks(args) => sinks::run(args).await,
             Command::Backfill(args) => backfill::run(args).await,
+            Command::All(args) => all::run(args).await,
             Command::Subscriber(args) => subscriber::run(args).await,
             Command::Weir { .. } => unreachable!("handled above"),
         }

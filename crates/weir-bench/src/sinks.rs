@@ -100,7 +100,7 @@ use weir_streams::{Sink, StartAt, SubscriptionDef, SubscriptionKind, subscriptio
 
 use crate::cpu::{CpuReport, CpuSampler};
 use crate::percentile::Percentiles;
-use crate::report::{ratio, thousands, verdict};
+use crate::report::{self, Row, ratio, thousands, verdict};
 use crate::server::{PgServer, ServerArgs};
 use crate::streams::{head, watermark};
 use crate::thread::on_own_thread;
@@ -265,6 +265,15 @@ async fn run_in(
             }
             Err(e) => {
                 println!("  nats     none: {e:#}; the NATS phases are skipped");
+                report::record(Row {
+                    benchmark: "sinks",
+                    figure: "NATS throughput and latency".into(),
+                    measured: format!("skipped: {e:#}"),
+                    reference: String::new(),
+                    ratio: None,
+                    target: None,
+                    met: None,
+                });
                 None
             }
         }
@@ -356,6 +365,7 @@ async fn run_in(
         }
     }
     report.print(args, cpus);
+    report.record(args);
 
     weir.stop().await;
     receiver.stop().await;
@@ -1759,6 +1769,52 @@ impl Report {
             println!("  FAILED: {p}");
         }
         println!();
+    }
+
+    /// The summary's ratios and targets, for `weir-bench all`'s table. A latency's ratio is
+    /// the reference's p50 / weir's (higher is better).
+    fn record(&self, args: &Args) {
+        for row in &self.throughput {
+            let rate = |r: &Rate| r.per_second.map(|x| format!("{}/s", thousands(x)));
+            let client = match row.sink {
+                SinkKind::Webhook => format!("reqwest × {}", row.pool),
+                SinkKind::Nats => format!("async-nats × {}", row.pool),
+            };
+            let ratio = row.weir.per_second.zip(row.ceiling.per_second).map(|(w, c)| w / c);
+            report::record(Row {
+                benchmark: "sinks",
+                figure: format!("{}, pool size {}, events/s", row.sink.label(), row.pool),
+                measured: rate(&row.weir).unwrap_or_else(|| "did not finish".into()),
+                reference: format!(
+                    "{} ({client})",
+                    rate(&row.ceiling).unwrap_or_else(|| "did not finish".into())
+                ),
+                ratio,
+                target: Some(format!("≥ {TARGET_CEILING_RATIO:.2}x")),
+                met: match row.weir.per_second {
+                    None => Some(false),
+                    Some(_) => ratio.map(|x| x >= TARGET_CEILING_RATIO),
+                },
+            });
+        }
+        for (sink, l) in &self.latency {
+            report::record(Row {
+                benchmark: "sinks",
+                figure: format!(
+                    "{}, pool size {}: commit → receiver p50 at {}/s",
+                    sink.label(),
+                    args.latency_pool_size,
+                    thousands(args.rate as f64)
+                ),
+                measured: l.p.map_or("not measured".into(), |p| format!("{:.2} ms", p.p50)),
+                reference: l
+                    .logged
+                    .map_or(String::new(), |r| format!("{:.2} ms (commit → logged p50)", r.p50)),
+                ratio: l.p.zip(l.logged).filter(|(p, _)| p.p50 > 0.0).map(|(p, r)| r.p50 / p.p50),
+                target: Some(format!("≤ {TARGET_P50_MS} ms")),
+                met: Some(l.p.is_some_and(|p| p.p50 <= TARGET_P50_MS)),
+            });
+        }
     }
 }
 

@@ -60,7 +60,7 @@ use weir_core::Secret;
 use weir_streams::{SubscriptionDef, SubscriptionKind};
 
 use crate::percentile::Percentiles;
-use crate::report::{ratio, thousands, verdict};
+use crate::report::{self, Row, ratio, thousands, verdict};
 use crate::server::{PgServer, ServerArgs};
 
 const TARGET_FLOOR_RATIO: f64 = 0.7;
@@ -255,6 +255,15 @@ async fn appends(server: &PgServer, args: &Args) -> anyhow::Result<()> {
     let with_append = has_append(&pool).await?;
     if !with_append {
         println!("  weir.append is not in this database (not merged yet): the floor alone");
+        report::record(Row {
+            benchmark: "streams",
+            figure: "appends against plain inserts".into(),
+            measured: "skipped: weir.append is not in the database".into(),
+            reference: String::new(),
+            ratio: None,
+            target: None,
+            met: None,
+        });
     }
     let mut rows = Vec::new();
     for &writers in &args.writers {
@@ -298,6 +307,17 @@ async fn appends(server: &PgServer, args: &Args) -> anyhow::Result<()> {
             None => ("not measured".into(), "—".into()),
         };
         println!("  | {writers} × {batch} | {a} | {} ev/s | {r} |", thousands(floor));
+        if let Some(a) = append {
+            report::record(Row {
+                benchmark: "streams",
+                figure: format!("appends, {writers} writers × {batch} events, events/s"),
+                measured: format!("{}/s", thousands(a)),
+                reference: format!("{}/s (plain insert)", thousands(floor)),
+                ratio: Some(a / floor),
+                target: Some(format!("≥ {TARGET_FLOOR_RATIO:.2}x")),
+                met: Some(a / floor >= TARGET_FLOOR_RATIO),
+            });
+        }
     }
     println!(
         "  context (published, other machines): Commanded EventStore 8.6k events/s \
@@ -424,6 +444,15 @@ async fn delivery(server: &PgServer, args: &Args) -> anyhow::Result<()> {
         verdict(rates[1] >= TARGET_DELIVERY_RATE),
         ratio(rates[1] / rates[0])
     );
+    report::record(Row {
+        benchmark: "streams",
+        figure: "delivery, 8 emitters, events/s".into(),
+        measured: format!("{}/s", thousands(rates[1])),
+        reference: format!("{}/s (1 emitter)", thousands(rates[0])),
+        ratio: Some(rates[1] / rates[0]),
+        target: Some(format!("≥ {}/s", thousands(TARGET_DELIVERY_RATE))),
+        met: Some(rates[1] >= TARGET_DELIVERY_RATE),
+    });
     println!();
     pool.close().await;
     server.drop_db(&name).await?;
@@ -562,6 +591,17 @@ async fn latency(server: &PgServer, args: &Args) -> anyhow::Result<()> {
     );
     if missing > 0 {
         println!("  WARNING: {missing} appended events never reached the handler");
+    }
+    for (what, ms, target) in [("p50", p.p50, TARGET_P50_MS), ("p99", p.p99, TARGET_P99_MS)] {
+        report::record(Row {
+            benchmark: "streams",
+            figure: format!("append commit → handler {what} at {}/s", thousands(args.rate as f64)),
+            measured: format!("{ms:.2} ms"),
+            reference: String::new(),
+            ratio: None,
+            target: Some(format!("≤ {target} ms")),
+            met: Some(ms <= target),
+        });
     }
     println!();
     pool.close().await;
