@@ -263,19 +263,19 @@ struct Ctx<'a> {
 // PostgreSQL and the `weir` processes
 
 /// How to start `weir init` / `weir run` against the bench database: this executable's
-/// `weir` command, which is weir-cli's.
-struct WeirProcess {
-    exe: PathBuf,
-    db_url: String,
-    slot: String,
-    /// An empty directory of our own: the working directory (no stray weir.toml is read) and
-    /// the server's log.
-    dir: PathBuf,
-    client_buffer: Option<usize>,
+/// `weir` command, which is weir-cli's. (`process` uses it too.)
+pub(crate) struct WeirProcess {
+    pub(crate) exe: PathBuf,
+    pub(crate) db_url: String,
+    pub(crate) slot: String,
+    /// A directory of our own: the working directory (no stray weir.toml is read; a
+    /// benchmark may write its own there) and the server's log.
+    pub(crate) dir: PathBuf,
+    pub(crate) client_buffer: Option<usize>,
 }
 
 impl WeirProcess {
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg(crate::WEIR_COMMAND).args(args).current_dir(&self.dir).env_remove("DATABASE_URL");
         // Only this benchmark's settings: no token, no stray file, no fault injection.
@@ -296,7 +296,7 @@ impl WeirProcess {
     /// Starts `weir run` on a free port and waits until `/v1/health` answers 200. (Not
     /// `/v1/ready`: it checks `weir.checkpoints`, which a `weir run` without operators never
     /// creates; that ingestion streams is checked by the warm-up writes.)
-    async fn start(&self, http: &reqwest::Client) -> anyhow::Result<RunningWeir> {
+    pub(crate) async fn start(&self, http: &reqwest::Client) -> anyhow::Result<RunningWeir> {
         // A free port: bind port 0, read it, let it go.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = self.dir.join("weir-run.log");
@@ -337,10 +337,10 @@ impl WeirProcess {
 }
 
 /// A `weir run` process, killed when dropped.
-struct RunningWeir {
+pub(crate) struct RunningWeir {
     child: Child,
-    pid: u32,
-    base: String,
+    pub(crate) pid: u32,
+    pub(crate) base: String,
     log: PathBuf,
 }
 
@@ -360,14 +360,14 @@ impl RunningWeir {
         Ok(v[v.len() / 2])
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
     /// SIGTERM, then SIGKILL after 10 s.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -1291,7 +1291,7 @@ fn memory_total() -> String {
 
 /// Raises the soft limit of open files to at least `needed` (up to the hard limit); `weir
 /// run` inherits it. Returns the limit in force.
-fn raise_open_files(needed: u64) -> anyhow::Result<u64> {
+pub(crate) fn raise_open_files(needed: u64) -> anyhow::Result<u64> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let current = limit.current.unwrap_or(u64::MAX);

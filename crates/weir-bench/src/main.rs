@@ -21,6 +21,9 @@
 //! - `fanout`: SSE commit → client latency and memory per idle client of a `weir run` process,
 //!   against **commit → the append's `LISTEN weir_events` notification** (the floor a channel
 //!   builds on).
+//! - `process`: process status, commit → `GET /v1/process/wait` answering 200 with a thousand
+//!   other long-polls waiting, against **commit → logged** (the append's notification) and
+//!   commit → derived row, in the same run.
 //! - `sinks`: a subscription delivered by `weir run` to a webhook (a receiver in this process)
 //!   and to NATS JetStream, events/s with pool sizes 1 and 8, against **plain clients** (reqwest
 //!   posting the same signed bodies, async-nats publishing the same messages with 256 PubAcks in
@@ -36,7 +39,7 @@
 //!   to compare a change against (`docs/benchmarks.md` has its last table).
 //!
 //! ```text
-//! main ── ingest / operators / jobs / fanout / streams / sinks / backfill  (one module per benchmark, its args and phases)
+//! main ── ingest / operators / jobs / fanout / process / streams / sinks / backfill  (one module per benchmark, its args and phases)
 //!           │ server      PgServer: the --url server or a private cluster; create/drop databases
 //!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
 //!           │ procfs      /proc readers: ticks, RSS, children, titles
@@ -59,6 +62,7 @@ mod ingest;
 mod jobs;
 mod operators;
 mod percentile;
+mod process;
 mod procfs;
 mod report;
 mod server;
@@ -95,6 +99,8 @@ enum Command {
     Fanout(fanout::Args),
     /// The event store: appends/s against plain inserts, delivery through subscriptions, latency.
     Streams(streams::Args),
+    /// Process status: commit → long-poll 200 with many waiters, against commit → logged.
+    Process(process::Args),
     /// Sinks: webhook and NATS JetStream delivery against plain clients, commit → receiver.
     Sinks(sinks::Args),
     /// Backfill: existing rows into the log during live changes, against COPY of the table.
@@ -132,6 +138,7 @@ fn main() -> ExitCode {
             Command::Jobs(args) => jobs::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
             Command::Streams(args) => streams::run(args).await,
+            Command::Process(args) => process::run(args).await,
             Command::Sinks(args) => sinks::run(args).await,
             Command::Backfill(args) => backfill::run(args).await,
             Command::All(args) => all::run(args).await,

@@ -106,6 +106,9 @@ pub enum Error {
         /// Its state.
         state: ConsumerState,
     },
+    /// The process-status watcher's query failed; every request waiting on it gets this.
+    #[error("process status: the watcher's query failed")]
+    ProcessWatch(#[source] std::sync::Arc<Error>),
     /// The supervisor task panicked (a bug); the message is the panic's.
     #[error("the consumer supervisor panicked: {0}")]
     SupervisorPanicked(String),
@@ -145,6 +148,7 @@ impl Error {
             Error::Database(e) | Error::Log(weir_log::Error::Database(e)) => {
                 weir_log::sqlstate::is_transient(e)
             }
+            Error::ProcessWatch(e) => e.is_transient(),
             _ => false,
         }
     }

@@ -385,7 +385,7 @@ async fn process_check(
     ApiQuery(q): ApiQuery<CheckQuery>,
 ) -> Result<Response, ApiError> {
     let w = watermark(&headers, &q)?;
-    if w.reached(state.pool(), &state.config().consumers.timestamp_column).await? {
+    if w.reached(state.process_watch()).await? {
         Ok(Json(Processed { processed: true }).into_response())
     } else {
         Ok(too_early_response(&w))
@@ -418,8 +418,7 @@ async fn process_wait(
             "timeout {timeout:?} is longer than http.max_wait ({max:?})"
         )));
     }
-    let column = &state.config().consumers.timestamp_column;
-    if w.wait(state.pool(), column, timeout).await? {
+    if w.wait(state.process_watch(), timeout).await? {
         Ok(Json(Processed { processed: true }).into_response())
     } else {
         Ok(too_early_response(&w))

@@ -62,6 +62,8 @@ struct Inner {
     cancel: CancellationToken,
     /// The live overview: read once a second for every console watching, none when none is.
     overview: console::LiveOverview,
+    /// Process status for every long-poll (and any `TooEarlyLayer` made from it): one watcher.
+    process: weir_consumer::process::ProcessWatch,
 }
 
 impl AppState {
@@ -78,6 +80,11 @@ impl AppState {
     /// The realtime hub.
     pub fn hub(&self) -> &channels::Hub {
         &self.0.hub
+    }
+
+    /// The process-status watcher the long-polls share.
+    pub fn process_watch(&self) -> &weir_consumer::process::ProcessWatch {
+        &self.0.process
     }
 }
 
@@ -105,9 +112,21 @@ impl Server {
         let hub = channels::Hub::start(pool.clone(), &config, wake.clone(), cancel.clone()).await?;
         metrics::spawn_source_gauges(pool.clone(), config.clone(), cancel.clone());
         let overview = console::LiveOverview::default();
+        let process = weir_consumer::process::ProcessWatch::new(
+            pool.clone(),
+            &config.consumers.timestamp_column,
+        )
+        .wake_on(wake.clone());
         Ok(Server {
-            state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel, overview })),
+            state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel, overview, process })),
         })
+    }
+
+    /// The process-status watcher of this server (woken at every append), for
+    /// [`TooEarlyLayer::with_watch`] in front of an application's own routes: its waiters then
+    /// share the long-polls' one query per tick.
+    pub fn process_watch(&self) -> &weir_consumer::process::ProcessWatch {
+        self.state.process_watch()
     }
 
     /// The shared state.

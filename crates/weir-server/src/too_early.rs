@@ -12,6 +12,12 @@
 //! `GET /v1/process/check` and the long-poll `GET /v1/process/wait`. Requests without either
 //! header pass untouched; a malformed header is a `400`.
 //!
+//! Waiting (the long-poll, [`TooEarlyLayer::wait_up_to`]) goes through one
+//! [`ProcessWatch`] per server (or per layer): the waiters register what they wait for and one
+//! task reads the database once per tick for all of them, woken at every append — see
+//! [`weir_consumer::process`] for the watcher and for why a token resolves as soon as the log
+//! and the consumers have it.
+//!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool) {
 //! use axum::{Router, routing::get};
@@ -24,12 +30,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
 use tower::{Layer, Service};
+use weir_consumer::process::ProcessWatch;
 use weir_core::Lsn;
 
 use crate::error::ApiError;
@@ -98,36 +105,23 @@ impl Watermark {
         Ok(None)
     }
 
-    /// Whether the write has been handled by every consumer listening to it.
-    pub async fn reached(&self, pool: &PgPool, timestamp_column: &str) -> Result<bool, ApiError> {
+    /// Whether the write has been handled by every consumer listening to it, asked now.
+    pub async fn reached(&self, watch: &ProcessWatch) -> Result<bool, ApiError> {
         Ok(match self {
-            Watermark::Entity { entity, ts_us } => {
-                weir_consumer::process::processed(pool, entity, *ts_us, timestamp_column).await?
-            }
-            Watermark::Lsn(lsn) => weir_consumer::process::processed_lsn(pool).await? >= *lsn,
+            Watermark::Entity { entity, ts_us } => watch.check_entity(entity, *ts_us).await?,
+            Watermark::Lsn(lsn) => watch.check_lsn(*lsn).await?,
         })
     }
 
-    /// Waits until [`Watermark::reached`] or `timeout`; returns whether it was reached.
-    pub async fn wait(
-        &self,
-        pool: &PgPool,
-        timestamp_column: &str,
-        timeout: Duration,
-    ) -> Result<bool, ApiError> {
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            if self.reached(pool, timestamp_column).await? {
-                return Ok(true);
+    /// Waits until [`Watermark::reached`] or `timeout`; returns whether it was reached. The
+    /// waiting is `watch`'s: one query per tick for all of its waiters.
+    pub async fn wait(&self, watch: &ProcessWatch, timeout: Duration) -> Result<bool, ApiError> {
+        Ok(match self {
+            Watermark::Entity { entity, ts_us } => {
+                watch.wait_entity(entity, *ts_us, timeout).await?
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
+            Watermark::Lsn(lsn) => watch.wait_lsn(*lsn, timeout).await?,
+        })
     }
 }
 
@@ -148,17 +142,26 @@ pub fn too_early_response(watermark: &Watermark) -> Response {
 }
 
 /// Puts the processed check in front of a service. See the module docs.
+///
+/// Every clone of a layer (and every service it makes) shares one [`ProcessWatch`], so requests
+/// that wait ([`TooEarlyLayer::wait_up_to`]) cost one query per tick together.
 #[derive(Debug, Clone)]
 pub struct TooEarlyLayer {
-    pool: PgPool,
-    column: String,
+    watch: ProcessWatch,
     wait: Duration,
 }
 
 impl TooEarlyLayer {
-    /// Checks against `pool`'s weir schema, comparing `timestamp_column` (`updated_at`).
+    /// Checks against `pool`'s weir schema, comparing `timestamp_column` (`updated_at`), with
+    /// a watcher of its own (it learns of appends by its timer).
     pub fn new(pool: PgPool, timestamp_column: impl Into<String>) -> Self {
-        Self { pool, column: timestamp_column.into(), wait: Duration::ZERO }
+        Self::with_watch(ProcessWatch::new(pool, timestamp_column))
+    }
+
+    /// Checks through `watch` (e.g. [`crate::Server::process_watch`], woken at every append, and
+    /// shared with the server's long-polls).
+    pub fn with_watch(watch: ProcessWatch) -> Self {
+        Self { watch, wait: Duration::ZERO }
     }
 
     /// Waits up to `wait` for the write before answering 425 (default: answer at once).
@@ -209,9 +212,9 @@ where
                 Err(e) => return Ok(e.into_response()),
             };
             let reached = if layer.wait.is_zero() {
-                watermark.reached(&layer.pool, &layer.column).await
+                watermark.reached(&layer.watch).await
             } else {
-                watermark.wait(&layer.pool, &layer.column, layer.wait).await
+                watermark.wait(&layer.watch, layer.wait).await
             };
             match reached {
                 Ok(true) => inner.call(req).await,

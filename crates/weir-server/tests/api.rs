@@ -57,6 +57,7 @@ struct Harness {
     router: Router,
     base: String,
     cancel: CancellationToken,
+    watch: weir::process::ProcessWatch,
 }
 
 impl Harness {
@@ -91,11 +92,12 @@ impl Harness {
         let server =
             Server::start(pool.clone(), config, running.wake(), cancel.clone()).await.unwrap();
         let router = server.router();
+        let watch = server.process_watch().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let serve_cancel = cancel.clone();
         tokio::spawn(async move { server.serve(listener, serve_cancel).await.unwrap() });
-        Harness { _db: db, pool, gate, running: Some(running), router, base, cancel }
+        Harness { _db: db, pool, gate, running: Some(running), router, base, cancel, watch }
     }
 
     /// A request through the router, without a socket.
@@ -271,6 +273,87 @@ async fn a_write_is_too_early_until_processed_then_ok() {
     let (status, body) = h.get("/v1/process/posts").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["last_processed"], json!(ts), "{body}");
+    h.stop().await;
+}
+
+/// A thousand long-polls share the server's one watcher: while they wait, the database sees
+/// about one query per tick (per-waiter polling would make thousands); they all get 200 once
+/// the consumer has handled the write, one that times out still gets 425, and the watcher
+/// ends with the last waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_long_polls_share_one_watcher() {
+    const WAITERS: usize = 1000;
+    let h = Harness::start("api_watch", None, false).await;
+    sqlx::raw_sql("create table unwatched (n int)").execute(&h.pool).await.unwrap();
+    // Three writes, so the entity waiters ask three distinct questions (as writers would).
+    let mut ts = Vec::new();
+    for id in 1..=3 {
+        ts.push(h.insert(id, "hello").await.0);
+    }
+    // The token lands beyond WAL no event carries (a write to a table weir does not watch):
+    // it resolves through what the slot has acknowledged, not through an event.
+    sqlx::query("insert into unwatched values (1)").execute(&h.pool).await.unwrap();
+    let lsn: String = sqlx::query_scalar("select pg_current_wal_insert_lsn()::text")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    h.logged(3).await;
+
+    let wait = |uri: String, header: Option<(&'static str, String)>| {
+        let router = h.router.clone();
+        tokio::spawn(async move {
+            let mut req = Request::get(uri);
+            if let Some((name, value)) = header {
+                req = req.header(name, value);
+            }
+            router.oneshot(req.body(Body::empty()).unwrap()).await.unwrap().status()
+        })
+    };
+    let mut waiters = Vec::new();
+    for i in 0..WAITERS {
+        let uri = "/v1/process/wait?timeout=20s".to_string();
+        waiters.push(if i % 2 == 0 {
+            wait(uri, Some(("X-Weir-Lsn", lsn.clone())))
+        } else {
+            wait(uri, Some(("X-Weir-Entity-Timestamp", format!("posts/{}", ts[i % 3]))))
+        });
+    }
+    eventually("every long-poll waiting", Duration::from_secs(20), || async {
+        h.watch.waiting() == WAITERS
+    })
+    .await;
+    assert!(h.watch.is_watching());
+
+    // Held by the gate for a while: the watcher ticks every few milliseconds for all of them.
+    let before = h.watch.queries();
+    let held = std::time::Instant::now();
+    let late =
+        wait("/v1/process/wait?timeout=300ms".into(), Some(("X-Weir-Lsn", "FFFFFFFF/0".into())));
+    assert_eq!(late.await.unwrap(), StatusCode::TOO_EARLY, "a long-poll that times out");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queries = h.watch.queries() - before;
+    let ms = held.elapsed().as_millis() as u64;
+    assert!(
+        queries <= ms / 2 + 10,
+        "{queries} queries in {ms} ms for {WAITERS} waiters: more than one per tick"
+    );
+    assert_eq!(h.watch.waiting(), WAITERS, "none answered while the write is unhandled");
+
+    h.gate.open.store(true, Ordering::SeqCst);
+    for w in waiters {
+        assert_eq!(w.await.unwrap(), StatusCode::OK);
+    }
+    let seen: i64 =
+        sqlx::query_scalar("select count(*) from post_seen").fetch_one(&h.pool).await.unwrap();
+    assert_eq!(seen, 3, "200 only once the consumer's effects are committed");
+    assert_eq!(h.watch.waiting(), 0);
+    eventually("the watcher gone with the last waiter", Duration::from_secs(5), || async {
+        !h.watch.is_watching()
+    })
+    .await;
+    // Asked again, it starts again (a processed token answers at once).
+    let again = wait("/v1/process/wait?timeout=5s".into(), Some(("X-Weir-Lsn", lsn.clone())));
+    assert_eq!(again.await.unwrap(), StatusCode::OK);
     h.stop().await;
 }
 
