@@ -26,7 +26,7 @@ use clap::Parser;
 use futures::FutureExt;
 
 use crate::report::{self, Row};
-use crate::{Cli, Command, backfill, fanout, ingest, jobs, operators, sinks, streams};
+use crate::{Cli, Command, backfill, fanout, ingest, jobs, operators, process, sinks, streams};
 
 /// Arguments of `weir-bench all`.
 #[derive(Debug, clap::Args)]
@@ -80,6 +80,7 @@ const QUICK: &[(&str, &[&str])] = &[
         &["--append-events", "2000", "--delivery-events", "20000", "--latency-seconds", "3"],
     ),
     ("sinks", &["--events", "5000", "--latency-seconds", "3"]),
+    ("process", &["--waiters", "200", "--seconds", "3"]),
 ];
 
 /// What `--quick` promises on the development machine.
@@ -161,6 +162,7 @@ async fn one(name: &str, argv: &[&str]) -> anyhow::Result<()> {
             Command::Streams(a) => streams::run(a).await,
             Command::Sinks(a) => sinks::run(a).await,
             Command::Backfill(a) => backfill::run(a).await,
+            Command::Process(a) => process::run(a).await,
             other => bail!("`{other:?}` is not a benchmark"),
         }
     };

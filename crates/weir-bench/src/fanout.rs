@@ -1197,11 +1197,13 @@ async fn log_head(pool: &PgPool) -> anyhow::Result<i64> {
         .await?)
 }
 
-/// The highest sequence number in the log.
+/// The highest sequence number in the log. Not the last event's: the writers commit on
+/// several connections, so the last change logged may carry a lower number than one before it
+/// (waiting for the last event's number to reach the last one written then never ended).
 async fn log_n(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
-        "select coalesce((select (new_record->>'n')::bigint from weir.events
-                          where new_record ? 'n' order by position desc limit 1), 0)",
+        "select coalesce(max((new_record->>'n')::bigint), 0) from weir.events
+         where new_record ? 'n'",
     )
     .fetch_one(pool)
     .await?)

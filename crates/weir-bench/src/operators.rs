@@ -1419,8 +1419,16 @@ mod tests {
             rate: 1,
             latency_seconds: 1,
             writers: 1,
+            slow_events: 10,
+            slow_every: 20,
+            slow_seconds: 1,
             unix_socket: false,
         };
+        for sql in [LATENCY_SQL, SLOW_KEY_SQL] {
+            let op = OperatorSpec { name: "c", ordering: "per_key", lanes: 8, sql };
+            let c = weir_config("postgres://localhost/x", &a, Some(&op)).unwrap();
+            assert!(c.operators[0].sql.contains("$1"));
+        }
         let op = OperatorSpec { name: "c", ordering: "per_key", lanes: 8, sql: LATENCY_SQL };
         let c = weir_config("postgres://localhost/x", &a, Some(&op)).unwrap();
         assert_eq!(c.operators[0].lanes, Some(8));
