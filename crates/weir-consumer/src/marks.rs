@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use crate::{Result, store};
 
 /// One lane's request.
+#[derive(Clone)]
 pub(crate) struct Mark {
     pub(crate) consumer: String,
     pub(crate) lane: i32,
@@ -47,18 +48,14 @@ impl Marks {
     /// Moves the lane's checkpoint to `mark.position` (never backwards) while `node` holds its
     /// lease with `mark.fence`; false when the lease is gone.
     pub(crate) async fn advance(&self, pool: &PgPool, node: &str, mark: Mark) -> Result<bool> {
-        let (answer, mut rx) = oneshot::channel();
-        let id = {
-            let mut queued = self.queued.lock().expect("marks");
-            queued.0 += 1;
-            let id = queued.0;
-            queued.1.push(Queued { id, mark, answer });
-            id
-        };
+        let (mut id, mut rx) = self.queue(mark.clone());
         let _turn = self.writer.lock().await;
         // Carried by the write before this turn? (An answer is sent before the turn ends.)
-        if let Ok(moved) = rx.try_recv() {
-            return Ok(moved);
+        match rx.try_recv() {
+            Ok(moved) => return Ok(moved),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            // Taken by a turn that was dropped mid-write (its task cancelled): queued again.
+            Err(oneshot::error::TryRecvError::Closed) => id = self.queue(mark).0,
         }
         let batch = std::mem::take(&mut self.queued.lock().expect("marks").1);
         let marks: Vec<&Mark> = batch.iter().map(|q| &q.mark).collect();
@@ -83,5 +80,15 @@ impl Marks {
                 Err(e)
             }
         }
+    }
+
+    /// Queues `mark`; returns its id and where its answer comes.
+    fn queue(&self, mark: Mark) -> (u64, oneshot::Receiver<bool>) {
+        let (answer, rx) = oneshot::channel();
+        let mut queued = self.queued.lock().expect("marks");
+        queued.0 += 1;
+        let id = queued.0;
+        queued.1.push(Queued { id, mark, answer });
+        (id, rx)
     }
 }
