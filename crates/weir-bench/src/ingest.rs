@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use weir::Config;
@@ -670,30 +670,7 @@ async fn latency(server: &PgServer, args: &Args) -> anyhow::Result<LatencyResult
     // main runtime; only the OS scheduler sits between them.
     // Every notification with its arrival instant (the payload is the appended head position).
     let stop_listen = CancellationToken::new();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
-    let listen_task = on_own_thread("bench-listener", {
-        let (url, stop) = (url.clone(), stop_listen.clone());
-        move || async move {
-            let mut listener = PgListener::connect(&url).await?;
-            listener.listen(weir_log::NOTIFY_CHANNEL).await?;
-            let _ = ready_tx.send(());
-            let mut seen: Vec<(i64, Instant)> = Vec::new();
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    n = listener.recv() => {
-                        let at = Instant::now();
-                        let n = n?;
-                        if let Ok(p) = n.payload().parse::<i64>() {
-                            seen.push((p, at));
-                        }
-                    }
-                }
-            }
-            anyhow::Ok(seen)
-        }
-    });
-    ready_rx.await.context("the listener did not start")?;
+    let listen_task = crate::thread::append_notifications(&url, stop_listen.clone()).await?;
     // Let the ingestion reach streaming before the clock starts.
     tokio::time::sleep(Duration::from_secs(1)).await;
 

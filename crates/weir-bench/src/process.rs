@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -247,29 +247,7 @@ async fn run_phase(
 
     // The append notifications (the floor), on a thread of their own.
     let stop = CancellationToken::new();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
-    let listen = on_own_thread("bench-listener", {
-        let (url, stop) = (db_url.to_string(), stop.clone());
-        move || async move {
-            let mut listener = PgListener::connect(&url).await?;
-            listener.listen(weir_log::NOTIFY_CHANNEL).await?;
-            let _ = ready_tx.send(());
-            let mut seen: Vec<(i64, Instant)> = Vec::new();
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    n = listener.recv() => {
-                        let at = Instant::now();
-                        if let Ok(p) = n?.payload().parse::<i64>() {
-                            seen.push((p, at));
-                        }
-                    }
-                }
-            }
-            anyhow::Ok(seen)
-        }
-    });
-    ready_rx.await.context("the listener did not start")?;
+    let listen = crate::thread::append_notifications(db_url, stop.clone()).await?;
 
     // The other waiters: a token no write reaches, asked again whenever it times out.
     let idle = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -26,3 +26,35 @@ where
     }
     rx
 }
+
+/// Every `NOTIFY weir_events` on `url`'s database until `stop`, with its arrival instant (the
+/// payload is the appended head position), recorded on a thread of its own. Returns once the
+/// listener listens; the receiver answers with what it saw after `stop`.
+pub(crate) async fn append_notifications(
+    url: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<Vec<(i64, std::time::Instant)>>>>
+{
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = url.to_string();
+    let seen = on_own_thread("bench-listener", move || async move {
+        let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+        listener.listen(weir_log::NOTIFY_CHANNEL).await?;
+        let _ = ready_tx.send(());
+        let mut seen = Vec::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                n = listener.recv() => {
+                    let at = std::time::Instant::now();
+                    if let Ok(p) = n?.payload().parse::<i64>() {
+                        seen.push((p, at));
+                    }
+                }
+            }
+        }
+        anyhow::Ok(seen)
+    });
+    anyhow::Context::context(ready_rx.await, "the listener did not start")?;
+    Ok(seen)
+}
