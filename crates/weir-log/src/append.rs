@@ -1,20 +1,31 @@
 //! Appending committed source transactions to `weir.events`.
 //!
 //! ```text
-//! Appender::append([txn, txn, …])          (txns in WAL commit order, from the source)
-//!   skip txns whose commit LSN ≤ source_state.lsn     (already stored before a crash)
-//!   intern relation shapes → weir.relations ids        (autocommit; immutable facts)
-//!   create partitions the batch will reach              (autocommit, short)
-//!   BEGIN
-//!     INSERT … SELECT FROM unnest(…) (positions state.position+1 …, WAL order in each txn)
-//!     streamed txns: move weir.staged_changes rows, numbered by their WAL sequence
-//!     UPDATE weir.source_state SET lsn = last commit LSN, position = last position
-//!     NOTIFY weir_events, '<last position>'
-//!   COMMIT  ──► only now may the caller acknowledge the slot up to the returned LSN
+//! Appender::submit([txn, txn, …])          (txns in WAL commit order, from the source)
+//!   skip txns whose commit LSN ≤ the last one planned  (already stored before a crash)
+//!   plan on the client: positions, rows, staged moves   (relations interned, partitions made)
+//!   spawn on a connection of its own:
+//!     BEGIN
+//!       INSERT … SELECT FROM unnest(…) (positions planned, WAL order in each txn)
+//!       streamed txns: move weir.staged_changes rows, numbered by their WAL sequence
+//!       (once the append before holds the source state's row lock)
+//!       SELECT position FROM weir.source_state FOR UPDATE   (= the one planned before, or refuse)
+//!       UPDATE weir.source_state SET lsn, position
+//!       NOTIFY weir_events, '<last position>'
+//!     COMMIT  ──► settle(): only now may the caller acknowledge the slot up to its LSN
+//!   wait for the append before it to commit, return what is committed
 //! ```
 //!
 //! One appender per database writes the log (the source leader holds an advisory-lock lease),
 //! which is what makes positions gap-free and commit-ordered.
+//!
+//! Two appends overlap: while one executes and commits on the server, the next is planned and
+//! sent on the second connection. Their order stays the submission order because each one's
+//! `SELECT position FROM weir.source_state … FOR UPDATE` is sent only once the one before has
+//! taken the row's lock, so it waits for that one's commit and then must find the position
+//! that one left (the one it planned from); if that one rolled back, it does not: then
+//! the later one rolls back too ([`Error::Moved`](crate::Error::Moved)), and no position is
+//! ever committed after a gap.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,11 +33,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use weir_core::{Change, Lsn, Position, Source, Transaction};
 
 use crate::backfill::ChunkStored;
-use crate::{NOTIFY_CHANNEL, Result};
+use crate::{Error, NOTIFY_CHANNEL, Result};
 
 /// The source's persisted progress.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,12 +49,19 @@ pub struct SourceState {
     pub position: Position,
 }
 
-/// The single writer of the log. Holds its own connection.
+/// The single writer of the log. Holds its own two connections.
 #[derive(Debug)]
 pub struct Appender {
-    conn: PgConnection,
+    /// Connections not executing an append (one or two): planning, staging and heartbeats
+    /// use the first.
+    idle: Vec<PgConnection>,
+    /// The append executing on the other connection, if any.
+    in_flight: Option<InFlight>,
     slot: String,
+    /// What is committed.
     state: SourceState,
+    /// What will be committed once the append in flight is (equal to `state` without one).
+    planned: SourceState,
     partition_size: i64,
     /// Exclusive upper bound of the highest partition.
     partition_upper: i64,
@@ -54,8 +73,17 @@ pub struct Appender {
     readers: Option<crate::Wake>,
 }
 
+/// An append executing on a connection it owns until it is done.
+#[derive(Debug)]
+struct InFlight {
+    task: JoinHandle<(PgConnection, Result<()>)>,
+    to: SourceState,
+    /// Fires once the append holds the source state's row lock (dropped if it fails first).
+    locked: Option<oneshot::Receiver<()>>,
+}
+
 impl Appender {
-    /// Opens the appender for `slot` on a dedicated connection and loads its state.
+    /// Opens the appender for `slot` on two dedicated connections and loads its state.
     pub async fn open(
         options: &sqlx::postgres::PgConnectOptions,
         slot: &str,
@@ -73,11 +101,15 @@ impl Appender {
                 .await?;
         let lsn = lsn.parse().unwrap_or(Lsn::ZERO);
         let partition_upper = highest_partition_upper(&mut conn).await?;
+        let second = PgConnection::connect_with(options).await?;
         let (head, _) = watch::channel(position);
+        let state = SourceState { lsn, position };
         Ok(Self {
-            conn,
+            idle: vec![conn, second],
+            in_flight: None,
             slot: slot.to_string(),
-            state: SourceState { lsn, position },
+            state,
+            planned: state,
             partition_size,
             partition_upper,
             relations: HashMap::new(),
@@ -86,9 +118,14 @@ impl Appender {
         })
     }
 
-    /// The persisted progress.
+    /// The committed progress.
     pub fn state(&self) -> SourceState {
         self.state
+    }
+
+    /// Whether an append is still executing ([`settle`](Self::settle) waits for it).
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
     }
 
     /// A receiver of the last appended position, updated after every commit.
@@ -103,9 +140,9 @@ impl Appender {
         self.readers = Some(wake);
     }
 
-    /// Appends `txns` (in commit order) in one transaction; returns the new state. Transactions
-    /// at or below the stored LSN are skipped. Only after this returns may the slot be
-    /// acknowledged up to the returned LSN.
+    /// Appends `txns` (in commit order) in one transaction and waits for it; returns the new
+    /// state. Transactions at or below the stored LSN are skipped. Only after this returns may
+    /// the slot be acknowledged up to the returned LSN.
     pub async fn append(&mut self, txns: &[Transaction]) -> Result<SourceState> {
         self.append_with(txns, &[]).await
     }
@@ -118,10 +155,23 @@ impl Appender {
         txns: &[Transaction],
         chunks: &[ChunkStored],
     ) -> Result<SourceState> {
+        self.submit(txns, chunks).await?;
+        self.settle().await
+    }
+
+    /// Starts appending `txns` (in commit order, after everything submitted before) and
+    /// returns once everything submitted before has committed: one append executes while the
+    /// caller gathers the next. Returns the committed state, which does not include `txns`
+    /// yet; [`settle`](Self::settle) waits for them. Not cancel-safe: await it to the end.
+    pub async fn submit(
+        &mut self,
+        txns: &[Transaction],
+        chunks: &[ChunkStored],
+    ) -> Result<SourceState> {
         let fresh: Vec<&Transaction> =
-            txns.iter().filter(|t| t.commit_lsn > self.state.lsn).collect();
+            txns.iter().filter(|t| t.commit_lsn > self.planned.lsn).collect();
         let Some(last) = fresh.last() else {
-            return Ok(self.state);
+            return self.settle().await;
         };
         let last_lsn = last.commit_lsn;
         for change in fresh.iter().flat_map(|t| &t.changes) {
@@ -134,7 +184,7 @@ impl Appender {
             let n: i64 =
                 sqlx::query_scalar("select count(*) from weir.staged_changes where xid = $1")
                     .bind(i64::from(t.xid))
-                    .fetch_one(&mut self.conn)
+                    .fetch_one(&mut self.idle[0])
                     .await?;
             staged_counts.insert(t.xid, n);
         }
@@ -142,23 +192,26 @@ impl Appender {
             .iter()
             .map(|t| if t.staged { staged_counts[&t.xid] } else { t.changes.len() as i64 })
             .sum();
-        self.ensure_partitions(self.state.position + total).await?;
+        self.ensure_partitions(self.planned.position + total).await?;
 
-        let mut position = self.state.position;
-        let mut tx = self.conn.begin().await?;
+        let from = self.planned.position;
+        let mut position = from;
+        let mut steps = Vec::new();
         let mut rows = Rows::default();
         for t in &fresh {
             if t.staged {
-                rows.insert_events(&mut tx).await?;
-                let moved = sqlx::query(MOVE_STAGED)
-                    .bind(position)
-                    .bind(t.commit_lsn.to_string())
-                    .bind(i64::from(t.xid))
-                    .bind(t.commit_ts)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                position += moved as i64;
+                if rows.len() > 0 {
+                    steps.push(Step::Insert(rows.take()));
+                }
+                let count = staged_counts[&t.xid];
+                steps.push(Step::MoveStaged {
+                    after: position,
+                    count,
+                    lsn: t.commit_lsn.to_string(),
+                    xid: i64::from(t.xid),
+                    commit_ts: t.commit_ts,
+                });
+                position += count;
                 continue;
             }
             let lsn = t.commit_lsn.to_string();
@@ -169,37 +222,74 @@ impl Appender {
                 rows.head.push((position, lsn.clone(), i64::from(t.xid), t.commit_ts));
                 rows.push(c, relation_id);
                 if rows.len() >= ROWS_PER_STATEMENT {
-                    rows.insert_events(&mut tx).await?;
+                    steps.push(Step::Insert(rows.take()));
                 }
             }
         }
-        rows.insert_events(&mut tx).await?;
-        for chunk in chunks {
-            chunk.store(&mut tx).await?;
+        if rows.len() > 0 {
+            steps.push(Step::Insert(rows));
         }
-        sqlx::query(
-            "update weir.source_state set lsn = $2::pg_lsn, position = $3, updated_at = now()
-             where slot = $1",
-        )
-        .bind(&self.slot)
-        .bind(last_lsn.to_string())
-        .bind(position)
-        .execute(&mut *tx)
-        .await?;
-        if position > self.state.position {
-            sqlx::query("select pg_notify($1, $2)")
-                .bind(NOTIFY_CHANNEL)
-                .bind(position.to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        self.state = SourceState { lsn: last_lsn, position };
-        self.head.send_replace(position);
-        if let Some(readers) = &self.readers {
-            readers.advance(position);
+        let to = SourceState { lsn: last_lsn, position };
+        let plan = Plan { steps, chunks: chunks.to_vec(), slot: self.slot.clone(), from, to };
+        // The previous append may hold this one's connection: one connection always stays idle.
+        let mut conn = if self.idle.len() > 1 {
+            self.idle.pop().expect("two idle connections")
+        } else {
+            self.idle.pop().expect("an idle connection")
+        };
+        // This append's rows go in at once; its source state update waits until the one
+        // before holds the row lock, so it queues behind that one's commit, never before it.
+        let after = self.in_flight.as_mut().and_then(|f| f.locked.take());
+        let (locked_tx, locked) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let result = plan.execute(&mut conn, after, locked_tx).await;
+            (conn, result)
+        });
+        let previous = self.in_flight.replace(InFlight { task, to, locked: Some(locked) });
+        self.planned = to;
+        if let Some(previous) = previous {
+            self.finish(previous).await?;
         }
         Ok(self.state)
+    }
+
+    /// Waits for the append in flight, if any, to commit; returns the committed state.
+    ///
+    /// Cancel-safe: dropped before the append is done, it leaves the append in flight.
+    pub async fn settle(&mut self) -> Result<SourceState> {
+        if let Some(in_flight) = &mut self.in_flight {
+            // Polling the handle by reference leaves it in place if this future is dropped.
+            let done = (&mut in_flight.task).await;
+            let in_flight = self.in_flight.take().expect("checked above");
+            self.finished(in_flight.to, done)?;
+        }
+        Ok(self.state)
+    }
+
+    async fn finish(&mut self, in_flight: InFlight) -> Result<()> {
+        let done = in_flight.task.await;
+        self.finished(in_flight.to, done)
+    }
+
+    fn finished(
+        &mut self,
+        to: SourceState,
+        done: std::result::Result<(PgConnection, Result<()>), tokio::task::JoinError>,
+    ) -> Result<()> {
+        let (conn, result) = match done {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(Error::Moved { expected: self.state.position }),
+        };
+        // The idle connection keeps its place in front: it holds nothing of the append.
+        self.idle.push(conn);
+        result?;
+        self.state = to;
+        self.head.send_replace(to.position);
+        if let Some(readers) = &self.readers {
+            readers.advance(to.position);
+        }
+        Ok(())
     }
 
     /// Records liveness and lag for `weir status` (about once a second).
@@ -221,7 +311,7 @@ impl Appender {
         .bind(received.to_string())
         .bind(behind_ms)
         .bind(confirmed.to_string())
-        .execute(&mut self.conn)
+        .execute(&mut self.idle[0])
         .await?;
         Ok(())
     }
@@ -246,10 +336,10 @@ impl Appender {
             rows.staged.push((i64::from(xid), i64::from(*subxid), first_seq + i as i64));
             rows.push(c, relation_id);
             if rows.len() >= ROWS_PER_STATEMENT {
-                rows.insert_staged(&mut self.conn).await?;
+                rows.insert_staged(&mut self.idle[0]).await?;
             }
         }
-        rows.insert_staged(&mut self.conn).await?;
+        rows.insert_staged(&mut self.idle[0]).await?;
         Ok(())
     }
 
@@ -260,13 +350,13 @@ impl Appender {
                 sqlx::query("delete from weir.staged_changes where xid = $1 and subxid = $2")
                     .bind(i64::from(xid))
                     .bind(i64::from(sub))
-                    .execute(&mut self.conn)
+                    .execute(&mut self.idle[0])
                     .await?
             }
             _ => {
                 sqlx::query("delete from weir.staged_changes where xid = $1")
                     .bind(i64::from(xid))
-                    .execute(&mut self.conn)
+                    .execute(&mut self.idle[0])
                     .await?
             }
         };
@@ -279,13 +369,13 @@ impl Appender {
         Ok(sqlx::query_scalar("select key from weir.staged_changes where xid = $1 and entity = $2")
             .bind(i64::from(xid))
             .bind(entity)
-            .fetch_all(&mut self.conn)
+            .fetch_all(&mut self.idle[0])
             .await?)
     }
 
     /// Drops every staged change: at start the slot sends in-progress transactions again.
     pub async fn clear_staged(&mut self) -> Result<()> {
-        sqlx::query("truncate weir.staged_changes").execute(&mut self.conn).await?;
+        sqlx::query("truncate weir.staged_changes").execute(&mut self.idle[0]).await?;
         Ok(())
     }
 
@@ -304,7 +394,7 @@ impl Appender {
         .bind(&rel.schema)
         .bind(&rel.table)
         .bind(Value::Object(rel.columns.clone()))
-        .fetch_one(&mut self.conn)
+        .fetch_one(&mut self.idle[0])
         .await?;
         self.relations.insert(addr, (rel.clone(), id));
         Ok(id)
@@ -318,6 +408,10 @@ impl Appender {
     /// append), one that is needed now is retried until it gets the lock.
     async fn ensure_partitions(&mut self, last_position: Position) -> Result<()> {
         let ahead = last_position + self.partition_size / 2;
+        if ahead >= self.partition_upper {
+            // The DDL would wait for the append in flight anyway, blocking readers meanwhile.
+            self.settle().await?;
+        }
         while ahead >= self.partition_upper {
             let needed = last_position >= self.partition_upper;
             let lo = self.partition_upper.max(1);
@@ -327,7 +421,7 @@ impl Appender {
                 "create table if not exists weir.events_{lo:012} partition of weir.events \
                  for values from ({lo}) to ({hi})"
             );
-            let mut tx = self.conn.begin().await?;
+            let mut tx = self.idle[0].begin().await?;
             sqlx::query("set local lock_timeout = '200ms'").execute(&mut *tx).await?;
             match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await {
                 Ok(_) => {
@@ -348,6 +442,101 @@ impl Appender {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
+    }
+}
+
+/// One append as planned by [`Appender::submit`], executed on a connection of its own.
+#[derive(Debug)]
+struct Plan {
+    steps: Vec<Step>,
+    chunks: Vec<ChunkStored>,
+    slot: String,
+    /// The last position before this append: the source state must still hold it.
+    from: Position,
+    to: SourceState,
+}
+
+#[derive(Debug)]
+enum Step {
+    Insert(Rows),
+    /// A streamed transaction's `count` staged changes, numbered after `after`.
+    MoveStaged {
+        after: Position,
+        count: i64,
+        lsn: String,
+        xid: i64,
+        commit_ts: DateTime<Utc>,
+    },
+}
+
+impl Plan {
+    /// Runs the append: its rows, then (once `after`, the append before, holds the row lock)
+    /// the source state update, which takes the lock and tells `locked`, then the commit.
+    async fn execute(
+        self,
+        conn: &mut PgConnection,
+        after: Option<oneshot::Receiver<()>>,
+        locked: oneshot::Sender<()>,
+    ) -> Result<()> {
+        let mut tx = conn.begin().await?;
+        for step in self.steps {
+            match step {
+                Step::Insert(mut rows) => rows.insert_events(&mut tx).await?,
+                Step::MoveStaged { after, count, lsn, xid, commit_ts } => {
+                    let moved = sqlx::query(MOVE_STAGED)
+                        .bind(after)
+                        .bind(lsn)
+                        .bind(xid)
+                        .bind(commit_ts)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if moved as i64 != count {
+                        // Nothing else writes staged rows while the session holds the slot.
+                        return Err(Error::Moved { expected: self.from });
+                    }
+                }
+            }
+        }
+        for chunk in &self.chunks {
+            chunk.store(&mut tx).await?;
+        }
+        if let Some(after) = after {
+            // An error means the append before failed: the update below then finds the log
+            // where that one started and refuses.
+            let _ = after.await;
+        }
+        // Waits for the append before this one to commit (it holds the row's lock) and reads
+        // what it left; if that one rolled back, or another writer moved the log, the position
+        // is not ours to continue from. (A predicate on the position in the update itself would
+        // be judged on the row as it was before that commit, and skip it without waiting.)
+        let stored: i64 =
+            sqlx::query_scalar("select position from weir.source_state where slot = $1 for update")
+                .bind(&self.slot)
+                .fetch_one(&mut *tx)
+                .await?;
+        if stored != self.from {
+            return Err(Error::Moved { expected: self.from });
+        }
+        sqlx::query(
+            "update weir.source_state set lsn = $2::pg_lsn, position = $3, updated_at = now()
+             where slot = $1",
+        )
+        .bind(&self.slot)
+        .bind(self.to.lsn.to_string())
+        .bind(self.to.position)
+        .execute(&mut *tx)
+        .await?;
+        let _ = locked.send(());
+        if self.to.position > self.from {
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(self.to.position.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -389,7 +578,7 @@ const ROWS_PER_STATEMENT: usize = 5_000;
 /// Not COPY: sqlx does not set `TCP_NODELAY`, and COPY's two back-to-back writes (CopyData,
 /// CopyDone) then wait for the server's delayed ACK — about 40 ms per append. One statement is
 /// one write and one reply.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Rows {
     /// position, lsn, xid, commit_ts (log rows).
     head: Vec<(i64, String, i64, DateTime<Utc>)>,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! source ─► Appender::append(batch of committed transactions)
-//!              │ one transaction: COPY events + source_state(lsn, position) + NOTIFY
+//!              │ one transaction: events + source_state(lsn, position) + NOTIFY (two overlap)
 //!              ▼
 //!           weir.events (range partitions over position) ─► read / tail / consumers
 //!              │                                            ▲
@@ -42,6 +42,14 @@ pub enum Error {
     /// The database refused or the connection broke.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The log's last position was not the one this appender continued from: the append
+    /// before it failed, or another process appended (the lease was lost). Nothing of this
+    /// append was stored; reopening the appender starts again from what is stored.
+    #[error("the log moved under its appender (expected it at position {expected}); reopening")]
+    Moved {
+        /// The position the append continued from.
+        expected: i64,
+    },
     /// A stored row could not be read back into an event.
     #[error("corrupt log row at position {position}: {problem}")]
     Corrupt {

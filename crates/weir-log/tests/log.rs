@@ -229,3 +229,84 @@ async fn readers_are_woken_in_process_when_the_append_returns_and_elsewhere_by_n
     cancel.cancel();
     listener.await.unwrap();
 }
+
+/// Appends submitted back to back overlap (one commits while the next is sent) and still land
+/// gap-free in submission order, with the state reported only for what is committed.
+#[tokio::test]
+async fn overlapping_appends_land_in_submission_order() {
+    let (db, pool) = setup("log_pipeline").await;
+    let rel = source();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 100_000).await.unwrap();
+    let mut id = 0;
+    for batch in 0..200u64 {
+        let changes = (0..(1 + batch % 7))
+            .map(|_| {
+                id += 1;
+                insert(&rel, id, "x")
+            })
+            .collect();
+        let committed = app.submit(&[txn(100 + batch, changes)], &[]).await.unwrap();
+        assert!(app.in_flight(), "the append just submitted runs on");
+        let stored: i64 = sqlx::query_scalar("select position from weir.source_state")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(
+            committed.position <= stored,
+            "reported {} but stored {stored}",
+            committed.position
+        );
+    }
+    let state = app.settle().await.unwrap();
+    assert!(!app.in_flight());
+    assert_eq!(state.position, id);
+    assert_eq!(state.lsn, Lsn(299));
+    let positions: Vec<i64> = sqlx::query_scalar("select position from weir.events order by 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(positions, (1..=id).collect::<Vec<_>>());
+    let ids: Vec<i64> =
+        sqlx::query_scalar("select (key->>'id')::int8 from weir.events order by position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(ids, (1..=id).collect::<Vec<_>>(), "events keep the order they were submitted in");
+}
+
+/// When an append fails, the one submitted after it (already running) must not commit on top
+/// of the gap: it refuses, and the log ends where the last good append left it.
+#[tokio::test]
+async fn an_append_after_a_failed_one_refuses_rather_than_leave_a_gap() {
+    let (db, pool) = setup("log_pipeline_fail").await;
+    let rel = source();
+    let mut app = Appender::open(&db.url().parse().unwrap(), "weir", 100_000).await.unwrap();
+    app.append(&[txn(100, vec![insert(&rel, 1, "a")])]).await.unwrap();
+    // Position 2 is taken behind the appender's back: its next append fails on the key.
+    sqlx::query(
+        "insert into weir.events (position, lsn, xid, commit_ts, kind, entity, key)
+         values (2, '0/1', 1, now(), 'insert', 'intruder', '{}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let failing = app.submit(&[txn(200, vec![insert(&rel, 2, "b")])], &[]).await;
+    assert!(failing.is_ok(), "the failure shows once the append is waited for");
+    let next = app.submit(&[txn(300, vec![insert(&rel, 3, "c")])], &[]).await;
+    let err = next.expect_err("the append that failed is reported");
+    assert!(matches!(err, weir_log::Error::Database(_)), "{err:?}");
+    let err = app.settle().await.expect_err("the append after it refuses");
+    assert!(matches!(err, weir_log::Error::Moved { expected: 2 }), "{err:?}");
+    let (position, lsn): (i64, String) =
+        sqlx::query_as("select position, lsn::text from weir.source_state")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((position, lsn.as_str()), (1, "0/64"));
+    let stored: Vec<(i64, String)> =
+        sqlx::query_as("select position, entity from weir.events order by 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, vec![(1, "posts".to_string()), (2, "intruder".to_string())]);
+}

@@ -82,6 +82,7 @@ impl Error {
                 weir_log::sqlstate::is_transient(e)
             }
             Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
+            Error::Log(weir_log::Error::Moved { .. }) => true,
             Error::Consumer(e) => e.is_transient(),
             Error::Jobs(e) => e.is_transient(),
             Error::Streams(weir_streams::Error::Database(e)) => weir_log::sqlstate::is_transient(e),

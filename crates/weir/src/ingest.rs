@@ -15,7 +15,8 @@
 //!   the log, or with a keepalive position that went through the channel after every
 //!   transaction before it was stored (so every commit at or below it is in the log).
 //! - The writer groups whatever transactions are queued into one append (throughput) but never
-//!   waits for more to arrive (latency).
+//!   waits for more to arrive (latency). While one append commits, the next is gathered and
+//!   sent ([`Appender::submit`]); an idle LSN is acknowledged only once nothing is in flight.
 //! - The channel is bounded and streamed transactions leave the assembler in chunks, so a huge
 //!   transaction costs bounded memory.
 //! - One reader per slot: a second process waits on the advisory lock as a standby and takes
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use weir_core::{Backoff, Config, Lsn, ProcessId, Transaction};
 use weir_log::Appender;
@@ -360,12 +361,24 @@ async fn writer(
     let mut idle = Lsn::ZERO;
     let mut behind_ms = 0i64;
     let mut last_heartbeat: Option<Instant> = None;
+    // The append in flight: the permits of its commits and who waits for its chunks.
+    let mut flying: (Vec<OwnedSemaphorePermit>, Vec<oneshot::Sender<()>>) = Default::default();
     loop {
-        let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-            Ok(Some(item)) => Some(item),
-            Ok(None) => break,
-            Err(_) => None,
+        let first = tokio::select! {
+            // Nothing queued while an append commits: publish it as soon as it is done.
+            settled = appender.settle(), if appender.in_flight() => {
+                settled?;
+                None
+            }
+            item = tokio::time::timeout(Duration::from_secs(1), rx.recv()) => match item {
+                Ok(Some(item)) => Some(item),
+                Ok(None) => break,
+                Err(_) => None,
+            },
         };
+        if !appender.in_flight() {
+            land(&mut flying);
+        }
         let mut events = 0usize;
         let mut next = first;
         // Permits of queued commits are returned once they are appended.
@@ -407,28 +420,31 @@ async fn writer(
         if let Some(newest) = batch.last().map(|t| t.commit_ts) {
             fault::point("before_append");
             let before = appender.state().position;
-            appender.append_with(&batch, &stored).await?;
+            // Returns once the append before this one committed; this one runs on.
+            appender.submit(&batch, &stored).await?;
+            land(&mut flying);
+            flying = (std::mem::take(&mut held), std::mem::take(&mut waiting));
             stored.clear();
-            for done in waiting.drain(..) {
-                let _ = done.send(());
+            if rx.is_empty() {
+                // Nothing to overlap with: wait for it here rather than a loop turn later.
+                appender.settle().await?;
+                land(&mut flying);
             }
             fault::point("after_append");
             metrics::counter!("weir_ingest_events_total")
                 .increment((appender.state().position - before).max(0) as u64);
             behind_ms = (chrono::Utc::now() - newest).num_milliseconds().max(0);
             batch.clear();
-            held.clear();
-        } else if rx.is_empty() {
+        } else if rx.is_empty() && !appender.in_flight() {
             behind_ms = 0;
         }
-        let confirm = appender.state().lsn.max(idle);
-        persisted.send_if_modified(|p| {
-            let moved = confirm > *p;
-            if moved {
-                *p = confirm;
-            }
-            moved
-        });
+        // An idle LSN vouches only for commits queued before it, which may be in flight.
+        let confirm = if appender.in_flight() {
+            appender.state().lsn
+        } else {
+            appender.state().lsn.max(idle)
+        };
+        publish(&persisted, confirm);
         if last_heartbeat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             let received = *received.borrow();
             let confirmed = *persisted.borrow();
@@ -436,7 +452,30 @@ async fn writer(
             last_heartbeat = Some(Instant::now());
         }
     }
+    // The reader is gone (shutdown or an error): what was submitted still lands.
+    appender.settle().await?;
+    land(&mut flying);
+    publish(&persisted, appender.state().lsn.max(idle));
     Ok(())
+}
+
+/// Lets the reader acknowledge the slot up to `confirm`, if that is further than before.
+fn publish(persisted: &watch::Sender<Lsn>, confirm: Lsn) {
+    persisted.send_if_modified(|p| {
+        let moved = confirm > *p;
+        if moved {
+            *p = confirm;
+        }
+        moved
+    });
+}
+
+/// The append these belong to committed: its queue permits return, its chunks' waiters go on.
+fn land(flying: &mut (Vec<OwnedSemaphorePermit>, Vec<oneshot::Sender<()>>)) {
+    flying.0.clear();
+    for done in flying.1.drain(..) {
+        let _ = done.send(());
+    }
 }
 
 fn current(rx: &watch::Receiver<Lsn>) -> Lsn {
