@@ -6,14 +6,18 @@
 //! 75 ms poll ─────► processed tail: watermarks + events after Q ─────────────────┤
 //!                                                                                  ▼
 //!                  registry (one mutex): P, Q, channel → clients, `processed` clients
+//!                    under the lock: snapshot the subscriber lists, move P (or Q)  │
 //!                                                                                  │
-//!                       each message serialized once, Arc shared ◄─────────────────┘
+//!                    after it: each message serialized once, Arc shared ◄──────────┘
 //!                       client queue (≤ http.client_buffer; full ⇒ dropped as slow_client)
 //! ```
 //!
 //! A client registers under the registry lock and learns P and Q at that instant: every change
 //! after P and every notification after Q reaches its queue, nothing at or before them does,
-//! so a resuming client replays (cursor, P] from the log and misses nothing.
+//! so a resuming client replays (cursor, P] from the log and misses nothing. The tails hold
+//! the lock only to take a snapshot of the subscriber lists (copy-on-write `Arc`s) and move P
+//! or Q over a part of at most 256 events; they push to the clients after releasing it, so a
+//! client registering meanwhile already sees the moved position and replays that part instead.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -69,16 +73,20 @@ struct Registry {
     change_pos: Position,
     /// Q: the last position the processed tail decided.
     processed_pos: Position,
-    channels: HashMap<Box<str>, Vec<Arc<Client>>>,
+    /// Copy-on-write: a tail pushing to a snapshot never holds up a registration.
+    channels: Arc<Subscribers>,
     /// Subscriptions per entity: the change tail reads only these entities.
     entities: HashMap<Box<str>, usize>,
     /// Bumped when an entity gains its first subscriber: a page read with an older entity
     /// list must be read again.
     generation: u64,
-    processed: Vec<Arc<Client>>,
+    processed: Arc<Vec<Arc<Client>>>,
     /// What each client is registered on.
     clients: HashMap<u64, HashSet<Channel>>,
 }
+
+/// The clients of each change channel.
+type Subscribers = HashMap<Box<str>, Arc<Vec<Arc<Client>>>>;
 
 /// A client's bounded queue of shared messages.
 #[derive(Debug)]
@@ -243,9 +251,10 @@ impl Shared {
                 continue;
             }
             match c {
-                Channel::Processed => r.processed.push(client.clone()),
+                Channel::Processed => Arc::make_mut(&mut r.processed).push(client.clone()),
                 Channel::Change { name, entity } => {
-                    r.channels.entry(name.clone()).or_default().push(client.clone());
+                    let list = Arc::make_mut(&mut r.channels).entry(name.clone()).or_default();
+                    Arc::make_mut(list).push(client.clone());
                     let n = r.entities.entry(entity.clone()).or_insert(0);
                     if *n == 0 {
                         r.generation += 1;
@@ -264,12 +273,13 @@ impl Shared {
         let Some(channels) = r.clients.remove(&client) else { return };
         for c in channels {
             match c {
-                Channel::Processed => r.processed.retain(|x| x.id != client),
+                Channel::Processed => Arc::make_mut(&mut r.processed).retain(|x| x.id != client),
                 Channel::Change { name, entity } => {
-                    if let Some(list) = r.channels.get_mut(&name) {
-                        list.retain(|x| x.id != client);
+                    let channels = Arc::make_mut(&mut r.channels);
+                    if let Some(list) = channels.get_mut(&name) {
+                        Arc::make_mut(list).retain(|x| x.id != client);
                         if list.is_empty() {
-                            r.channels.remove(&name);
+                            channels.remove(&name);
                         }
                     }
                     if let Some(n) = r.entities.get_mut(&entity) {
@@ -355,15 +365,18 @@ impl Shared {
                 if i > 0 {
                     tokio::task::yield_now().await;
                 }
-                let mut r = self.lock();
-                if r.generation != generation || r.change_pos != at {
-                    stale = true;
-                    break;
-                }
-                queued += self.dispatch(&mut r, part, &keys);
-                at = part.last().map_or(at, |e| e.position);
-                r.change_pos = at;
-                self.change_pos.store(at, Ordering::Release);
+                let subscribers = {
+                    let mut r = self.lock();
+                    if r.generation != generation || r.change_pos != at {
+                        stale = true;
+                        break;
+                    }
+                    at = part.last().map_or(at, |e| e.position);
+                    r.change_pos = at;
+                    self.change_pos.store(at, Ordering::Release);
+                    r.channels.clone()
+                };
+                queued += self.dispatch(&subscribers, part, &keys);
             }
             if queued > 0 {
                 metrics::counter!("weir_channel_messages_total").increment(queued as u64);
@@ -387,16 +400,13 @@ impl Shared {
 
     /// Queues each event to the clients of its channels; one serialization per event (and a
     /// small envelope per channel). Returns how many messages were queued.
-    fn dispatch(&self, r: &mut Registry, events: &[Event], keys: &KeyColumns) -> usize {
+    fn dispatch(&self, subscribers: &Subscribers, events: &[Event], keys: &KeyColumns) -> usize {
         let mut queued = 0;
         for event in events {
-            if !r.entities.contains_key(event.entity.as_str()) {
-                continue;
-            }
             let channels = self.routing.channels_of(event, keys.get(&event.entity).map(|k| &k[..]));
             let targets: Vec<(&str, &Vec<Arc<Client>>)> = channels
                 .iter()
-                .filter_map(|c| r.channels.get(c.as_str()).map(|subs| (c.as_str(), subs)))
+                .filter_map(|c| subscribers.get(c.as_str()).map(|subs| (c.as_str(), &**subs)))
                 .collect();
             if targets.is_empty() {
                 continue;
@@ -490,19 +500,22 @@ impl Shared {
                 if i > 0 {
                     tokio::task::yield_now().await;
                 }
-                let mut r = self.lock();
-                if r.processed_pos != at {
-                    return Ok(());
-                }
+                let subscribers = {
+                    let mut r = self.lock();
+                    if r.processed_pos != at {
+                        return Ok(());
+                    }
+                    at = part.last().map_or(at, |n| n.position);
+                    r.processed_pos = at;
+                    self.processed_pos.store(at, Ordering::Release);
+                    r.processed.clone()
+                };
                 for n in part {
                     let msg = [Msg::processed(n)];
-                    for client in &r.processed {
+                    for client in subscribers.iter() {
                         queued += client.push(&msg);
                     }
                 }
-                at = part.last().map_or(at, |n| n.position);
-                r.processed_pos = at;
-                self.processed_pos.store(at, Ordering::Release);
             }
             {
                 let mut r = self.lock();
