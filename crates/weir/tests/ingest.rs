@@ -376,3 +376,36 @@ async fn survives_postgres_restarts_mid_stream() {
     assert_eq!(ids.len() as i64, rows, "no duplicates");
     h.stop().await;
 }
+
+/// A row much larger than libpq's read buffer arrives in one replication message that libpq
+/// reads in several parts; an idle stream must not wait for the next message (a keepalive,
+/// up to `wal_sender_timeout / 2` later) to finish reading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_large_row_reaches_the_log_at_once() {
+    let db = weir_testkit::shared().database("large_row").unwrap();
+    let mut h = Harness::new(&db.url(), "create table big (id int primary key, body text);").await;
+    h.start();
+    h.exec("insert into big values (0, 'warm-up')").await;
+    h.wait_for(1, Duration::from_secs(30)).await;
+    let sizes = [100_000, 200_000, 400_000, 1_000_000, 4_000_000];
+    for (i, size) in sizes.into_iter().enumerate() {
+        // Random text does not compress: the message is as large as the value.
+        let sql = format!(
+            "insert into big select {}, string_agg(md5(random()::text), '') \
+             from generate_series(1, {})",
+            i + 1,
+            size / 32
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await; // the stream goes idle first
+        let committed = Instant::now();
+        h.exec(&sql).await;
+        h.wait_for(i as i64 + 2, Duration::from_secs(60)).await;
+        let took = committed.elapsed();
+        eprintln!("a {size}-byte row reached the log in {took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "a {size}-byte row took {took:?} to reach the log (an idle stream stalled reading it)"
+        );
+    }
+    h.stop().await;
+}
