@@ -361,6 +361,8 @@ async fn writer(
     let mut idle = Lsn::ZERO;
     let mut behind_ms = 0i64;
     let mut last_heartbeat: Option<Instant> = None;
+    // The last position counted as ingested.
+    let mut counted = appender.state().position;
     // The append in flight: the permits of its commits and who waits for its chunks.
     let mut flying: (Vec<OwnedSemaphorePermit>, Vec<oneshot::Sender<()>>) = Default::default();
     loop {
@@ -419,7 +421,6 @@ async fn writer(
         }
         if let Some(newest) = batch.last().map(|t| t.commit_ts) {
             fault::point("before_append");
-            let before = appender.state().position;
             // Returns once the append before this one committed; this one runs on.
             appender.submit(&batch, &stored).await?;
             land(&mut flying);
@@ -430,13 +431,17 @@ async fn writer(
                 appender.settle().await?;
                 land(&mut flying);
             }
-            fault::point("after_append");
-            metrics::counter!("weir_ingest_events_total")
-                .increment((appender.state().position - before).max(0) as u64);
             behind_ms = (chrono::Utc::now() - newest).num_milliseconds().max(0);
             batch.clear();
         } else if rx.is_empty() && !appender.in_flight() {
             behind_ms = 0;
+        }
+        let stored = appender.state().position;
+        if stored > counted {
+            // Stored, and the slot not yet acknowledged for it.
+            fault::point("after_append");
+            metrics::counter!("weir_ingest_events_total").increment((stored - counted) as u64);
+            counted = stored;
         }
         // An idle LSN vouches only for commits queued before it, which may be in flight.
         let confirm = if appender.in_flight() {
@@ -455,6 +460,8 @@ async fn writer(
     // The reader is gone (shutdown or an error): what was submitted still lands.
     appender.settle().await?;
     land(&mut flying);
+    metrics::counter!("weir_ingest_events_total")
+        .increment((appender.state().position - counted).max(0) as u64);
     publish(&persisted, appender.state().lsn.max(idle));
     Ok(())
 }
