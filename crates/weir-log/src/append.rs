@@ -163,6 +163,8 @@ impl Appender {
     /// returns once everything submitted before has committed: one append executes while the
     /// caller gathers the next. Returns the committed state, which does not include `txns`
     /// yet; [`settle`](Self::settle) waits for them. Not cancel-safe: await it to the end.
+    /// After an error the appender is spent (what it planned is not what is stored): open a
+    /// new one, which starts from the stored state.
     pub async fn submit(
         &mut self,
         txns: &[Transaction],
@@ -231,12 +233,9 @@ impl Appender {
         }
         let to = SourceState { lsn: last_lsn, position };
         let plan = Plan { steps, chunks: chunks.to_vec(), slot: self.slot.clone(), from, to };
-        // The previous append may hold this one's connection: one connection always stays idle.
-        let mut conn = if self.idle.len() > 1 {
-            self.idle.pop().expect("two idle connections")
-        } else {
-            self.idle.pop().expect("an idle connection")
-        };
+        // With the previous append still in flight this takes the last idle connection; that
+        // append gives its own back below, before anything needs one again.
+        let mut conn = self.idle.pop().expect("an idle connection");
         // This append's rows go in at once; its source state update waits until the one
         // before holds the row lock, so it queues behind that one's commit, never before it.
         let after = self.in_flight.as_mut().and_then(|f| f.locked.take());
