@@ -363,8 +363,7 @@ async fn writer(
     let mut last_heartbeat: Option<Instant> = None;
     // The last position counted as ingested.
     let mut counted = appender.state().position;
-    // The append in flight: the permits of its commits and who waits for its chunks.
-    let mut flying: (Vec<OwnedSemaphorePermit>, Vec<oneshot::Sender<()>>) = Default::default();
+    let mut flying = Flying::default();
     loop {
         let first = tokio::select! {
             // Nothing queued while an append commits: publish it as soon as it is done.
@@ -379,7 +378,7 @@ async fn writer(
             },
         };
         if !appender.in_flight() {
-            land(&mut flying);
+            flying.land();
         }
         let mut events = 0usize;
         let mut next = first;
@@ -423,13 +422,16 @@ async fn writer(
             fault::point("before_append");
             // Returns once the append before this one committed; this one runs on.
             appender.submit(&batch, &stored).await?;
-            land(&mut flying);
-            flying = (std::mem::take(&mut held), std::mem::take(&mut waiting));
+            flying.land();
+            flying = Flying {
+                permits: std::mem::take(&mut held),
+                waiters: std::mem::take(&mut waiting),
+            };
             stored.clear();
             if rx.is_empty() {
                 // Nothing to overlap with: wait for it here rather than a loop turn later.
                 appender.settle().await?;
-                land(&mut flying);
+                flying.land();
             }
             behind_ms = (chrono::Utc::now() - newest).num_milliseconds().max(0);
             batch.clear();
@@ -459,7 +461,7 @@ async fn writer(
     }
     // The reader is gone (shutdown or an error): what was submitted still lands.
     appender.settle().await?;
-    land(&mut flying);
+    flying.land();
     metrics::counter!("weir_ingest_events_total")
         .increment((appender.state().position - counted).max(0) as u64);
     publish(&persisted, appender.state().lsn.max(idle));
@@ -477,11 +479,22 @@ fn publish(persisted: &watch::Sender<Lsn>, confirm: Lsn) {
     });
 }
 
-/// The append these belong to committed: its queue permits return, its chunks' waiters go on.
-fn land(flying: &mut (Vec<OwnedSemaphorePermit>, Vec<oneshot::Sender<()>>)) {
-    flying.0.clear();
-    for done in flying.1.drain(..) {
-        let _ = done.send(());
+/// What the append in flight holds until it commits.
+#[derive(Default)]
+struct Flying {
+    /// The queue permits of its commits.
+    permits: Vec<OwnedSemaphorePermit>,
+    /// Who waits for its backfill chunks to be stored.
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Flying {
+    /// The append committed: its permits return, its chunks' waiters go on.
+    fn land(&mut self) {
+        self.permits.clear();
+        for done in self.waiters.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 
