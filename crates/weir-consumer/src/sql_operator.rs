@@ -27,10 +27,21 @@
 //! identity must carry the column ([`key_columns`](crate::Operator::key_columns) lets weir
 //! check that before it starts). For an entity in `delete_with`, the old key of such an update
 //! is a row gone: its target row is deleted.
+//!
+//! A group of a lane's events (up to the consumer's `group`) runs in one round trip: at
+//! start-up the statement is also compiled into a PL/pgSQL function in the `weir` schema that
+//! loops over the group's keys and runs it (or the delete) for each, in order, with plans kept
+//! for the session. The function is named after a hash of what it runs
+//! (`weir.sql_operator_<hash>`), so two processes with different statements for one operator
+//! (a rolling deploy) never run each other's. Where the function cannot be made or turns out
+//! not to run what a plain statement runs, the operator runs one statement per event, as it
+//! does for a single event.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use sqlx::{Executor, PgConnection, PgPool, TypeInfo};
 use weir_core::{Event, Kind, OperatorConfig};
 
@@ -56,6 +67,17 @@ impl KeyType {
             _ => return None,
         })
     }
+
+    /// The type's name in SQL.
+    fn sql(self) -> &'static str {
+        match self {
+            KeyType::Int2 => "int2",
+            KeyType::Int4 => "int4",
+            KeyType::Int8 => "int8",
+            KeyType::Uuid => "uuid",
+            KeyType::Text => "text",
+        }
+    }
 }
 
 /// A declarative operator, prepared against the database.
@@ -69,6 +91,20 @@ pub struct SqlOperator {
     key_type: KeyType,
     delete_with: HashSet<String>,
     delete_sql: Option<(String, KeyType)>,
+    /// The function that runs a group in one call ([`group_function`]), while it works.
+    group: Option<GroupFunction>,
+}
+
+/// `weir.sql_operator_<hash>(key, delete_key, keys text[], deletes boolean[])`: runs the
+/// operator's statement for each of `keys` in order (its delete statement where `deletes` says
+/// so), the key bound as `$1` is for a single event.
+#[derive(Debug)]
+struct GroupFunction {
+    /// `select weir."sql_operator_<hash>"(null, null, $1, $2)`.
+    call: String,
+    /// Cleared when a call fails in a way a plain statement would not (the statement cannot
+    /// run inside PL/pgSQL): from then on each event runs alone.
+    works: AtomicBool,
 }
 
 fn split(entity: &str) -> (&str, &str) {
@@ -92,7 +128,13 @@ fn misconfigured(op: &str, problem: String) -> Error {
     Error::Config { consumer: op.to_string(), problem }
 }
 
-async fn param_type(pool: &PgPool, op: &str, what: &'static str, sql: &str) -> Result<KeyType> {
+/// The type of `$1` in `sql`, and whether the statement returns rows.
+async fn param_type(
+    pool: &PgPool,
+    op: &str,
+    what: &'static str,
+    sql: &str,
+) -> Result<(KeyType, bool)> {
     let described = pool
         .describe(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.to_string())))
         .await
@@ -103,7 +145,8 @@ async fn param_type(pool: &PgPool, op: &str, what: &'static str, sql: &str) -> R
         }
         _ => Vec::new(),
     };
-    match params.as_slice() {
+    let returns_rows = !described.columns().is_empty();
+    let ty = match params.as_slice() {
         [one] => KeyType::of(one).ok_or_else(|| {
             misconfigured(
                 op,
@@ -121,6 +164,100 @@ async fn param_type(pool: &PgPool, op: &str, what: &'static str, sql: &str) -> R
                 other.len()
             ),
         )),
+    }?;
+    Ok((ty, returns_rows))
+}
+
+/// A dollar-quote tag that occurs nowhere in `texts`.
+fn quote_tag(stem: &str, texts: &[&str]) -> String {
+    (0..)
+        .map(|n| format!("${stem}{n}$"))
+        .find(|tag| texts.iter().all(|t| !t.contains(tag.as_str())))
+        .expect("some tag is free")
+}
+
+/// Creates (once per distinct body, shared by every process) the function that runs a group's
+/// statements in one call, and answers how to call it; `None`, with a warning, when the
+/// database refuses it (the operator then runs one statement per event).
+///
+/// Inside the loop `$1` (the statement's key) and `$2` (the delete's) are assigned each key in
+/// turn, cast from text as a bound key is. A statement that returns rows runs through
+/// `EXECUTE … USING` (PL/pgSQL refuses a bare one whose rows go nowhere), as does one whose
+/// last line may end in a comment; any other runs as static SQL, planned once per session. `#variable_conflict use_column` keeps the loop's one
+/// variable from shadowing a column of the user's tables.
+async fn group_function(
+    pool: &PgPool,
+    op: &str,
+    (sql, key_type, returns_rows): (&str, KeyType, bool),
+    delete: Option<(&str, KeyType)>,
+) -> Option<GroupFunction> {
+    let sql = sql.trim_end_matches(|c: char| c == ';' || c.is_whitespace()).trim_start();
+    // A statement ending in a comment would swallow the `;` PL/pgSQL needs after it.
+    let ends_in_comment =
+        sql.rsplit('\n').next().is_some_and(|last| last.contains("--")) || sql.ends_with("*/");
+    let (delete_sql, delete_type) = delete.unwrap_or(("", key_type));
+    // The delete statement is weir's own, ending in its one parameter.
+    let delete_sql = format!("{}$2", delete_sql.strip_suffix("$1").unwrap_or(delete_sql));
+    let outer = quote_tag("weir_body_", &[sql]);
+    let inner = quote_tag("weir_statement_", &[sql]);
+    let statement = if returns_rows || ends_in_comment {
+        format!("execute {inner}{sql}{inner} using $1;")
+    } else {
+        format!("{sql};")
+    };
+    let on_delete = if delete.is_some() {
+        format!(
+            "if $4[weir__i] then\n      $2 := $3[weir__i]::{dt};\n      {delete_sql};\n      continue;\n    end if;\n    ",
+            dt = delete_type.sql()
+        )
+    } else {
+        String::new()
+    };
+    let body = format!(
+        "\n#variable_conflict use_column\ndeclare weir__i integer;\nbegin\n  \
+         for weir__i in 1 .. coalesce(array_length($3, 1), 0) loop\n    {on_delete}\
+         $1 := $3[weir__i]::{kt};\n    {statement}\n  end loop;\nend\n",
+        kt = key_type.sql()
+    );
+    let signature = format!("({}, {}, text[], boolean[])", key_type.sql(), delete_type.sql());
+    let hash: String = Sha256::digest(format!("{signature}{body}").as_bytes())
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = format!("weir.\"sql_operator_{hash}\"");
+    let create = format!(
+        "create or replace function {name}{signature} returns void language plpgsql as {outer}{body}{outer}"
+    );
+    let made = async {
+        let mut tx = pool.begin().await?;
+        // Two processes starting at once would otherwise race on the catalog row.
+        sqlx::query("select pg_advisory_xact_lock(hashtext('weir.sql_operator'))")
+            .execute(&mut *tx)
+            .await?;
+        let exists: bool = sqlx::query_scalar("select to_regprocedure($1) is not null")
+            .bind(format!("{name}{signature}"))
+            .fetch_one(&mut *tx)
+            .await?;
+        if !exists {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    };
+    match made.await {
+        Ok(()) => Some(GroupFunction {
+            call: format!("select {name}(null, null, $1, $2)"),
+            works: AtomicBool::new(true),
+        }),
+        Err(e) => {
+            tracing::warn!(
+                operator = op,
+                error = %e,
+                "could not create the function that runs a group of events in one call; \
+                 each event runs its own statement (grant CREATE on schema weir to fix)"
+            );
+            None
+        }
     }
 }
 
@@ -178,7 +315,7 @@ impl SqlOperator {
             };
             key_columns.insert(entity.clone(), column);
         }
-        let key_type = param_type(pool, op, "sql", &config.sql).await?;
+        let (key_type, returns_rows) = param_type(pool, op, "sql", &config.sql).await?;
         let delete_sql = if config.delete_with.is_empty() {
             None
         } else {
@@ -196,14 +333,21 @@ impl SqlOperator {
             }
             let (schema, table) = split(&target);
             let sql = format!(
-                "delete from \"{}\".\"{}\" where \"{}\" = $1",
+                "delete from \"{}\".\"{}\" where \"{}\" = ",
                 schema.replace('"', "\"\""),
                 table.replace('"', "\"\""),
                 target_key.replace('"', "\"\"")
-            );
-            let t = param_type(pool, op, "delete_with statement", &sql).await?;
+            ) + "$1";
+            let (t, _) = param_type(pool, op, "delete_with statement", &sql).await?;
             Some((sql, t))
         };
+        let group = group_function(
+            pool,
+            op,
+            (&config.sql, key_type, returns_rows),
+            delete_sql.as_ref().map(|(sql, t)| (sql.as_str(), *t)),
+        )
+        .await;
         Ok(Self {
             name: op.clone(),
             selector: Selector { entities: config.entities.clone(), kinds: config.kinds.clone() },
@@ -212,6 +356,7 @@ impl SqlOperator {
             key_type,
             delete_with: config.delete_with.iter().cloned().collect(),
             delete_sql,
+            group,
         })
     }
 
@@ -260,13 +405,19 @@ impl SqlOperator {
         let key = Value::String(key.to_string());
         match &self.delete_sql {
             Some((sql, ty))
-                if (old || event.kind == Kind::Delete)
-                    && self.delete_with.contains(&event.entity) =>
+                if self.deletes(event) || old && self.delete_with.contains(&event.entity) =>
             {
                 run(tx, sql, *ty, &key).await
             }
             _ => run(tx, &self.sql, self.key_type, &key).await,
         }
+    }
+
+    /// Whether `event`'s (single, current) key runs the delete statement.
+    fn deletes(&self, event: &Event) -> bool {
+        self.delete_sql.is_some()
+            && event.kind == Kind::Delete
+            && self.delete_with.contains(&event.entity)
     }
 
     fn key_value<'e>(&self, event: &'e Event) -> std::result::Result<&'e Value, BoxError> {
@@ -376,6 +527,48 @@ impl Operator for SqlOperator {
         for key in keys {
             self.run_for(tx, event, key, old.as_ref() == Some(key)).await?;
         }
+        Ok(())
+    }
+
+    /// One call of the group function for all of `events` (each has one key: an event with
+    /// several is handled alone); one statement each where there is no such function.
+    async fn handle_group(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+    ) -> std::result::Result<(), OperatorError> {
+        let Some(group) = self.group.as_ref().filter(|g| g.works.load(Ordering::Relaxed)) else {
+            for event in events {
+                self.handle(tx, event).await?;
+            }
+            return Ok(());
+        };
+        let mut keys = Vec::with_capacity(events.len());
+        let mut deletes = Vec::with_capacity(events.len());
+        for event in events {
+            keys.push(self.partition_key(event).map_err(OperatorError::retry)?);
+            deletes.push(self.deletes(event));
+        }
+        let called = sqlx::query(sqlx::AssertSqlSafe(group.call.clone()))
+            .bind(keys)
+            .bind(deletes)
+            .execute(tx)
+            .await;
+        if let Err(sqlx::Error::Database(db)) = &called
+            && db.code().is_some_and(|c| c.starts_with("42") || c.starts_with("0A"))
+        {
+            // The engine now runs the group's events one by one, each through `handle`: if the
+            // statement itself is at fault, that says so; if it was only its PL/pgSQL form,
+            // the events succeed, and later groups should not try it again.
+            group.works.store(false, Ordering::Relaxed);
+            tracing::warn!(
+                operator = %self.name,
+                error = %db,
+                "the group function failed as a statement would not; this process now runs \
+                 one statement per event for this operator"
+            );
+        }
+        called?;
         Ok(())
     }
 }
