@@ -28,14 +28,20 @@
 /// Whether retrying the same work later may succeed.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
+        sqlx::Error::Io(io) if is_refused_certificate(io) => false,
         sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| is_transient_code(&c)),
         _ => false,
     }
+}
+
+/// Whether `e` is TLS refusing the server's certificate (sqlx reports rustls's verdict as an
+/// I/O error): a wrong `sslrootcert` or host, which no retry mends.
+pub fn is_refused_certificate(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("certificate")
 }
 
 /// [`is_transient`] for a bare SQLSTATE code.

@@ -53,6 +53,14 @@ pub enum Error {
              attribute (`alter role … replication`) and a pg_hba.conf entry for replication"
     )]
     Refused(String),
+    /// TLS could not be set up as the URL asks (a certificate that does not verify, a server
+    /// without TLS under `sslmode=require`): retrying will not help.
+    #[error(
+        "the replication connection's TLS failed: {0}; check `sslmode` and `sslrootcert` in \
+         the URL (the CA that signed the server's certificate) and that the URL's host is the \
+         one the certificate names"
+    )]
+    Tls(String),
     /// The connection failed or dropped; retry with backoff.
     #[error("replication connection lost: {0}")]
     Disconnected(String),

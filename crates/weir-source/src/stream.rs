@@ -202,6 +202,13 @@ fn classify(e: ReplicationError, options: &StreamOptions) -> Error {
         "55006" => Error::SlotBusy { slot, detail: text },
         "28000" | "28P01" | "42501" => Error::Refused(text),
         "3D000" => Error::Refused(text),
+        // libpq's words for a certificate or TLS set-up it refused (not an `SSL SYSCALL
+        // error`, which is a connection that dropped).
+        _ if (text.contains("certificate") || text.contains("does not support SSL"))
+            && !text.contains("SYSCALL") =>
+        {
+            Error::Tls(text)
+        }
         _ => match e {
             ReplicationError::Authentication(m) => Error::Refused(m),
             ReplicationError::Protocol(m) if code.is_empty() && !m.contains("connection") => {

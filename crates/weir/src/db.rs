@@ -42,7 +42,7 @@ pub async fn connect(config: &Config) -> Result<PgPool> {
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
-        .map_err(|source| Error::Connect { target, source })
+        .map_err(|source| Error::connect(target, source))
 }
 
 /// The libpq connection string for the replication connection.

@@ -9,12 +9,12 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] weir_core::ConfigError),
     /// The server could not be reached or refused the login.
-    #[error(
-        "cannot connect to {target} (is the server running, and are `database.url`, DATABASE_URL or the PG* variables right?)"
-    )]
+    #[error("cannot connect to {target} ({hint})")]
     Connect {
         /// host:port/database, without credentials.
         target: String,
+        /// What to check, for this kind of failure.
+        hint: &'static str,
         /// The driver's error.
         #[source]
         source: sqlx::Error,
@@ -89,6 +89,25 @@ impl Error {
             Error::Streams(weir_streams::Error::Consumer(e)) => e.is_transient(),
             _ => false,
         }
+    }
+
+    /// [`Error::Connect`] to `target`, with what to check for `source`'s kind of failure.
+    pub(crate) fn connect(target: String, source: sqlx::Error) -> Self {
+        let hint = match &source {
+            sqlx::Error::Tls(_) => {
+                "TLS failed: check `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in the URL"
+            }
+            sqlx::Error::Io(e) if weir_log::sqlstate::is_refused_certificate(e) => {
+                "the server's certificate was refused: is `sslrootcert` in the URL the CA \
+                 that signed it, and is the URL's host the one it names? \
+                 `sslmode=require` encrypts without checking the certificate"
+            }
+            _ => {
+                "is the server running, and are `database.url`, DATABASE_URL or the PG* \
+                 variables right?"
+            }
+        };
+        Error::Connect { target, hint, source }
     }
 }
 

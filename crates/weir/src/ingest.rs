@@ -139,7 +139,7 @@ async fn acquire_lease(
     let target = db::describe(&options);
     let mut conn = PgConnection::connect_with(&options)
         .await
-        .map_err(|source| Error::Connect { target, source })?;
+        .map_err(|source| Error::connect(target, source))?;
     let mut announced = false;
     loop {
         let got: bool = sqlx::query_scalar(
