@@ -67,12 +67,18 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
     let pool = match db::connect(config).await {
         Ok(p) => p,
         Err(e) => {
-            return vec![check(
-                "connection",
-                Verdict::Fail,
-                e.to_string(),
-                Some("set `database.url` in weir.toml, WEIR_DATABASE_URL or DATABASE_URL to a reachable server".into()),
-            )];
+            // The driver's words too (`invalid peer certificate: UnknownIssuer`).
+            let detail = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                .fold(e.to_string(), |d, s| format!("{d}: {s}"));
+            let fix = if detail.contains("certificate") || detail.contains("TLS") {
+                "point `sslrootcert` in the database URL at the CA that signed the server's \
+                 certificate and use the host name it names (or `sslmode=require` to encrypt \
+                 without checking it)"
+            } else {
+                "set `database.url` in weir.toml, WEIR_DATABASE_URL or DATABASE_URL to a \
+                 reachable server"
+            };
+            return vec![check("connection", Verdict::Fail, detail, Some(fix.into()))];
         }
     };
     match checks(&pool, config).await {

@@ -174,6 +174,12 @@ async fn tls_works_for_the_pool_and_the_replication_connection_and_a_wrong_ca_is
             .collect();
     assert!(said.contains("certificate was refused") && said.contains("sslrootcert"), "{chain:?}");
     assert!(chain.join(": ").to_lowercase().contains("certificate"), "{chain:?}");
+    // `weir doctor` says the same, with the driver's words and the fix.
+    let checks = weir::doctor::diagnose(&config(&wrong, "unused")).await;
+    let connection = &checks[0];
+    assert_eq!(connection.name, "connection");
+    assert!(connection.detail.contains("UnknownIssuer"), "{}", connection.detail);
+    assert!(connection.fix.as_deref().is_some_and(|f| f.contains("sslrootcert")), "{connection:?}");
 
     // The replication connection with that CA (the pool fine): ingestion stops with the
     // reason, rather than retrying a certificate that will never verify.
