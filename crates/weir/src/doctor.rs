@@ -70,7 +70,7 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
             // The driver's words too (`invalid peer certificate: UnknownIssuer`).
             let detail = std::iter::successors(std::error::Error::source(&e), |s| s.source())
                 .fold(e.to_string(), |d, s| format!("{d}: {s}"));
-            let fix = if detail.contains("certificate") || detail.contains("TLS") {
+            let fix = if e.is_tls_refusal() {
                 "point `sslrootcert` in the database URL at the CA that signed the server's \
                  certificate and use the host name it names (or `sslmode=require` to encrypt \
                  without checking it)"

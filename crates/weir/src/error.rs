@@ -91,6 +91,18 @@ impl Error {
         }
     }
 
+    /// Whether this is a connection that TLS refused (a certificate, or the URL's TLS
+    /// settings): a fix in the URL, not a server to start.
+    pub fn is_tls_refusal(&self) -> bool {
+        match self {
+            Error::Connect { source: sqlx::Error::Tls(_), .. } => true,
+            Error::Connect { source: sqlx::Error::Io(e), .. } => {
+                weir_log::sqlstate::is_refused_certificate(e)
+            }
+            _ => false,
+        }
+    }
+
     /// [`Error::Connect`] to `target`, with what to check for `source`'s kind of failure.
     pub(crate) fn connect(target: String, source: sqlx::Error) -> Self {
         let hint = match &source {
