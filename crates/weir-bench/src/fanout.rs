@@ -304,7 +304,7 @@ impl WeirProcess {
         let child = self
             .command(&["run"])
             .env("WEIR_HTTP_BIND", format!("127.0.0.1:{port}"))
-            .env("WEIR_LOG", "info,pg_walstream=warn,sqlx=warn")
+            .env("WEIR_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)

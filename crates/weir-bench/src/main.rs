@@ -158,9 +158,8 @@ fn main() -> ExitCode {
 /// Benchmarks print their own figures; the libraries speak only of trouble (`WEIR_LOG`
 /// overrides).
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,pg_walstream=error,sqlx=error")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx=error"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

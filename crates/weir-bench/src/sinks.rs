@@ -1648,7 +1648,7 @@ impl WeirChild {
         }
         let child = cmd
             .env(SECRET_ENV, secret)
-            .env("WEIR_LOG", "info,pg_walstream=warn,sqlx=warn")
+            .env("WEIR_LOG", "info,sqlx=warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

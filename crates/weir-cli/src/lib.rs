@@ -138,8 +138,8 @@ impl Command {
     /// do, the others speak only of trouble.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Run | Command::Dev { .. } => "info,pg_walstream=warn,sqlx=warn",
-            _ => "warn,pg_walstream=error,sqlx=error",
+            Command::Run | Command::Dev { .. } => "info,sqlx=warn",
+            _ => "warn,sqlx=error",
         }
     }
 }

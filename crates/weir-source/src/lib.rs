@@ -12,6 +12,7 @@
 pub mod assemble;
 pub mod cast;
 mod error;
+mod libpq;
 pub mod pgoutput;
 pub mod stream;
 

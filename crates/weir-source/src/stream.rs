@@ -1,15 +1,14 @@
 //! The replication connection: one module between weir and the wire.
 //!
 //! ```text
-//! libpq (through pg_walstream's PgReplicationConnection: auth, TLS, PG* variables)
+//! libpq ([`crate::libpq`]: auth, TLS, PG* variables, .pgpass)
 //!   START_REPLICATION SLOT s LOGICAL <lsn> (proto_version '2', streaming 'on', messages 'true')
 //!   ◄── CopyData 'w' XLogData {wal_start, wal_end, send_time, pgoutput bytes}  → Frame::Data
 //!   ◄── CopyData 'k' keepalive {wal_end, send_time, reply_requested}            → Frame::Keepalive
 //!   ──► CopyData 'r' standby status {written, flushed, applied}                 ← send_status
 //! ```
 //!
-//! Only the transport comes from `pg_walstream`; decoding is ours ([`crate::pgoutput`]), and so
-//! is the decision of what to acknowledge: the flushed position we report is always a commit
+//! The transport is libpq's; decoding is ours ([`crate::pgoutput`]), and so is the decision of what to acknowledge: the flushed position we report is always a commit
 //! LSN already stored in the log (see the `weir` crate's ingest module), never a keepalive
 //! position while anything received is still unstored.
 //!
@@ -18,11 +17,12 @@
 //!
 //! Protocol: <https://www.postgresql.org/docs/current/protocol-replication.html>
 
+use bytes::BufMut;
 use bytes::{Buf, Bytes};
-use pg_walstream::{CancellationToken, PgReplicationConnection, ReplicationError};
 use weir_core::Lsn;
 
 use crate::Error;
+use crate::libpq::{Connection, PqError};
 
 /// One message from the server.
 #[derive(Debug, Clone)]
@@ -58,10 +58,9 @@ pub struct StreamOptions {
 
 /// A logical replication connection in streaming mode.
 pub struct ReplicationStream {
-    conn: PgReplicationConnection,
+    conn: Connection,
     options: StreamOptions,
     received: Lsn,
-    never: CancellationToken,
 }
 
 impl std::fmt::Debug for ReplicationStream {
@@ -97,37 +96,21 @@ pub fn replication_conninfo(url: Option<&str>, decoding_work_mem: &str) -> Strin
     }
 }
 
-fn sqlstate(msg: &str) -> Option<&str> {
-    let start = msg.find('[')?;
-    let code = msg.get(start + 1..start + 6)?;
-    (msg.as_bytes().get(start + 6) == Some(&b']')).then_some(code)
-}
-
 impl ReplicationStream {
     /// Connects and starts streaming from `start` (the slot's confirmed position when `start`
     /// is lower).
     pub async fn start(conninfo: &str, options: StreamOptions, start: Lsn) -> Result<Self, Error> {
-        let mut conn = PgReplicationConnection::connect_async(conninfo)
-            .await
-            .map_err(|e| classify(e, &options))?;
+        let mut conn = Connection::connect(conninfo).await.map_err(|e| classify(e, &options))?;
         let version = conn.server_version();
         let protocol = if version >= 160_000 { 4 } else { 2 };
         let options = StreamOptions {
             protocol_version: protocol.min(options.protocol_version.max(2)),
             ..options
         };
-        let proto = options.protocol_version.to_string();
-        let publication = format!("\"{}\"", options.publication.replace('"', "\"\""));
-        let opts: Vec<(&str, &str)> = vec![
-            ("proto_version", proto.as_str()),
-            ("publication_names", publication.as_str()),
-            ("streaming", "on"),
-            ("messages", "true"),
-        ];
-        conn.start_replication_async(&options.slot, start.0, &opts)
+        conn.start_copy_both(&start_replication(&options, start))
             .await
             .map_err(|e| classify(e, &options))?;
-        Ok(Self { conn, options, received: start, never: CancellationToken::new() })
+        Ok(Self { conn, options, received: start })
     }
 
     /// The pgoutput protocol version in use.
@@ -143,11 +126,7 @@ impl ReplicationStream {
     /// Waits for the next message. Cancel-safe.
     pub async fn next(&mut self) -> Result<Frame, Error> {
         loop {
-            let mut data = self
-                .conn
-                .get_copy_data_async(&self.never)
-                .await
-                .map_err(|e| classify(e, &self.options))?;
+            let mut data = self.conn.read().await.map_err(|e| classify(e, &self.options))?;
             if data.is_empty() {
                 continue;
             }
@@ -180,19 +159,47 @@ impl ReplicationStream {
 
     /// Reports progress: `flushed` must be a position whose changes are durably in the log.
     pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), Error> {
-        let flushed = flushed.min(self.received).max(Lsn(1)).0;
-        self.conn
-            .send_standby_status_update(self.received.0, flushed, flushed, false)
-            .await
-            .map_err(|e| classify(e, &self.options))
+        let flushed = flushed.min(self.received).max(Lsn(1));
+        let message = standby_status(self.received, flushed, std::time::SystemTime::now());
+        self.conn.send(&message).await.map_err(|e| classify(e, &self.options))
     }
 }
 
-fn classify(e: ReplicationError, options: &StreamOptions) -> Error {
+/// `START_REPLICATION SLOT "slot" LOGICAL X/Y (…)`, every name quoted.
+fn start_replication(options: &StreamOptions, start: Lsn) -> String {
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    // publication_names is a list of names inside one string literal.
+    let publications = quote(&options.publication).replace('\'', "''");
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL {start} (\"proto_version\" '{}', \
+         \"publication_names\" '{publications}', \"streaming\" 'on', \"messages\" 'true')",
+        quote(&options.slot),
+        options.protocol_version,
+    )
+}
+
+/// A standby status update: written and flushed positions (applied is the same as flushed),
+/// the client's clock, and no reply requested.
+fn standby_status(written: Lsn, flushed: Lsn, now: std::time::SystemTime) -> Vec<u8> {
+    // Microseconds since 2000-01-01 00:00:00 UTC, PostgreSQL's epoch.
+    const POSTGRES_EPOCH: std::time::Duration = std::time::Duration::from_secs(946_684_800);
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH + POSTGRES_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let mut m = Vec::with_capacity(34);
+    m.put_u8(b'r');
+    m.put_u64(written.0);
+    m.put_u64(flushed.0);
+    m.put_u64(flushed.0);
+    m.put_i64(since);
+    m.put_u8(0);
+    m
+}
+
+fn classify(e: PqError, options: &StreamOptions) -> Error {
     let text = e.to_string();
-    let code = sqlstate(&text).unwrap_or("");
     let slot = options.slot.clone();
-    match code {
+    match e.sqlstate.as_deref().unwrap_or("") {
         "42704" if text.contains("publication") => {
             Error::PublicationMissing { publication: options.publication.clone() }
         }
@@ -200,8 +207,7 @@ fn classify(e: ReplicationError, options: &StreamOptions) -> Error {
         "55000" if text.contains("does not exist") => Error::SlotMissing { slot },
         "55000" => Error::SlotInvalidated { slot, detail: text },
         "55006" => Error::SlotBusy { slot, detail: text },
-        "28000" | "28P01" | "42501" => Error::Refused(text),
-        "3D000" => Error::Refused(text),
+        "28000" | "28P01" | "42501" | "3D000" => Error::Refused(text),
         // libpq's words for a certificate or TLS set-up it refused (not an `SSL SYSCALL
         // error`, which is a connection that dropped).
         _ if (text.contains("certificate") || text.contains("does not support SSL"))
@@ -209,14 +215,28 @@ fn classify(e: ReplicationError, options: &StreamOptions) -> Error {
         {
             Error::Tls(text)
         }
-        _ => match e {
-            ReplicationError::Authentication(m) => Error::Refused(m),
-            ReplicationError::Protocol(m) if code.is_empty() && !m.contains("connection") => {
-                Error::Disconnected(m)
-            }
-            _ => Error::Disconnected(text),
-        },
+        // A refused connection carries no SQLSTATE, only the server's words.
+        _ if e.connecting && refused_at_connect(&text) => Error::Refused(text),
+        _ => Error::Disconnected(text),
     }
+}
+
+/// Whether libpq's message for a failed connection says that retrying will not help.
+fn refused_at_connect(text: &str) -> bool {
+    let text = text.to_lowercase();
+    [
+        "authentication failed",
+        "no pg_hba.conf entry",
+        "does not exist",
+        "replication role",
+        "permission denied",
+        "invalid connection option",
+        "invalid uri",
+        "invalid sslmode",
+        "missing \"=\"",
+    ]
+    .iter()
+    .any(|words| text.contains(words))
 }
 
 #[cfg(test)]
@@ -224,12 +244,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_sqlstate_from_messages() {
+    fn start_replication_quotes_names() {
+        let options = StreamOptions {
+            slot: "we\"ir".into(),
+            publication: "it's".into(),
+            protocol_version: 2,
+        };
         assert_eq!(
-            sqlstate("Replication slot error: [42704] replication slot \"x\" does not exist"),
-            Some("42704")
+            start_replication(&options, Lsn(0x1_0000_00A0)),
+            "START_REPLICATION SLOT \"we\"\"ir\" LOGICAL 1/A0 (\"proto_version\" '2', \
+             \"publication_names\" '\"it''s\"', \"streaming\" 'on', \"messages\" 'true')"
         );
-        assert_eq!(sqlstate("no code"), None);
+    }
+
+    #[test]
+    fn standby_status_is_the_documented_layout() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(946_684_801);
+        let m = standby_status(Lsn(7), Lsn(5), at);
+        assert_eq!(m.len(), 34);
+        assert_eq!(m[0], b'r');
+        assert_eq!(&m[1..9], &7u64.to_be_bytes());
+        assert_eq!(&m[9..17], &5u64.to_be_bytes());
+        assert_eq!(&m[17..25], &5u64.to_be_bytes());
+        assert_eq!(&m[25..33], &1_000_000i64.to_be_bytes());
+        assert_eq!(m[33], 0);
     }
 
     #[test]

@@ -26,8 +26,12 @@
 //! tests (scripted answers: statuses, hangs, closed connections).
 //!
 //! [`NatsServer`]: a private `nats-server -js` for the NATS sink's tests (module `nats`).
+//!
+//! [`proxy::Proxy`]: a TCP proxy between weir and a cluster that delivers in bursts or cuts
+//! connections.
 
 mod nats;
+pub mod proxy;
 #[cfg(feature = "receiver")]
 pub mod receiver;
 

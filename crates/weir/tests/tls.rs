@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use weir::Config;
 use weir_core::Secret;
+use weir_testkit::proxy::{Mode, Proxy};
 use weir_testkit::{Cluster, Options, eventually};
 
 /// Makes a CA (`<name>-ca.crt`) in `dir`, and, signed by it, a certificate for `127.0.0.1`
@@ -81,7 +82,7 @@ async fn ingests_over_tls(cluster: &Cluster, db: &str, url: &str) {
         .await
         .unwrap();
     assert!(ssl, "the pool's connection is not encrypted");
-    sqlx::raw_sql("create table t (id int primary key)").execute(&pool).await.unwrap();
+    sqlx::raw_sql("create table t (id int primary key, body text)").execute(&pool).await.unwrap();
     weir::setup::init(&pool, &config).await.unwrap();
     let cancel = CancellationToken::new();
     let ingest = {
@@ -100,6 +101,24 @@ async fn ingests_over_tls(cluster: &Cluster, db: &str, url: &str) {
             == 1
     })
     .await;
+    // A row far larger than a TLS record and libpq's buffer is read whole at once (the
+    // transport looks into OpenSSL's buffer before it waits for the socket again).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let committed = std::time::Instant::now();
+    sqlx::query("insert into t select 2, string_agg(md5(random()::text), '') from generate_series(1, 10000)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("the large row in the log", Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from weir.events where entity = 't'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    let took = committed.elapsed();
+    assert!(took < Duration::from_secs(3), "a large row took {took:?} to reach the log over TLS");
     let (walsenders, plain): (i64, i64) = sqlx::query_as(
         "select count(*), count(*) filter (where not s.ssl)
          from pg_stat_replication r join pg_stat_ssl s using (pid)",
@@ -151,7 +170,11 @@ async fn tls_works_for_the_pool_and_the_replication_connection_and_a_wrong_ca_is
     let (cluster, dir) = tls_cluster();
     let base = |db: &str| format!("postgres://postgres@127.0.0.1:{}/{db}", cluster.port());
 
-    ingests_over_tls(&cluster, "required", &format!("{}?sslmode=require", base("required"))).await;
+    // Through a proxy that delivers the server's bytes in bursts: a large message is in the
+    // socket whole before weir reads it.
+    let proxy = Proxy::start(cluster.port(), Mode::Burst(Duration::from_millis(30))).await.unwrap();
+    let required = proxy.url(&format!("{}?sslmode=require", base("required")));
+    ingests_over_tls(&cluster, "required", &required).await;
     let ca = dir.join("server-ca.crt");
     ingests_over_tls(
         &cluster,
@@ -186,7 +209,7 @@ async fn tls_works_for_the_pool_and_the_replication_connection_and_a_wrong_ca_is
     cluster.psql("postgres", "create database wrong").unwrap();
     let good = format!("{}?sslmode=verify-full&sslrootcert={}", base("wrong"), ca.display());
     let pool = weir::db::connect(&config(&good, "wrong")).await.unwrap();
-    sqlx::raw_sql("create table t (id int primary key)").execute(&pool).await.unwrap();
+    sqlx::raw_sql("create table t (id int primary key, body text)").execute(&pool).await.unwrap();
     weir::setup::init(&pool, &config(&good, "wrong")).await.unwrap();
     let wrong = good.replace("server-ca.crt", "other-ca.crt");
     let stopped = tokio::time::timeout(
