@@ -1104,8 +1104,16 @@ impl Config {
             }
         }
         if !overrides.is_empty() {
+            // TOML has no null: a JSON value that holds one (a `nan` or `inf` read into a
+            // selector, a sink or args) does not go back to TOML, so no override can apply.
             let mut table: toml::Table =
-                toml::Table::try_from(&config).expect("the configuration serializes to TOML");
+                toml::Table::try_from(&config).map_err(|e| ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message: format!(
+                        "the WEIR_* environment variables cannot be applied: {e} (a `nan` or \
+                         `inf` in a JSON value?)"
+                    ),
+                })?;
             let sections: Vec<String> = table.keys().cloned().collect();
             let mut applied = false;
             for (var, rest, value) in overrides {
@@ -1527,6 +1535,17 @@ max_in_flight = 100
             assert_eq!(s.selector["nested"].to_string(), "[0.25,-7]");
             assert_eq!(s.sink.as_ref().unwrap()["max_in_flight"].as_u64(), Some(100));
         }
+    }
+
+    /// Found by the `config` fuzz target (docs/fuzzing.md): a `nan` in a JSON value is read as
+    /// null, which TOML cannot write back, and the overrides' round trip panicked.
+    #[test]
+    fn environment_overrides_of_a_file_with_nan_in_a_json_value_are_an_error() {
+        let file = "[[subscriptions]]\nname = \"s\"\ntype = \"stream\"\nselector = nan\n";
+        let err = Config::from_toml(file, "weir.toml", env(&[("WEIR_SOURCE_SLOT", "other")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("weir.toml: the WEIR_* environment variables"), "{err}");
     }
 
     #[test]
