@@ -220,6 +220,7 @@ async fn consumer_parked(
 #[into_params(parameter_in = Query)]
 pub(crate) struct FailuresQuery {
     /// At most this many, newest first (1 to 1000, default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -260,7 +261,7 @@ pub(crate) struct ParkedCount {
 /// Asks for parked events to be handled again (in order, by their lane).
 #[utoipa::path(post, path = "/v1/consumers/{name}/parked/retry", tag = "consumers",
     params(("name" = String, Path, description = "Consumer name")),
-    request_body(content = ParkedSelection, description = "Omit or `{}` for all"),
+    request_body(content = Option<ParkedSelection>, description = "Omit or `{}` for all"),
     security(("bearer" = [])),
     responses((status = 200, description = "Retry requested", body = ParkedCount),
               (status = 400, description = "Malformed body", body = ErrorBody),
@@ -294,7 +295,7 @@ where
 /// Discards parked events for good (recorded as failures).
 #[utoipa::path(post, path = "/v1/consumers/{name}/parked/discard", tag = "consumers",
     params(("name" = String, Path, description = "Consumer name")),
-    request_body(content = ParkedSelection, description = "Omit or `{}` for all"),
+    request_body(content = Option<ParkedSelection>, description = "Omit or `{}` for all"),
     security(("bearer" = [])),
     responses((status = 200, description = "Discarded", body = ParkedCount),
               (status = 400, description = "Malformed body", body = ErrorBody),
@@ -433,10 +434,14 @@ pub(crate) struct LogQuery {
     /// Events after this position (default 0: from the oldest retained).
     after: Option<i64>,
     /// At most this many (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// Only these entities, comma-separated (`posts,comments`).
     entity: Option<String>,
     /// Only these kinds, comma-separated (`insert,update`).
+    #[param(
+        pattern = r"^\s*((insert|update|delete|truncate|message)\s*)?(,\s*((insert|update|delete|truncate|message)\s*)?)*$"
+    )]
     kind: Option<String>,
 }
 

@@ -252,7 +252,7 @@ async fn read_every_second(state: AppState) {
 /// `GET /v1/overview`; `event: problem` with `{message}` when one read fails (the stream goes
 /// on); it ends at shutdown. Every watcher of a process gets the same reads.
 #[utoipa::path(get, path = "/v1/overview/live", tag = "source",
-    responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = String)))]
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = crate::channels::SseEvent)))]
 async fn live(State(state): State<AppState>) -> Response {
     let cancel = state.0.cancel.clone();
     let rx = state.0.overview.watch(&state);

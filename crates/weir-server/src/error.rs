@@ -48,6 +48,12 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    /// 400 `unstorable_value` when the database refused a value the client sent (found by
+    /// SQLSTATE anywhere in `e`'s source chain, see [`refused_value`]), else 500 `internal`.
+    pub fn unexpected(e: impl std::error::Error + 'static) -> Self {
+        refused_value(&e).unwrap_or_else(|| Self::internal(e))
+    }
+
     /// 500 `internal`; `detail` goes to the log only.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "request failed");
@@ -72,6 +78,31 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.message
     }
+}
+
+/// The database errors that mean "this value cannot be stored", whoever sends it: the client's
+/// mistake (400), not the server's. By SQLSTATE
+/// (<https://www.postgresql.org/docs/current/errcodes-appendix.html>):
+///
+/// - `22P05` untranslatable_character: a `\u0000` in JSON text (`jsonb` cannot hold it);
+/// - `22021` character_not_in_repertoire: a NUL byte in text (a stream name, say).
+fn refused_value(e: &(dyn std::error::Error + 'static)) -> Option<ApiError> {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+            return match db.code().as_deref() {
+                Some("22P05" | "22021") => Some(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unstorable_value",
+                    "a value holds a character PostgreSQL cannot store: NUL (`\\u0000` in \
+                     JSON, or a zero byte in text)",
+                )),
+                _ => None,
+            };
+        }
+        at = e.source();
+    }
+    None
 }
 
 /// A list's `limit` query parameter: `default` when absent, else 1 to 1000 or `400`.
@@ -104,7 +135,7 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        Self::internal(e)
+        Self::unexpected(e)
     }
 }
 
@@ -117,20 +148,30 @@ impl From<weir_consumer::Error> for ApiError {
             weir_consumer::Error::NotHalted { .. } | weir_consumer::Error::Config { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            other => Self::internal(other),
+            // Transparent: the chain starts below the `sqlx::Error`, so unwrap it here.
+            weir_consumer::Error::Database(e) => e.into(),
+            weir_consumer::Error::Log(e) => e.into(),
+            other => Self::unexpected(other),
         }
     }
 }
 
 impl From<weir::Error> for ApiError {
     fn from(e: weir::Error) -> Self {
-        Self::internal(e)
+        match e {
+            weir::Error::Database(e) => e.into(),
+            weir::Error::Log(e) => e.into(),
+            other => Self::unexpected(other),
+        }
     }
 }
 
 impl From<weir_log::Error> for ApiError {
     fn from(e: weir_log::Error) -> Self {
-        Self::internal(e)
+        match e {
+            weir_log::Error::Database(e) => e.into(),
+            other => Self::unexpected(other),
+        }
     }
 }
 
@@ -138,15 +179,35 @@ impl From<weir_log::Error> for ApiError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
+/// The body must be a JSON object, as every body of the API is: serde would read a struct from
+/// an array of its fields too (`[5]` for `{"before": 5}`), which the documented schemas refuse.
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
+        match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(v)) => object(v).map(ApiJson),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// `v`, a JSON object, as `T`: 400 `malformed_json` when it is not an object or not a `T`.
+fn object<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not the expected JSON: {e}"),
+        )
+    })
 }
 
 /// An empty body (whatever its headers say, chunked or not) is `None`; any other body must be
@@ -180,13 +241,14 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> 
                 "send the body as JSON with `Content-Type: application/json`",
             ));
         }
-        serde_json::from_slice(&bytes).map(|v| Some(ApiJson(v))).map_err(|e| {
+        let value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_json",
-                format!("the body is not the expected JSON: {e}"),
+                format!("the body is not JSON: {e}"),
             )
-        })
+        })?;
+        object(value).map(|v| Some(ApiJson(v)))
     }
 }
 

@@ -36,7 +36,8 @@ impl From<weir_jobs::Error> for ApiError {
             e @ (E::WrongState { .. } | E::Conflict(_)) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            other => ApiError::internal(other),
+            E::Database(e) => e.into(),
+            other => ApiError::unexpected(other),
         }
     }
 }
@@ -70,6 +71,44 @@ pub(crate) struct NewJob {
     timeout: Option<String>,
 }
 
+impl NewJob {
+    /// The job to enqueue, with the checks that need no database (`weir_jobs::enqueue` makes
+    /// the queue's own, [`Job::validate`]).
+    pub(crate) fn job(self) -> Result<Job, ApiError> {
+        let mut job = Job::raw(self.kind, self.args.unwrap_or_else(|| serde_json::json!({})));
+        if let Some(q) = self.queue {
+            job = job.queue(q);
+        }
+        if let Some(p) = self.priority {
+            job = job.priority(p);
+        }
+        if let Some(at) = self.scheduled_at {
+            // PostgreSQL's timestamptz ends before chrono's range does.
+            if !(-4713..=294_276).contains(&chrono::Datelike::year(&at)) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_job",
+                    format!("scheduled_at {at} is outside the range PostgreSQL can store"),
+                ));
+            }
+            job = job.scheduled_at(at);
+        }
+        if let Some(n) = self.max_attempts {
+            job = job.max_attempts(n);
+        }
+        if let Some(k) = self.unique_key {
+            job = job.unique(Unique::while_active(k));
+        }
+        if let Some(t) = self.timeout {
+            let d = weir_core::parse_duration(&t).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("timeout `{t}`: {e}"))
+            })?;
+            job = job.timeout(d);
+        }
+        Ok(job)
+    }
+}
+
 /// An enqueued job.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct Enqueued {
@@ -93,36 +132,7 @@ async fn enqueue(
     State(state): State<AppState>,
     ApiJson(new): ApiJson<NewJob>,
 ) -> Result<(StatusCode, Json<Enqueued>), ApiError> {
-    let mut job = Job::raw(new.kind, new.args.unwrap_or_else(|| serde_json::json!({})));
-    if let Some(q) = new.queue {
-        job = job.queue(q);
-    }
-    if let Some(p) = new.priority {
-        job = job.priority(p);
-    }
-    if let Some(at) = new.scheduled_at {
-        // PostgreSQL's timestamptz ends before chrono's range does.
-        if !(-4713..=294_276).contains(&chrono::Datelike::year(&at)) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_job",
-                format!("scheduled_at {at} is outside the range PostgreSQL can store"),
-            ));
-        }
-        job = job.scheduled_at(at);
-    }
-    if let Some(n) = new.max_attempts {
-        job = job.max_attempts(n);
-    }
-    if let Some(k) = new.unique_key {
-        job = job.unique(Unique::while_active(k));
-    }
-    if let Some(t) = new.timeout {
-        let d = weir_core::parse_duration(&t).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("timeout `{t}`: {e}"))
-        })?;
-        job = job.timeout(d);
-    }
+    let job = new.job()?;
     let mut conn = state.pool().acquire().await?;
     let done = weir_jobs::enqueue(&mut conn, &job).await?;
     let status = if done.duplicate { StatusCode::OK } else { StatusCode::CREATED };
@@ -141,6 +151,7 @@ pub(crate) struct ListQuery {
     /// Only this kind.
     kind: Option<String>,
     /// At most this many, newest first (1 to 1000, default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -268,6 +279,7 @@ pub(crate) struct JobStateAnswer {
     params(("id" = i64, Path, description = "Job id")),
     security(("bearer" = [])),
     responses((status = 200, description = "Cancelled", body = JobStateAnswer),
+              (status = 400, description = "The id is not a number", body = ErrorBody),
               (status = 401, description = "Token missing or wrong", body = ErrorBody),
               (status = 404, description = "No such job", body = ErrorBody),
               (status = 409, description = "Already finished", body = ErrorBody)))]
@@ -285,6 +297,7 @@ async fn cancel(
     params(("id" = i64, Path, description = "Job id")),
     security(("bearer" = [])),
     responses((status = 200, description = "Available again", body = JobStateAnswer),
+              (status = 400, description = "The id is not a number", body = ErrorBody),
               (status = 401, description = "Token missing or wrong", body = ErrorBody),
               (status = 404, description = "No such job", body = ErrorBody),
               (status = 409, description = "The job cannot be retried in its state", body = ErrorBody)))]

@@ -29,6 +29,8 @@ mod backfills;
 pub mod channels;
 mod console;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod jobs;
 pub mod metrics;
 mod openapi;

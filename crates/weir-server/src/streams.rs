@@ -51,14 +51,29 @@ pub(crate) struct AppendBody {
     /// `"any"`, `"no_stream"`, `"stream_exists"` or the stream's current version (a number;
     /// `0` is `no_stream`). Defaults to `"any"`.
     #[serde(default = "any")]
-    #[schema(value_type = Object, example = json!("no_stream"))]
-    expected_version: Expected,
+    #[schema(schema_with = expected_version_schema)]
+    pub(crate) expected_version: Expected,
     /// The events, stored at consecutive versions in this order, all or none.
-    events: Vec<NewEvent>,
+    pub(crate) events: Vec<NewEvent>,
 }
 
 fn any() -> Expected {
     Expected::Any
+}
+
+/// [`Expected`] in JSON: one of its words, or a version (0 or more).
+fn expected_version_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String).enum_values(Some([
+            "any",
+            "no_stream",
+            "stream_exists",
+        ])))
+        .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)))
+        .examples(["no_stream"])
+        .build()
+        .into()
 }
 
 /// What an append stored.
@@ -165,6 +180,7 @@ pub(crate) struct ReadQuery {
     #[param(inline)]
     direction: Option<Direction>,
     /// At most this many (1 to 10000, default 100).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
@@ -223,6 +239,7 @@ pub(crate) struct ListQuery {
     /// Streams after this name (the last of the previous page).
     after: Option<String>,
     /// At most this many, by name (1 to 10000, default 100).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
@@ -252,9 +269,10 @@ async fn list(
 pub(crate) struct AllQuery {
     /// Only events of this type.
     #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[param(rename = "type", pattern = r"^[^\x00]*$")]
     event_type: Option<String>,
-    /// Only events with these tags, comma-separated.
+    /// Only events with these tags, comma-separated; none empty.
+    #[param(pattern = r"^[^,\x00]*[^,\s\x00][^,\x00]*(,[^,\x00]*[^,\s\x00][^,\x00]*)*$")]
     tags: Option<String>,
     /// `any` (default: at least one of `tags`) or `all`.
     #[param(inline)]
@@ -262,6 +280,7 @@ pub(crate) struct AllQuery {
     /// Events after this log position. Defaults to 0.
     after: Option<i64>,
     /// At most this many (1 to 10000, default 100).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
@@ -317,8 +336,8 @@ async fn truncate(
 pub(crate) struct SnapshotBody {
     /// The stream version the state includes (1 to the stream's version).
     version: i64,
-    /// The state.
-    #[schema(value_type = Object)]
+    /// The state: any JSON value.
+    #[schema(schema_with = weir_streams::read::state_schema)]
     data: Value,
 }
 

@@ -14,7 +14,7 @@
 //! their meaning here: `invalid_subscription` 400, `unknown_subscription` 404, `duplicate` and
 //! `busy` 409.
 
-mod attached;
+pub(crate) mod attached;
 
 use axum::Json;
 use axum::extract::State;
@@ -74,7 +74,9 @@ impl From<weir_streams::Error> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "event_id_conflict", e.to_string())
             }
             E::Consumer(e) => e.into(),
-            other => ApiError::internal(other),
+            E::Database(e) => e.into(),
+            E::Log(e) => e.into(),
+            other => ApiError::unexpected(other),
         }
     }
 }
@@ -87,17 +89,18 @@ pub(crate) struct NewSubscription {
     name: String,
     /// `stream`, `event_type`, `event_pattern`, `event_payload`, `tags` or `entity`.
     #[serde(rename = "type")]
+    #[schema(value_type = weir_streams::SubscriptionKind)]
     kind: String,
     /// The selector of that type: `"order-*"`, `"order.placed"`, `{"customer": "c-1"}`,
     /// `{"any": ["vip"]}`, `{"entities": ["posts"], "kinds": ["insert"]}`…
-    #[schema(value_type = Object)]
+    #[schema(schema_with = weir_streams::subscription::selector_schema)]
     selector: Value,
     /// Emitters, 1 to 1024. Defaults to 1.
     #[serde(default)]
     pool_size: Option<i64>,
     /// `"beginning"` (default), `"now"`, a log position, or an RFC 3339 time.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = weir_streams::subscription::nullable_start_from_schema)]
     start_from: Option<Value>,
     /// `{retry, on_exhausted, partition_by}`.
     #[serde(default)]
@@ -111,7 +114,8 @@ pub(crate) struct NewSubscription {
 }
 
 impl NewSubscription {
-    fn definition(self) -> Result<SubscriptionDef, weir_streams::Error> {
+    /// The definition, checked as far as it can be without a database.
+    pub(crate) fn definition(self) -> Result<SubscriptionDef, weir_streams::Error> {
         let invalid = weir_streams::Error::InvalidSubscription;
         let kind =
             self.kind.parse().map_err(|e| invalid(format!("subscription `{}`: {e}", self.name)))?;
@@ -280,7 +284,7 @@ async fn parked(
 /// one `position`).
 #[utoipa::path(post, path = "/v1/subscriptions/{name}/parked/retry", tag = "subscriptions",
     params(("name" = String, Path, description = "Subscription name")),
-    request_body(content = ParkedSelection, description = "Omit or `{}` for all"),
+    request_body(content = Option<ParkedSelection>, description = "Omit or `{}` for all"),
     security(("bearer" = [])),
     responses((status = 200, description = "Retry requested", body = ParkedCount),
               (status = 404, description = "No such subscription", body = ErrorBody)))]
@@ -298,7 +302,7 @@ async fn retry_parked(
 /// Discards parked events for good (recorded as failures): all of them, or one `position`.
 #[utoipa::path(post, path = "/v1/subscriptions/{name}/parked/discard", tag = "subscriptions",
     params(("name" = String, Path, description = "Subscription name")),
-    request_body(content = ParkedSelection, description = "Omit or `{}` for all"),
+    request_body(content = Option<ParkedSelection>, description = "Omit or `{}` for all"),
     security(("bearer" = [])),
     responses((status = 200, description = "Discarded", body = ParkedCount),
               (status = 404, description = "No such subscription", body = ErrorBody)))]

@@ -308,3 +308,60 @@ async fn positions_are_null_when_ingestion_does_not_run() {
     assert_eq!(h.stored().await, 1, "committed even without positions");
     h.stop().await;
 }
+
+/// Found by the contract test (weir-cli `tests/contract.rs`): a NUL character PostgreSQL cannot
+/// store is the client's mistake, a 400 naming it, not a 500; a body that is a JSON array is
+/// refused (serde would read a struct from an array of its fields); and the document says what
+/// these routes answer, in shapes a validator checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_values_and_array_bodies_are_refused_as_documented() {
+    let h = Harness::start("http_contract", false).await;
+    let nul = json!({"events": [{"type": "t", "data": {"text": "a\u{0}b"}}]});
+    let (status, body) = h.call(Method::POST, "/v1/streams/s", Some(nul)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "unstorable_value", "{body}");
+    assert_eq!(h.stored().await, 0);
+    let (status, _) = h
+        .call(Method::POST, "/v1/streams/s", Some(json!({"events": [{"type": "t", "data": [1]}]})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "an array is a payload like any other");
+    let (status, body) = h
+        .call(Method::PUT, "/v1/streams/s/snapshot", Some(json!({"version": 1, "data": "\u{0}"})))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unstorable_value"))
+    );
+    let (status, body) = h.call(Method::POST, "/v1/streams/s/truncate", Some(json!([1]))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
+    let (status, body) =
+        h.call(Method::POST, "/v1/consumers/nobody/parked/retry", Some(json!([]))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
+
+    let (_, doc) = h.call(Method::GET, "/v1/openapi.json", None).await;
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["Subscription"]["properties"]["selector"]["type"],
+        json!(["string", "object"])
+    );
+    assert!(schemas["Subscription"]["properties"]["start_from"]["anyOf"].is_array());
+    assert!(schemas["RecordedEvent"]["properties"]["data"]["type"].is_array());
+    let retry = &doc["paths"]["/v1/consumers/{name}/parked/retry"]["post"];
+    assert_ne!(retry["requestBody"]["required"], json!(true), "the body may be omitted");
+    let cancel = &doc["paths"]["/v1/jobs/{id}/cancel"]["post"];
+    assert!(cancel["responses"]["400"].is_object(), "an id that is not a number is a 400");
+    let live = &doc["paths"]["/v1/overview/live"]["get"]["responses"]["200"]["content"];
+    assert_eq!(live["text/event-stream"]["schema"]["$ref"], "#/components/schemas/SseEvent");
+    let limit = doc["paths"]["/v1/log"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (limit["schema"]["minimum"].as_i64(), limit["schema"]["maximum"].as_i64()),
+        (Some(1), Some(1000))
+    );
+    h.stop().await;
+}

@@ -103,6 +103,14 @@ impl<'de> Deserialize<'de> for Expected {
     }
 }
 
+/// The OpenAPI schema of an event's payload: any JSON value but `null`.
+pub fn payload_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let types =
+        [Type::Object, Type::Array, Type::String, Type::Number, Type::Integer, Type::Boolean];
+    ObjectBuilder::new().schema_type(types.into_iter().collect::<SchemaType>()).build()
+}
+
 /// An event to append.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -110,13 +118,14 @@ pub struct NewEvent {
     /// Its id, the key of idempotency: a retry with the same ids stores nothing again.
     /// Defaults to a new random UUID (then a retry cannot be recognised).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     pub id: Option<Uuid>,
     /// What happened (`order_placed`); 1 to 256 characters.
     #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 256)]
     pub event_type: String,
     /// Its payload: any JSON value but `null`.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = payload_schema)]
     pub data: Value,
     /// A JSON object about the event (correlation ids, the user). Defaults to `{}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,8 +218,9 @@ pub async fn append(
     })
 }
 
-/// The checks that need no database, worded like the SQL function's.
-fn check(stream: &str, expected: Expected, events: &[NewEvent]) -> Result<()> {
+/// The checks that need no database, worded like the SQL function's; [`append`] makes them
+/// first.
+pub fn check(stream: &str, expected: Expected, events: &[NewEvent]) -> Result<()> {
     let invalid = |m: String| Err(Error::Invalid(m));
     if stream.is_empty() || stream.chars().count() > 256 {
         return invalid(format!("the stream name must be 1 to 256 characters, got `{stream}`"));

@@ -70,8 +70,8 @@ pub struct RecordedEvent {
     #[serde(rename = "type")]
     #[sqlx(rename = "type")]
     pub event_type: String,
-    /// Its payload.
-    #[schema(value_type = Object)]
+    /// Its payload: any JSON value but `null`.
+    #[schema(schema_with = crate::append::payload_schema)]
     pub data: Value,
     /// Its metadata (`{}` when none was given).
     #[schema(value_type = Object)]
@@ -106,6 +106,21 @@ pub struct StreamInfo {
     pub metadata: Value,
 }
 
+/// The OpenAPI schema of a snapshot's state: any JSON value, the application's to choose.
+pub fn state_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let types = [
+        Type::Object,
+        Type::Array,
+        Type::String,
+        Type::Number,
+        Type::Integer,
+        Type::Boolean,
+        Type::Null,
+    ];
+    ObjectBuilder::new().schema_type(types.into_iter().collect::<SchemaType>()).build()
+}
+
 /// A snapshot: a stream's state folded up to a version, saved by the application.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Snapshot {
@@ -113,8 +128,8 @@ pub struct Snapshot {
     pub stream: String,
     /// The version the state includes.
     pub version: i64,
-    /// The state.
-    #[schema(value_type = Object)]
+    /// The state: any JSON value.
+    #[schema(schema_with = crate::read::state_schema)]
     pub data: Value,
     /// When it was saved.
     pub taken_at: DateTime<Utc>,

@@ -103,6 +103,56 @@ pub enum StartAt {
     Time(DateTime<Utc>),
 }
 
+/// The OpenAPI schema of a selector: a string (`"order-*"`, `"order.placed"`) or an object
+/// (`{"any": ["vip"]}`, `{"entities": ["posts"]}`), by the subscription's type.
+pub fn selector_schema() -> utoipa::openapi::schema::Object {
+    selector_schema_of(false)
+}
+
+/// [`selector_schema`] or `null` (an update that keeps the selector).
+pub fn nullable_selector_schema() -> utoipa::openapi::schema::Object {
+    selector_schema_of(true)
+}
+
+fn selector_schema_of(nullable: bool) -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let mut types = vec![Type::String, Type::Object];
+    if nullable {
+        types.push(Type::Null);
+    }
+    ObjectBuilder::new()
+        .schema_type(types.into_iter().collect::<utoipa::openapi::schema::SchemaType>())
+        .build()
+}
+
+/// The OpenAPI schema of a [`StartAt`] in its JSON form ([`StartAt::to_value`]): `"beginning"`,
+/// `"now"`, an RFC 3339 time, or a log position (0 or more).
+pub fn start_from_schema() -> utoipa::openapi::schema::Schema {
+    start_from_schema_of(false)
+}
+
+/// [`start_from_schema`] or `null` (the default, `beginning`).
+pub fn nullable_start_from_schema() -> utoipa::openapi::schema::Schema {
+    start_from_schema_of(true)
+}
+
+fn start_from_schema_of(nullable: bool) -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
+    // anyOf: a validator that leaves `format` unchecked takes "now" for a time too.
+    let mut any_of = AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["beginning", "now"])),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::String).format(Some(
+            utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::DateTime),
+        )))
+        .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)));
+    if nullable {
+        any_of = any_of.item(ObjectBuilder::new().schema_type(Type::Null));
+    }
+    any_of.build().into()
+}
+
 impl StartAt {
     /// Parses `beginning`, `now`, a position, or an RFC 3339 time.
     pub fn parse(s: &str) -> Result<Self> {

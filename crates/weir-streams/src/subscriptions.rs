@@ -35,7 +35,7 @@ pub struct Subscription {
     #[serde(rename = "type")]
     pub kind: SubscriptionKind,
     /// The selector.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = crate::subscription::selector_schema)]
     pub selector: Value,
     /// Its name.
     pub subscription_name: String,
@@ -60,7 +60,7 @@ pub struct Subscription {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink_error: Option<String>,
     /// Where it started.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = crate::subscription::start_from_schema)]
     pub start_from: Value,
     /// `running`, `halted` or `stopped`.
     pub state: ConsumerState,
@@ -108,7 +108,7 @@ pub struct SubscriptionUpdate {
     #[serde(rename = "type")]
     pub kind: Option<SubscriptionKind>,
     /// A new selector.
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = crate::subscription::nullable_selector_schema)]
     pub selector: Option<Value>,
     /// A new pool size: a re-split without loss or repetition.
     pub pool_size: Option<u32>,

@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 
 use crate::{ApiError, AppState};
 use message::{Channel, GivenCursor, parse_channels};
-pub(crate) use sse::event_stream;
+pub(crate) use sse::{SseEvent, event_stream};
 
 /// The channel routes.
 pub(crate) fn routes() -> OpenApiRouter<AppState> {

@@ -42,7 +42,7 @@ type Backlog = VecDeque<(Arc<Msg>, Cursor)>;
             that cannot set headers"),
     ),
     responses(
-        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = crate::channels::SseEvent),
         (status = 400, description = "No channel, a malformed channel name or cursor", body = crate::ErrorBody),
         (status = 401, description = "Token required", body = crate::ErrorBody),
     ))]
@@ -83,6 +83,21 @@ pub(crate) async fn sse(
         Some((Ok(chunk), (session, backlog, false)))
     });
     Ok(event_stream(stream))
+}
+
+/// One event of a `text/event-stream` answer, as a reader parses it (the `schema` of an event
+/// stream describes one event in OpenAPI 3.1: there is no `itemSchema` before 3.2). Every SSE
+/// route documents its answer with it; the route's own doc lists its `event` names and the
+/// JSON each one's `data` holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub(crate) struct SseEvent {
+    /// The event's name (`change`, `processed`, `attached`, `overview`, `close`…).
+    event: String,
+    /// Its JSON, as text.
+    data: String,
+    /// Its id, to resume after (`Last-Event-ID`); only on events a client can resume after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
 }
 
 /// A `text/event-stream` answer of `stream`, never cached nor buffered by a proxy: every SSE

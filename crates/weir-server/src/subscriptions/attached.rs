@@ -62,6 +62,7 @@ const BATCH: usize = 256;
 #[into_params(parameter_in = Query)]
 pub(crate) struct AttachQuery {
     /// Emitters, comma-separated (`0,3`); default: every free one.
+    #[param(pattern = r"^\s*([+-]?[0-9]{1,9}\s*)?(,\s*([+-]?[0-9]{1,9}\s*)?)*$")]
     emitters: Option<String>,
     /// The bearer token, for clients that cannot set headers (under `http.protect_reads`).
     #[allow(dead_code)]
@@ -130,7 +131,7 @@ pub(crate) struct Ack {
 #[utoipa::path(get, path = "/v1/subscriptions/{name}/sse", tag = "subscriptions",
     params(("name" = String, Path, description = "Subscription name"), AttachQuery),
     responses(
-        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = crate::channels::SseEvent),
         (status = 400, description = "A bad emitter list, or the subscription delivers to a \
             Rust handler", body = ErrorBody),
         (status = 404, description = "No such subscription", body = ErrorBody),
