@@ -29,6 +29,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -232,7 +233,16 @@ impl Appender {
             steps.push(Step::Insert(rows));
         }
         let to = SourceState { lsn: last_lsn, position };
-        let plan = Plan { steps, chunks: chunks.to_vec(), slot: self.slot.clone(), from, to };
+        let xids =
+            fresh.iter().filter(|t| t.staged || !t.changes.is_empty()).map(|t| i64::from(t.xid));
+        let plan = Plan {
+            steps,
+            chunks: chunks.to_vec(),
+            slot: self.slot.clone(),
+            from,
+            to,
+            xids: xids.collect(),
+        };
         // With the previous append still in flight this takes the last idle connection; that
         // append gives its own back below, before anything needs one again.
         let mut conn = self.idle.pop().expect("an idle connection");
@@ -445,6 +455,48 @@ impl Appender {
     }
 }
 
+/// Waits (at most [`VISIBLE_WAIT`]) until every transaction of `xids` is visible to a new
+/// snapshot.
+///
+/// PostgreSQL writes a transaction's commit record, and the walsender may send it, before the
+/// committing backend leaves the proc array: for that moment the transaction is committed yet
+/// invisible. An event appended then could be handled by an operator that reads the source
+/// table and sees the row as it was before the change — and keeps that state, as no later
+/// event comes for the key (`crates/weir-cli/tests/chaos.rs` caught it on a loaded machine).
+/// Committing the append only once its transactions are visible means that whoever sees an
+/// event also sees its change. The window is short (the committing backend is between two
+/// steps of its commit), so the wait is one query almost always.
+async fn visible(conn: &mut PgConnection, xids: &[i64]) -> Result<()> {
+    if xids.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + VISIBLE_WAIT;
+    loop {
+        // pgoutput's xids are 32 bits; the snapshot's are xid8 (epoch and xid).
+        let running: bool = sqlx::query_scalar(
+            "select exists (select 1 from pg_snapshot_xip(pg_current_snapshot()) x
+                             where (x::text::bigint & 4294967295) = any($1))",
+        )
+        .bind(xids)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !running {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?xids,
+                "source transactions still invisible after {VISIBLE_WAIT:?}; appending"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// How long an append waits for its source transactions to become visible.
+const VISIBLE_WAIT: Duration = Duration::from_secs(5);
+
 /// One append as planned by [`Appender::submit`], executed on a connection of its own.
 #[derive(Debug)]
 struct Plan {
@@ -454,6 +506,8 @@ struct Plan {
     /// The last position before this append: the source state must still hold it.
     from: Position,
     to: SourceState,
+    /// The source transactions appended, which must be visible before the append commits.
+    xids: Vec<i64>,
 }
 
 #[derive(Debug)]
@@ -501,6 +555,7 @@ impl Plan {
         for chunk in &self.chunks {
             chunk.store(&mut tx).await?;
         }
+        visible(&mut tx, &self.xids).await?;
         if let Some(after) = after {
             // An error means the append before failed: the update below then finds the log
             // where that one started and refuses.
