@@ -472,10 +472,17 @@ async fn visible(conn: &mut PgConnection, xids: &[i64]) -> Result<()> {
     }
     let deadline = tokio::time::Instant::now() + VISIBLE_WAIT;
     loop {
-        // pgoutput's xids are 32 bits; the snapshot's are xid8 (epoch and xid).
+        // pgoutput's xids are 32 bits, a snapshot's are xid8 (epoch and xid): each becomes the
+        // xid8 nearest the snapshot's xmax with the same low 32 bits. A committing transaction
+        // can be at or above xmax (xmax follows the last *completed* transaction), so looking
+        // only at the running list would miss it.
         let running: bool = sqlx::query_scalar(
-            "select exists (select 1 from pg_snapshot_xip(pg_current_snapshot()) x
-                             where (x::text::bigint & 4294967295) = any($1))",
+            "with s as (select pg_current_snapshot() s),
+                  m as (select pg_snapshot_xmax(s)::text::bigint + 2147483648 top from s)
+             select exists (
+               select 1 from unnest($1::bigint[]) x, s, m
+                where not pg_visible_in_snapshot(
+                        greatest(m.top - ((m.top - x) & 4294967295), 3)::text::xid8, s.s))",
         )
         .bind(xids)
         .fetch_one(&mut *conn)

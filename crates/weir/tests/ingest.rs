@@ -422,3 +422,58 @@ async fn a_lone_large_row_reaches_the_log_at_once() {
     }
     h.stop().await;
 }
+
+/// A transaction whose commit record is in the WAL (and sent to weir) but which is not yet
+/// visible to other sessions must not reach the log until it is: an operator reading the source
+/// table for its event would see the row as it was before. A synchronous standby that never
+/// answers holds a committing transaction in exactly that state, deterministically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_logged_only_once_its_transaction_is_visible() {
+    use sqlx::Connection as _;
+    // Its own cluster: it changes synchronous_standby_names.
+    let cluster = Cluster::start_temp(Options { fsync: false, settings: vec![] }).unwrap();
+    cluster.psql("postgres", "create database v").unwrap();
+    // weir's sessions do not wait for the standby; only the writer below does.
+    cluster.psql("postgres", "alter database v set synchronous_commit = local").unwrap();
+    let mut h = Harness::new(&cluster.url("v"), "create table v (id int primary key);").await;
+    h.start();
+    h.exec("insert into v values (1)").await;
+    h.wait_for(1, Duration::from_secs(30)).await;
+    cluster.psql("postgres", "alter system set synchronous_standby_names = 'nobody'").unwrap();
+    cluster.psql("postgres", "select pg_reload_conf()").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut writer = sqlx::PgConnection::connect(&cluster.url("v")).await.unwrap();
+    let pid: i32 =
+        sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut writer).await.unwrap();
+    sqlx::query("set synchronous_commit = on").execute(&mut writer).await.unwrap();
+    let commit = tokio::spawn(async move {
+        sqlx::query("insert into v values (2)").execute(&mut writer).await.unwrap();
+    });
+    eventually("the commit waits for the standby", Duration::from_secs(10), || async {
+        let waiting: Option<String> =
+            sqlx::query_scalar("select wait_event from pg_stat_activity where pid = $1")
+                .bind(pid)
+                .fetch_one(&h.pool)
+                .await
+                .unwrap();
+        waiting.as_deref() == Some("SyncRep")
+    })
+    .await;
+    // Committed in the WAL, invisible to everyone else: not in the log either.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen: i64 =
+        sqlx::query_scalar("select count(*) from v where id = 2").fetch_one(&h.pool).await.unwrap();
+    assert_eq!(seen, 0, "the transaction should still be invisible");
+    assert_eq!(h.head().await, 1, "an invisible transaction's event is in the log");
+
+    // Cancelling the wait makes the commit visible; the event follows at once.
+    sqlx::query("select pg_cancel_backend($1)").bind(pid).execute(&h.pool).await.unwrap();
+    commit.await.unwrap();
+    let visible = Instant::now();
+    h.wait_for(2, Duration::from_secs(10)).await;
+    assert!(visible.elapsed() < Duration::from_secs(3), "logged {:?} after", visible.elapsed());
+    cluster.psql("postgres", "alter system reset synchronous_standby_names").unwrap();
+    cluster.psql("postgres", "select pg_reload_conf()").unwrap();
+    h.stop().await;
+}
