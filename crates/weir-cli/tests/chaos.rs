@@ -29,7 +29,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use support::{Proc, WEIR, output, sigkill};
+use support::{Proc, output, sigkill, weir};
 use weir_testkit::proxy::{Mode, Proxy};
 use weir_testkit::{Cluster, Options, StopMode, eventually};
 
@@ -193,16 +193,10 @@ async fn the_log_derived_data_and_jobs_survive_kills_restarts_and_cut_connection
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), CONFIG).unwrap();
     let proxied = proxy.url(&db.url());
+    // `weir` on this database, every connection through the proxy.
     let cmd = |args: &[&str]| {
-        let mut c = std::process::Command::new(WEIR);
-        c.args(args)
-            .arg("--config")
-            .arg(config.path())
-            .env("DATABASE_URL", &proxied)
-            .env("WEIR_SOURCE_SLOT", db.name())
-            .env("WEIR_HTTP_BIND", "127.0.0.1:0")
-            .env_remove("WEIR_FAULT")
-            .current_dir(std::env::temp_dir());
+        let mut c = weir(&db, args);
+        c.arg("--config").arg(config.path()).env("DATABASE_URL", &proxied);
         c
     };
     let (ok, out) = output(cmd(&["init"]));
