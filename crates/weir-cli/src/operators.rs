@@ -1,4 +1,6 @@
-//! `weir operators list|rebuild`: the `[[operators]]` of weir.toml, and rebuilding one's target
+//! `weir operators list|rebuild|forget`: the `[[operators]]` of weir.toml (and the operators the
+//! database still holds that it no longer declares), forgetting one of those (which releases
+//! the log it holds back from retention), and rebuilding one's target
 //! table from scratch into a shadow swapped in at the end (`weir_consumer::rebuild`, which draws
 //! the steps). The rebuild runs in this process, chunk by chunk, with a progress line; the
 //! consumer's lanes in the `weir run` processes wait while it runs and replay the log onto the
@@ -30,6 +32,13 @@ pub enum OperatorsCommand {
         #[arg(long)]
         abort: bool,
     },
+    /// Delete an operator that weir.toml no longer declares (a removed one, or a Rust
+    /// operator no longer run) with its checkpoints, failures and parked events. Retention then
+    /// no longer keeps the log for it.
+    Forget {
+        /// The operator's name (as `weir operators list` shows it).
+        name: String,
+    },
 }
 
 pub(crate) async fn run(config: &Config, cmd: OperatorsCommand) -> anyhow::Result<()> {
@@ -54,6 +63,41 @@ pub(crate) async fn run(config: &Config, cmd: OperatorsCommand) -> anyhow::Resul
                     op.target.as_deref().unwrap_or(&op.name)
                 );
             }
+            let declared = |name: &str| config.operators.iter().any(|o| o.name == name);
+            for (name, kind, state) in weir_consumer::registered(&pool).await? {
+                if kind == weir_consumer::ConsumerKind::Operator && !declared(&name) {
+                    println!(
+                        "{name:<32} {state:<12} not in weir.toml (a Rust operator, or removed); \
+                         retention keeps the log for it until `weir operators forget {name}`"
+                    );
+                }
+            }
+        }
+        OperatorsCommand::Forget { name } => {
+            if config.operators.iter().any(|o| o.name == name) {
+                anyhow::bail!(
+                    "`{name}` is an [[operators]] entry of weir.toml: remove it there first (a \
+                     `weir run` would register it again)"
+                );
+            }
+            let registered = weir_consumer::registered(&pool).await?;
+            match registered.iter().find(|(n, ..)| *n == name) {
+                None => anyhow::bail!(
+                    "no consumer `{name}` in the database; `weir operators list` shows them"
+                ),
+                Some((_, weir_consumer::ConsumerKind::Subscription, _)) => anyhow::bail!(
+                    "`{name}` is a subscription: delete it with `weir subscriptions delete {name}`"
+                ),
+                Some(_) => {}
+            }
+            let mut tx = pool.begin().await?;
+            weir_consumer::delete(&mut tx, &name).await?;
+            tx.commit().await?;
+            println!(
+                "forgot operator {name}: its checkpoints, failures and parked events are deleted, \
+                 and retention no longer keeps the log for it (a process that still runs it \
+                 registers it again as a new operator)"
+            );
         }
         OperatorsCommand::Rebuild { name, abort: true } => {
             rebuild::abort(&pool, &name).await?;

@@ -18,8 +18,13 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     let subscription = |name: &str| subscriptions.iter().find(|s| s.subscription_name == name);
     // Before the log's second migration there are none.
     let backfills = weir_log::backfill::list(&pool, 3).await.unwrap_or_default();
+    let oldest = weir_log::LogReader::new(pool.clone()).await?.oldest().await?;
+    // Before the consumers' migration there is none.
+    let need = weir_consumer::oldest_need(&pool).await.unwrap_or_default();
     if json {
-        let all = serde_json::json!({"source": s, "consumers": consumers,
+        let log = serde_json::json!({"oldest": oldest, "oldest_need": need,
+                                     "retention_seconds": config.log.retention.as_secs()});
+        let all = serde_json::json!({"source": s, "log": log, "consumers": consumers,
                                      "subscriptions": subscriptions, "backfills": backfills});
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
@@ -32,6 +37,15 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<()> {
     match (&s.holder, s.heartbeat_age_seconds) {
         (Some(h), Some(age)) => println!("held by         {h} (heartbeat {age:.1} s ago)"),
         _ => println!("held by         nobody has run this slot yet"),
+    }
+    let retention = weir_core::format_duration(config.log.retention);
+    match oldest {
+        Some(p) => println!("log oldest      {p} (retention {retention})"),
+        None => println!("log oldest      - (empty; retention {retention})"),
+    }
+    if let Some(n) = &need {
+        // Retention keeps what the consumer furthest behind has not handled, however old.
+        println!("log needed from {} by {} {} ({})", n.position, n.kind, n.consumer, n.state);
     }
     for b in &backfills {
         println!("{}", crate::backfill::line(b));

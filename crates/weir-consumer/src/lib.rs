@@ -220,6 +220,32 @@ pub async fn state(pool: &sqlx::PgPool, name: &str) -> Result<(ConsumerState, Op
     store::consumer::state(pool, name).await
 }
 
+/// The consumer that needs the oldest event of the log, and that event's position: what
+/// retention must keep. Every consumer counts, halted and stopped ones too (they read on from
+/// there when they resume); deleting a consumer releases what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Need {
+    /// The consumer's name.
+    pub consumer: String,
+    /// Operator or subscription.
+    pub kind: ConsumerKind,
+    /// Its state.
+    pub state: ConsumerState,
+    /// The lowest position it has not handled.
+    pub position: i64,
+}
+
+/// Every consumer in the database (operators that ran, subscriptions): name, kind, state.
+pub async fn registered(pool: &sqlx::PgPool) -> Result<Vec<(String, ConsumerKind, ConsumerState)>> {
+    store::consumer::registered(pool).await
+}
+
+/// The consumer that needs the oldest event ([`Need`]); none when no consumer has a
+/// checkpoint.
+pub async fn oldest_need(pool: &sqlx::PgPool) -> Result<Option<Need>> {
+    store::consumer::oldest_need(pool).await
+}
+
 /// Deletes a consumer with its checkpoints, failures and parked events, in `conn`'s
 /// transaction. False when there was none.
 pub async fn delete(conn: &mut sqlx::PgConnection, name: &str) -> Result<bool> {

@@ -26,21 +26,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     n.checked_mul(ms).map(Duration::from_millis).ok_or_else(|| DurationError(s.into()))
 }
 
+/// Writes a duration the way configuration reads it: `7d`, `15s`, `500ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(86_400_000) && ms > 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 pub mod serde_duration {
     //! `Duration` as a human string in TOML and JSON: `#[serde(with = "weir_core::serde_duration")]`.
     use std::time::Duration;
 
     /// Writes `15s`, `500ms`, `7d`.
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        let ms = d.as_millis();
-        let text = if ms.is_multiple_of(86_400_000) && ms > 0 {
-            format!("{}d", ms / 86_400_000)
-        } else if ms.is_multiple_of(1000) {
-            format!("{}s", ms / 1000)
-        } else {
-            format!("{ms}ms")
-        };
-        s.serialize_str(&text)
+        s.serialize_str(&super::format_duration(*d))
     }
 
     /// Reads what [`parse_duration`](super::parse_duration) reads.

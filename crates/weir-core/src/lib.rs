@@ -25,7 +25,7 @@ pub use config::{
     QueueLimits, Rate, RetryConfig, Secret, SourceConfig, StartFrom, SubscriptionConfig,
     WorkerConfig, WorkerType,
 };
-pub use duration::{DurationError, parse_duration, serde_duration};
+pub use duration::{DurationError, format_duration, parse_duration, serde_duration};
 pub use event::{Event, Kind, Source};
 pub use failure::{BoxError, Chain, panic_message};
 pub use identity::ProcessId;

@@ -159,15 +159,23 @@ async fn partitions_are_created_as_needed_and_old_ones_dropped_by_retention() {
     .await
     .unwrap();
     assert_eq!(parts, 4, "3000 positions in partitions of 1000 starting at 1");
-    let report = weir_log::enforce_retention(&pool, Duration::from_secs(7 * 86_400)).await.unwrap();
-    assert_eq!(report.dropped.len(), 3, "{report:?}");
+    let week = Duration::from_secs(7 * 86_400);
+    // A consumer that still needs position 1500 holds its partition and the newer ones.
+    let report = weir_log::enforce_retention(&pool, week, Some(1500)).await.unwrap();
+    assert_eq!(report.dropped.len(), 1, "{report:?}");
+    assert_eq!(report.held, Some((1000, 3000)), "{report:?}");
+    assert_eq!(report.oldest_position, Some(1000));
+    // Once it has handled them, they go.
+    let report = weir_log::enforce_retention(&pool, week, Some(3001)).await.unwrap();
+    assert_eq!(report.dropped.len(), 2, "{report:?}");
+    assert_eq!(report.held, None);
     // Every partition wholly below the head's partition went; the head is kept.
     assert_eq!(report.oldest_position, Some(3000));
     let reader = LogReader::new(pool.clone()).await.unwrap();
     assert_eq!(reader.head().await.unwrap(), 3000);
     // Recent events are kept.
     app.append(&[txn(lsn, vec![insert(&rel, 1, "new")])]).await.unwrap();
-    let report = weir_log::enforce_retention(&pool, Duration::from_secs(7 * 86_400)).await.unwrap();
+    let report = weir_log::enforce_retention(&pool, week, None).await.unwrap();
     assert!(report.dropped.is_empty());
 }
 

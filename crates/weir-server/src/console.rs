@@ -141,6 +141,9 @@ pub(crate) struct LogInfo {
     oldest: Option<i64>,
     /// How long events are kept (`[log] retention`), in seconds.
     retention_seconds: u64,
+    /// The consumer furthest behind and the first position it has not handled: retention
+    /// keeps every event from there, however old (none when no consumer has a checkpoint).
+    oldest_need: Option<weir_consumer::Need>,
     /// The entities the log has seen (`posts`, `sales.orders`, `weir.stream_events`).
     entities: Vec<String>,
 }
@@ -172,6 +175,7 @@ async fn read_overview(state: &AppState) -> Result<Overview, ApiError> {
         head: source.position,
         oldest,
         retention_seconds: state.config().log.retention.as_secs(),
+        oldest_need: weir_consumer::oldest_need(pool).await?,
         entities,
     };
     let consumers = weir_consumer::status::consumers(pool).await?;

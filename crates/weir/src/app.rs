@@ -224,7 +224,8 @@ impl WeirBuilder {
                 crate::ingest::run_waking(&config, &pool, &identity, readers, cancel).await
             })
         });
-        let retention = tokio::spawn(retention_loop(pool.clone(), config.clone(), cancel.clone()));
+        let retention =
+            tokio::spawn(crate::retention::run(pool.clone(), config.clone(), cancel.clone()));
         let started = start_jobs(&pool, &config, self.workers, periodic, identity).await;
         let running = Running { cancel, pool, wake, ingest, engine, retention, jobs: None };
         match started {
@@ -349,33 +350,5 @@ impl Running {
         }
         let _ = self.retention.await;
         first
-    }
-}
-
-async fn retention_loop(pool: PgPool, config: Config, cancel: CancellationToken) {
-    loop {
-        // One process enforces retention at a time; the lock lives on one pooled connection.
-        if let Ok(mut conn) = pool.acquire().await {
-            let lock: std::result::Result<bool, _> =
-                sqlx::query_scalar("select pg_try_advisory_lock(hashtext('weir.retention'))")
-                    .fetch_one(&mut *conn)
-                    .await;
-            if let Ok(true) = lock {
-                match weir_log::enforce_retention(&pool, config.log.retention).await {
-                    Ok(r) if !r.dropped.is_empty() => {
-                        tracing::info!(dropped = ?r.dropped, oldest = ?r.oldest_position, "retention")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "retention pass failed"),
-                }
-                let _ = sqlx::query("select pg_advisory_unlock(hashtext('weir.retention'))")
-                    .execute(&mut *conn)
-                    .await;
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
-        }
     }
 }

@@ -19,6 +19,7 @@
 //! - [`ingest::run`] streams changes into the log until cancelled, reconnecting with backoff,
 //!   waiting as a standby while another process holds the slot.
 //! - [`status::source_status`] reports slot lag, position, rate and delay.
+//! - [`retention::pass`] drops the log's old partitions, keeping what consumers still need.
 //! - [`Weir::builder`] runs all of it in one process: ingestion, the consumer engine with the
 //!   operators of `weir.toml` and those added in Rust, until stopped.
 //!
@@ -40,6 +41,7 @@ mod error;
 mod fault;
 pub mod ingest;
 pub mod replica_identity;
+pub mod retention;
 pub mod setup;
 pub mod status;
 

@@ -109,6 +109,35 @@ pub(crate) async fn state(pool: &PgPool, consumer: &str) -> Result<(ConsumerStat
         .ok_or_else(|| Error::UnknownConsumer(consumer.to_string()))
 }
 
+/// Every consumer in the database: name, kind, state, by name.
+pub(crate) async fn registered(
+    pool: &PgPool,
+) -> Result<Vec<(String, ConsumerKind, ConsumerState)>> {
+    Ok(sqlx::query_as("select name, kind, state from weir.consumers order by name")
+        .fetch_all(pool)
+        .await?)
+}
+
+/// The consumer that needs the oldest event: the lowest position any consumer has not handled
+/// (one past its lowest lane checkpoint, or its oldest parked event), whatever its state.
+pub(crate) async fn oldest_need(pool: &PgPool) -> Result<Option<crate::Need>> {
+    let row: Option<(String, ConsumerKind, ConsumerState, i64)> = sqlx::query_as(
+        "select c.name, c.kind, c.state, n.position
+         from weir.consumers c
+         cross join lateral (
+             select least((select min(k.position) + 1 from weir.checkpoints k
+                           where k.consumer = c.name),
+                          (select min(p.position) from weir.parked p
+                           where p.consumer = c.name)) as position) n
+         where n.position is not null
+         order by n.position, c.name
+         limit 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(consumer, kind, state, position)| crate::Need { consumer, kind, state, position }))
+}
+
 /// Stops a consumer (its lanes wait; checkpoints stay), with the handler's `reason` when a
 /// handler stopped it. Returns its state before.
 pub(crate) async fn stop<'c>(
