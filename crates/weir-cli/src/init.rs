@@ -2,6 +2,8 @@
 //! tables an operator routes by a non-key column, and the replication slot
 //! (`weir::setup::init`, idempotent), and says what it did — and which watched tables hold
 //! rows from before capture (`weir backfill` loads them; a table added later is backfilled).
+//! Then it checks every `[[operators]]` entry as `weir run` will (`SqlOperator::prepare`), so
+//! an operator `weir run` would refuse fails `weir init` too, with the same reason.
 
 use weir::Config;
 
@@ -58,6 +60,21 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    // The checks `weir run` makes before it starts an operator, made now.
+    let mut refused = 0;
+    for op in &config.operators {
+        if let Err(e) = weir_consumer::SqlOperator::prepare(&pool, op).await {
+            eprintln!("{e}");
+            refused += 1;
+        }
+    }
+    if refused > 0 {
+        anyhow::bail!(
+            "capture is set up, but `weir run` would refuse {refused} of the {} [[operators]] \
+             of the configuration (above): fix them and run `weir init` again",
+            config.operators.len()
+        );
     }
     Ok(())
 }

@@ -253,7 +253,7 @@ async fn a_null_key_halts_the_operator_and_resume_continues_there() {
 }
 
 #[tokio::test]
-async fn bad_operator_configuration_is_refused_at_start_up() {
+async fn bad_operator_configuration_is_refused_at_start_up_and_by_init() {
     let cases = [
         (
             CONFIG
@@ -279,5 +279,10 @@ async fn bad_operator_configuration_is_refused_at_start_up() {
         let (ok, out) = s.output(&["run"]);
         assert!(!ok, "case {i} must fail: {out}");
         assert!(out.contains(want), "case {i}: want `{want}` in: {out}");
+        // `weir init` makes the same checks, so the mistake shows before the first run.
+        let (ok, out) = s.output(&["init"]);
+        assert!(!ok, "case {i}: init must fail: {out}");
+        assert!(out.contains(want), "case {i}: want `{want}` from init in: {out}");
+        assert!(out.contains("`weir run` would refuse 1 of the 1"), "case {i}: {out}");
     }
 }
