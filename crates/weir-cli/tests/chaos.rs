@@ -4,12 +4,14 @@
 //! table, jobs and the slot.
 //!
 //! ```text
-//! writer (direct) ──► accounts, ops ──WAL──► proxy ──► weir run × N ──► weir.events
-//!                                                       │ operator `balances` ► derived_balances
-//!                                                       │ operator `jobs`     ► weir.enqueue
-//!                                                       └ sql worker          ► job_done
+//! writer (direct) ──► accounts, ops, weir.append ──WAL──► proxy ──► weir run × N ──► weir.events
+//!                                                 │ operator `balances`    ► derived_balances
+//!                                                 │ operator `jobs`        ► weir.enqueue
+//!                                                 │ sql worker             ► job_done
+//!                                                 │ subscription `hooks`   ► webhook receiver
+//!                                                 └ subscription `jetstream` ► nats-server
 //! chaos: SIGKILL a process (and start another), cut every proxied connection,
-//!        pg_ctl stop -m immediate + start
+//!        pg_ctl stop -m immediate + start; the receiver fails one request in 20
 //! ```
 //!
 //! The truth is what the writer committed, as PostgreSQL keeps it: each transaction inserts one
@@ -18,7 +20,11 @@
 //! 1; every committed transaction's events in it exactly once (the `ops` insert and as many
 //! `accounts` events as the transaction changed rows), transactions in commit order and
 //! contiguous; `derived_balances` equal to `accounts`; one completed job and one effect per
-//! tenth transaction; the slot's confirmed position close to the server's end of WAL.
+//! tenth transaction; every event appended to a stream (one transaction in five appends one)
+//! answered 2xx by the webhook receiver at least once, nothing else, and in version order per
+//! stream by first delivery; every one in the JetStream stream exactly once (the duplicate
+//! window drops redeliveries by `Nats-Msg-Id`); the slot's confirmed position close to the
+//! server's end of WAL.
 //!
 //! Quick by default (CI): about a minute, two processes. The long run for docs/guarantees.md:
 //! `WEIR_CHAOS_SECONDS=900 WEIR_CHAOS_PROCESSES=3 cargo test -p weir-cli --test chaos --
@@ -31,8 +37,10 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use support::{Proc, output, sigkill, weir};
 use weir_testkit::proxy::{Mode, Proxy};
-use weir_testkit::{Cluster, Options, StopMode, eventually};
+use weir_testkit::receiver::{Answer, Receiver};
+use weir_testkit::{Cluster, NatsServer, Options, StopMode, eventually};
 
+/// weir.toml, with `{hook}` and `{nats}` to fill in.
 const CONFIG: &str = r#"
 [source]
 tables = ["accounts", "ops"]
@@ -71,7 +79,36 @@ select weir.enqueue('default', 'chaos_job', jsonb_build_object('seq', o.seq))
 kind = "chaos_job"
 type = "sql"
 sql = "insert into job_done (seq) values (($1->>'seq')::bigint)"
+
+[[subscriptions]]
+name = "hooks"
+type = "stream"
+selector = "acct-*"
+pool_size = 3
+retry = { min_restart_time = "20ms", backoff_multiplicator = 2.0, max_restart_time = "500ms", max_retries = 100000 }
+
+[subscriptions.sink]
+type = "webhook"
+url = "{hook}"
+secret_env = "CHAOS_HOOK_SECRET"
+
+[[subscriptions]]
+name = "jetstream"
+type = "stream"
+selector = "acct-*"
+pool_size = 2
+retry = { min_restart_time = "20ms", backoff_multiplicator = 2.0, max_restart_time = "500ms", max_retries = 100000 }
+
+[subscriptions.sink]
+type = "nats"
+url = "{nats}"
+subject = "chaos.{stream}"
+stream = "CHAOS"
+create_stream = true
 "#;
+
+/// The webhook sink's secret (`weir webhooks secret` makes such values).
+const HOOK_SECRET: &str = "whsec_Y2hhb3MtdGVzdC1zZWNyZXQtb2YtMzItYnl0ZXMh";
 
 const SCHEMA: &str = "
     create table accounts (id bigint primary key, balance bigint not null);
@@ -153,6 +190,17 @@ async fn transaction(pool: &PgPool, seq: i64, rng: &mut Rng, next_id: &mut i64) 
         ("large update", r)
     };
     let Ok(changed) = result else { return false };
+    // One transaction in five appends an event to one of 20 streams, with its row changes.
+    if seq % 5 == 0 {
+        let appended = sqlx::query("select * from weir.append($1, 'any', $2)")
+            .bind(format!("acct-{}", seq % 20))
+            .bind(serde_json::json!([{"type": "chaos.appended", "data": {"seq": seq}}]))
+            .execute(&mut *tx)
+            .await;
+        if appended.is_err() {
+            return false;
+        }
+    }
     let ops = sqlx::query("insert into ops values ($1, $2, $3)")
         .bind(seq)
         .bind(kind)
@@ -160,6 +208,29 @@ async fn transaction(pool: &PgPool, seq: i64, rng: &mut Rng, next_id: &mut i64) 
         .execute(&mut *tx)
         .await;
     ops.is_ok() && tx.commit().await.is_ok()
+}
+
+/// The `Nats-Msg-Id` of every message in stream CHAOS, once it holds at least `n` (or after
+/// 120 s, whatever it holds then).
+async fn eventually_nats_ids(js: &async_nats::jetstream::Context, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // weir creates the stream (`create_stream = true`) when its emitters start.
+        if let Ok(mut stream) = js.get_stream("CHAOS").await {
+            let state = stream.info().await.unwrap().state.clone();
+            if state.messages as usize >= n || Instant::now() > deadline {
+                let mut ids = Vec::new();
+                for seq in state.first_sequence..=state.last_sequence {
+                    let m = stream.get_raw_message(seq).await.unwrap();
+                    let id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string());
+                    ids.push(id.unwrap_or_default());
+                }
+                return ids;
+            }
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(1), "no stream CHAOS in 120 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// What the chaos did, for the report.
@@ -190,13 +261,31 @@ async fn the_log_derived_data_and_jobs_survive_kills_restarts_and_cut_connection
     let db = cluster.database("chaos").unwrap();
     db.psql(SCHEMA).unwrap();
     let proxy = Proxy::start(cluster.port(), Mode::Pass).await.unwrap();
+    // The sinks' far ends: a receiver that fails one request in 20 (500, or the connection
+    // closed without an answer), and a private nats-server with JetStream.
+    let mut answered = 0u64;
+    let receiver = Receiver::start(move |_| {
+        answered += 1;
+        match answered % 40 {
+            7 => Answer::status(500),
+            27 => Answer::Close,
+            _ => Answer::ok(),
+        }
+    })
+    .await;
+    let nats =
+        NatsServer::start().unwrap_or_else(|e| panic!("starting a private nats-server: {e}"));
     let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), CONFIG).unwrap();
+    let text = CONFIG.replace("{hook}", &receiver.url("/hooks")).replace("{nats}", &nats.url());
+    std::fs::write(config.path(), text).unwrap();
     let proxied = proxy.url(&db.url());
     // `weir` on this database, every connection through the proxy.
     let cmd = |args: &[&str]| {
         let mut c = weir(&db, args);
-        c.arg("--config").arg(config.path()).env("DATABASE_URL", &proxied);
+        c.arg("--config")
+            .arg(config.path())
+            .env("DATABASE_URL", &proxied)
+            .env("CHAOS_HOOK_SECRET", HOOK_SECRET);
         c
     };
     let (ok, out) = output(cmd(&["init"]));
@@ -249,7 +338,9 @@ async fn the_log_derived_data_and_jobs_survive_kills_restarts_and_cut_connection
                 false
             }
         });
-        if exited > 10 {
+        // A process that starts while PostgreSQL is down or its connection is cut exits
+        // (with the reason); a few per minute are expected, a crash loop is not.
+        if exited > (seconds / 15).max(10) {
             let logs = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = logs.lines().rev().take(20).collect();
             panic!("`weir run` exited {exited} times on its own; last lines:\n{}", tail.join("\n"));
@@ -403,6 +494,62 @@ async fn the_log_derived_data_and_jobs_survive_kills_restarts_and_cut_connection
     assert_eq!((jobs, distinct_jobs), (wanted, wanted), "one job per tenth transaction");
     assert_eq!((effects, distinct_effects), (wanted, wanted), "one effect per job");
 
+    // Deliveries: every appended event answered 2xx at least once, nothing else; per stream,
+    // first deliveries in version order. JetStream holds each exactly once.
+    let appended: Vec<(i64, String, i64)> = sqlx::query_as(
+        "select e.position, s.stream, s.version from weir.events e
+           join weir.stream_events s on s.id = (e.new_record->>'id')::uuid
+          where e.entity = 'weir.stream_events' order by e.position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let wanted_ids: std::collections::BTreeSet<String> =
+        appended.iter().map(|(p, ..)| format!("hooks:{p}")).collect();
+    let exchanges = receiver
+        .wait_for("every appended event delivered", Duration::from_secs(120), |x| {
+            let ok: std::collections::BTreeSet<&str> = x
+                .iter()
+                .filter(|e| e.answer.is_success())
+                .filter_map(|e| e.request.header("webhook-id"))
+                .collect();
+            wanted_ids.iter().all(|id| ok.contains(id.as_str()))
+        })
+        .await;
+    let delivered: Vec<(String, serde_json::Value)> = exchanges
+        .iter()
+        .filter(|e| e.answer.is_success())
+        .map(|e| {
+            let id = e.request.header("webhook-id").unwrap_or_default().to_string();
+            (id, serde_json::from_slice(&e.request.body).unwrap())
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> =
+        delivered.iter().map(|(id, _)| id).collect();
+    assert_eq!(distinct.len(), wanted_ids.len(), "webhook: one id per appended event, no other");
+    let mut last_version: std::collections::HashMap<String, i64> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    for (id, body) in &delivered {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let row = &body["event"]["new_record"];
+        let (stream, version) = (row["stream"].as_str().unwrap(), row["version"].as_i64().unwrap());
+        let previous = last_version.insert(stream.to_string(), version).unwrap_or(0);
+        assert!(version > previous, "{stream}: version {version} first delivered after {previous}");
+    }
+    let hook_requests = exchanges.len();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let nats_ids = eventually_nats_ids(&js, appended.len()).await;
+    let wanted_nats: std::collections::BTreeSet<String> =
+        appended.iter().map(|(p, ..)| format!("jetstream:{p}")).collect();
+    assert_eq!(nats_ids.len(), appended.len(), "JetStream: each appended event once");
+    assert_eq!(
+        nats_ids.into_iter().collect::<std::collections::BTreeSet<_>>(),
+        wanted_nats,
+        "JetStream: exactly the appended events"
+    );
+
     // The slot follows once writes stop: its confirmed position close to the end of WAL.
     let behind = || async {
         sqlx::query_scalar::<_, i64>(
@@ -422,12 +569,16 @@ async fn the_log_derived_data_and_jobs_survive_kills_restarts_and_cut_connection
     eprintln!(
         "chaos figures: {seconds} s, {processes} processes, seed {seed}: {} SIGKILLs, {} \
          immediate restarts, {} connection cuts; {transactions} transactions attempted, \
-         {committed} committed ({} acknowledged), {events} events, {jobs} jobs; \
+         {committed} committed ({} acknowledged), {events} events, {jobs} jobs, {} appended \
+         events ({hook_requests} webhook requests, {} answered 2xx), JetStream {} messages; \
          caught up {catch_up:.1?} after the writes stopped; slot {} bytes behind; mismatches: 0",
         chaos.kills,
         chaos.restarts,
         chaos.cuts,
         acknowledged.len(),
+        appended.len(),
+        delivered.len(),
+        appended.len(),
         behind().await
     );
     drop(running);
