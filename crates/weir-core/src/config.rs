@@ -376,6 +376,13 @@ pub struct HttpConfig {
     /// Longest wait a long-poll may ask for. Defaults to `30s`.
     #[serde(with = "serde_duration")]
     pub max_wait: Duration,
+    /// Longest time a client may take to send a request head (the request line and headers),
+    /// counted from when the server starts waiting for it: after accepting a connection, and
+    /// between two requests of a kept-alive connection. Then the connection is closed, so a
+    /// client trickling its head (slowloris) or an idle kept-alive connection holds nothing
+    /// longer than this. Defaults to `10s`.
+    #[serde(with = "serde_duration")]
+    pub header_timeout: Duration,
     /// Messages queued for one channel client before it is dropped as too slow. Defaults to
     /// 4096.
     pub client_buffer: usize,
@@ -392,6 +399,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(60),
             max_wait: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
             client_buffer: 4096,
         }
     }
@@ -1244,6 +1252,13 @@ impl Config {
         if self.http.max_wait >= self.http.request_timeout {
             return invalid("http.max_wait", "must be shorter than http.request_timeout");
         }
+        if self.http.header_timeout.is_zero() {
+            return invalid(
+                "http.header_timeout",
+                "must be longer than 0 (default: 10s): it is how long a client may take to send \
+                 a request head",
+            );
+        }
         if self.http.client_buffer < 16 {
             return invalid("http.client_buffer", "must be at least 16 (default: 4096)");
         }
@@ -1490,6 +1505,7 @@ mod tests {
             ("[http]\nbind = \"localhost\"", "http.bind"),
             ("[http]\ntoken = \"short\"", "http.token"),
             ("[http]\nmax_wait = \"2m\"", "http.max_wait"),
+            ("[http]\nheader_timeout = \"0s\"", "http.header_timeout"),
             ("[channels.comments]\nscopes = { post_id = \"a/b\" }", "channels.scopes"),
         ] {
             let err = Config::from_toml(file, "f", []).unwrap_err().to_string();

@@ -40,10 +40,14 @@ pub mod too_early;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use weir_core::Config;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
@@ -105,7 +109,7 @@ impl Server {
         config: Config,
         wake: weir_log::Wake,
         cancel: CancellationToken,
-    ) -> Result<Server, ApiError> {
+    ) -> Result<Server, weir::Error> {
         metrics::describe();
         // The routes read the consumer and job tables: make sure they exist (idempotent).
         weir_consumer::migrate(&pool).await?;
@@ -143,22 +147,142 @@ impl Server {
 
     /// Serves [`Server::router`] on `listener` until `cancel`; open streams are closed then.
     ///
+    /// ```text
+    /// accept ─► one task per connection (owned here) ─► HTTP/1.1, upgrades (WebSocket)
+    ///   │         request head within http.header_timeout, or the connection is closed
+    ///   │         each request gets ConnectInfo<SocketAddr> ─► the router
+    ///   └ an accept error (EMFILE: out of file descriptors) is logged, then accept again 1 s
+    ///     later; the connections already open go on
+    /// cancel ─► stop accepting; every connection finishes its request in flight and closes
+    ///          ─► after http.max_wait + 1 s, those still open are closed and `serve` returns
+    /// ```
+    ///
+    /// The head timeout is what a slowloris client (a request head sent a byte at a time)
+    /// meets: it holds a connection and a task for `http.header_timeout` at most, never a
+    /// worker. It also closes a kept-alive connection idle that long (the server waits for the
+    /// next head from the end of the previous response).
+    ///
     /// After `cancel`, requests in flight get `http.max_wait` plus a second to finish (a
     /// long-poll's longest wait); a connection still open then (a stream to a client that
-    /// stopped reading cannot write its close) is left behind and `serve` returns.
+    /// stopped reading cannot write its close) is dropped and `serve` returns.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         cancel: CancellationToken,
     ) -> std::io::Result<()> {
-        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
-        let grace = self.state.config().http.max_wait + std::time::Duration::from_secs(1);
-        let serving =
-            axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
-        tokio::select! {
-            r = serving => r,
-            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => Ok(()),
+        let app = self.router();
+        let http = &self.state.config().http;
+        let grace = http.max_wait + Duration::from_secs(1);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(http.header_timeout);
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(done) = connections.join_next(), if !connections.is_empty() => {
+                    connection_ended(done);
+                    continue;
+                }
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, remote)) => {
+                    connections.spawn(serve_connection(
+                        builder.clone(),
+                        stream,
+                        remote,
+                        app.clone(),
+                        cancel.clone(),
+                    ));
+                }
+                // The client gave up before we accepted: nothing to do.
+                Err(e) if connection_refused(&e) => {}
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        open_connections = connections.len(),
+                        "cannot accept a connection (out of file descriptors?); accepting again \
+                         in {ACCEPT_PAUSE:?}"
+                    );
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(ACCEPT_PAUSE) => {}
+                    }
+                }
+            }
         }
+        drop(listener);
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(done) = connections.join_next().await {
+                connection_ended(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                open_connections = connections.len(),
+                "connections still open {grace:?} after the shutdown began are closed"
+            );
+            connections.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// Pause after an accept error that is not the client's (EMFILE, ENFILE, ENOBUFS).
+const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
+/// An accept error about one client only, which the next accept does not meet.
+fn connection_refused(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    )
+}
+
+/// One HTTP/1.1 connection with upgrades (WebSocket), each request with its peer's address as
+/// [`ConnectInfo`] (what `into_make_service_with_connect_info` gives a router). At `cancel` it
+/// finishes the request in flight, if any, and closes.
+async fn serve_connection(
+    builder: hyper::server::conn::http1::Builder,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    app: Router,
+    cancel: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(remote));
+        app.clone().oneshot(req)
+    });
+    let connection =
+        builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = cancel.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    match ended {
+        Ok(()) => {}
+        // A head not sent within http.header_timeout: expected of hostile or idle clients, so
+        // not worth more than a debug line each.
+        Err(e) if e.is_timeout() => {
+            tracing::debug!(%remote, "connection closed: no request head within http.header_timeout")
+        }
+        Err(e) => tracing::debug!(%remote, error = %e, "connection ended with an error"),
+    }
+}
+
+/// A connection task's end: a panic in it (a handler's) is logged; the others stay open.
+fn connection_ended(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "a connection's task panicked; it is closed");
     }
 }
 
