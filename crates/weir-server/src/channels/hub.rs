@@ -32,7 +32,6 @@ use weir_core::{Config, Event, Position};
 use weir_log::{EventFilter, LogReader, Wake};
 
 use super::message::{Channel, KeyColumns, Msg, ProcessedEvent, Routing, event_json};
-use crate::ApiError;
 
 /// Events read per page by the tails and by replays.
 pub(crate) const PAGE: i64 = 1000;
@@ -164,13 +163,13 @@ impl Hub {
         config: &Config,
         wake: Wake,
         cancel: CancellationToken,
-    ) -> Result<Hub, ApiError> {
+    ) -> Result<Hub, weir_log::Error> {
         let reader = LogReader::new(pool.clone()).await?;
         let head = match reader.head().await {
             Ok(head) => head,
             // `weir init` has not run yet: the log will start empty.
             Err(weir_log::Error::Database(e)) if undefined_table(&e) => 0,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let processed_start = match watermarks(&pool).await? {
             Some(w) => w.head.min(w.consumers.iter().map(|c| c.watermark).min().unwrap_or(w.head)),
