@@ -134,7 +134,9 @@ pub(crate) async fn tick(pool: &PgPool) -> Result<Tick> {
          select
              (select coalesce(max(position), 0) from weir.source_state) as head,
              (select w from m) as low,
-             (select (e.lsn - 1)::text from weir.events e, m where e.position > m.w
+             -- `> (select …)`, a parameter to the plan: an index range from the watermark
+             -- (a join with `m` read the log from its start, the whole log without consumers)
+             (select (e.lsn - 1)::text from weir.events e where e.position > (select w from m)
               order by e.position limit 1) as beyond,
              (select max(greatest(s.lsn, s.confirmed_lsn, r.confirmed_flush_lsn))::text
               from weir.source_state s
