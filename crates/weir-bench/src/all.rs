@@ -3,7 +3,8 @@
 //! checked against this one.
 //!
 //! ```text
-//! for each benchmark (ingest, backfill, operators, jobs, fanout, streams, sinks):
+//! for each benchmark (ingest, backfill, operators, jobs, fanout, streams, sinks, process,
+//! http, backlog):
 //!     parse `weir-bench <benchmark> <its arguments>` as the command line would (--quick: the
 //!     small sizes of QUICK, printed in its heading; otherwise its defaults)
 //!     run it: it prints its own figures and records its summary's rows (report::record)
@@ -26,7 +27,9 @@ use clap::Parser;
 use futures::FutureExt;
 
 use crate::report::{self, Row};
-use crate::{Cli, Command, backfill, fanout, ingest, jobs, operators, process, sinks, streams};
+use crate::{
+    Cli, Command, backfill, backlog, fanout, http, ingest, jobs, operators, process, sinks, streams,
+};
 
 /// Arguments of `weir-bench all`.
 #[derive(Debug, clap::Args)]
@@ -81,6 +84,11 @@ const QUICK: &[(&str, &[&str])] = &[
     ),
     ("sinks", &["--events", "5000", "--latency-seconds", "3"]),
     ("process", &["--waiters", "200", "--seconds", "3"]),
+    ("http", &["--seconds", "3", "--events", "2000", "--slowloris", "200"]),
+    // The RSS of a `weir run` child, not this process's: it can run last. No tenth: 20,000
+    // events are logged in under a second, before the catch-up's queue fills, so its peak
+    // would say nothing of the backlog's size.
+    ("backlog", &["--events", "200000", "--drain-seconds", "20", "--no-tenth"]),
 ];
 
 /// What `--quick` promises on the development machine.
@@ -163,6 +171,8 @@ async fn one(name: &str, argv: &[&str]) -> anyhow::Result<()> {
             Command::Sinks(a) => sinks::run(a).await,
             Command::Backfill(a) => backfill::run(a).await,
             Command::Process(a) => process::run(a).await,
+            Command::Http(a) => http::run(a).await,
+            Command::Backlog(a) => backlog::run(a).await,
             other => bail!("`{other:?}` is not a benchmark"),
         }
     };

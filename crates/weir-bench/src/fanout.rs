@@ -345,12 +345,12 @@ pub(crate) struct RunningWeir {
 }
 
 impl RunningWeir {
-    fn rss_kib(&self) -> Option<u64> {
+    pub(crate) fn rss_kib(&self) -> Option<u64> {
         status_kib(self.pid, "VmRSS")
     }
 
     /// The RSS once it has settled: the median of five readings 200 ms apart.
-    async fn settled_rss_kib(&self) -> anyhow::Result<u64> {
+    pub(crate) async fn settled_rss_kib(&self) -> anyhow::Result<u64> {
         let mut v = Vec::new();
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(200)).await;

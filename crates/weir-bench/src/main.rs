@@ -24,6 +24,10 @@
 //! - `process`: process status, commit → `GET /v1/process/wait` answering 200 with a thousand
 //!   other long-polls waiting, against **commit → logged** (the append's notification) and
 //!   commit → derived row, in the same run.
+//! - `http`: the HTTP API of a `weir run` process at a fixed request rate (open-loop, latency
+//!   from each request's due instant): `GET /v1/process/check` and pages of `GET /v1/log`
+//!   against **`GET /v1/health`** (no database work: the floor of the HTTP stack), then the
+//!   check again beside 500 slowloris connections against itself without them.
 //! - `sinks`: a subscription delivered by `weir run` to a webhook (a receiver in this process)
 //!   and to NATS JetStream, events/s with pool sizes 1 and 8, against **plain clients** (reqwest
 //!   posting the same signed bodies, async-nats publishing the same messages with 256 PubAcks in
@@ -32,6 +36,10 @@
 //!   watermarks) while live changes arrive, rows/s against **`copy (select * from t) to
 //!   stdout`** of the same table read through one client; the peak RSS of the ingesting
 //!   process, the rows dropped by windows, where the CPU went; a sweep of chunk sizes.
+//! - `backlog`: `weir run`'s memory working through a backlog (10 million events): ingestion
+//!   catching up on a WAL backlog, then an operator draining the log from its first position,
+//!   RSS sampled throughout, against **the same process's RSS idle on an empty log**; again
+//!   over a tenth of the backlog (does its size change the peak?).
 //! - `all [--quick]`: the regression run — every benchmark above in sequence in this process,
 //!   then **one table of every ratio and target** they recorded (benchmark, figure, measured,
 //!   reference, ratio, target, verdict) and the time each took; a benchmark that fails is a
@@ -39,7 +47,7 @@
 //!   to compare a change against (`docs/benchmarks.md` has its last table).
 //!
 //! ```text
-//! main ── ingest / operators / jobs / fanout / process / streams / sinks / backfill  (one module per benchmark, its args and phases)
+//! main ── ingest / operators / jobs / fanout / process / streams / sinks / backfill / backlog / http  (one module per benchmark, its args and phases)
 //!           │ server      PgServer: the --url server or a private cluster; create/drop databases
 //!           │ cpu         CpuSampler: where the CPU went over a window (labels chosen by the caller)
 //!           │ procfs      /proc readers: ticks, RSS, children, titles
@@ -56,8 +64,10 @@
 
 mod all;
 mod backfill;
+mod backlog;
 mod cpu;
 mod fanout;
+mod http;
 mod ingest;
 mod jobs;
 mod operators;
@@ -101,10 +111,14 @@ enum Command {
     Streams(streams::Args),
     /// Process status: commit → long-poll 200 with many waiters, against commit → logged.
     Process(process::Args),
+    /// The HTTP API at a fixed rate: process/check and the log against /v1/health, slowloris.
+    Http(http::Args),
     /// Sinks: webhook and NATS JetStream delivery against plain clients, commit → receiver.
     Sinks(sinks::Args),
     /// Backfill: existing rows into the log during live changes, against COPY of the table.
     Backfill(backfill::Args),
+    /// Memory with a backlog: WAL catch-up and an operator draining the log, against idle RSS.
+    Backlog(backlog::Args),
     /// Every benchmark in sequence, then one table of every ratio and target (`--quick`: < 5 min).
     All(all::Args),
     /// A process that only delivers one subscription, for the crash tests that kill it.
@@ -139,8 +153,10 @@ fn main() -> ExitCode {
             Command::Fanout(args) => fanout::run(args).await,
             Command::Streams(args) => streams::run(args).await,
             Command::Process(args) => process::run(args).await,
+            Command::Http(args) => http::run(args).await,
             Command::Sinks(args) => sinks::run(args).await,
             Command::Backfill(args) => backfill::run(args).await,
+            Command::Backlog(args) => backlog::run(args).await,
             Command::All(args) => all::run(args).await,
             Command::Subscriber(args) => subscriber::run(args).await,
             Command::Weir { .. } => unreachable!("handled above"),
