@@ -11,7 +11,8 @@
 //!   (rows, an operator halted, one parked)          --checks all -n N (report on failure)
 //! ```
 //!
-//! schemathesis comes from PyPI: `pip install schemathesis==4.32.5` (`.ci/run` installs it), or
+//! schemathesis comes from PyPI: `pip install schemathesis==4.32.5 hypothesis==6.160.0` (`.ci/run`
+//! installs them; hypothesis 6.170.17 crashes inside schemathesis's generation for POST /v1/jobs), or
 //! set `WEIR_SCHEMATHESIS` to its executable. docs/contract.md says what runs and what it
 //! found.
 
@@ -212,7 +213,7 @@ fn schemathesis() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| "schemathesis".into());
     let how = format!(
-        "install it with `pip install schemathesis=={SCHEMATHESIS}` (Python 3.9 or later; \
+        "install it with `pip install schemathesis=={SCHEMATHESIS} hypothesis==6.160.0` (Python 3.9 or later; \
          .ci/run does), or set WEIR_SCHEMATHESIS to its executable"
     );
     let version = match Command::new(&program).arg("--version").output() {
