@@ -291,17 +291,7 @@ async fn phases(
     events: i64,
 ) -> anyhow::Result<BacklogRun> {
     sqlx::raw_sql(SCHEMA).execute(pool).await?;
-    let weir = WeirProcess {
-        exe: std::env::current_exe().context("finding this executable")?,
-        db_url: db_url.to_string(),
-        slot: name.to_string(),
-        dir: dir.to_path_buf(),
-        client_buffer: None,
-    };
-    let out = weir.command(&["init"]).output().context("running `weir init`")?;
-    if !out.status.success() {
-        bail!("`weir init` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let weir = WeirProcess::init(db_url, name, dir, None)?;
     let http = reqwest::Client::builder().no_proxy().build()?;
     let toml = dir.join("weir.toml");
 

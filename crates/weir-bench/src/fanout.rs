@@ -187,21 +187,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     let dir = std::env::temp_dir().join(format!("weir-bench-fanout-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let weir = WeirProcess {
-        exe: std::env::current_exe().context("finding this executable")?,
-        db_url: db_url.clone(),
-        slot,
-        dir: dir.clone(),
-        client_buffer: args.client_buffer,
-    };
-    let out = weir.command(&["init"]).output().context("running `weir init`")?;
-    if !out.status.success() {
-        bail!(
-            "`weir init` failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let weir = WeirProcess::init(&db_url, &slot, &dir, args.client_buffer)?;
 
     // The reference: every append's notification, with its arrival instant.
     let notes: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
@@ -275,6 +261,32 @@ pub(crate) struct WeirProcess {
 }
 
 impl WeirProcess {
+    /// This executable's `weir` on `db_url` with `slot`, working in `dir`, after `weir init`
+    /// there succeeded.
+    pub(crate) fn init(
+        db_url: &str,
+        slot: &str,
+        dir: &std::path::Path,
+        client_buffer: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let weir = WeirProcess {
+            exe: std::env::current_exe().context("finding this executable")?,
+            db_url: db_url.to_string(),
+            slot: slot.to_string(),
+            dir: dir.to_path_buf(),
+            client_buffer,
+        };
+        let out = weir.command(&["init"]).output().context("running `weir init`")?;
+        if !out.status.success() {
+            bail!(
+                "`weir init` failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(weir)
+    }
+
     pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg(crate::WEIR_COMMAND).args(args).current_dir(&self.dir).env_remove("DATABASE_URL");

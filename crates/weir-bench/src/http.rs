@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -155,17 +155,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     let dir = std::env::temp_dir().join(format!("weir-bench-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let weir = WeirProcess {
-        exe: std::env::current_exe().context("finding this executable")?,
-        db_url: db_url.clone(),
-        slot: name.clone(),
-        dir: dir.clone(),
-        client_buffer: None,
-    };
-    let out = weir.command(&["init"]).output().context("running `weir init`")?;
-    if !out.status.success() {
-        bail!("`weir init` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let weir = WeirProcess::init(&db_url, &name, &dir, None)?;
     let probe = reqwest::Client::builder().no_proxy().build()?;
     let server = weir.start(&probe).await?;
     let result = measure(&args, &pg, &pool, &server, &probe).await;

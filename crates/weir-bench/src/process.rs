@@ -130,17 +130,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     sqlx::raw_sql(SCHEMA).execute(&pool).await?;
     let dir = std::env::temp_dir().join(format!("weir-bench-process-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let weir = WeirProcess {
-        exe: std::env::current_exe().context("finding this executable")?,
-        db_url: db_url.clone(),
-        slot: name.clone(),
-        dir: dir.clone(),
-        client_buffer: None,
-    };
-    let out = weir.command(&["init"]).output().context("running `weir init`")?;
-    if !out.status.success() {
-        bail!("`weir init` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let weir = WeirProcess::init(&db_url, &name, &dir, None)?;
 
     let mut results = Vec::new();
     let mut next_id = 1i32;
