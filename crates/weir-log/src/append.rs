@@ -72,6 +72,11 @@ pub struct Appender {
     head: watch::Sender<Position>,
     /// The readers of this process, told of each append as its commit returns.
     readers: Option<crate::Wake>,
+    /// For the connection that analyzes the partition being filled.
+    options: sqlx::postgres::PgConnectOptions,
+    /// The committed position at which that partition is analyzed next.
+    next_analyze: Position,
+    analyzing: Option<JoinHandle<()>>,
 }
 
 /// An append executing on a connection it owns until it is done.
@@ -116,6 +121,10 @@ impl Appender {
             relations: HashMap::new(),
             head,
             readers: None,
+            options: options.clone(),
+            // A partition filled before a restart is analyzed at the first append.
+            next_analyze: partition_start(position, partition_size) + first_analyze(partition_size),
+            analyzing: None,
         })
     }
 
@@ -171,6 +180,7 @@ impl Appender {
         txns: &[Transaction],
         chunks: &[ChunkStored],
     ) -> Result<SourceState> {
+        self.analyze_if_grown();
         let fresh: Vec<&Transaction> =
             txns.iter().filter(|t| t.commit_lsn > self.planned.lsn).collect();
         let Some(last) = fresh.last() else {
@@ -415,6 +425,28 @@ impl Appender {
     /// reader it would block every other reader. So it runs with a short `lock_timeout`: a
     /// partition wanted only ahead of time is skipped on timeout (tried again at the next
     /// append), one that is needed now is retried until it gets the lock.
+    /// Analyzes the partition being filled, in the background, each time its committed rows
+    /// double from a hundredth of a partition on (7 times over a partition of a million).
+    ///
+    /// Autovacuum analyzes a new partition only when it comes round (a minute or more), and
+    /// until then PostgreSQL plans on no statistics: a consumer with a filter of entities,
+    /// reading a page of a backlog just ingested, got a plan that collects and sorts every
+    /// later event of its entities — 1.5 s per page of 500 at 800,000 events to go, 1 ms once
+    /// analyzed. ANALYZE takes no lock that appends or reads wait for.
+    fn analyze_if_grown(&mut self) {
+        let head = self.state.position;
+        if head < self.next_analyze || self.analyzing.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        self.next_analyze = next_analyze(head, self.partition_size);
+        let options = self.options.clone();
+        self.analyzing = Some(tokio::spawn(async move {
+            if let Err(e) = analyze_partition_of(&options, head).await {
+                tracing::debug!(position = head, "analyzing the log partition failed: {e}");
+            }
+        }));
+    }
+
     async fn ensure_partitions(&mut self, last_position: Position) -> Result<()> {
         let ahead = last_position + self.partition_size / 2;
         if ahead >= self.partition_upper {
@@ -614,6 +646,48 @@ const MOVE_STAGED: &str = "
     from moved
     order by seq";
 
+/// Where the partition of `position` starts, as [`Appender::ensure_partitions`] creates them
+/// (aligned to the size; the first one starts at 1, counted here from 0).
+fn partition_start(position: Position, size: i64) -> Position {
+    position / size * size
+}
+
+/// Rows in a partition at its first analyze.
+fn first_analyze(size: i64) -> i64 {
+    (size / 100).max(100)
+}
+
+/// The committed position, after `head`, at which the partition being filled is analyzed next:
+/// where its rows have doubled, or the first mark of the next partition.
+fn next_analyze(head: Position, size: i64) -> Position {
+    let start = partition_start(head, size);
+    let mut rows = first_analyze(size);
+    while start + rows <= head {
+        rows *= 2;
+    }
+    if rows < size { start + rows } else { start + size + first_analyze(size) }
+}
+
+/// `analyze` of the partition that holds `position`, on a connection of its own.
+async fn analyze_partition_of(
+    options: &sqlx::postgres::PgConnectOptions,
+    position: Position,
+) -> Result<()> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    sqlx::query("set lock_timeout = '1s'").execute(&mut conn).await?;
+    let partition: String =
+        sqlx::query_scalar("select tableoid::regclass::text from weir.events where position = $1")
+            .bind(position)
+            .fetch_one(&mut conn)
+            .await?;
+    // A name PostgreSQL itself quoted (regclass output).
+    let sql = format!("analyze {partition}");
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+    tracing::debug!(partition, "analyzed the log partition being filled");
+    conn.close().await?;
+    Ok(())
+}
+
 async fn highest_partition_upper(conn: &mut PgConnection) -> Result<i64> {
     // Partition bounds as text: "FOR VALUES FROM ('1') TO ('1000000')".
     let bounds: Vec<String> = sqlx::query_scalar(
@@ -753,5 +827,34 @@ impl Rows {
         .execute(conn)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_is_analyzed_each_time_its_rows_double() {
+        let size = 1_000_000;
+        let mut marks = vec![];
+        let mut head = 0;
+        while head < 2 * size {
+            head = next_analyze(head, size);
+            marks.push(head);
+        }
+        assert_eq!(
+            marks,
+            [10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000]
+                .iter()
+                .chain(&[1_010_000, 1_020_000, 1_040_000, 1_080_000, 1_160_000, 1_320_000])
+                .chain(&[1_640_000, 2_010_000])
+                .copied()
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(next_analyze(15_000, size), 20_000);
+        assert_eq!(next_analyze(700_000, size), 1_010_000);
+        assert_eq!(next_analyze(0, 1_000), 100);
+        assert_eq!(next_analyze(900, 1_000), 1_100);
     }
 }
