@@ -15,7 +15,7 @@
 //!            no weir running: the slot holds them as a WAL backlog
 //! catch-up   weir run, no operator ─ RSS when /v1/health first answers, then every 500 ms ─
 //!            until weir.source_state.position = --events ─ RSS settled ─ stop
-//! drain      `analyze weir.events` (--analyze); weir run with the operator (`post_copies`,
+//! drain      [`analyze weir.events` with --analyze true]; weir run with the operator (`post_copies`,
 //!            per_key, 8 lanes) ─ it reads the whole log from position 1 ─ RSS every 500 ms ─
 //!            until its lowest lane checkpoint reaches the head or --drain-seconds pass ─ stop
 //! tenth      the same four steps on a second database with --events / 10 (unless --no-tenth)
@@ -29,14 +29,15 @@
 //! show memory growing with the backlog. CPU over each phase (weir, PostgreSQL, other processes) says how
 //! busy the shared machine was.
 //!
-//! Why `analyze` before the drain: on partitions of `weir.events` that were never analyzed
-//! (autovacuum gets to a fresh partition only after its naptime), the page read of
-//! `weir_log::LogReader::read` is planned with a guess of a few rows — a bitmap scan of
-//! `(entity, position)` over every later event, a hash join with `weir.relations` and a top-N
-//! sort — so each page of 500 events reads the whole rest of the backlog (725 ms per page at
-//! 180,000 events to go, 0.5 ms once analyzed: the plan becomes the primary key's index scan),
-//! and a drain slows down with the backlog's size. The memory it costs is PostgreSQL's (a
-//! hash spilling to temp files), not weir's; `--analyze false` measures it.
+//! The drain runs on the statistics weir itself gathers: the appender analyzes the partition it
+//! fills each time its rows double (`crates/weir-log/src/append.rs`). Before it did, a
+//! partition of `weir.events` never analyzed (autovacuum gets to a fresh one only after its
+//! naptime) had the page read of `weir_log::LogReader::read` planned on a guess of a few rows —
+//! a bitmap scan of `(entity, position)` over every later event and a top-N sort — so each page
+//! of 500 read the whole rest of the backlog (725 ms per page at 180,000 events to go, 0.5 ms
+//! once analyzed) and the drain crawled at ~240 events/s until autovacuum came round.
+//! `--analyze true` runs `analyze weir.events` before the drain, the way this benchmark did
+//! then, for comparison.
 //!
 //! Targets (printed beside the figures; a miss does not fail the command): the drain's peak ≤
 //! [`TARGET_DRAIN_OVER_IDLE`] × the idle RSS with the operator; the catch-up's peak ≤
@@ -114,10 +115,10 @@ pub(crate) struct Args {
     /// Skip the second run over a tenth of `--events` (the peak against the backlog's size).
     #[arg(long)]
     no_tenth: bool,
-    /// `analyze weir.events` before the drain, as `operators` and `streams` do (`--analyze
-    /// false` leaves the statistics to autovacuum: without them the log's page read is planned
-    /// over the whole rest of the backlog, see the module documentation).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// `analyze weir.events` before the drain (`--analyze true`). By default the drain runs on
+    /// the statistics weir gathered itself while it logged the backlog (see the module
+    /// documentation).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     analyze: bool,
     #[command(flatten)]
     server: ServerArgs,
@@ -345,7 +346,7 @@ async fn phases(
             t.elapsed().as_secs_f64()
         );
     } else {
-        println!("  statistics of weir.events left to autovacuum (--analyze false)");
+        println!("  on the statistics weir gathered while logging (no `analyze` of its own)");
     }
     std::fs::write(&toml, OPERATOR_TOML)?;
     let limit = Duration::from_secs(args.drain_seconds);
