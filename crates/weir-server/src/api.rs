@@ -13,7 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use weir_consumer::status::{ConsumerStatus, Failure, Parked};
 use weir_core::{Event, Kind};
-use weir_log::{EventFilter, LogReader};
+use weir_log::EventFilter;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
@@ -483,7 +483,7 @@ async fn log(
         })?);
     }
     let filter = EventFilter { entities: list(&q.entity), kinds };
-    let reader = LogReader::new(state.pool().clone()).await?;
+    let reader = state.log();
     // The head first: a short page then covers everything up to it, so a filtered reader
     // skips what did not match instead of scanning it again.
     let head = reader.head().await?;

@@ -168,7 +168,7 @@ pub(crate) struct Overview {
 async fn read_overview(state: &AppState) -> Result<Overview, ApiError> {
     let pool = state.pool();
     let source = weir::status::source_status(pool, state.config()).await?;
-    let reader = weir_log::LogReader::new(pool.clone()).await?;
+    let reader = state.log();
     let oldest = reader.oldest().await?;
     let entities = reader.entities().await?;
     let log = LogInfo {

@@ -70,12 +70,19 @@ struct Inner {
     overview: console::LiveOverview,
     /// Process status for every long-poll (and any `TooEarlyLayer` made from it): one watcher.
     process: weir_consumer::process::ProcessWatch,
+    /// Reads of the log (`/v1/log`, the console), made once: it asks the database's name.
+    log: weir_log::LogReader,
 }
 
 impl AppState {
     /// The database.
     pub fn pool(&self) -> &PgPool {
         &self.0.pool
+    }
+
+    /// The log's reader.
+    pub(crate) fn log(&self) -> &weir_log::LogReader {
+        &self.0.log
     }
 
     /// The configuration.
@@ -123,8 +130,18 @@ impl Server {
             &config.consumers.timestamp_column,
         )
         .wake_on(wake.clone());
+        let log = weir_log::LogReader::new(pool.clone()).await?;
         Ok(Server {
-            state: AppState(Arc::new(Inner { pool, config, hub, wake, cancel, overview, process })),
+            state: AppState(Arc::new(Inner {
+                pool,
+                config,
+                hub,
+                wake,
+                cancel,
+                overview,
+                process,
+                log,
+            })),
         })
     }
 
