@@ -26,6 +26,10 @@
 //! that one left (the one it planned from); if that one rolled back, it does not: then
 //! the later one rolls back too ([`Error::Moved`](crate::Error::Moved)), and no position is
 //! ever committed after a gap.
+//!
+//! Beside the appends, the partition being filled is analyzed on a third, short-lived
+//! connection each time its rows double (`analyze_if_grown`), so that readers of a backlog
+//! just ingested are planned on statistics rather than on a guess.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -419,12 +423,6 @@ impl Appender {
         Ok(id)
     }
 
-    /// Makes sure partitions cover `last_position`, and creates the next one ahead of need.
-    ///
-    /// Creating a partition takes a strong lock on `weir.events`; queued behind a long-running
-    /// reader it would block every other reader. So it runs with a short `lock_timeout`: a
-    /// partition wanted only ahead of time is skipped on timeout (tried again at the next
-    /// append), one that is needed now is retried until it gets the lock.
     /// Analyzes the partition being filled, in the background, each time its committed rows
     /// double from a hundredth of a partition on (7 times over a partition of a million).
     ///
@@ -447,6 +445,12 @@ impl Appender {
         }));
     }
 
+    /// Makes sure partitions cover `last_position`, and creates the next one ahead of need.
+    ///
+    /// Creating a partition takes a strong lock on `weir.events`; queued behind a long-running
+    /// reader it would block every other reader. So it runs with a short `lock_timeout`: a
+    /// partition wanted only ahead of time is skipped on timeout (tried again at the next
+    /// append), one that is needed now is retried until it gets the lock.
     async fn ensure_partitions(&mut self, last_position: Position) -> Result<()> {
         let ahead = last_position + self.partition_size / 2;
         if ahead >= self.partition_upper {
