@@ -9,13 +9,33 @@ use weir_jobs::{Error, JobRunner, JobState};
 
 use crate::common::*;
 
-const WAIT: Duration = Duration::from_secs(10);
+/// Generous: 20 tests share this binary's two cores with PostgreSQL; a wait costs only when
+/// it fails.
+const WAIT: Duration = Duration::from_secs(20);
 
+/// Waits for the job to be in `want`; on a timeout, says which states it went through and
+/// where it stands, so a failure under load can be told from a stuck job.
 async fn until_state(env: &Env, id: weir_jobs::JobId, want: &str) {
-    eventually(&format!("job {id} is {want}"), WAIT, || async {
-        state(&env.pool, id).await == want
-    })
-    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let now = state(&env.pool, id).await;
+        if now == want {
+            return;
+        }
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        if std::time::Instant::now() >= deadline {
+            let mut conn = env.pool.acquire().await.unwrap();
+            let info = show(&mut conn, id).await;
+            panic!(
+                "timed out after {WAIT:?} waiting for job {id} to be {want}; \
+                 states seen: {seen:?}; the job now: {info:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
