@@ -20,7 +20,7 @@
 //!   ─► LogReader / GET /v1/log / SSE & WebSocket / sinks (serde_json writes the digits back)
 //! ```
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Visitor};
 use serde_json::{Number, Value};
 
 /// Whether `a` and `b` are the same number, compared by value with every digit (`1.50` and
@@ -68,6 +68,189 @@ pub fn from_value<T: DeserializeOwned>(value: Value) -> serde_json::Result<T> {
         return serde_json::from_value(value);
     }
     serde_json::from_value(value).or_else(|first| serde_json::from_value(rewritten).or(Err(first)))
+}
+
+/// `serde_json::from_value` that reads a whole number written with a fraction or an exponent
+/// (`2.0`, `1e3`, `150e-1`) where the type asks for an integer, as JSON Schema's `integer`
+/// admits (the API's documents say `integer`; a client that writes every number as a float
+/// is within them). Only where an integer is asked: `2.5` is still refused, and a `Value` or
+/// an `f64` reads the number as written.
+pub fn from_value_whole<T: DeserializeOwned>(value: Value) -> serde_json::Result<T> {
+    T::deserialize(Whole(value))
+}
+
+/// A [`Value`] as a deserializer that gives integers to integer fields when the number is
+/// whole, and otherwise deserializes as the `Value` itself would.
+struct Whole(Value);
+
+/// `n` as an `i64` when it is a whole number in range, however it is written (`2`, `2.0`,
+/// `2e0`), as JSON Schema's `integer` reads it.
+pub fn whole_i64(n: &Number) -> Option<i64> {
+    n.as_i64().or_else(|| whole(n)?.as_i64())
+}
+
+/// `n` written as an integer when it is one; `None` when it has a fraction or more than 39
+/// digits (beyond `u128`, no integer type reads it anyway).
+fn whole(n: &Number) -> Option<Number> {
+    let (negative, digits, point) = decimal(n.as_str())?;
+    if digits.is_empty() {
+        return Some(Number::from(0));
+    }
+    let zeros = usize::try_from(point).ok()?.checked_sub(digits.len())?;
+    if digits.len() + zeros > 39 {
+        return None;
+    }
+    let sign = if negative { "-" } else { "" };
+    format!("{sign}{digits}{}", "0".repeat(zeros)).parse().ok()
+}
+
+impl<'de> serde::de::IntoDeserializer<'de, serde_json::Error> for Whole {
+    type Deserializer = Self;
+
+    fn into_deserializer(self) -> Self {
+        self
+    }
+}
+
+/// Integer requests read a whole number as the integer it is, and the visitor checks its range
+/// (`invalid value: integer 5000000000, expected u32`); any other number is refused naming it.
+/// (serde_json's numbers with `arbitrary_precision` would say only "invalid number".)
+macro_rules! whole_integers {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+            match self.0 {
+                Value::Number(n) => {
+                    let text = whole(&n).map(|w| w.as_str().to_owned()).unwrap_or_default();
+                    if let Ok(u) = text.parse::<u64>() {
+                        visitor.visit_u64(u)
+                    } else if let Ok(i) = text.parse::<i64>() {
+                        visitor.visit_i64(i)
+                    } else if let Ok(u) = text.parse::<u128>() {
+                        visitor.visit_u128(u)
+                    } else if let Ok(i) = text.parse::<i128>() {
+                        visitor.visit_i128(i)
+                    } else {
+                        Err(serde::de::Error::invalid_value(
+                            serde::de::Unexpected::Other(&format!("number {n}")),
+                            &visitor,
+                        ))
+                    }
+                }
+                other => other.$method(visitor),
+            }
+        }
+    )*};
+}
+
+/// Other scalars go to the `Value`'s own method: its `deserialize_any` would hand a number
+/// to the visitor as `arbitrary_precision`'s private map.
+macro_rules! as_the_value {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+            self.0.$method(visitor)
+        }
+    )*};
+}
+
+/// Containers are visited with their items wrapped, so integers inside them are read alike.
+macro_rules! as_any {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+            self.deserialize_any(visitor)
+        }
+    )*};
+}
+
+impl<'de> serde::Deserializer<'de> for Whole {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        use serde::de::value::{MapDeserializer, SeqDeserializer};
+        match self.0 {
+            Value::Array(items) => {
+                let mut seq = SeqDeserializer::new(items.into_iter().map(Whole));
+                let value = visitor.visit_seq(&mut seq)?;
+                seq.end()?;
+                Ok(value)
+            }
+            Value::Object(fields) => {
+                let mut map = MapDeserializer::new(fields.into_iter().map(|(k, v)| (k, Whole(v))));
+                let value = visitor.visit_map(&mut map)?;
+                map.end()?;
+                Ok(value)
+            }
+            other => other.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.0 {
+            Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        self.0.deserialize_enum(name, variants, visitor)
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        self.0.deserialize_unit_struct(name, visitor)
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        self.deserialize_any(visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _len: usize,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        self.deserialize_any(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        self.deserialize_any(visitor)
+    }
+
+    whole_integers! {
+        deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128
+        deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128
+    }
+    as_the_value! {
+        deserialize_bool deserialize_f32 deserialize_f64 deserialize_char deserialize_str
+        deserialize_string deserialize_bytes deserialize_byte_buf deserialize_unit
+        deserialize_identifier deserialize_ignored_any
+    }
+    as_any! { deserialize_seq deserialize_map }
 }
 
 /// Rewrites in place every non-integer number that an `f64` holds exactly into the `f64`'s
@@ -183,5 +366,72 @@ mod tests {
         let err = from_value::<Task>(v(r#"{"do": "scale", "by": 0.1000000000000000000000000001}"#))
             .unwrap_err();
         assert!(err.to_string().contains("expected f64"), "{err}");
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        version: i64,
+        limit: Option<u32>,
+        positions: Vec<i64>,
+        nested: Option<Nested>,
+        ratio: Option<f64>,
+        data: Option<Value>,
+        mode: Option<Mode>,
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    struct Nested {
+        size: u8,
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Mode {
+        Fast,
+        Slow,
+    }
+
+    /// JSON Schema's `integer` admits `2.0` and `1e3`: integer fields read them, everything
+    /// else reads as plain serde_json would.
+    #[test]
+    fn whole_numbers_read_as_integers_where_an_integer_is_asked() {
+        let v = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        let body = from_value_whole::<Body>(v(r#"{"version": 2.0, "limit": 1e3,
+            "positions": [1, 2.00, 150e-1, -0.0], "nested": {"size": 2.5e1}, "ratio": 2.0,
+            "data": {"amount": 2.0, "big": 123456789012345678901234567890}, "mode": "slow"}"#))
+        .unwrap();
+        assert_eq!(body.version, 2);
+        assert_eq!(body.limit, Some(1000));
+        assert_eq!(body.positions, [1, 2, 15, 0]);
+        assert_eq!(body.nested, Some(Nested { size: 25 }));
+        assert_eq!(body.ratio, Some(2.0));
+        assert_eq!(body.mode, Some(Mode::Slow));
+        // A payload keeps its numbers as written.
+        assert_eq!(
+            body.data.unwrap().to_string(),
+            r#"{"amount":2.0,"big":123456789012345678901234567890}"#
+        );
+        let nulls =
+            from_value_whole::<Body>(v(r#"{"version": 1, "limit": null, "positions": []}"#));
+        assert_eq!(nulls.unwrap().limit, None);
+        for (text, want) in [("7", Some(7)), ("7.0", Some(7)), ("70e-1", Some(7)), ("7.5", None)] {
+            assert_eq!(whole_i64(&n(text)), want, "{text}");
+        }
+
+        // Still refused: a fraction, a number out of range, the wrong type, an unknown field.
+        for (text, says) in [
+            (r#"{"version": 2.5, "positions": []}"#, "invalid value: number 2.5, expected i64"),
+            (r#"{"version": 1, "limit": 5e9, "positions": []}"#, "u32"),
+            (r#"{"version": 1e40, "positions": []}"#, "i64"),
+            (r#"{"version": "2", "positions": []}"#, "string"),
+            (r#"{"version": 1, "positions": [], "nested": {"size": 256.0}}"#, "u8"),
+            (r#"{"version": 1, "positions": [], "extra": 1}"#, "unknown field"),
+            (r#"{"positions": []}"#, "missing field `version`"),
+            (r#"{"version": 1, "positions": [], "mode": "other"}"#, "unknown variant"),
+        ] {
+            let err = from_value_whole::<Body>(v(text)).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

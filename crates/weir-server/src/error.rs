@@ -201,7 +201,8 @@ fn object<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
             "the body must be a JSON object",
         ));
     }
-    serde_json::from_value(v).map_err(|e| {
+    // JSON Schema's `integer` admits `2.0`: the documents say `integer`, so the handlers do too.
+    weir_core::json::from_value_whole(v).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",

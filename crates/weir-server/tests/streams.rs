@@ -365,3 +365,31 @@ async fn unstorable_values_and_array_bodies_are_refused_as_documented() {
     );
     h.stop().await;
 }
+
+/// JSON Schema's `integer` admits `2.0`: the API reads whole floats where its document says
+/// `integer`, refuses `2.5`, and leaves payloads' numbers as written.
+#[tokio::test]
+async fn whole_floats_are_integers_where_the_document_says_integer() {
+    let h = Harness::start("http_whole_floats", false).await;
+    let append = |expected: serde_json::Value, amount: serde_json::Value| json!({"expected_version": expected, "events": [{"type": "t", "data": {"amount": amount}}]});
+    let (status, body) =
+        h.call(Method::POST, "/v1/streams/w", Some(append(json!(0.0), json!(2.0)))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) =
+        h.call(Method::POST, "/v1/streams/w", Some(append(json!(1e0), json!(3)))).await;
+    assert_eq!((status, body["versions"].clone()), (StatusCode::CREATED, json!([2])), "{body}");
+    let (status, body) =
+        h.call(Method::POST, "/v1/streams/w", Some(append(json!(2.5), json!(4)))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["message"].as_str().unwrap_or_default().contains("2.5"), "{body}");
+    // The payload kept `2.0` as written.
+    let (_, read) = h.call(Method::GET, "/v1/streams/w", None).await;
+    assert_eq!(read["events"][0]["data"].to_string(), r#"{"amount":2.0}"#, "{read}");
+    let (status, body) =
+        h.call(Method::POST, "/v1/streams/w/truncate", Some(json!({"before": 2.0}))).await;
+    assert_eq!((status, body["truncate_before"].clone()), (StatusCode::OK, json!(2)), "{body}");
+    let (status, body) =
+        h.call(Method::POST, "/v1/streams/w/truncate", Some(json!({"before": 1.5}))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
+    h.stop().await;
+}

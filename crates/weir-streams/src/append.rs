@@ -90,11 +90,14 @@ impl<'de> Deserialize<'de> for Expected {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Value::deserialize(d)? {
             Value::String(s) => s.parse().map_err(serde::de::Error::custom),
-            Value::Number(n) => n.as_i64().filter(|v| *v >= 0).map(Self::Exact).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "expected version {n} is not a whole number of 0 or more"
-                ))
-            }),
+            Value::Number(n) => weir_core::json::whole_i64(&n)
+                .filter(|v| *v >= 0)
+                .map(Self::Exact)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "expected version {n} is not a whole number of 0 or more"
+                    ))
+                }),
             other => Err(serde::de::Error::custom(format!(
                 "expected must be \"any\", \"no_stream\", \"stream_exists\" or a version number, \
                  got {other}"
