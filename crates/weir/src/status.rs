@@ -49,9 +49,16 @@ pub async fn source_status(pool: &PgPool, config: &Config) -> Result<SourceStatu
     .fetch_optional(pool)
     .await?;
     let (position, lsn, holder, age, behind) = row.unwrap_or((0, "0/0".into(), None, None, None));
+    // The events after the newest one committed 10 s ago or more, found by walking the
+    // position index back from the head: it reads the recent events and one more, not the
+    // whole window (the last 200,000 events, the most it counts) as a count(*) would.
     let recent: i64 = sqlx::query_scalar(
-        "select count(*) from weir.events
-         where position > $1 - 200000 and commit_ts > now() - interval '10 seconds'",
+        "select $1 - coalesce(
+             (select position from weir.events
+               where position <= $1 and position > $1 - 200000
+                 and commit_ts <= now() - interval '10 seconds'
+               order by position desc limit 1),
+             greatest($1 - 200000, (select coalesce(min(position), $1 + 1) - 1 from weir.events)))",
     )
     .bind(position)
     .fetch_one(pool)

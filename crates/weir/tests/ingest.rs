@@ -477,3 +477,42 @@ async fn an_event_is_logged_only_once_its_transaction_is_visible() {
     cluster.psql("postgres", "select pg_reload_conf()").unwrap();
     h.stop().await;
 }
+
+/// `weir status`'s rate counts the events committed in the last 10 seconds, up to the head,
+/// from where retention left the log.
+#[tokio::test]
+async fn the_source_status_counts_the_events_of_the_last_ten_seconds() {
+    let db = weir_testkit::shared().database("status_rate").unwrap();
+    let mut h = Harness::new(&db.url(), "create table r (id int primary key)").await;
+    let rate = |h: &Harness| {
+        let (pool, config) = (h.pool.clone(), h.config.clone());
+        async move { weir::status::source_status(&pool, &config).await.unwrap() }
+    };
+    let empty = rate(&h).await;
+    assert_eq!((empty.position, empty.events_per_second), (0, 0.0));
+    h.start();
+    for batch in 0..3 {
+        h.exec(&format!(
+            "insert into r select g from generate_series({batch} * 10 + 1, {batch} * 10 + 10) g"
+        ))
+        .await;
+    }
+    h.wait_for(30, Duration::from_secs(20)).await;
+    // Commit times set by hand, each just before its check, so a slow machine cannot move an
+    // event out of the window between the two.
+    h.exec("update weir.events set commit_ts = now()").await;
+    let s = rate(&h).await;
+    assert_eq!((s.position, s.events_per_second), (30, 3.0));
+    // Events committed longer ago are not counted, wherever they are.
+    h.exec(
+        "update weir.events
+            set commit_ts = case when position <= 20 then now() - interval '1 hour' else now() end",
+    )
+    .await;
+    assert_eq!(rate(&h).await.events_per_second, 1.0);
+    // A log that retention cut: only what is left counts.
+    h.exec("update weir.events set commit_ts = now()").await;
+    h.exec("delete from weir.events where position <= 15").await;
+    assert_eq!(rate(&h).await.events_per_second, 1.5);
+    h.stop().await;
+}
