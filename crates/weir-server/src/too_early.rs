@@ -128,13 +128,13 @@ impl Watermark {
 /// The `425 Too Early` answer.
 pub fn too_early_response(watermark: &Watermark) -> Response {
     let what = match watermark {
-        Watermark::Entity { entity, ts_us } => format!("the change of {entity} at {ts_us}"),
-        Watermark::Lsn(lsn) => format!("the writes up to {lsn}"),
+        Watermark::Entity { entity, ts_us } => format!("the change of {entity} at {ts_us} has"),
+        Watermark::Lsn(lsn) => format!("the writes up to {lsn} have"),
     };
     let mut r = ApiError::new(
         StatusCode::TOO_EARLY,
         "too_early",
-        format!("{what} has not been processed yet; retry shortly"),
+        format!("{what} not been processed yet; retry shortly"),
     )
     .into_response();
     r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
