@@ -213,7 +213,19 @@ async fn bad_configuration_and_urls_give_one_clear_line() {
         output(weir(&db, &["init", "--database-url", "postgres://127.0.0.1:1/nowhere"]));
     assert!(!ok);
     assert!(out.contains("cannot connect to 127.0.0.1:1/nowhere"), "{out}");
+    // Why, once: the pool alone would say only that it timed out.
+    assert!(out.contains("Connection refused"), "{out}");
     assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
+
+    // A login the server refuses: its message and SQLSTATE, said once, without the line of
+    // PostgreSQL's source that sqlx appends.
+    let url = db.url().replace("postgres@", "no_such_role@");
+    let (ok, out) = output(weir(&db, &["init", "--database-url", &url]));
+    assert!(!ok);
+    assert!(out.contains(r#"role "no_such_role" does not exist (SQLSTATE 28000)"#), "{out}");
+    assert_eq!(out.matches("does not exist").count(), 1, "{out}");
+    assert!(!out.contains("at line"), "{out}");
+    assert!(out.contains("check the role, password and database name"), "{out}");
 }
 
 #[tokio::test]

@@ -37,12 +37,29 @@ pub fn describe(options: &PgConnectOptions) -> String {
 pub async fn connect(config: &Config) -> Result<PgPool> {
     let options = connect_options(config)?;
     let target = describe(&options);
-    PgPoolOptions::new()
+    match PgPoolOptions::new()
         .max_connections(config.database.pool_size)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
-        .map_err(|source| Error::connect(target, source))
+    {
+        Ok(pool) => Ok(pool),
+        // The pool retries a refused or unreachable server until its timeout and then says
+        // only that it timed out: one plain connection says why.
+        Err(sqlx::Error::PoolTimedOut) => {
+            let why = match tokio::time::timeout(
+                Duration::from_secs(5),
+                <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+            )
+            .await
+            {
+                Ok(Err(e)) => e,
+                _ => sqlx::Error::PoolTimedOut,
+            };
+            Err(Error::connect(target, why))
+        }
+        Err(e) => Err(Error::connect(target, e)),
+    }
 }
 
 /// The libpq connection string for the replication connection.

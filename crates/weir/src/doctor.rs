@@ -74,6 +74,10 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
                 "point `sslrootcert` in the database URL at the CA that signed the server's \
                  certificate and use the host name it names (or `sslmode=require` to encrypt \
                  without checking it)"
+            } else if matches!(e, crate::Error::Connect { error: sqlx::Error::Database(_), .. }) {
+                "the server answered and refused the login: use a role, password and database \
+                 that exist there in `database.url` (weir.toml, WEIR_DATABASE_URL or \
+                 DATABASE_URL), or create them"
             } else {
                 "set `database.url` in weir.toml, WEIR_DATABASE_URL or DATABASE_URL to a \
                  reachable server"

@@ -9,15 +9,18 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] weir_core::ConfigError),
     /// The server could not be reached or refused the login.
-    #[error("cannot connect to {target} ({hint})")]
+    #[error("cannot connect to {target}: {cause} ({hint})")]
     Connect {
         /// host:port/database, without credentials.
         target: String,
+        /// The driver's words, once (`role "app" does not exist (SQLSTATE 28000)`,
+        /// `Connection refused (os error 111)`).
+        cause: String,
         /// What to check, for this kind of failure.
         hint: &'static str,
-        /// The driver's error.
-        #[source]
-        source: sqlx::Error,
+        /// The driver's error (not a `source`: `cause` says it, and the chain would say it
+        /// twice).
+        error: sqlx::Error,
     },
     /// A query failed.
     #[error(transparent)]
@@ -78,7 +81,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Source(e) => e.is_transient(),
-            Error::Database(e) | Error::Connect { source: e, .. } => {
+            Error::Database(e) | Error::Connect { error: e, .. } => {
                 weir_log::sqlstate::is_transient(e)
             }
             Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
@@ -95,8 +98,8 @@ impl Error {
     /// settings): a fix in the URL, not a server to start.
     pub fn is_tls_refusal(&self) -> bool {
         match self {
-            Error::Connect { source: sqlx::Error::Tls(_), .. } => true,
-            Error::Connect { source: sqlx::Error::Io(e), .. } => {
+            Error::Connect { error: sqlx::Error::Tls(_), .. } => true,
+            Error::Connect { error: sqlx::Error::Io(e), .. } => {
                 weir_log::sqlstate::is_refused_certificate(e)
             }
             _ => false,
@@ -104,8 +107,8 @@ impl Error {
     }
 
     /// [`Error::Connect`] to `target`, with what to check for `source`'s kind of failure.
-    pub(crate) fn connect(target: String, source: sqlx::Error) -> Self {
-        let hint = match &source {
+    pub(crate) fn connect(target: String, error: sqlx::Error) -> Self {
+        let hint = match &error {
             sqlx::Error::Tls(_) => {
                 "TLS failed: check `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in the URL"
             }
@@ -114,13 +117,37 @@ impl Error {
                  that signed it, and is the URL's host the one it names? \
                  `sslmode=require` encrypts without checking the certificate"
             }
+            sqlx::Error::Database(_) => {
+                "the server refused: check the role, password and database name in \
+                 `database.url`, DATABASE_URL or the PG* variables"
+            }
             _ => {
                 "is the server running, and are `database.url`, DATABASE_URL or the PG* \
                  variables right?"
             }
         };
-        Error::Connect { target, hint, source }
+        Error::Connect { target, cause: connect_cause(&error), hint, error }
     }
+}
+
+/// What the driver said of a failed connection, each part once: a server's refusal as its
+/// message and SQLSTATE (sqlx adds "at line N", a line of PostgreSQL's own source, which reads
+/// like a line of the user's configuration), otherwise the error and its sources.
+fn connect_cause(error: &sqlx::Error) -> String {
+    if let Some(db) = error.as_database_error() {
+        return match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_string(),
+        };
+    }
+    let mut parts: Vec<String> = Vec::new();
+    for e in std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source()) {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 fn needs_message(needs: &[crate::replica_identity::Need]) -> String {
