@@ -23,6 +23,12 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
              outside its primary key; deleted and moved rows now carry it)"
         );
     }
+    for table in &report.identity_set_keyless {
+        println!(
+            "table {table}: replica identity set to full (it has no primary key, and PostgreSQL \
+             refuses updates and deletes on a published table without an identity)"
+        );
+    }
     for need in &report.identity_needed {
         println!("table {}: needs replica identity full, left as it is: {need}", need.table);
     }

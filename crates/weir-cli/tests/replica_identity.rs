@@ -184,3 +184,78 @@ async fn unmanaged_identity_refuses_run_at_start_and_doctor_fails_the_table() {
     support::sigterm(&mut run);
     s.drop_slot().await;
 }
+
+/// A table without a primary key, once in a publication that publishes updates and deletes,
+/// makes PostgreSQL refuse every UPDATE and DELETE on it: the application's writes break.
+/// `weir init` gives it `replica identity full` before publishing it, or, when it may not
+/// (`manage_replica_identity = false`, or an explicit `nothing`), refuses and changes nothing.
+#[tokio::test]
+async fn a_table_without_a_primary_key_gets_an_identity_before_it_is_published() {
+    let s = Setup::new("ri_keyless", "[source]\ntables = [\"posts\", \"audit\"]\n").await;
+    s.exec(
+        "create table audit (at timestamptz default now(), what text);
+         insert into audit (what) values ('before weir');
+         create table frozen (id int primary key);
+         alter table frozen replica identity nothing;",
+    )
+    .await;
+    let published = |s: &Setup| {
+        let pool = s.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "select tablename::text from pg_publication_tables
+                  where schemaname = 'public' order by 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    let (ok, out) = output(s.cmd(&["init"]));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("table public.audit: replica identity set to full (it has no primary key"),
+        "{out}"
+    );
+    assert_eq!(s.identity("audit").await, "f");
+    assert_eq!(s.identity("posts").await, "d", "a table with a primary key is left alone");
+    // The application's writes still work.
+    s.exec("update audit set what = 'after'; delete from audit;").await;
+
+    // An explicit `nothing`: refused, naming the table and the fix, and nothing changes.
+    std::fs::write(s.config.path(), "[source]\ntables = [\"posts\", \"audit\", \"frozen\"]\n")
+        .unwrap();
+    let (ok, out) = output(s.cmd(&["init"]));
+    assert!(!ok, "{out}");
+    for want in [
+        "would refuse every UPDATE and DELETE",
+        "`public.frozen` (replica identity nothing)",
+        "alter table public.frozen replica identity full;",
+        "nothing was changed",
+    ] {
+        assert!(out.contains(want), "want `{want}` in: {out}");
+    }
+    assert_eq!(published(&s).await, ["audit", "posts"]);
+    assert_eq!(s.identity("frozen").await, "n");
+
+    // Unmanaged, watching a schema: a keyless table there is refused the same way.
+    s.exec("create table notes (body text); alter table frozen replica identity default;").await;
+    std::fs::write(
+        s.config.path(),
+        "[source]\nschemas = [\"public\"]\nmanage_replica_identity = false\n",
+    )
+    .unwrap();
+    let (ok, out) = output(s.cmd(&["init"]));
+    assert!(!ok, "{out}");
+    for want in [
+        "`public.notes` (replica identity default, without a primary key): add a primary key",
+        "manage_replica_identity = true",
+    ] {
+        assert!(out.contains(want), "want `{want}` in: {out}");
+    }
+    assert!(!out.contains("public.audit"), "audit has an identity now: {out}");
+    assert_eq!(published(&s).await, ["audit", "posts"]);
+    s.exec("update notes set body = 'still writable'").await;
+    s.drop_slot().await;
+}

@@ -249,27 +249,75 @@ pub async fn apply(pool: &PgPool, needs: &[Need]) -> Result<Vec<String>> {
         if changed.contains(&need.table) {
             continue;
         }
-        let (schema, table) = split_table(&need.table);
-        let sql = format!(
-            "alter table \"{}\".\"{}\" replica identity full",
-            schema.replace('"', "\"\""),
-            table.replace('"', "\"\"")
-        );
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
-                crate::Error::Setup(format!(
-                    "the role may not change {}'s replica identity ({}); run `{}` as the \
-                     table's owner, or `weir init` as its owner",
-                    need.table,
-                    db.message(),
-                    need.fix()
-                ))
-            }
-            _ => crate::Error::Database(e),
-        })?;
+        set_full(pool, &need.table).await?;
         changed.push(need.table.clone());
     }
     Ok(changed)
+}
+
+/// `alter table … replica identity full` on `schema.table`, a refusal for want of ownership
+/// said with the statement to run.
+pub(crate) async fn set_full(pool: &PgPool, qualified: &str) -> Result<()> {
+    let (schema, table) = split_table(qualified);
+    let sql = format!(
+        "alter table \"{}\".\"{}\" replica identity full",
+        schema.replace('"', "\"\""),
+        table.replace('"', "\"\"")
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
+            crate::Error::Setup(format!(
+                "the role may not change {qualified}'s replica identity ({}); run `alter table \
+                 {schema}.{table} replica identity full;` as the table's owner, or `weir init` \
+                 as its owner",
+                db.message(),
+            ))
+        }
+        _ => crate::Error::Database(e),
+    })?;
+    Ok(())
+}
+
+/// The tables `config` would publish (`source.tables`, or the ordinary tables of
+/// `source.schemas` now) that have no replica identity: no primary key under the default
+/// identity, or identity `nothing`. Once such a table is in a publication that publishes
+/// updates and deletes, PostgreSQL refuses every `UPDATE` and `DELETE` on it — the
+/// application's writes, not weir's — so `weir init` settles them before it publishes.
+pub async fn keyless(pool: &PgPool, config: &Config) -> Result<Vec<(String, Identity)>> {
+    let (schemas, tables): (Vec<String>, Vec<String>) = config
+        .source
+        .tables
+        .iter()
+        .map(|t| {
+            let (schema, table) = split_table(t);
+            (schema.to_string(), table.to_string())
+        })
+        .unzip();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select n.nspname || '.' || c.relname, c.relreplident::text
+           from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          where c.relkind = 'r'
+            and ((n.nspname, c.relname) in (select * from unnest($1::text[], $2::text[]))
+                 or (cardinality($1::text[]) = 0 and n.nspname = any($3)))
+            and (c.relreplident = 'n'
+                 or (c.relreplident = 'd'
+                     and not exists (select 1 from pg_index i
+                                      where i.indrelid = c.oid and i.indisprimary)))
+          order by 1",
+    )
+    .bind(&schemas)
+    .bind(&tables)
+    .bind(&config.source.schemas)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(table, ident)| {
+            let identity =
+                if ident == "n" { Identity::Nothing } else { Identity::Default(Vec::new()) };
+            (table, identity)
+        })
+        .collect())
 }
 
 /// The replica identity of `schema.table`; `None` when there is no such table.

@@ -5,7 +5,11 @@
 //! 3. the publication: the configured tables, or every table of the configured schemas — never
 //!    weir's own bookkeeping tables — plus the event store's `weir.stream_events`, so appended
 //!    events reach the log through the WAL like row changes;
-//! 4. replica identity: a watched table that an operator or subscription routes by a column
+//! 4. replica identity: a table about to be published without one (no primary key under the
+//!    default identity) gets `replica identity full` before it is published — PostgreSQL
+//!    refuses updates and deletes on a published table without an identity — or, with
+//!    `manage_replica_identity = false` or an explicit `nothing`, `init` refuses and changes
+//!    nothing; a watched table that an operator or subscription routes by a column
 //!    its identity leaves out of deleted rows gets `replica identity full` when
 //!    `[source] manage_replica_identity` (the default), else is reported as needing it
 //!    ([`crate::replica_identity`]);
@@ -30,8 +34,12 @@ pub struct InitReport {
     /// Tables this run added to an existing publication, each with the backfill asked for its
     /// existing rows (its id) or why there is none (`[source] backfill_added_tables`).
     pub backfills: Vec<(String, std::result::Result<i64, String>)>,
-    /// Tables whose replica identity was set to full now (`schema.table`).
+    /// Tables whose replica identity was set to full now (`schema.table`) because a consumer
+    /// routes them by a column outside their primary key.
     pub identity_set: Vec<String>,
+    /// Tables whose replica identity was set to full now because they have no primary key:
+    /// published without an identity, they would refuse updates and deletes.
+    pub identity_set_keyless: Vec<String>,
     /// With `manage_replica_identity = false`: what still needs `replica identity full`.
     pub identity_needed: Vec<crate::replica_identity::Need>,
 }
@@ -44,6 +52,9 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
     weir_streams::migrate(pool).await?;
     // Every component, so an application can enqueue (`weir.enqueue`) right after `init`.
     weir_jobs::migrate(pool).await?;
+    // Before the publication: a published table without an identity refuses the
+    // application's updates and deletes.
+    let identity_set_keyless = settle_keyless(pool, config).await?;
     let before = publication_tables(pool, &config.source.publication).await?;
     let created_publication = ensure_publication(pool, config).await?;
     // Before the slot: its first changes then carry whole old rows.
@@ -83,8 +94,54 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
         tables,
         backfills,
         identity_set,
+        identity_set_keyless,
         identity_needed,
     })
+}
+
+/// Gives each table about to be published without a replica identity (no primary key under
+/// the default identity) `replica identity full` when `[source] manage_replica_identity`, and
+/// returns them; refuses, changing nothing, when it is off or the identity is an explicit
+/// `nothing`, with the statements that fix it.
+async fn settle_keyless(pool: &PgPool, config: &Config) -> Result<Vec<String>> {
+    use crate::replica_identity::Identity;
+    let keyless = crate::replica_identity::keyless(pool, config).await?;
+    let refused: Vec<String> = keyless
+        .iter()
+        .filter(|(_, identity)| {
+            *identity == Identity::Nothing || !config.source.manage_replica_identity
+        })
+        .map(|(table, identity)| match identity {
+            Identity::Nothing => format!(
+                "`{table}` (replica identity nothing): run `alter table {table} replica \
+                 identity full;` (or `default` when it has a primary key, or `using index …`)"
+            ),
+            _ => format!(
+                "`{table}` (replica identity {identity}): add a primary key, or run `alter \
+                 table {table} replica identity full;` (or `… replica identity using index …`)"
+            ),
+        })
+        .collect();
+    if !refused.is_empty() {
+        return Err(Error::Setup(format!(
+            "once published, PostgreSQL would refuse every UPDATE and DELETE on {}: {}; then \
+             run `weir init` again (nothing was changed{})",
+            if refused.len() == 1 { "this table" } else { "these tables" },
+            refused.join("; "),
+            if config.source.manage_replica_identity {
+                ""
+            } else {
+                "; with `[source] manage_replica_identity = true` weir init sets full on a \
+                 table without a primary key itself"
+            }
+        )));
+    }
+    let mut set = Vec::new();
+    for (table, _) in keyless {
+        crate::replica_identity::set_full(pool, &table).await?;
+        set.push(table);
+    }
+    Ok(set)
 }
 
 pub(crate) async fn require_logical(pool: &PgPool) -> Result<()> {
