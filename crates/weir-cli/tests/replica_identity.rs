@@ -2,7 +2,9 @@
 //! tables created with the default replica identity. `weir init` sets `comments` to full (its
 //! key mapping `post_id` is not the primary key), and the derived table then survives moved
 //! comments and deletes; with `manage_replica_identity = false`, `weir run` refuses to start
-//! and `weir doctor` fails the table, each naming the fix.
+//! and `weir doctor` fails the table, each naming the fix. A table without a primary key gets
+//! an identity before `weir init` publishes it (or init refuses), so the application's updates
+//! and deletes on it keep working; `weir run` warns of one that joined a watched schema later.
 
 mod support;
 
@@ -257,5 +259,25 @@ async fn a_table_without_a_primary_key_gets_an_identity_before_it_is_published()
     assert!(!out.contains("public.audit"), "audit has an identity now: {out}");
     assert_eq!(published(&s).await, ["audit", "posts"]);
     s.exec("update notes set body = 'still writable'").await;
+
+    // Managed, the same schema: init settles `notes`. A keyless table created afterwards joins
+    // the publication by itself; `weir run` says so at start, naming it and the fix.
+    std::fs::write(s.config.path(), "[source]\nschemas = [\"public\"]\n").unwrap();
+    let (ok, out) = output(s.cmd(&["init"]));
+    assert!(ok && out.contains("table public.notes: replica identity set to full"), "{out}");
+    s.exec("create table late (x int)").await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = s.cmd(&["run"]);
+    cmd.stderr(log.reopen().unwrap());
+    let mut run = support::Proc(cmd.spawn().unwrap());
+    let warned = "table=\"public.late\"";
+    weir_testkit::eventually("weir run warns of `late`", Duration::from_secs(30), || async {
+        std::fs::read_to_string(log.path()).unwrap().contains(warned)
+    })
+    .await;
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    let line = said.lines().find(|l| l.contains(warned)).unwrap();
+    assert!(line.contains("alter table public.late replica identity full;"), "{line}");
+    support::sigterm(&mut run);
     s.drop_slot().await;
 }

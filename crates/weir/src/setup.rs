@@ -337,6 +337,32 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
             config.source.publication
         )));
     }
+    // A table that joined the publication without an identity (a keyless table created in a
+    // watched schema after `weir init`): capture goes on, the application's updates and
+    // deletes on it fail. Not weir's to refuse; said at every start.
+    let keyless: Vec<String> = sqlx::query_scalar(
+        "select p.schemaname || '.' || p.tablename
+           from pg_publication_tables p
+           join pg_namespace n on n.nspname = p.schemaname
+           join pg_class c on c.relnamespace = n.oid and c.relname = p.tablename
+          where p.pubname = $1
+            and (c.relreplident = 'n'
+                 or (c.relreplident = 'd'
+                     and not exists (select 1 from pg_index i
+                                      where i.indrelid = c.oid and i.indisprimary)))
+          order by 1",
+    )
+    .bind(&config.source.publication)
+    .fetch_all(pool)
+    .await?;
+    for table in keyless {
+        tracing::warn!(
+            table,
+            "published without a replica identity: PostgreSQL refuses every UPDATE and DELETE \
+             on it; add a primary key or run `alter table {table} replica identity full;` \
+             (`weir init` does it)"
+        );
+    }
     let slot: Option<Option<String>> =
         sqlx::query_scalar("select wal_status from pg_replication_slots where slot_name = $1")
             .bind(&config.source.slot)
