@@ -392,7 +392,7 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
                     &name,
                     Verdict::Fail,
                     "no primary key and no replica identity: updates and deletes will fail once published",
-                    Some(format!("add a primary key, or `alter table {schema}.{table} replica identity full;`")),
+                    Some(format!("add a primary key, or `alter table {schema}.{table} replica identity full;` (`weir init` sets full on a table without a primary key unless `manage_replica_identity = false`)")),
                 ),
                 _ => check(&name, Verdict::Ok, "replica identity USING INDEX", None),
             },
