@@ -1,5 +1,5 @@
 //! JSON numbers with every digit: what the workspace's serde_json feature
-//! `arbitrary_precision` changes, and the two helpers that keep it from surprising anyone.
+//! `arbitrary_precision` changes, and the helpers that keep it from surprising anyone.
 //!
 //! Every JSON value weir reads or writes on the way from the WAL to the log, the API and the
 //! channels keeps the text of its numbers (`123456789012345678901234567890` is not rounded
@@ -14,6 +14,9 @@
 //!   weir's own types avoid those attributes; user types (job args) go through [`from_value`],
 //!   which falls back to the numbers an `f64` holds exactly. Nothing is ever rounded: what
 //!   cannot be read exactly is an error naming the type.
+//! - JSON Schema's `integer` admits `2.0`, serde's integers do not: the API's bodies go
+//!   through [`from_value_whole`], which reads whole numbers however written where an integer
+//!   is asked and leaves every other number as written.
 //!
 //! ```text
 //! WAL text ─► weir_source::cast (json, jsonb: serde_json, digits kept) ─► weir.events (jsonb)
@@ -79,10 +82,6 @@ pub fn from_value_whole<T: DeserializeOwned>(value: Value) -> serde_json::Result
     T::deserialize(Whole(value))
 }
 
-/// A [`Value`] as a deserializer that gives integers to integer fields when the number is
-/// whole, and otherwise deserializes as the `Value` itself would.
-struct Whole(Value);
-
 /// `n` as an `i64` when it is a whole number in range, however it is written (`2`, `2.0`,
 /// `2e0`), as JSON Schema's `integer` reads it.
 pub fn whole_i64(n: &Number) -> Option<i64> {
@@ -103,6 +102,10 @@ fn whole(n: &Number) -> Option<Number> {
     let sign = if negative { "-" } else { "" };
     format!("{sign}{digits}{}", "0".repeat(zeros)).parse().ok()
 }
+
+/// A [`Value`] as a deserializer that gives integers to integer fields when the number is
+/// whole, and otherwise deserializes as the `Value` itself would.
+struct Whole(Value);
 
 impl<'de> serde::de::IntoDeserializer<'de, serde_json::Error> for Whole {
     type Deserializer = Self;
