@@ -115,34 +115,37 @@ impl<'de> serde::de::IntoDeserializer<'de, serde_json::Error> for Whole {
     }
 }
 
-/// Integer requests read a whole number as the integer it is, and the visitor checks its range
-/// (`invalid value: integer 5000000000, expected u32`); any other number is refused naming it.
-/// (serde_json's numbers with `arbitrary_precision` would say only "invalid number".)
+/// Integer requests read a whole number as the integer it is (see [`visit_whole`]).
 macro_rules! whole_integers {
     ($($method:ident)*) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
             match self.0 {
-                Value::Number(n) => {
-                    let text = whole(&n).map(|w| w.as_str().to_owned()).unwrap_or_default();
-                    if let Ok(u) = text.parse::<u64>() {
-                        visitor.visit_u64(u)
-                    } else if let Ok(i) = text.parse::<i64>() {
-                        visitor.visit_i64(i)
-                    } else if let Ok(u) = text.parse::<u128>() {
-                        visitor.visit_u128(u)
-                    } else if let Ok(i) = text.parse::<i128>() {
-                        visitor.visit_i128(i)
-                    } else {
-                        Err(serde::de::Error::invalid_value(
-                            serde::de::Unexpected::Other(&format!("number {n}")),
-                            &visitor,
-                        ))
-                    }
-                }
+                Value::Number(n) => visit_whole(&n, visitor),
                 other => other.$method(visitor),
             }
         }
     )*};
+}
+
+/// `n` to an integer visitor when it is whole, whose range check then speaks
+/// (`invalid value: integer 5000000000, expected u32`); any other number is refused naming it
+/// (serde_json's numbers with `arbitrary_precision` would say only "invalid number").
+fn visit_whole<'de, V: Visitor<'de>>(n: &Number, visitor: V) -> serde_json::Result<V::Value> {
+    let text = whole(n).map(|w| w.as_str().to_owned()).unwrap_or_default();
+    if let Ok(u) = text.parse::<u64>() {
+        visitor.visit_u64(u)
+    } else if let Ok(i) = text.parse::<i64>() {
+        visitor.visit_i64(i)
+    } else if let Ok(u) = text.parse::<u128>() {
+        visitor.visit_u128(u)
+    } else if let Ok(i) = text.parse::<i128>() {
+        visitor.visit_i128(i)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Other(&format!("number {n}")),
+            &visitor,
+        ))
+    }
 }
 
 /// Other scalars go to the `Value`'s own method: its `deserialize_any` would hand a number
@@ -177,7 +180,8 @@ impl<'de> serde::Deserializer<'de> for Whole {
                 Ok(value)
             }
             Value::Object(fields) => {
-                let mut map = MapDeserializer::new(fields.into_iter().map(|(k, v)| (k, Whole(v))));
+                let mut map =
+                    MapDeserializer::new(fields.into_iter().map(|(k, v)| (Text(k), Whole(v))));
                 let value = visitor.visit_map(&mut map)?;
                 map.end()?;
                 Ok(value)
@@ -254,6 +258,105 @@ impl<'de> serde::Deserializer<'de> for Whole {
         deserialize_identifier deserialize_ignored_any
     }
     as_any! { deserialize_seq deserialize_map }
+}
+
+/// Text pairs (a query string's parameters) as `T`: an integer field takes a whole number
+/// however written (`limit=2.0`, `1e3`), as an `integer` parameter schema admits; a `bool`
+/// takes `true` or `false`; everything else reads the text, as serde_urlencoded reads it.
+pub fn from_text_pairs<T: DeserializeOwned>(
+    pairs: impl Iterator<Item = (String, String)>,
+) -> serde_json::Result<T> {
+    let pairs = pairs.map(|(k, v)| (Text(k), Text(v)));
+    T::deserialize(serde::de::value::MapDeserializer::<_, serde_json::Error>::new(pairs))
+}
+
+/// A text that may stand for a scalar: a query parameter's value, or an object's key (which
+/// serde_json also reads as an integer for a map keyed by one).
+struct Text(String);
+
+impl<'de> serde::de::IntoDeserializer<'de, serde_json::Error> for Text {
+    type Deserializer = Self;
+
+    fn into_deserializer(self) -> Self {
+        self
+    }
+}
+
+impl Text {
+    fn refuse<'de, V: Visitor<'de>, T>(&self, visitor: V) -> serde_json::Result<T> {
+        Err(serde::de::Error::invalid_value(serde::de::Unexpected::Str(&self.0), &visitor))
+    }
+}
+
+/// Integer requests: the text as a JSON number, when it is a whole one.
+macro_rules! text_integers {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+            match self.0.parse::<Number>() {
+                Ok(n) => visit_whole(&n, visitor),
+                Err(_) => self.refuse(visitor),
+            }
+        }
+    )*};
+}
+
+impl<'de> serde::Deserializer<'de> for Text {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        visitor.visit_string(self.0)
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> serde_json::Result<V::Value> {
+        visitor
+            .visit_enum(serde::de::IntoDeserializer::<serde_json::Error>::into_deserializer(self.0))
+    }
+
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.0.as_str() {
+            "true" => visitor.visit_bool(true),
+            "false" => visitor.visit_bool(false),
+            _ => self.refuse(visitor),
+        }
+    }
+
+    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        match self.0.parse::<f64>() {
+            Ok(f) => visitor.visit_f64(f),
+            Err(_) => self.refuse(visitor),
+        }
+    }
+
+    fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> serde_json::Result<V::Value> {
+        self.deserialize_f64(visitor)
+    }
+
+    text_integers! {
+        deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128
+        deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128
+    }
+
+    serde::forward_to_deserialize_any! {
+        char str string bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
+        identifier ignored_any
+    }
 }
 
 /// Rewrites in place every non-integer number that an `f64` holds exactly into the `f64`'s
@@ -436,5 +539,51 @@ mod tests {
             let err = from_value_whole::<Body>(v(text)).unwrap_err().to_string();
             assert!(err.contains(says), "{text}: {err}");
         }
+    }
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    struct Params {
+        limit: Option<i64>,
+        name: Option<String>,
+        on: Option<bool>,
+        mode: Option<Mode>,
+    }
+
+    /// Query parameters: integers take whole numbers however written, text stays as written.
+    #[test]
+    fn text_pairs_read_whole_numbers_for_integers_only() {
+        let pairs = |list: &[(&str, &str)]| {
+            list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+        };
+        let p: Params = from_text_pairs(pairs(&[
+            ("limit", "2.0"),
+            ("name", "1.0"),
+            ("on", "true"),
+            ("mode", "fast"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p,
+            Params {
+                limit: Some(2),
+                name: Some("1.0".into()),
+                on: Some(true),
+                mode: Some(Mode::Fast)
+            }
+        );
+        for (list, says) in [
+            (&[("limit", "2.5")][..], "expected i64"),
+            (&[("limit", "ten")][..], "invalid value: string \"ten\""),
+            (&[("on", "yes")][..], "expected a boolean"),
+            (&[("mode", "other")][..], "unknown variant"),
+            (&[("limit", "1"), ("limit", "2")][..], "duplicate field"),
+        ] {
+            let err = from_text_pairs::<Params>(pairs(list)).unwrap_err().to_string();
+            assert!(err.contains(says), "{list:?}: {err}");
+        }
+        // A map keyed by integers, in a body: keys read as serde_json reads them.
+        let v = serde_json::from_str::<Value>(r#"{"1": "a", "20": "b"}"#).unwrap();
+        let keyed: std::collections::BTreeMap<u32, String> = from_value_whole(v).unwrap();
+        assert_eq!(keyed.into_iter().collect::<Vec<_>>(), [(1, "a".into()), (20, "b".into())]);
     }
 }

@@ -286,7 +286,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(r) => Err(ApiError::bad_request(r.body_text())),
+            // `limit=2.0`: the parameter's schema says `integer`, which admits it. Read again
+            // with integer fields taking whole numbers however written; any other failure is
+            // the first one's.
+            Err(r) => {
+                let query = parts.uri.query().unwrap_or("");
+                let pairs = form_urlencoded::parse(query.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()));
+                weir_core::json::from_text_pairs(pairs)
+                    .map(ApiQuery)
+                    .map_err(|_| ApiError::bad_request(r.body_text()))
+            }
         }
     }
 }

@@ -385,6 +385,18 @@ async fn whole_floats_are_integers_where_the_document_says_integer() {
     // The payload kept `2.0` as written.
     let (_, read) = h.call(Method::GET, "/v1/streams/w", None).await;
     assert_eq!(read["events"][0]["data"].to_string(), r#"{"amount":2.0}"#, "{read}");
+    // Query parameters read the same way: `limit=1.0` is 1, `limit=1.5` is refused.
+    let (status, read) =
+        h.call(Method::GET, "/v1/streams/w?limit=1.0&direction=backward", None).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    let versions: Vec<i64> =
+        read["events"].as_array().unwrap().iter().map(|e| e["version"].as_i64().unwrap()).collect();
+    assert_eq!(versions, [2]);
+    let (status, read) = h.call(Method::GET, "/v1/streams/w?limit=1.5", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{read}");
+    assert!(read["message"].as_str().unwrap_or_default().contains("limit"), "{read}");
+    let (status, _) = h.call(Method::GET, "/v1/streams/w?from=1e0&direction=sideways", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown direction is still refused");
     let (status, body) =
         h.call(Method::POST, "/v1/streams/w/truncate", Some(json!({"before": 2.0}))).await;
     assert_eq!((status, body["truncate_before"].clone()), (StatusCode::OK, json!(2)), "{body}");

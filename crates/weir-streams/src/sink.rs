@@ -121,12 +121,13 @@ impl Sink {
         };
         let rest = Value::Object(fields);
         match kind.as_str() {
-            "webhook" => serde_json::from_value(rest)
+            // Whole numbers however written (`"batch_size": 10.0`), as the API's schema admits.
+            "webhook" => weir_core::json::from_value_whole(rest)
                 .map(Self::Webhook)
                 .map_err(|e| format!("webhook sink: {e}")),
-            "nats" => {
-                serde_json::from_value(rest).map(Self::Nats).map_err(|e| format!("nats sink: {e}"))
-            }
+            "nats" => weir_core::json::from_value_whole(rest)
+                .map(Self::Nats)
+                .map_err(|e| format!("nats sink: {e}")),
             "client" | "rust" if rest.as_object().is_some_and(|o| o.is_empty()) => {
                 Self::from_value(Value::from(kind))
             }
@@ -293,6 +294,21 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// The API's schema says `integer`, which admits `10.0`.
+    #[test]
+    fn whole_floats_are_integers() {
+        let w: Sink = serde_json::from_value(json!({
+            "type": "webhook", "url": "http://127.0.0.1:1/h", "secret_env": "HOOK",
+            "batch_size": 10.0, "linger": "5ms"
+        }))
+        .unwrap();
+        let Sink::Webhook(w) = w else { panic!("a webhook") };
+        assert_eq!(w.batch_size, 10);
+        use crate::subscription::StartAt;
+        assert_eq!(StartAt::from_value(&json!(42.0)).unwrap(), StartAt::After(42));
+        assert!(StartAt::from_value(&json!(42.5)).is_err());
+    }
 
     #[test]
     fn words_and_tables() {

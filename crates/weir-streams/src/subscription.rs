@@ -193,7 +193,11 @@ impl StartAt {
     /// From the JSON form (a word, a number, a time).
     pub fn from_value(v: &Value) -> Result<Self> {
         match v {
-            Value::Number(n) => Self::parse(&n.to_string()),
+            // A position, however written (`42`, `42.0`), as the schema's `integer` admits.
+            Value::Number(n) => match weir_core::json::whole_i64(n) {
+                Some(p) => Self::parse(&p.to_string()),
+                None => Self::parse(&n.to_string()),
+            },
             Value::String(s) => Self::parse(s),
             Value::Null => Ok(Self::Beginning),
             other => Err(Error::InvalidSubscription(format!(
