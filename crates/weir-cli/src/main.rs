@@ -1,6 +1,6 @@
-//! The `weir` binary: parses the command line, sets up tracing (stderr, `WEIR_LOG`, colours on a terminal only), runs the
-//! command of the weir-cli library and turns an error into one line and a non-zero exit code.
-//! Everything else is in `lib.rs`.
+//! The `weir` binary: parses the command line, sets up tracing (stderr, `WEIR_LOG`, colours
+//! on a terminal only), runs the command of the weir-cli library and turns an error into one
+//! line and a non-zero exit code. Everything else is in `lib.rs`.
 
 use std::process::ExitCode;
 

@@ -193,12 +193,17 @@ async fn unmanaged_identity_refuses_run_at_start_and_doctor_fails_the_table() {
 /// (`manage_replica_identity = false`, or an explicit `nothing`), refuses and changes nothing.
 #[tokio::test]
 async fn a_table_without_a_primary_key_gets_an_identity_before_it_is_published() {
-    let s = Setup::new("ri_keyless", "[source]\ntables = [\"posts\", \"audit\"]\n").await;
+    let s =
+        Setup::new("ri_keyless", "[source]\ntables = [\"posts\", \"audit\", \"measures\"]\n").await;
     s.exec(
         "create table audit (at timestamptz default now(), what text);
          insert into audit (what) values ('before weir');
-         create table frozen (id int primary key);
-         alter table frozen replica identity nothing;",
+         create table measures (at date not null, v int) partition by range (at);
+         create table measures_2026 partition of measures
+           for values from ('2026-01-01') to ('2027-01-01');
+         insert into measures values ('2026-12-04', 1);
+         create table \"Frozen\" (id int primary key);
+         alter table \"Frozen\" replica identity nothing;",
     )
     .await;
     let published = |s: &Setup| {
@@ -221,28 +226,38 @@ async fn a_table_without_a_primary_key_gets_an_identity_before_it_is_published()
         "{out}"
     );
     assert_eq!(s.identity("audit").await, "f");
+    // A partitioned table's rows are published from its partitions: they get the identity.
+    assert!(out.contains("table public.measures_2026: replica identity set to full"), "{out}");
+    assert_eq!(s.identity("measures_2026").await, "f");
     assert_eq!(s.identity("posts").await, "d", "a table with a primary key is left alone");
     // The application's writes still work.
-    s.exec("update audit set what = 'after'; delete from audit;").await;
+    s.exec("update audit set what = 'after'; delete from audit; update measures set v = 2;").await;
 
     // An explicit `nothing`: refused, naming the table and the fix, and nothing changes.
-    std::fs::write(s.config.path(), "[source]\ntables = [\"posts\", \"audit\", \"frozen\"]\n")
-        .unwrap();
+    std::fs::write(
+        s.config.path(),
+        "[source]\ntables = [\"posts\", \"audit\", \"measures\", \"Frozen\"]\n",
+    )
+    .unwrap();
     let (ok, out) = output(s.cmd(&["init"]));
     assert!(!ok, "{out}");
     for want in [
         "would refuse every UPDATE and DELETE",
-        "`public.frozen` (replica identity nothing)",
-        "alter table public.frozen replica identity full;",
+        "`public.Frozen` (replica identity nothing)",
+        "alter table public.\"Frozen\" replica identity full;",
         "nothing was changed",
     ] {
         assert!(out.contains(want), "want `{want}` in: {out}");
     }
-    assert_eq!(published(&s).await, ["audit", "posts"]);
-    assert_eq!(s.identity("frozen").await, "n");
+    assert_eq!(published(&s).await, ["audit", "measures_2026", "posts"]);
+    assert_eq!(s.identity("Frozen").await, "n");
 
     // Unmanaged, watching a schema: a keyless table there is refused the same way.
-    s.exec("create table notes (body text); alter table frozen replica identity default;").await;
+    s.exec(
+        "create table notes (body text); alter table \"Frozen\" replica identity default;
+         create unlogged table scratch (x int);",
+    )
+    .await;
     std::fs::write(
         s.config.path(),
         "[source]\nschemas = [\"public\"]\nmanage_replica_identity = false\n",
@@ -257,7 +272,8 @@ async fn a_table_without_a_primary_key_gets_an_identity_before_it_is_published()
         assert!(out.contains(want), "want `{want}` in: {out}");
     }
     assert!(!out.contains("public.audit"), "audit has an identity now: {out}");
-    assert_eq!(published(&s).await, ["audit", "posts"]);
+    assert!(!out.contains("scratch"), "an unlogged table is never published: {out}");
+    assert_eq!(published(&s).await, ["audit", "measures_2026", "posts"]);
     s.exec("update notes set body = 'still writable'").await;
 
     // Managed, the same schema: init settles `notes`. A keyless table created afterwards joins

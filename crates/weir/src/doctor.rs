@@ -74,7 +74,8 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
                 "point `sslrootcert` in the database URL at the CA that signed the server's \
                  certificate and use the host name it names (or `sslmode=require` to encrypt \
                  without checking it)"
-            } else if matches!(e, crate::Error::Connect { error: sqlx::Error::Database(_), .. }) {
+            } else if matches!(&e, crate::Error::Connect { cause, .. } if crate::error::is_login_refusal(&cause.0))
+            {
                 "the server answered and refused the login: use a role, password and database \
                  that exist there in `database.url` (weir.toml, WEIR_DATABASE_URL or \
                  DATABASE_URL), or create them"
@@ -388,11 +389,23 @@ async fn checks(pool: &PgPool, config: &Config) -> Result<Vec<Check>> {
                     "replica identity DEFAULT (primary key): old_record holds the key only, no `changes`",
                     Some(format!("for complete old rows: `alter table {schema}.{table} replica identity full;`")),
                 ),
-                ("d", false) | ("n", _) => check(
+                ("d", false) => check(
                     &name,
                     Verdict::Fail,
                     "no primary key and no replica identity: updates and deletes will fail once published",
-                    Some(format!("add a primary key, or `alter table {schema}.{table} replica identity full;` (`weir init` sets full on a table without a primary key unless `manage_replica_identity = false`)")),
+                    Some(format!(
+                        "add a primary key, or `{}` (`weir init` does it unless `manage_replica_identity = false`)",
+                        crate::replica_identity::full_identity_statement(&format!("{schema}.{table}"))
+                    )),
+                ),
+                ("n", _) => check(
+                    &name,
+                    Verdict::Fail,
+                    "replica identity NOTHING: updates and deletes will fail once published",
+                    Some(format!(
+                        "`{}`, or `default` when it has a primary key",
+                        crate::replica_identity::full_identity_statement(&format!("{schema}.{table}"))
+                    )),
                 ),
                 _ => check(&name, Verdict::Ok, "replica identity USING INDEX", None),
             },

@@ -9,18 +9,15 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] weir_core::ConfigError),
     /// The server could not be reached or refused the login.
-    #[error("cannot connect to {target}: {cause} ({hint})")]
+    #[error("cannot connect to {target} ({hint})")]
     Connect {
         /// host:port/database, without credentials.
         target: String,
-        /// The driver's words, once (`role "app" does not exist (SQLSTATE 28000)`,
-        /// `Connection refused (os error 111)`).
-        cause: String,
         /// What to check, for this kind of failure.
         hint: &'static str,
-        /// The driver's error (not a `source`: `cause` says it, and the chain would say it
-        /// twice).
-        error: sqlx::Error,
+        /// What the driver said.
+        #[source]
+        cause: ConnectCause,
     },
     /// A query failed.
     #[error(transparent)]
@@ -81,7 +78,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Source(e) => e.is_transient(),
-            Error::Database(e) | Error::Connect { error: e, .. } => {
+            Error::Database(e) | Error::Connect { cause: ConnectCause(e), .. } => {
                 weir_log::sqlstate::is_transient(e)
             }
             Error::Log(weir_log::Error::Database(e)) => weir_log::sqlstate::is_transient(e),
@@ -98,15 +95,15 @@ impl Error {
     /// settings): a fix in the URL, not a server to start.
     pub fn is_tls_refusal(&self) -> bool {
         match self {
-            Error::Connect { error: sqlx::Error::Tls(_), .. } => true,
-            Error::Connect { error: sqlx::Error::Io(e), .. } => {
+            Error::Connect { cause: ConnectCause(sqlx::Error::Tls(_)), .. } => true,
+            Error::Connect { cause: ConnectCause(sqlx::Error::Io(e)), .. } => {
                 weir_log::sqlstate::is_refused_certificate(e)
             }
             _ => false,
         }
     }
 
-    /// [`Error::Connect`] to `target`, with what to check for `source`'s kind of failure.
+    /// [`Error::Connect`] to `target`, with what to check for `error`'s kind of failure.
     pub(crate) fn connect(target: String, error: sqlx::Error) -> Self {
         let hint = match &error {
             sqlx::Error::Tls(_) => {
@@ -117,8 +114,8 @@ impl Error {
                  that signed it, and is the URL's host the one it names? \
                  `sslmode=require` encrypts without checking the certificate"
             }
-            sqlx::Error::Database(_) => {
-                "the server refused: check the role, password and database name in \
+            e if is_login_refusal(e) => {
+                "the server refused the login: check the role, password and database name in \
                  `database.url`, DATABASE_URL or the PG* variables"
             }
             _ => {
@@ -126,29 +123,46 @@ impl Error {
                  variables right?"
             }
         };
-        Error::Connect { target, cause: connect_cause(&error), hint, error }
+        Error::Connect { target, hint, cause: ConnectCause(error) }
     }
 }
 
-/// What the driver said of a failed connection, each part once: a server's refusal as its
-/// message and SQLSTATE (sqlx adds "at line N", a line of PostgreSQL's own source, which reads
-/// like a line of the user's configuration), otherwise the error and its sources.
-fn connect_cause(error: &sqlx::Error) -> String {
-    if let Some(db) = error.as_database_error() {
-        return match db.code() {
-            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
-            None => db.message().to_string(),
-        };
-    }
-    let mut parts: Vec<String> = Vec::new();
-    for e in std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source()) {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
+/// Whether the server answered and refused this role, password or database (SQLSTATE class
+/// 28, or 3D000): a fix in the URL, not a server to wait for.
+pub(crate) fn is_login_refusal(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code.starts_with("28") || code == "3D000")
 }
+
+/// The driver's error of a failed connection, said once: a server's refusal as its message
+/// and SQLSTATE (sqlx adds "at line N", a line of PostgreSQL's own source, which reads like a
+/// line of the user's configuration), otherwise the error and its sources, each part once
+/// (sqlx's own text repeats its source's). Its `source()` is none: it says all of them.
+#[derive(Debug)]
+pub struct ConnectCause(pub(crate) sqlx::Error);
+
+impl std::fmt::Display for ConnectCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(db) = self.0.as_database_error() {
+            return match db.code() {
+                Some(code) => write!(f, "{} (SQLSTATE {code})", db.message()),
+                None => f.write_str(db.message()),
+            };
+        }
+        let mut parts: Vec<String> = Vec::new();
+        for e in std::iter::successors(Some(&self.0 as &dyn std::error::Error), |e| e.source()) {
+            let text = e.to_string();
+            if !parts.iter().any(|p| p.contains(&text)) {
+                parts.push(text);
+            }
+        }
+        f.write_str(&parts.join(": "))
+    }
+}
+
+impl std::error::Error for ConnectCause {}
 
 fn needs_message(needs: &[crate::replica_identity::Need]) -> String {
     needs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")

@@ -46,7 +46,7 @@ pub mod setup;
 pub mod status;
 
 pub use app::{Running, Weir, WeirBuilder};
-pub use error::{Error, Result};
+pub use error::{ConnectCause, Error, Result};
 pub use weir_consumer::{
     BoxError, ConsumerSpec, ConsumerState, ErrorReporter, LaneState, Operator, OperatorError,
     Selector, SqlOperator, TracingReporter, process, resume, skip, status as consumer_status,

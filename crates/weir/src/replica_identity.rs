@@ -1,8 +1,16 @@
 //! Replica identity, decided up front: which watched tables must carry more than their
 //! primary key in the old rows the WAL sends, because an operator or a subscription routes
-//! their events by another column.
+//! their events by another column — and which have no identity at all, which PostgreSQL
+//! turns into refused `UPDATE`s and `DELETE`s once they are published.
 //!
 //! ```text
+//! keyless tables (no primary key under `default`, or `nothing`; leaf partitions, not unlogged)
+//!        ─► keyless(): those `weir init` is about to publish
+//!           weir init:   `replica identity full` before publishing them (managed), or a
+//!                        refusal naming each with its statement, nothing changed
+//!        ─► keyless_published(): those that joined a watched schema later
+//!           weir run:    a warning at start, with the statement
+//!
 //! routed columns: [[operators]] key maps (unmapped entities: their primary key),
 //!                 Rust operators' Operator::key_columns, entity subscriptions' partition_by
 //!        ─► needs(): those of watched tables their replica identity does not carry
@@ -100,8 +108,7 @@ pub struct Need {
 impl Need {
     /// The statement that fixes it.
     pub fn fix(&self) -> String {
-        let (schema, table) = split_table(&self.table);
-        format!("alter table {schema}.{table} replica identity full;")
+        full_identity_statement(&self.table)
     }
 }
 
@@ -258,35 +265,51 @@ pub async fn apply(pool: &PgPool, needs: &[Need]) -> Result<Vec<String>> {
 /// `alter table … replica identity full` on `schema.table`, a refusal for want of ownership
 /// said with the statement to run.
 pub(crate) async fn set_full(pool: &PgPool, qualified: &str) -> Result<()> {
-    let (schema, table) = split_table(qualified);
-    let sql = format!(
-        "alter table \"{}\".\"{}\" replica identity full",
-        schema.replace('"', "\"\""),
-        table.replace('"', "\"\"")
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
-            crate::Error::Setup(format!(
-                "the role may not change {qualified}'s replica identity ({}); run `alter table \
-                 {schema}.{table} replica identity full;` as the table's owner, or `weir init` \
-                 as its owner",
-                db.message(),
-            ))
-        }
-        _ => crate::Error::Database(e),
-    })?;
+    sqlx::query(sqlx::AssertSqlSafe(full_identity_statement(qualified)))
+        .execute(pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
+                crate::Error::Setup(format!(
+                    "the role may not change {qualified}'s replica identity ({}); run `{}` as the \
+                 table's owner, or `weir init` as its owner",
+                    db.message(),
+                    full_identity_statement(qualified),
+                ))
+            }
+            _ => crate::Error::Database(e),
+        })?;
     Ok(())
 }
 
-/// The tables `config` would publish (`source.tables`, or the ordinary tables of
-/// `source.schemas` now) that have no replica identity: no primary key under the default
-/// identity, or identity `nothing`. Once such a table is in a publication that publishes
+/// The tables `config` would publish (`source.tables`, or the tables of `source.schemas`
+/// now) that have no replica identity. Once such a table is in a publication that publishes
 /// updates and deletes, PostgreSQL refuses every `UPDATE` and `DELETE` on it — the
 /// application's writes, not weir's — so `weir init` settles them before it publishes.
 pub async fn keyless(pool: &PgPool, config: &Config) -> Result<Vec<(String, Identity)>> {
-    let (schemas, tables): (Vec<String>, Vec<String>) = config
-        .source
-        .tables
+    let schemas = if config.source.tables.is_empty() { &config.source.schemas[..] } else { &[] };
+    keyless_among(pool, &config.source.tables, schemas).await
+}
+
+/// The tables of `publication` that have no replica identity (see [`keyless`]): a keyless
+/// table created in a watched schema after `weir init` joins the publication by itself.
+pub async fn keyless_published(
+    pool: &PgPool,
+    publication: &str,
+) -> Result<Vec<(String, Identity)>> {
+    keyless_among(pool, &publication_tables(pool, publication).await?, &[]).await
+}
+
+/// Of `tables` (`posts`, `sales.orders`) and every table of `schemas`, the ones a publication
+/// would carry rows of — a table, or a partitioned table's leaf partitions; not unlogged or
+/// temporary ones — without a replica identity: no primary key under the default identity,
+/// or identity `nothing`. `schema.table`, sorted, with the identity.
+async fn keyless_among(
+    pool: &PgPool,
+    tables: &[String],
+    schemas: &[String],
+) -> Result<Vec<(String, Identity)>> {
+    let (names_schemas, names): (Vec<String>, Vec<String>) = tables
         .iter()
         .map(|t| {
             let (schema, table) = split_table(t);
@@ -294,20 +317,30 @@ pub async fn keyless(pool: &PgPool, config: &Config) -> Result<Vec<(String, Iden
         })
         .unzip();
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "select n.nspname || '.' || c.relname, c.relreplident::text
-           from pg_class c join pg_namespace n on n.oid = c.relnamespace
-          where c.relkind = 'r'
-            and ((n.nspname, c.relname) in (select * from unnest($1::text[], $2::text[]))
-                 or (cardinality($1::text[]) = 0 and n.nspname = any($3)))
+        "with listed as (
+             select c.oid, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace
+              where c.relkind in ('r', 'p')
+                and ((n.nspname, c.relname) in (select * from unnest($1::text[], $2::text[]))
+                     or n.nspname = any($3))
+         ), leaves as (
+             select oid from listed where relkind = 'r'
+             union
+             select t.relid from listed l cross join lateral pg_partition_tree(l.oid) t
+              where l.relkind = 'p' and t.isleaf
+         )
+         select n.nspname || '.' || c.relname, c.relreplident::text
+           from leaves l join pg_class c on c.oid = l.oid
+           join pg_namespace n on n.oid = c.relnamespace
+          where c.relpersistence = 'p'
             and (c.relreplident = 'n'
                  or (c.relreplident = 'd'
                      and not exists (select 1 from pg_index i
                                       where i.indrelid = c.oid and i.indisprimary)))
           order by 1",
     )
-    .bind(&schemas)
-    .bind(&tables)
-    .bind(&config.source.schemas)
+    .bind(&names_schemas)
+    .bind(&names)
+    .bind(schemas)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -318,6 +351,20 @@ pub async fn keyless(pool: &PgPool, config: &Config) -> Result<Vec<(String, Iden
             (table, identity)
         })
         .collect())
+}
+
+/// `alter table <schema>.<table> replica identity full;` for `schema.table`, each name quoted
+/// when it must be (`"Audit"`), so the statement can be pasted as it is.
+pub fn full_identity_statement(qualified: &str) -> String {
+    let (schema, table) = split_table(qualified);
+    format!("alter table {}.{} replica identity full;", ident(schema), ident(table))
+}
+
+/// `name` as SQL writes it: bare when PostgreSQL would read it back unchanged, else quoted.
+fn ident(name: &str) -> String {
+    let bare = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if bare { name.to_string() } else { format!("\"{}\"", name.replace('"', "\"\"")) }
 }
 
 /// The replica identity of `schema.table`; `None` when there is no such table.

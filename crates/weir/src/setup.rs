@@ -52,11 +52,12 @@ pub async fn init(pool: &PgPool, config: &Config) -> Result<InitReport> {
     weir_streams::migrate(pool).await?;
     // Every component, so an application can enqueue (`weir.enqueue`) right after `init`.
     weir_jobs::migrate(pool).await?;
-    // Before the publication: a published table without an identity refuses the
-    // application's updates and deletes.
+    // The configuration checked before anything changes; then, before the publication, the
+    // tables that would refuse the application's updates and deletes once published.
+    let target = publication_target(pool, config).await?;
     let identity_set_keyless = settle_keyless(pool, config).await?;
     let before = publication_tables(pool, &config.source.publication).await?;
-    let created_publication = ensure_publication(pool, config).await?;
+    let created_publication = ensure_publication(pool, config, &target).await?;
     // Before the slot: its first changes then carry whole old rows.
     let routed = crate::replica_identity::config_columns(pool, config).await?;
     let needs = crate::replica_identity::needs(pool, config, &routed).await?;
@@ -111,15 +112,18 @@ async fn settle_keyless(pool: &PgPool, config: &Config) -> Result<Vec<String>> {
         .filter(|(_, identity)| {
             *identity == Identity::Nothing || !config.source.manage_replica_identity
         })
-        .map(|(table, identity)| match identity {
-            Identity::Nothing => format!(
-                "`{table}` (replica identity nothing): run `alter table {table} replica \
-                 identity full;` (or `default` when it has a primary key, or `using index …`)"
-            ),
-            _ => format!(
-                "`{table}` (replica identity {identity}): add a primary key, or run `alter \
-                 table {table} replica identity full;` (or `… replica identity using index …`)"
-            ),
+        .map(|(table, identity)| {
+            let full = crate::replica_identity::full_identity_statement(table);
+            match identity {
+                Identity::Nothing => format!(
+                    "`{table}` (replica identity nothing): run `{full}` (or `default` when it \
+                     has a primary key, or `using index …`)"
+                ),
+                _ => format!(
+                    "`{table}` (replica identity {identity}): add a primary key, or run `{full}` \
+                     (or `… replica identity using index …`)"
+                ),
+            }
         })
         .collect();
     if !refused.is_empty() {
@@ -136,9 +140,17 @@ async fn settle_keyless(pool: &PgPool, config: &Config) -> Result<Vec<String>> {
             }
         )));
     }
-    let mut set = Vec::new();
+    let mut set: Vec<String> = Vec::new();
     for (table, _) in keyless {
-        crate::replica_identity::set_full(pool, &table).await?;
+        if let Err(e) = crate::replica_identity::set_full(pool, &table).await {
+            if set.is_empty() {
+                return Err(e);
+            }
+            return Err(Error::Setup(format!(
+                "{e} (already set to full before this one, and left so: {})",
+                set.join(", ")
+            )));
+        }
         set.push(table);
     }
     Ok(set)
@@ -165,10 +177,11 @@ pub(crate) fn split_table(name: &str) -> (&str, &str) {
     name.split_once('.').unwrap_or(("public", name))
 }
 
-async fn ensure_publication(pool: &PgPool, config: &Config) -> Result<bool> {
+/// What the publication should cover (`table a, b, weir.stream_events` or `tables in schema
+/// …`), every configured table and schema checked to exist and not be weir's own.
+async fn publication_target(pool: &PgPool, config: &Config) -> Result<String> {
     let source = &config.source;
-    // What the publication should cover.
-    let target = if !source.tables.is_empty() {
+    Ok(if !source.tables.is_empty() {
         let mut parts = Vec::new();
         for t in &source.tables {
             let (schema, table) = split_table(t);
@@ -215,7 +228,13 @@ async fn ensure_publication(pool: &PgPool, config: &Config) -> Result<bool> {
             parts.push(quote_ident(s));
         }
         format!("tables in schema {}, table {STREAM_EVENTS_SQL}", parts.join(", "))
-    };
+    })
+}
+
+/// Creates the publication for `target`, or sets an existing one to exactly it; whether it
+/// was created.
+async fn ensure_publication(pool: &PgPool, config: &Config, target: &str) -> Result<bool> {
+    let source = &config.source;
     let name = quote_ident(&source.publication);
     let exists: bool =
         sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
@@ -340,27 +359,21 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
     // A table that joined the publication without an identity (a keyless table created in a
     // watched schema after `weir init`): capture goes on, the application's updates and
     // deletes on it fail. Not weir's to refuse; said at every start.
-    let keyless: Vec<String> = sqlx::query_scalar(
-        "select p.schemaname || '.' || p.tablename
-           from pg_publication_tables p
-           join pg_namespace n on n.nspname = p.schemaname
-           join pg_class c on c.relnamespace = n.oid and c.relname = p.tablename
-          where p.pubname = $1
-            and (c.relreplident = 'n'
-                 or (c.relreplident = 'd'
-                     and not exists (select 1 from pg_index i
-                                      where i.indrelid = c.oid and i.indisprimary)))
-          order by 1",
-    )
-    .bind(&config.source.publication)
-    .fetch_all(pool)
-    .await?;
-    for table in keyless {
+    for (table, identity) in
+        crate::replica_identity::keyless_published(pool, &config.source.publication).await?
+    {
+        let who = match identity {
+            crate::replica_identity::Identity::Nothing => "its identity is `nothing`".to_string(),
+            _ if config.source.manage_replica_identity => {
+                "it has no primary key; `weir init` sets full on it".to_string()
+            }
+            _ => "it has no primary key".to_string(),
+        };
         tracing::warn!(
             table,
-            "published without a replica identity: PostgreSQL refuses every UPDATE and DELETE \
-             on it; add a primary key or run `alter table {table} replica identity full;` \
-             (`weir init` does it)"
+            "published without a replica identity ({who}): PostgreSQL refuses every UPDATE and \
+             DELETE on it; add a primary key or run `{}`",
+            crate::replica_identity::full_identity_statement(&table)
         );
     }
     let slot: Option<Option<String>> =
