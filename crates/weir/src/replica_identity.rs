@@ -36,7 +36,7 @@ use weir_core::{Config, Kind};
 use weir_streams::{SubscriptionDef, SubscriptionKind};
 
 use crate::Result;
-use crate::setup::{publication_tables, split_table};
+use crate::setup::{publication_tables, quote_ident, split_table};
 
 /// A column a consumer routes a table's events by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,20 +265,22 @@ pub async fn apply(pool: &PgPool, needs: &[Need]) -> Result<Vec<String>> {
 /// `alter table … replica identity full` on `schema.table`, a refusal for want of ownership
 /// said with the statement to run.
 pub(crate) async fn set_full(pool: &PgPool, qualified: &str) -> Result<()> {
-    sqlx::query(sqlx::AssertSqlSafe(full_identity_statement(qualified)))
-        .execute(pool)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
-                crate::Error::Setup(format!(
-                    "the role may not change {qualified}'s replica identity ({}); run `{}` as the \
+    // Every name quoted here (a schema named like a reserved word needs it); the statement
+    // shown to people quotes only where the characters call for it.
+    let (schema, table) = split_table(qualified);
+    let sql =
+        format!("alter table {}.{} replica identity full", quote_ident(schema), quote_ident(table));
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
+            crate::Error::Setup(format!(
+                "the role may not change {qualified}'s replica identity ({}); run `{}` as the \
                  table's owner, or `weir init` as its owner",
-                    db.message(),
-                    full_identity_statement(qualified),
-                ))
-            }
-            _ => crate::Error::Database(e),
-        })?;
+                db.message(),
+                full_identity_statement(qualified),
+            ))
+        }
+        _ => crate::Error::Database(e),
+    })?;
     Ok(())
 }
 
@@ -360,7 +362,9 @@ pub fn full_identity_statement(qualified: &str) -> String {
     format!("alter table {}.{} replica identity full;", ident(schema), ident(table))
 }
 
-/// `name` as SQL writes it: bare when PostgreSQL would read it back unchanged, else quoted.
+/// `name` for a statement shown to people: bare when it is lowercase letters, digits and `_`,
+/// else quoted. (A schema named like a reserved word would need quotes too; what weir runs
+/// itself always quotes.)
 fn ident(name: &str) -> String {
     let bare = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');

@@ -168,7 +168,7 @@ pub(crate) async fn require_logical(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-fn quote_ident(s: &str) -> String {
+pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
@@ -363,11 +363,11 @@ pub async fn check(pool: &PgPool, config: &Config) -> Result<()> {
         crate::replica_identity::keyless_published(pool, &config.source.publication).await?
     {
         let who = match identity {
-            crate::replica_identity::Identity::Nothing => "its identity is `nothing`".to_string(),
+            crate::replica_identity::Identity::Nothing => "its identity is `nothing`",
             _ if config.source.manage_replica_identity => {
-                "it has no primary key; `weir init` sets full on it".to_string()
+                "it has no primary key; `weir init` sets full on it"
             }
-            _ => "it has no primary key".to_string(),
+            _ => "it has no primary key",
         };
         tracing::warn!(
             table,
